@@ -1,0 +1,71 @@
+"""cffi builder for the C Totem core (out-of-line API mode).
+
+setuptools runs this at install through ``cffi_modules`` in setup.py; run it
+directly (``python groupcomm/_ring_build.py``) to build in place.
+
+Build switches (environment variables):
+
+``GROUPCOMM_SANITIZE=1``
+    compile with ``-fsanitize=address,undefined`` (run under
+    ``LD_PRELOAD=$(gcc -print-file-name=libasan.so)``).
+``GROUPCOMM_DEBUG=1``
+    ``-O0 -g``.
+``GROUPCOMM_MUTATION=N``
+    not a build switch: mutations are a runtime config field
+    (``RingConfig.mutation``) used only by the checker's own tests.
+``GROUPCOMM_CFLAGS_EXTRA``
+    appended verbatim.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import shlex
+from pathlib import Path
+
+from cffi import FFI
+
+HERE = Path(__file__).resolve().parent
+
+
+def read_cdef(header: Path = HERE / "_ring.h") -> str:
+    """The declarations between CDEF-BEGIN and CDEF-END: one source of truth."""
+    text = header.read_text()
+    match = re.search(r"/\* CDEF-BEGIN \*/(.*)/\* CDEF-END \*/", text, re.S)
+    if not match:
+        raise RuntimeError(f"{header}: no CDEF-BEGIN/CDEF-END block")
+    return match.group(1)
+
+
+def compile_args() -> list[str]:
+    args = ["-std=gnu11", "-Wall", "-Wextra", "-Wshadow"]
+    if os.environ.get("GROUPCOMM_DEBUG") == "1":
+        args += ["-O0", "-g"]
+    else:
+        args += ["-O2"]
+    if os.environ.get("GROUPCOMM_SANITIZE") == "1":
+        args += ["-fsanitize=address,undefined", "-fno-omit-frame-pointer", "-fno-sanitize-recover=undefined"]
+    args += shlex.split(os.environ.get("GROUPCOMM_CFLAGS_EXTRA", ""))
+    return args
+
+
+def make_builder(module_name: str = "groupcomm._ring_cffi") -> FFI:
+    builder = FFI()
+    builder.cdef(read_cdef())
+    link = ["-fsanitize=address,undefined"] if os.environ.get("GROUPCOMM_SANITIZE") == "1" else []
+    builder.set_source(
+        module_name,
+        '#include "_ring.h"',
+        sources=[os.path.relpath(HERE / "_ring.c")],
+        include_dirs=[os.path.relpath(HERE)],
+        extra_compile_args=compile_args(),
+        extra_link_args=link,
+    )
+    return builder
+
+
+ffibuilder = make_builder()
+
+if __name__ == "__main__":
+    ffibuilder.compile(tmpdir=str(HERE.parent), verbose=True)

@@ -1,0 +1,328 @@
+"""A thin typed wrapper around the C Totem core (``groupcomm/_ring.c``).
+
+The ring is sans-IO: feed it packets, application messages and the time; take
+its outputs (packets to send, deliveries, configuration changes) in batches
+with :meth:`Ring.take`.  Time is integer microseconds of a clock the caller
+owns.
+"""
+
+from __future__ import annotations
+
+import enum
+import struct
+from dataclasses import dataclass, field
+from typing import Union
+
+from groupcomm._native import ffi, lib
+from groupcomm.errors import (
+    ConfigError,
+    LocalProtocolError,
+    NotOperational,
+    PayloadTooLarge,
+    QueueFull,
+    RemoteProtocolError,
+)
+from groupcomm.events import Configuration, Delivery, RingId
+
+__all__ = ["Ring", "RingConfig", "RingState", "SendToAll", "SendTo", "Output", "MAX_MEMBERS"]
+
+MAX_MEMBERS: int = lib.GC_MAX_MEMBERS
+_ACTION = struct.Struct("=BBHIQII")
+assert ffi.sizeof("gc_action_t") == _ACTION.size
+_US = 1_000_000
+
+
+class RingState(enum.IntEnum):
+    """The Totem membership states, plus before-start and after-leave."""
+
+    INIT = lib.GC_STATE_INIT
+    GATHER = lib.GC_STATE_GATHER
+    COMMIT = lib.GC_STATE_COMMIT
+    RECOVERY = lib.GC_STATE_RECOVERY
+    OPERATIONAL = lib.GC_STATE_OPERATIONAL
+    LEFT = lib.GC_STATE_LEFT
+
+
+@dataclass(frozen=True, slots=True)
+class SendToAll:
+    """Multicast ``packet`` to every member of the cluster."""
+
+    packet: bytes
+
+
+@dataclass(frozen=True, slots=True)
+class SendTo:
+    """Send ``packet`` to member ``node`` only (the token's next hop)."""
+
+    node: int
+    packet: bytes
+
+
+Output = Union[SendToAll, SendTo, Delivery, Configuration]
+
+
+def _derived(value: float | None, default: float) -> float:
+    return default if value is None else value
+
+
+@dataclass(frozen=True)
+class RingConfig:
+    """Timers and limits of the Totem ring; durations in seconds.
+
+    Defaults follow corosync's ``totem`` section.  Leaving ``token_retransmit``,
+    ``hold`` or ``consensus`` unset derives them from ``token_timeout`` the way
+    corosync does, which keeps the required order
+    ``hold < token_retransmit < token_timeout < consensus``.
+    """
+
+    token_timeout: float = 1.0
+    """No token for this long: the ring is broken, start a membership round."""
+    token_retransmit: float | None = None
+    """Re-send our last token after this long (default ``token_timeout / 4.2``)."""
+    hold: float | None = None
+    """Idle ring: the representative parks the token this long (default ``0.8 * token_retransmit - 10 ms``)."""
+    join: float = 0.05
+    """Join messages are re-sent this often while gathering."""
+    consensus: float | None = None
+    """Gathering gives up on silent members after this (default ``1.2 * token_timeout``)."""
+    merge: float = 0.2
+    """An idle representative announces its ring this often, so partitions merge."""
+    mtu: int = 1400
+    """Largest datagram the ring sends; application messages are packed up to it."""
+    window_size: int = 50
+    """Ring messages (datagrams) per token rotation, all members together."""
+    max_messages: int = 17
+    """Ring messages one member may send per token visit."""
+    send_queue_max: int = 10000
+    """Application messages a member may queue before ``submit`` raises QueueFull."""
+    sort_queue_size: int = 4096
+    """Sequence numbers in flight (a power of two, at least 4 * window_size)."""
+    fail_recv_const: int = 2500
+    """Token rotations with our aru stuck before we exclude ourselves."""
+    seqno_unchanged_const: int = 30
+    """Idle rotations before the token is held."""
+    miss_count_const: int = 5
+    """Token visits a missing message must stay missing before we request it."""
+    token_retransmits_max: int = 4
+    """Re-sends of one token before waiting for the token-loss timeout."""
+    cluster_id: int = 0
+    """Packets carrying another cluster id are dropped."""
+    initial_seq: int = 0
+    """Test knob: sequence number before the first message of each ring (wrap-around tests)."""
+    initial_token_seq: int = 0
+    """Test knob: token sequence of each new ring."""
+    mutation: int = field(default=0, repr=False)
+    """Test knob: a deliberate bug, for proving the EVS checker catches it. Never set in production."""
+
+    def to_c(self, node_id: int, ring_seq_floor: int = 0):
+        """Build and validate the C config struct; raises ConfigError naming the bad field."""
+        token_retransmit = _derived(self.token_retransmit, self.token_timeout / 4.2)
+        hold = _derived(self.hold, max(token_retransmit * 0.8 - 0.010, token_retransmit * 0.5))
+        consensus = _derived(self.consensus, 1.2 * self.token_timeout)
+        cfg = ffi.new("gc_ring_config_t *")
+        lib.gc_ring_config_default(cfg)
+        values = {
+            "node_id": node_id,
+            "cluster_id": self.cluster_id,
+            "ring_seq_floor": ring_seq_floor,
+            "mtu": self.mtu,
+            "window_size": self.window_size,
+            "max_messages": self.max_messages,
+            "send_queue_max": self.send_queue_max,
+            "sort_queue_size": self.sort_queue_size,
+            "token_timeout_us": _to_us("token_timeout", self.token_timeout),
+            "token_retransmit_us": _to_us("token_retransmit", token_retransmit),
+            "hold_us": _to_us("hold", hold),
+            "join_us": _to_us("join", self.join),
+            "consensus_us": _to_us("consensus", consensus),
+            "merge_us": _to_us("merge", self.merge),
+            "fail_recv_const": self.fail_recv_const,
+            "seqno_unchanged_const": self.seqno_unchanged_const,
+            "miss_count_const": self.miss_count_const,
+            "token_retransmits_max": self.token_retransmits_max,
+            "initial_seq": self.initial_seq,
+            "initial_token_seq": self.initial_token_seq,
+            "mutation": self.mutation,
+        }
+        for name, value in values.items():
+            if not isinstance(value, int) or isinstance(value, bool):
+                raise ConfigError(f"ring config: {name} must be an integer, not {value!r}")
+            try:
+                setattr(cfg, name, value)
+            except OverflowError:
+                raise ConfigError(f"ring config: {name}={value} is out of range") from None
+        err = ffi.new("char **")
+        if lib.gc_ring_config_check(cfg, ffi.cast("const char **", err)) != lib.GC_OK:
+            raise ConfigError(f"ring config: {ffi.string(err[0]).decode()}")
+        return cfg
+
+
+def _to_us(name: str, seconds: float) -> int:
+    if not isinstance(seconds, (int, float)) or isinstance(seconds, bool) or seconds != seconds:
+        raise ConfigError(f"ring config: {name} must be a number of seconds, not {seconds!r}")
+    if seconds <= 0:
+        raise ConfigError(f"ring config: {name} must be > 0 seconds, not {seconds!r}")
+    return int(round(seconds * _US))
+
+
+_STAT_FIELDS = tuple(name for name, _ in ffi.typeof("gc_ring_stats_t").fields)
+
+
+class Ring:
+    """One member's Totem ring state machine.
+
+    Inputs: :meth:`start`, :meth:`receive`, :meth:`submit`, :meth:`tick`,
+    :meth:`leave`.  Outputs: :meth:`take` after each input, in order.
+    """
+
+    __slots__ = ("node_id", "config", "_r", "_pa", "_pn", "_pd", "_pl", "_max_payload")
+
+    def __init__(self, node_id: int, config: RingConfig | None = None, *, ring_seq_floor: int = 0) -> None:
+        self.node_id = node_id
+        self.config = config or RingConfig()
+        c = self.config.to_c(node_id, ring_seq_floor)
+        out = ffi.new("gc_ring_t **")
+        rc = lib.gc_ring_new(c, out)
+        if rc != lib.GC_OK:
+            raise ConfigError(f"ring config: {ffi.string(lib.gc_strerror(rc)).decode()}")
+        self._r = ffi.gc(out[0], lib.gc_ring_free)
+        self._pa = ffi.new("gc_action_t **")
+        self._pn = ffi.new("size_t *")
+        self._pd = ffi.new("uint8_t **")
+        self._pl = ffi.new("size_t *")
+        self._max_payload = lib.gc_ring_max_payload(self._r)
+
+    # -- inputs -------------------------------------------------------------
+
+    def start(self, now_us: int) -> None:
+        """Begin gathering with whoever answers; the first configuration follows."""
+        if lib.gc_ring_start(self._r, now_us) != lib.GC_OK:
+            raise LocalProtocolError(f"member {self.node_id}: start() called twice")
+
+    def receive(self, now_us: int, packet: bytes, *, strict: bool = False) -> int:
+        """Feed one packet from the network. Bad packets are counted and dropped.
+
+        Returns 0 when the packet was used, otherwise the (negative) drop reason;
+        with ``strict=True`` a drop raises :class:`RemoteProtocolError` instead
+        (useful in tests).
+        """
+        rc = lib.gc_ring_receive(self._r, now_us, packet, len(packet))
+        if rc == lib.GC_ENOMEM:
+            raise MemoryError("groupcomm ring: out of memory")
+        if strict and rc != lib.GC_OK:
+            raise RemoteProtocolError(f"packet dropped: {_strerror(rc)}", code=rc)
+        return rc
+
+    def submit(self, now_us: int, payload: bytes, *, safe: bool = False) -> None:
+        """Queue an application message for total-order delivery to the ring."""
+        if not isinstance(payload, (bytes, bytearray, memoryview)):
+            raise TypeError(f"payload must be bytes, not {type(payload).__name__}")
+        rc = lib.gc_ring_submit(self._r, now_us, ffi.from_buffer(payload), len(payload), 1 if safe else 0)
+        if rc == lib.GC_OK:
+            return
+        if rc == lib.GC_ETOOBIG:
+            raise PayloadTooLarge(
+                f"payload of {len(payload)} bytes is over this ring's limit of {self._max_payload} bytes "
+                f"per message (mtu {self.config.mtu}); split it or use a fragmenting layer",
+                code=rc,
+            )
+        if rc == lib.GC_EQUEUEFULL:
+            raise QueueFull(
+                f"member {self.node_id}: send queue is full ({self.config.send_queue_max} messages); "
+                "wait for deliveries and retry",
+                code=rc,
+            )
+        if rc == lib.GC_ENOTRUNNING:
+            raise NotOperational(f"member {self.node_id} is not running (state {self.state.name})", code=rc)
+        if rc == lib.GC_ENOMEM:
+            raise MemoryError("groupcomm ring: out of memory")
+        raise LocalProtocolError(_strerror(rc), code=rc)
+
+    def tick(self, now_us: int) -> None:
+        """Fire every timer due at ``now_us``."""
+        lib.gc_ring_tick(self._r, now_us)
+
+    def leave(self, now_us: int) -> None:
+        """Leave gracefully: the others form a new ring without waiting for a timeout."""
+        rc = lib.gc_ring_leave(self._r, now_us)
+        if rc != lib.GC_OK:
+            raise NotOperational(f"member {self.node_id} is not running (state {self.state.name})", code=rc)
+
+    # -- outputs ------------------------------------------------------------
+
+    def next_deadline(self) -> int | None:
+        """Microsecond time by which :meth:`tick` must be called, or None."""
+        d = lib.gc_ring_next_deadline(self._r)
+        return None if d == 0xFFFFFFFFFFFFFFFF else d
+
+    def take(self) -> list[Output]:
+        """Drain the outputs of the inputs so far, in the order they must be acted on."""
+        lib.gc_ring_take(self._r, self._pa, self._pn, self._pd, self._pl)
+        n = self._pn[0]
+        if n == 0:
+            return []
+        records = ffi.buffer(self._pa[0], n * _ACTION.size)[:]
+        data = ffi.buffer(self._pd[0], self._pl[0])[:]
+        out: list[Output] = []
+        append = out.append
+        for kind, flags, count, node, value, off, length in _ACTION.iter_unpack(records):
+            if kind == 3:
+                append(Delivery(node, data[off : off + length], bool(flags & 1)))
+            elif kind == 1:
+                append(SendToAll(data[off : off + length]))
+            elif kind == 2:
+                append(SendTo(node, data[off : off + length]))
+            else:
+                members = struct.unpack_from(f"<{count}I", data, off)
+                append(Configuration(RingId(node, value), members, bool(flags & 1)))
+        return out
+
+    # -- introspection ------------------------------------------------------
+
+    @property
+    def state(self) -> RingState:
+        return RingState(lib.gc_ring_state(self._r))
+
+    @property
+    def ring_seq(self) -> int:
+        """Highest ring sequence seen or used; persist it and restart above it."""
+        return lib.gc_ring_ring_seq(self._r)
+
+    @property
+    def members(self) -> tuple[int, ...]:
+        """Members of the installed ring (empty before the first configuration)."""
+        buf = ffi.new("uint32_t[]", MAX_MEMBERS)
+        n = lib.gc_ring_members(self._r, buf, MAX_MEMBERS)
+        return tuple(buf[i] for i in range(n))
+
+    @property
+    def max_payload(self) -> int:
+        """Largest application message :meth:`submit` accepts."""
+        return self._max_payload
+
+    @property
+    def pending(self) -> int:
+        """Application messages queued and not yet ordered."""
+        return lib.gc_ring_pending(self._r)
+
+    def stats(self) -> dict[str, int]:
+        """Counters: traffic, drops by reason, membership rounds, holds, retransmissions."""
+        s = ffi.new("gc_ring_stats_t *")
+        lib.gc_ring_get_stats(self._r, s)
+        return {name: getattr(s, name) for name in _STAT_FIELDS}
+
+
+def _strerror(rc: int) -> str:
+    return ffi.string(lib.gc_strerror(rc)).decode()
+
+
+def transition_table() -> list[tuple[str, str, str]]:
+    """The membership state machine as (state, input, next state) rows (for the docs)."""
+    rows = []
+    s, i, a = ffi.new("char **"), ffi.new("char **"), ffi.new("char **")
+    for k in range(lib.gc_ring_transition_count()):
+        lib.gc_ring_transition(k, ffi.cast("const char **", s), ffi.cast("const char **", i), ffi.cast("const char **", a))
+        rows.append((ffi.string(s[0]).decode(), ffi.string(i[0]).decode(), ffi.string(a[0]).decode()))
+    return rows
+
+
