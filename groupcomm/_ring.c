@@ -1002,6 +1002,9 @@ static void gather_enter(gc_ring_t *r, uint64_t now)
     send_join(r);
     timer_after(r, TIMER_JOIN, now, r->cfg.join_us);
     timer_after(r, TIMER_CONSENSUS, now, r->cfg.consensus_us);
+    /* The consensus timer owns this state; an operational token-loss timer
+       left running would expire consensus early and fail live members. */
+    timer_cancel(r, TIMER_TOKEN_LOSS);
     timer_cancel(r, TIMER_TOKEN_RETRANSMIT);
     timer_cancel(r, TIMER_MERGE_DETECT);
     timer_cancel(r, TIMER_HOLD);

@@ -10,10 +10,11 @@ from __future__ import annotations
 
 import heapq
 import random
+import struct
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 
-from groupcomm.errors import ConfigError, LocalProtocolError, NotOperational
+from groupcomm.errors import ConfigError, LocalProtocolError, NotOperational, PayloadTooLarge
 from groupcomm.events import Configuration, Crashed, Delivery, Event
 from groupcomm.ring import Ring, RingConfig, RingState, SendTo, SendToAll
 from groupcomm.testing.evs import SendRecord, check_evs
@@ -21,6 +22,10 @@ from groupcomm.testing.evs import SendRecord, check_evs
 __all__ = ["SimCluster", "NetworkModel"]
 
 _US = 1_000_000
+# Every simulated send carries a hidden 8-byte serial number ahead of the user's
+# payload, so the EVS checker identifies messages exactly even when users send
+# the same bytes twice.  Histories shown to users have it stripped.
+_TAG = struct.Struct(">Q")
 
 
 @dataclass(frozen=True)
@@ -81,11 +86,15 @@ class SimCluster:
         self._groups: dict[int, int] | None = None             # node -> partition group
         self._members = {n: _Member(n) for n in ids}
         self._histories: dict[int, list[Event]] = {n: [] for n in ids}
+        self._tagged: dict[int, list[Event]] = {n: [] for n in ids}   # what the checker sees
         self._sends: list[SendRecord] = []
+        self._user_sends: list[SendRecord] = []
         self._quiet_since = 0                                   # last fault change or send
         self._observers: list[Callable[[int, Event], None]] = []
+        self._max_payload: int | None = None
         for n in ids:
             self._boot(n)
+        self._max_payload = self._members[ids[0]].ring.max_payload - _TAG.size  # type: ignore[union-attr]
 
     # -- membership of the simulation ----------------------------------------
 
@@ -124,6 +133,10 @@ class SimCluster:
             raise LocalProtocolError(f"node {node} is already crashed")
         m.ring_seq = max(m.ring_seq, m.ring.ring_seq)
         m.ring = None
+        self._crashed(node)
+
+    def _crashed(self, node: int) -> None:
+        self._tagged[node].append(Crashed())
         self._record(node, Crashed())
         self._quiet_since = self._now
 
@@ -144,8 +157,7 @@ class SimCluster:
         self._flush(m)
         m.ring_seq = max(m.ring_seq, m.ring.ring_seq)
         m.ring = None
-        self._record(node, Crashed())
-        self._quiet_since = self._now
+        self._crashed(node)
 
     # -- the network ------------------------------------------------------------
 
@@ -227,7 +239,11 @@ class SimCluster:
             elif t is SendTo:
                 if out.node in self._members and out.node != node:
                     self._transmit(node, out.node, out.packet)
+            elif t is Delivery:
+                self._tagged[node].append(out)
+                self._record(node, Delivery(out.sender, out.payload[_TAG.size :], out.safe))
             else:
+                self._tagged[node].append(out)
                 self._record(node, out)
         m.ring_seq = max(m.ring_seq, ring.ring_seq)
 
@@ -246,10 +262,23 @@ class SimCluster:
         m = self._member(node)
         if m.ring is None:
             raise NotOperational(f"node {node} is crashed; restart it before sending")
-        m.ring.submit(self._now, payload, safe=safe)
-        self._sends.append(SendRecord(node, m.incarnation, bytes(payload), bool(safe)))
+        if len(payload) > self.max_payload:
+            raise PayloadTooLarge(
+                f"payload of {len(payload)} bytes is over the simulated ring's limit of "
+                f"{self.max_payload} bytes per message (mtu {self.config.mtu})"
+            )
+        tagged = _TAG.pack(len(self._sends)) + bytes(payload)
+        m.ring.submit(self._now, tagged, safe=safe)
+        self._sends.append(SendRecord(node, m.incarnation, tagged, bool(safe)))
+        self._user_sends.append(SendRecord(node, m.incarnation, bytes(payload), bool(safe)))
         self._quiet_since = self._now
         self._flush(m)
+
+    @property
+    def max_payload(self) -> int:
+        """Largest payload :meth:`send` accepts."""
+        assert self._max_payload is not None
+        return self._max_payload
 
     def _next_timer(self) -> int | None:
         best = None
@@ -313,7 +342,7 @@ class SimCluster:
     @property
     def sends(self) -> list[SendRecord]:
         """Every send a member accepted, in order."""
-        return list(self._sends)
+        return list(self._user_sends)
 
     def ring(self, node: int) -> Ring | None:
         """The live ring of ``node`` (None if crashed), for stats and state."""
@@ -370,4 +399,4 @@ class SimCluster:
         """
         if settled is None:
             settled = self.settled()
-        check_evs(self._histories, self._sends, live=self.live, settled=settled)
+        check_evs(self._tagged, self._sends, live=self.live, settled=settled)
