@@ -55,6 +55,7 @@
  */
 #include "_ring.h"
 
+#include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
 
@@ -1046,13 +1047,22 @@ static void join_process(gc_ring_t *r, uint64_t now, uint32_t sender, const join
         if (r->state == GC_STATE_OPERATIONAL) gather_enter(r, now);
         return;
     }
+    nodeset_t proc_before = r->my_proc, fail_before = r->my_fail;
     set_merge(&r->my_proc, &j->proc);
     if (set_contains(&j->fail, r->me)) {
         set_add(&r->my_fail, sender);           /* it gave up on us: give up on it */
     } else if (set_contains(&r->my_memb, sender)) {
         set_merge(&r->my_fail, &j->fail);       /* trust a ring-mate's failure view */
     }
-    set_remove(&r->my_fail, r->me);
+    if (!r->failed_to_recv) set_remove(&r->my_fail, r->me);
+    /* Restart only on news.  Members that disagree about a failure without
+       adopting each other's view would otherwise restart each other forever,
+       a join storm in which consensus never accrues; the consensus timeout
+       settles such disagreements. */
+    if (set_equal(&proc_before, &r->my_proc) && set_equal(&fail_before, &r->my_fail)) {
+        if (r->state == GC_STATE_OPERATIONAL) gather_enter(r, now);
+        return;
+    }
     gather_enter(r, now);
 }
 
@@ -1401,7 +1411,7 @@ static void decapsulate(gc_ring_t *r, const slot_t *s)
     const uint8_t *inner = s->buf + MCAST_HDR_LEN;
     size_t inner_len = s->len - MCAST_HDR_LEN;
     if (decode_inner(r, inner, inner_len, &ih, &im) < 0) return;
-    if (!ring_id_eq(im.ring_id, r->my_old_ring_id)) return;
+    if (!ring_id_eq(im.ring_id, r->my_old_ring_id) && r->cfg.mutation != 5) return;
     if (sq_store(r, &r->regular, im.seq, ih.sender, im.flags, inner, inner_len) == 1) {
         r->old_high = seq_max(r->old_high, im.seq);
         while (sq_get(&r->regular, r->old_aru + 1)) r->old_aru++;
@@ -1496,7 +1506,7 @@ static void retransmit_requested(gc_ring_t *r, token_t *t, sortq_t *q, uint32_t 
 {
     uint32_t kept = 0;
     for (uint32_t i = 0; i < t->rtr_n; i++) {
-        slot_t *s = (*budget > 0 && r->cfg.mutation != 1) ? sq_get(q, t->rtr[i]) : NULL;
+        slot_t *s = (*budget > 0 && r->cfg.mutation != 6) ? sq_get(q, t->rtr[i]) : NULL;
         if (s) {
             emit_mcast(r, s->buf, s->len);
             r->stats.retransmissions++;
@@ -1646,7 +1656,7 @@ static int handle_token(gc_ring_t *r, uint64_t now, token_t *t, int reprocess)
         return GC_EIGNORED;
     }
     if (!ring_id_eq(t->ring_id, r->my_ring_id)) { r->stats.drop_stale++; return GC_ESTALE; }
-    if (r->have_token_seq && !seq_gt(t->token_seq, r->my_token_seq)) {
+    if (r->have_token_seq && !seq_gt(t->token_seq, r->my_token_seq) && r->cfg.mutation != 1) {
         r->stats.drop_duplicate++;
         return GC_ESTALE;
     }
@@ -2127,6 +2137,36 @@ size_t gc_ring_members(const gc_ring_t *r, uint32_t *out, size_t cap)
 void gc_ring_get_stats(const gc_ring_t *r, gc_ring_stats_t *out)
 {
     if (r && out) *out = r->stats;
+}
+
+static size_t debug_set(char *buf, size_t cap, size_t at, const char *name, const nodeset_t *s)
+{
+    if (at < cap) at += (size_t)snprintf(buf + at, cap - at, " %s={", name);
+    for (uint32_t i = 0; i < s->n && at < cap; i++)
+        at += (size_t)snprintf(buf + at, cap - at, i ? ",%u" : "%u", s->id[i]);
+    if (at < cap) at += (size_t)snprintf(buf + at, cap - at, "}");
+    return at;
+}
+
+size_t gc_ring_debug(const gc_ring_t *r, char *buf, size_t cap)
+{
+    if (!r || !buf || cap == 0) return 0;
+    size_t at = (size_t)snprintf(buf, cap,
+        "node=%u state=%s ring=%u:%llu old=%u:%llu seqmax=%llu aru=%u high=%u delivered=%u "
+        "old_aru=%u old_high=%u retrans=%zu/%zu pending=%zu",
+        r->me, gc_state_name(r->state), r->my_ring_id.rep, (unsigned long long)r->my_ring_id.seq,
+        r->my_old_ring_id.rep, (unsigned long long)r->my_old_ring_id.seq,
+        (unsigned long long)r->ring_seq_max, r->my_aru, r->my_high_seq_received, r->my_high_delivered,
+        r->old_aru, r->old_high, r->retrans_head, r->retrans_n, r->appq.count);
+    at = debug_set(buf, cap, at, "memb", &r->my_memb);
+    at = debug_set(buf, cap, at, "new", &r->my_new_memb);
+    at = debug_set(buf, cap, at, "proc", &r->my_proc);
+    at = debug_set(buf, cap, at, "fail", &r->my_fail);
+    at = debug_set(buf, cap, at, "consensus", &r->my_consensus);
+    for (int t = 0; t < TIMER_COUNT && at < cap; t++)
+        if (r->deadline[t] != NEVER)
+            at += (size_t)snprintf(buf + at, cap - at, " t%d=%llu", t, (unsigned long long)r->deadline[t]);
+    return at < cap ? at : cap - 1;
 }
 
 const char *gc_strerror(int code)

@@ -155,6 +155,8 @@ size_t gc_ring_max_payload(const gc_ring_t *r);
 size_t gc_ring_pending(const gc_ring_t *r);           /* messages queued, not yet ordered */
 size_t gc_ring_members(const gc_ring_t *r, uint32_t *out, size_t cap);
 void gc_ring_get_stats(const gc_ring_t *r, gc_ring_stats_t *out);
+/* A one-line human-readable dump of the membership state, for debugging. */
+size_t gc_ring_debug(const gc_ring_t *r, char *buf, size_t cap);
 const char *gc_strerror(int code);
 const char *gc_state_name(int state);
 /* The membership transition table, for docs: rows of (state, message type, action). */

@@ -50,15 +50,17 @@ def compile_args() -> list[str]:
     return args
 
 
-def make_builder(module_name: str = "groupcomm._ring_cffi") -> FFI:
+def make_builder(module_name: str = "groupcomm._ring_cffi", *, absolute_paths: bool = False) -> FFI:
+    """A builder for the core; setuptools wants relative paths, ``ffi.compile(tmpdir=...)`` absolute ones."""
+    where = (lambda p: str(p)) if absolute_paths else os.path.relpath
     builder = FFI()
     builder.cdef(read_cdef())
     link = ["-fsanitize=address,undefined"] if os.environ.get("GROUPCOMM_SANITIZE") == "1" else []
     builder.set_source(
         module_name,
         '#include "_ring.h"',
-        sources=[os.path.relpath(HERE / "_ring.c")],
-        include_dirs=[os.path.relpath(HERE)],
+        sources=[where(HERE / "_ring.c")],
+        include_dirs=[where(HERE)],
         extra_compile_args=compile_args(),
         extra_link_args=link,
     )
@@ -68,4 +70,4 @@ def make_builder(module_name: str = "groupcomm._ring_cffi") -> FFI:
 ffibuilder = make_builder()
 
 if __name__ == "__main__":
-    ffibuilder.compile(tmpdir=str(HERE.parent), verbose=True)
+    make_builder(absolute_paths=True).compile(tmpdir=str(HERE.parent), verbose=True)

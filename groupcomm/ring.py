@@ -305,6 +305,12 @@ class Ring:
         """Application messages queued and not yet ordered."""
         return lib.gc_ring_pending(self._r)
 
+    def debug(self) -> str:
+        """One line describing the membership state (sets, ring ids, timers)."""
+        buf = ffi.new("char[]", 4096)
+        lib.gc_ring_debug(self._r, buf, 4096)
+        return ffi.string(buf).decode()
+
     def stats(self) -> dict[str, int]:
         """Counters: traffic, drops by reason, membership rounds, holds, retransmissions."""
         s = ffi.new("gc_ring_stats_t *")
