@@ -48,23 +48,42 @@ def random_plan(rng: random.Random, n: int) -> list[Step]:
     return plan
 
 
+def merge_plan(rng: random.Random, n: int) -> list[Step]:
+    """Two lossy partitions under load, healed while messages are in flight."""
+    split = tuple(rng.randint(0, 1) for _ in range(n))
+    plan = [Step("partition", (split,)), Step("network", (rng.choice([0.1, 0.2]), 0.0, False))]
+    for _ in range(rng.randint(2, 5)):
+        for node in range(1, n + 1):
+            plan.append(Step("send", (node, rng.randint(3, 12), rng.random() < 0.3)))
+        plan.append(Step("run", (rng.choice([0.0002, 0.001, 0.01, 0.5]),)))
+    plan.append(Step("heal", ()))
+    for node in range(1, n + 1):
+        plan.append(Step("send", (node, rng.randint(3, 12), False)))
+        plan.append(Step("run", (rng.choice([0.0001, 0.0003, 0.001]),)))
+    return plan
+
+
 def first_violation(mutation: int, attempts: int = 400) -> str | None:
     for seed in range(attempts):
         rng = random.Random(seed)
         n = rng.randint(2, 6)
+        plan = random_plan(rng, n) if seed % 2 == 0 else merge_plan(rng, max(n, 4))
+        n = max(n, 4) if seed % 2 else n
         config = RingConfig(token_timeout=0.2, join=0.02, merge=0.05, mutation=mutation)
         try:
-            run_schedule(n, seed, random_plan(rng, n), config)
+            run_schedule(n, seed, plan, config)
         except EVSViolation as exc:
             return f"seed {seed}: {str(exc).splitlines()[1] if len(str(exc).splitlines()) > 1 else exc}"
     return None
 
 
 def test_unmutated_core_passes_the_same_schedules():
-    for seed in range(40):
+    for seed in range(60):
         rng = random.Random(seed)
         n = rng.randint(2, 6)
-        run_schedule(n, seed, random_plan(rng, n), RingConfig(token_timeout=0.2, join=0.02, merge=0.05))
+        plan = random_plan(rng, n) if seed % 2 == 0 else merge_plan(rng, max(n, 4))
+        n = max(n, 4) if seed % 2 else n
+        run_schedule(n, seed, plan, RingConfig(token_timeout=0.2, join=0.02, merge=0.05))
 
 
 @pytest.mark.parametrize("mutation", [1, 2, 3, 4, 5])
