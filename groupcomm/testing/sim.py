@@ -245,7 +245,6 @@ class SimCluster:
             else:
                 self._tagged[node].append(out)
                 self._record(node, out)
-        m.ring_seq = max(m.ring_seq, ring.ring_seq)
 
     def _record(self, node: int, event: Event) -> None:
         self._histories[node].append(event)
