@@ -35,34 +35,35 @@ Configurations
     configuration.  An *epoch* is a regular configuration C, the transitional
     configuration T that follows it (if any) and the next regular one C'.
 
-Properties (each report starts with its name in brackets)
-    [no creation]       every delivery matches an accepted send, with the same ``safe`` flag.
-    [no duplication]    a node delivers a message at most once, across all its incarnations.
-    [per-sender FIFO]   messages of one sender incarnation are delivered in send order.
-    [total order]       the union of all incarnations' delivery orders is acyclic.
-    [configuration consistency]
-                        one member list per regular ring id; a node is a member of what it
-                        installs; regular ring seqs strictly increase within an incarnation;
-                        the first configuration is regular and comes before any delivery; a
-                        transitional T is next followed by the regular config of T's ring id
-                        (unless the incarnation ends) and T's members are a subset of both
-                        regular configs around it; no node installs a regular ring id twice.
-    [virtual synchrony] incarnations of different nodes that go from C to the same next
-                        regular C' delivered the same set in C and, if both went through a
-                        transitional config, went through the same one and delivered the
-                        same set in it.
-    [same configuration] incarnations that deliver m in regular configs do so in the same
-                        ring (deliveries in transitional configs are not compared).
-    [safe delivery]     a safe m delivered in regular C (or transitional T) is delivered by
-                        every member q of C (or T) in C or the T after it (or in T or the C
-                        before it), counting q's incarnation that installed C (or T); q is
-                        judged once it installed the next regular config (even if it crashed
-                        later), or, when ``settled``, if it is still up.
-    [self delivery]     (settled only) every send of an incarnation still up was delivered
-                        back to it.
-    [liveness]          (settled only) every live node's last configuration is one regular
-                        configuration whose members are exactly the live nodes, and all of
-                        them delivered the same messages in it.
+Properties (each report starts with its name in brackets)::
+
+        [no creation]       every delivery matches an accepted send, with the same ``safe`` flag.
+        [no duplication]    a node delivers a message at most once, across all its incarnations.
+        [per-sender FIFO]   messages of one sender incarnation are delivered in send order.
+        [total order]       the union of all incarnations' delivery orders is acyclic.
+        [configuration consistency]
+                            one member list per regular ring id; a node is a member of what it
+                            installs; regular ring seqs strictly increase within an incarnation;
+                            the first configuration is regular and comes before any delivery; a
+                            transitional T is next followed by the regular config of T's ring id
+                            (unless the incarnation ends) and T's members are a subset of both
+                            regular configs around it; no node installs a regular ring id twice.
+        [virtual synchrony] incarnations of different nodes that go from C to the same next
+                            regular C' delivered the same set in C and, if both went through a
+                            transitional config, went through the same one and delivered the
+                            same set in it.
+        [same configuration] incarnations that deliver m in regular configs do so in the same
+                            ring (deliveries in transitional configs are not compared).
+        [safe delivery]     a safe m delivered in regular C (or transitional T) is delivered by
+                            every member q of C (or T) in C or the T after it (or in T or the C
+                            before it), counting q's incarnation that installed C (or T); q is
+                            judged once it installed the next regular config (even if it crashed
+                            later), or, when ``settled``, if it is still up.
+        [self delivery]     (settled only) every send of an incarnation still up was delivered
+                            back to it.
+        [liveness]          (settled only) every live node's last configuration is one regular
+                            configuration whose members are exactly the live nodes, and all of
+                            them delivered the same messages in it.
 """
 
 from __future__ import annotations
