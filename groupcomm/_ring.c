@@ -791,12 +791,11 @@ static int decode_token(gc_ring_t *r, reader_t *rd, token_t *t)
     t->retrans_flg = r_u8(rd);
     t->rtr_n = r_u8(rd);
     if (rd->bad || t->rtr_n > GC_RTR_MAX || t->retrans_flg > 1) return malformed(r, rd);
-    for (uint32_t i = 0; i < t->rtr_n; i++) {
-        t->rtr[i] = r_u32(rd);
-        /* a request must name a seq the token has already handed out */
-        if (!rd->bad && seq_gt(t->rtr[i], t->seq)) { rd->bad = 0; return malformed(r, rd); }
-    }
+    for (uint32_t i = 0; i < t->rtr_n; i++) t->rtr[i] = r_u32(rd);
     if (rd->bad || rd->left != 0) return malformed(r, rd);
+    /* a request must name a seq the token has already handed out */
+    for (uint32_t i = 0; i < t->rtr_n; i++)
+        if (seq_gt(t->rtr[i], t->seq)) return malformed(r, rd);
     if (seq_gt(t->aru, t->seq) || t->ring_id.rep == 0) return malformed(r, rd);
     return GC_OK;
 }
@@ -1546,6 +1545,16 @@ static void request_missing(gc_ring_t *r, token_t *t, sortq_t *q)
     }
 }
 
+/* The slot for a seq we are about to stamp.  Only the token holder stamps, so
+   it is normally free; a forged packet of our ring could have taken it, and
+   the token's seq wins. */
+static slot_t *slot_for_origin(gc_ring_t *r, sortq_t *q, uint32_t seq)
+{
+    slot_t *s = &q->slots[seq & q->mask];
+    if (s->used) sq_free_slot(r, s);
+    return s;
+}
+
 /* Packs queued application messages into one datagram and stamps it. */
 static void originate_regular(gc_ring_t *r, token_t *t, sortq_t *q)
 {
@@ -1571,7 +1580,7 @@ static void originate_regular(gc_ring_t *r, token_t *t, sortq_t *q)
     a->head += used;
     if (a->count == 0) a->head = a->tail = 0;
     size_t len = MCAST_HDR_LEN + used;
-    slot_t *s = &q->slots[seq & q->mask];
+    slot_t *s = slot_for_origin(r, q, seq);
     s->buf = b;
     s->len = (uint32_t)len;
     s->seq = seq;
@@ -1595,7 +1604,7 @@ static void originate_recovery(gc_ring_t *r, token_t *t, sortq_t *q)
     w_mcast_header(r, &w, seq, MCAST_FLAG_ENCAP, 0);
     memcpy(w.p, old->buf, old->len);
     size_t len = MCAST_HDR_LEN + old->len;
-    slot_t *s = &q->slots[seq & q->mask];
+    slot_t *s = slot_for_origin(r, q, seq);
     s->buf = b;
     s->len = (uint32_t)len;
     s->seq = seq;
