@@ -86,13 +86,13 @@ def main(argv: list[str] | None = None) -> int:
     sub = parser.add_subparsers(dest="command", required=True)
     for name in ("simulate", "demo"):
         p = sub.add_parser(name, help="run a narrated cluster on the simulated network")
-        p.add_argument("--nodes", type=int, default=5, help="members (2..64, default 5)")
+        p.add_argument("--nodes", type=int, default=5, help="members (2..32, default 5)")
         p.add_argument("--seed", type=int, default=1)
         p.add_argument("--loss", type=float, default=0.02, help="packet loss probability")
         p.add_argument("-v", "--verbose", action="store_true", help="print every delivery")
     args = parser.parse_args(argv)
-    if not 2 <= args.nodes <= 64:
-        parser.error("--nodes must be in 2..64")
+    if not 2 <= args.nodes <= 32:
+        parser.error("--nodes must be in 2..32")
     if not 0 <= args.loss < 1:
         parser.error("--loss must be in [0, 1)")
     return simulate(args.nodes, args.seed, args.loss, args.verbose)

@@ -85,7 +85,11 @@ enum msg_type {
 #define ENTRY_FLAG_SAFE 0x01u
 #define JOIN_FLAG_LEAVE 0x01u
 #define COMMIT_ENTRY_LEN (RINGID_LEN + 4u + 4u + 1u)
+#define COMMIT_LEN(n) (HDR_LEN + RINGID_LEN + 2u + 2u + (n) * (4u + COMMIT_ENTRY_LEN))
 #define MAX_PACKET 65507u                 /* largest UDP payload over IPv4 */
+/* Ring seqs grow by 4 per membership round; anything above 2^62 is forged
+   and would wrap our "+4" arithmetic. */
+#define RING_SEQ_MAX (UINT64_C(1) << 62)
 #define CONTROL_BUF_LEN 4096u             /* joins and tokens: bounded by GC_MAX_MEMBERS */
 
 #define TIMER_TOKEN_LOSS 0
@@ -852,6 +856,8 @@ static int decode_inner(const gc_ring_t *r, const uint8_t *buf, size_t len, head
 
 static int decode_mcast(gc_ring_t *r, reader_t *rd, mcast_t *m)
 {
+    /* Slot buffers hold buf_cap bytes: nothing we store may be larger. */
+    if (rd->left + HDR_LEN > r->buf_cap) { r->stats.drop_malformed++; return GC_EMALFORMED; }
     if (decode_mcast_fields(rd, m) < 0) return malformed(r, rd);
     if (m->ring_id.rep == 0) return malformed(r, rd);
     if (m->flags & MCAST_FLAG_ENCAP) {
@@ -868,7 +874,7 @@ static int decode_join(gc_ring_t *r, reader_t *rd, uint32_t sender, join_t *j)
 {
     j->ring_seq = r_u64(rd);
     j->flags = r_u8(rd);
-    if (rd->bad || j->flags > JOIN_FLAG_LEAVE) return malformed(r, rd);
+    if (rd->bad || j->flags > JOIN_FLAG_LEAVE || j->ring_seq > RING_SEQ_MAX) return malformed(r, rd);
     if (r_nodeset(rd, &j->proc) < 0 || r_nodeset(rd, &j->fail) < 0) return malformed(r, rd);
     if (rd->left != 0) return malformed(r, rd);
     if (j->flags & JOIN_FLAG_LEAVE) {
@@ -884,7 +890,8 @@ static int decode_commit(gc_ring_t *r, reader_t *rd, commit_t *c)
     c->ring_id = r_ring_id(rd);
     c->memb_index = r_u16(rd);
     if (rd->bad || r_nodeset(rd, &c->memb) < 0) return malformed(r, rd);
-    if (c->memb.n == 0 || c->memb_index > c->memb.n || c->ring_id.rep != c->memb.id[0])
+    if (c->memb.n == 0 || c->memb_index > c->memb.n || c->ring_id.rep != c->memb.id[0] ||
+        c->ring_id.seq > RING_SEQ_MAX)
         return malformed(r, rd);
     for (uint32_t i = 0; i < c->memb.n; i++) {
         c->entry[i].ring_id = r_ring_id(rd);
@@ -949,13 +956,6 @@ static void send_join(gc_ring_t *r)
 {
     size_t len = encode_join(r, 0, &r->my_proc, &r->my_fail, r->scratch);
     emit_mcast(r, r->scratch, len);
-}
-
-static uint32_t lowest_active(const gc_ring_t *r)
-{
-    nodeset_t active;
-    set_subtract(&active, &r->my_proc, &r->my_fail);
-    return active.n ? active.id[0] : 0;
 }
 
 static void commit_create(gc_ring_t *r, uint64_t now)
@@ -1032,6 +1032,15 @@ static void consensus_expired(gc_ring_t *r, uint64_t now)
     gather_enter(r, now);
 }
 
+/* Adds to the proc set unless the ring would outgrow max_members (the commit
+   token must fit one datagram); members beyond it are left out. */
+static int proc_add(gc_ring_t *r, uint32_t id)
+{
+    if (set_contains(&r->my_proc, id)) return 1;
+    if (r->my_proc.n >= r->cfg.max_members) { r->stats.drop_ignored++; return 0; }
+    return set_add(&r->my_proc, id);
+}
+
 /* Corosync's memb_join_process. */
 static void join_process(gc_ring_t *r, uint64_t now, uint32_t sender, const join_t *j)
 {
@@ -1047,7 +1056,7 @@ static void join_process(gc_ring_t *r, uint64_t now, uint32_t sender, const join
         return;
     }
     nodeset_t proc_before = r->my_proc, fail_before = r->my_fail;
-    set_merge(&r->my_proc, &j->proc);
+    for (uint32_t i = 0; i < j->proc.n; i++) proc_add(r, j->proc.id[i]);
     if (set_contains(&j->fail, r->me)) {
         set_add(&r->my_fail, sender);           /* it gave up on us: give up on it */
     } else if (set_contains(&r->my_memb, sender)) {
@@ -1073,11 +1082,11 @@ static void recovery_abort(gc_ring_t *r)
     r->retrans_n = r->retrans_head = 0;
 }
 
-static void handle_leave(gc_ring_t *r, uint64_t now, uint32_t sender)
+static int handle_leave(gc_ring_t *r, uint64_t now, uint32_t sender)
 {
     if (!set_contains(&r->my_proc, sender) || set_contains(&r->my_fail, sender)) {
         r->stats.drop_ignored++;
-        return;
+        return GC_EIGNORED;
     }
     set_add(&r->my_left, sender);
     set_add(&r->my_fail, sender);
@@ -1093,15 +1102,13 @@ static void handle_leave(gc_ring_t *r, uint64_t now, uint32_t sender)
     default:
         break;
     }
+    return GC_OK;
 }
 
 static int handle_join(gc_ring_t *r, uint64_t now, uint32_t sender, const join_t *j)
 {
     if (j->ring_seq > r->ring_seq_max) r->ring_seq_max = j->ring_seq;
-    if (j->flags & JOIN_FLAG_LEAVE) {
-        handle_leave(r, now, sender);
-        return GC_OK;
-    }
+    if (j->flags & JOIN_FLAG_LEAVE) return handle_leave(r, now, sender);
     switch (r->state) {
     case GC_STATE_OPERATIONAL:
         /* corosync ignore_join_under_operational: it excluded us, or it is stale */
@@ -1141,12 +1148,12 @@ static int foreign_seen(gc_ring_t *r, uint64_t now, uint32_t sender, ring_id_t r
             r->stats.drop_stale++;             /* delayed packet of an older ring */
             return GC_ESTALE;
         }
-        set_add(&r->my_proc, sender);
+        if (!proc_add(r, sender)) return GC_EIGNORED;
         gather_enter(r, now);
         return GC_OK;
     case GC_STATE_GATHER:
         if (set_contains(&r->my_proc, sender)) { r->stats.drop_stale++; return GC_ESTALE; }
-        set_add(&r->my_proc, sender);
+        if (!proc_add(r, sender)) return GC_EIGNORED;
         gather_enter(r, now);
         return GC_OK;
     default:
@@ -1213,7 +1220,8 @@ static void recovery_plan(gc_ring_t *r, const commit_t *c, uint32_t low_ring_aru
     int my_pos = memb_index_of(&c->memb, r->me);
     r->retrans_n = r->retrans_head = 0;
     if (r->cfg.mutation == 4) return;           /* mutation: skip old-ring recovery */
-    for (uint32_t s = low_ring_aru + 1; seq_lte(s, r->old_high); s++) {
+    if (seq_lt(low_ring_aru, r->regular.low - 1)) low_ring_aru = r->regular.low - 1;
+    for (uint32_t s = low_ring_aru + 1; seq_lte(s, r->old_high) && sq_in_window(&r->regular, s); s++) {
         if (!sq_get(&r->regular, s)) continue;
         int covered = 0;
         for (int i = 0; i < my_pos; i++) {
@@ -1281,10 +1289,29 @@ static void send_initial_token(gc_ring_t *r, uint64_t now)
     timer_after(r, TIMER_TOKEN_LOSS, now, r->cfg.token_timeout_us);
 }
 
+/* A member of our old ring cannot report an aru (or delivery point) below what
+   we released as stable everywhere, nor beyond our window: such an entry is
+   forged, and acting on it would make recovery walk 2^31 seqs. */
+static int commit_entries_plausible(const gc_ring_t *r, const commit_t *c)
+{
+    uint32_t released = r->regular.low - 1;
+    for (uint32_t i = 0; i < c->memb.n; i++) {
+        const commit_entry_t *e = &c->entry[i];
+        if (i >= c->memb_index && c->memb_index < c->memb.n) break;   /* not filled in yet */
+        if (!ring_id_eq(e->ring_id, r->my_old_ring_id) || !r->have_installed) continue;
+        if (seq_lt(e->aru, released) || (uint32_t)(e->aru - released) > r->regular.size) return 0;
+        /* delivery may lag (safe messages), so high_delivered has no lower bound */
+        if (seq_gt(e->high_delivered, released) && (uint32_t)(e->high_delivered - released) > r->regular.size)
+            return 0;
+    }
+    return 1;
+}
+
 static int handle_commit(gc_ring_t *r, uint64_t now, commit_t *c)
 {
     int pos = memb_index_of(&c->memb, r->me);
     if (pos < 0) { r->stats.drop_ignored++; return GC_EIGNORED; }
+    if (!commit_entries_plausible(r, c)) { r->stats.drop_malformed++; return GC_EMALFORMED; }
     switch (r->state) {
     case GC_STATE_GATHER: {
         nodeset_t active;
@@ -1473,7 +1500,7 @@ static uint32_t backlog_get(const gc_ring_t *r)
 {
     if (r->state == GC_STATE_RECOVERY) return (uint32_t)(r->retrans_n - r->retrans_head);
     size_t bytes = appq_bytes(&r->appq);
-    size_t cap = r->cfg.mtu - MCAST_HDR_LEN;
+    size_t cap = r->cfg.mtu - 2 * MCAST_HDR_LEN;
     return (uint32_t)((bytes + cap - 1) / cap);
 }
 
@@ -1561,7 +1588,7 @@ static void originate_regular(gc_ring_t *r, token_t *t, sortq_t *q)
     uint8_t *b = buf_get(r);
     if (!b) return;
     appq_t *a = &r->appq;
-    size_t room = r->cfg.mtu - MCAST_HDR_LEN;
+    size_t room = r->cfg.mtu - 2 * MCAST_HDR_LEN;    /* recovery may wrap it in another header */
     size_t used = 0;
     uint32_t count = 0, flags = 0;
     while (a->count > 0) {
@@ -1923,7 +1950,7 @@ void gc_ring_config_default(gc_ring_config_t *c)
     c->max_messages = 17;
     c->send_queue_max = 10000;
     c->sort_queue_size = 4096;
-    c->max_members = GC_MAX_MEMBERS;
+    c->max_members = 32;                 /* a commit token for 32 fits in 1400 bytes */
     c->token_timeout_us = 1000000;
     c->token_retransmit_us = 238000;     /* token / (4 + 0.2) */
     c->hold_us = 180000;                 /* token_retransmit * 0.8 - 10 ms */
@@ -1952,6 +1979,8 @@ int gc_ring_config_check(const gc_ring_config_t *c, const char **errmsg)
         msg = "sort_queue_size must be a power of two in 64..16777216";
     else if (c->sort_queue_size < 4 * c->window_size) msg = "sort_queue_size must be >= 4 * window_size";
     else if (c->max_members < 1 || c->max_members > GC_MAX_MEMBERS) msg = "max_members must be in 1..64";
+    else if (COMMIT_LEN(c->max_members) > c->mtu)
+        msg = "mtu is too small for a commit token of max_members members (needs 28 + 29 * max_members bytes)";
     else if (c->token_timeout_us == 0 || c->join_us == 0 || c->merge_us == 0) msg = "timeouts must be > 0";
     else if (!(c->token_retransmit_us < c->token_timeout_us)) msg = "token_retransmit must be < token timeout";
     else if (!(c->hold_us < c->token_retransmit_us)) msg = "hold must be < token_retransmit";
@@ -1961,7 +1990,7 @@ int gc_ring_config_check(const gc_ring_config_t *c, const char **errmsg)
     else if (c->fail_recv_const < 1 || c->seqno_unchanged_const < 1 || c->miss_count_const < 1)
         msg = "fail_recv_const, seqno_unchanged_const and miss_count_const must be >= 1";
     else if (c->token_retransmits_max < 1) msg = "token_retransmits_max must be >= 1";
-    else if (c->ring_seq_floor > UINT64_MAX / 2) msg = "ring_seq_floor is too large";
+    else if (c->ring_seq_floor > (UINT64_C(1) << 61)) msg = "ring_seq_floor is too large (max 2**61)";
     if (errmsg) *errmsg = msg;
     return msg ? GC_EINVAL : GC_OK;
 }
@@ -1975,7 +2004,7 @@ int gc_ring_new(const gc_ring_config_t *cfg, gc_ring_t **out)
     if (!r) return GC_ENOMEM;
     r->cfg = *cfg;
     r->me = cfg->node_id;
-    r->buf_cap = cfg->mtu + MCAST_HDR_LEN;
+    r->buf_cap = cfg->mtu;
     r->max_payload = cfg->mtu - 2 * MCAST_HDR_LEN - ENTRY_HDR_LEN;
     r->pool = calloc(BUF_POOL_MAX, sizeof(uint8_t *));
     r->retrans = calloc(cfg->sort_queue_size, sizeof(uint32_t));

@@ -9,6 +9,7 @@ owns.
 from __future__ import annotations
 
 import enum
+import math
 import struct
 from dataclasses import dataclass, field
 from typing import Union
@@ -89,6 +90,8 @@ class RingConfig:
     """An idle representative announces its ring this often, so partitions merge."""
     mtu: int = 1400
     """Largest datagram the ring sends; application messages are packed up to it."""
+    max_members: int = 32
+    """Largest ring (at most 64); a commit token for this many must fit in ``mtu``."""
     window_size: int = 50
     """Ring messages (datagrams) per token rotation, all members together."""
     max_messages: int = 17
@@ -126,6 +129,7 @@ class RingConfig:
             "cluster_id": self.cluster_id,
             "ring_seq_floor": ring_seq_floor,
             "mtu": self.mtu,
+            "max_members": self.max_members,
             "window_size": self.window_size,
             "max_messages": self.max_messages,
             "send_queue_max": self.send_queue_max,
@@ -158,11 +162,12 @@ class RingConfig:
 
 
 def _to_us(name: str, seconds: float) -> int:
-    if not isinstance(seconds, (int, float)) or isinstance(seconds, bool) or seconds != seconds:
-        raise ConfigError(f"ring config: {name} must be a number of seconds, not {seconds!r}")
-    if seconds <= 0:
-        raise ConfigError(f"ring config: {name} must be > 0 seconds, not {seconds!r}")
-    return int(round(seconds * _US))
+    if not isinstance(seconds, (int, float)) or isinstance(seconds, bool) or not math.isfinite(seconds):
+        raise ConfigError(f"ring config: {name} must be a finite number of seconds, not {seconds!r}")
+    us = int(round(seconds * _US))
+    if us <= 0:
+        raise ConfigError(f"ring config: {name} must be at least 1 microsecond, not {seconds!r} s")
+    return us
 
 
 _STAT_FIELDS = tuple(name for name, _ in ffi.typeof("gc_ring_stats_t").fields)
@@ -209,6 +214,8 @@ class Ring:
         rc = lib.gc_ring_receive(self._r, now_us, packet, len(packet))
         if rc == lib.GC_ENOMEM:
             raise MemoryError("groupcomm ring: out of memory")
+        if strict and rc == lib.GC_ENOTRUNNING:
+            raise NotOperational(f"member {self.node_id} is not running (state {self.state.name})", code=rc)
         if strict and rc != lib.GC_OK:
             raise RemoteProtocolError(f"packet dropped: {_strerror(rc)}", code=rc)
         return rc

@@ -673,41 +673,79 @@ def test_a_commit_token_with_an_impossible_aru_is_rejected() -> None:
     assert cluster.run_until(lambda: cluster.formed((1, 2)), timeout=10.0), cluster.describe()
 
 
+def run_isolated(script: str) -> dict:
+    """Run ``script`` in a fresh interpreter, so memory corruption cannot take pytest down.
+
+    The script prints one JSON object as its last line; it is returned.
+    """
+    root = Path(__file__).resolve().parent.parent
+    result = subprocess.run([sys.executable, "-c", textwrap.dedent(script)], cwd=root, capture_output=True,
+                            text=True, timeout=120)
+    assert result.returncode == 0, f"the ring crashed (exit {result.returncode}): {result.stderr[-3000:]}"
+    return json.loads(result.stdout.strip().splitlines()[-1])
+
+
 _OVERSIZED_MCAST_SCRIPT = """
 import json, struct
 from tests.test_ring_fuzz import HEADER, MAGIC, VERSION, MSG_MCAST, formed_cluster
 cluster = formed_cluster((1, 2))
 rep, seq = cluster.view(2).ring_id.rep, cluster.view(2).ring_id.seq
-payload = b"x" * {size}
+payload = b"x" * 1500
 packet = (HEADER.pack(MAGIC, VERSION, MSG_MCAST, 0, 1) + struct.pack(">IQIBH", rep, seq, 1, 0, 1)
           + struct.pack(">BH", 0, len(payload)) + payload)
-ring = cluster.rings[2]
 rc = cluster.receive(2, packet)
 cluster.run(1.0)
-print(json.dumps({{"rc": rc, "len": len(packet), "mtu": ring.config.mtu,
-                   "drop_malformed": ring.stats()["drop_malformed"], "delivered": len(cluster.deliveries[2])}}))
+ring = cluster.rings[2]
+print(json.dumps({"rc": rc, "drop_malformed": ring.stats()["drop_malformed"],
+                  "delivered": len(cluster.deliveries[2])}))
 """
 
 
-def run_isolated(script: str) -> subprocess.CompletedProcess[str]:
-    """Run ``script`` in a fresh interpreter (memory corruption there cannot take pytest down)."""
-    root = Path(__file__).resolve().parent.parent
-    return subprocess.run([sys.executable, "-c", textwrap.dedent(script)], cwd=root, capture_output=True,
-                          text=True, timeout=120)
-
-
 def test_a_datagram_larger_than_the_mtu_is_dropped_not_copied() -> None:
-    """A well-formed message of the current ring, longer than the member's mtu + 31 bytes.
+    """A well-formed message of the current ring (1, 4) from member 1 to member 2, 1534 bytes
+    long with mtu 1400: it cannot come from a member with the same mtu.
 
-    Expected: dropped as malformed (it cannot have come from a member with the
-    same mtu), counted, nothing delivered.  BUG: handle_mcast -> sq_store
-    memcpy()s the whole packet into a buffer of mtu + 31 bytes (buf_cap): a
-    heap overflow; the process usually aborts ("malloc(): invalid size") a
-    little later.  A member configured with a larger mtu than its peers
+    Expected: dropped as malformed, counted, nothing delivered.  BUG: handle_mcast ->
+    sq_store memcpy()s the whole packet into a buffer of mtu + 31 = 1431 bytes (buf_get):
+    a heap overflow (ASan: WRITE of size 1534); the process aborts a little later
+    ("malloc(): invalid size").  A member configured with a larger mtu than its peers
     triggers it with ordinary traffic.
     """
-    result = run_isolated(_OVERSIZED_MCAST_SCRIPT.format(size=1500))
-    assert result.returncode == 0, f"the ring crashed (exit {result.returncode}): {result.stderr[-2000:]}"
-    outcome = json.loads(result.stdout.strip().splitlines()[-1])
+    outcome = run_isolated(_OVERSIZED_MCAST_SCRIPT)
     assert outcome["rc"] == lib.GC_EMALFORMED, outcome
     assert outcome["drop_malformed"] == 1 and outcome["delivered"] == 0, outcome
+
+
+_ENCAPSULATED_IN_OPERATIONAL_SCRIPT = """
+import json, struct
+from tests.test_ring_fuzz import HEADER, MAGIC, VERSION, MSG_MCAST, formed_cluster
+cluster = formed_cluster((1, 2, 3))
+sent = [b"m%d" % k for k in range(3)]
+for k, payload in enumerate(sent):
+    cluster.submit(1 + k, payload, safe=True)
+rep, seq = cluster.view(1).ring_id.rep, cluster.view(1).ring_id.seq
+inner = (HEADER.pack(MAGIC, VERSION, MSG_MCAST, 0, 2) + struct.pack(">IQIBH", rep, seq, 1, 0, 1)
+         + struct.pack(">BH", 0, 5) + b"inner")
+packet = HEADER.pack(MAGIC, VERSION, MSG_MCAST, 0, 2) + struct.pack(">IQIBH", rep, seq, 2, 1, 0) + inner
+rc = cluster.receive(1, packet)
+cluster.leave(3)
+cluster.run(5.0)
+print(json.dumps({"rc": rc, "packet": packet.hex(), "sent": [p.hex() for p in sent],
+                  "delivered": [d.payload.hex() for d in cluster.deliveries[1]]}))
+"""
+
+
+def test_an_encapsulated_message_outside_recovery_is_never_delivered_as_plain() -> None:
+    """Member 2 "sends" member 1 an encapsulated (recovery) message of the current ring
+    while the ring is operational, at seq 2, behind a safe message at seq 1; then member 3
+    leaves and 1 and 2 form a new ring.
+
+    Expected: the packet is dropped (encapsulation exists only in RECOVERY), or at least
+    member 1 delivers nothing but what was sent.  BUG: handle_mcast stores it in the
+    regular queue with MCAST_FLAG_ENCAP; deliver_regular skips such slots but
+    old_ring_deliver -> deliver_datagram parses it as entries: the inner header "GC\x01"
+    reads as an entry of 0x4301 = 17153 bytes (ASan: heap-buffer-overflow READ of size
+    17153), rd.left underflows and the loop runs off the heap: SIGSEGV.
+    """
+    outcome = run_isolated(_ENCAPSULATED_IN_OPERATIONAL_SCRIPT)
+    assert set(outcome["delivered"]) <= set(outcome["sent"]), outcome
