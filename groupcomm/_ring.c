@@ -85,6 +85,7 @@ enum msg_type {
 #define ENTRY_FLAG_SAFE 0x01u
 #define JOIN_FLAG_LEAVE 0x01u
 #define COMMIT_ENTRY_LEN (RINGID_LEN + 4u + 4u + 1u)
+#define TOKEN_BASE_LEN (HDR_LEN + RINGID_LEN + 6u * 4u + 2u)
 #define COMMIT_LEN(n) (HDR_LEN + RINGID_LEN + 2u + 2u + (n) * (4u + COMMIT_ENTRY_LEN))
 #define MAX_PACKET 65507u                 /* largest UDP payload over IPv4 */
 /* Ring seqs grow by 4 per membership round; anything above 2^62 is forged
@@ -392,6 +393,7 @@ struct gc_ring {
     uint32_t rec_consumed;         /* recovery: contiguous encapsulated prefix */
     int have_token_seq;
     uint32_t my_token_seq;
+    uint32_t rtr_cap;              /* retransmit requests a token may carry within mtu */
     int have_last_seq;
     uint32_t my_last_seq;
     uint32_t my_seq_unchanged;
@@ -550,10 +552,12 @@ static void emit_confchg(gc_ring_t *r, const nodeset_t *members, ring_id_t id, i
 /* Delivers every application entry of a (validated, non-encapsulated) datagram. */
 static void deliver_datagram(gc_ring_t *r, const slot_t *s)
 {
+    if (s->flags & MCAST_FLAG_ENCAP) return;      /* recovery wrappers carry no application data */
     reader_t rd = { s->buf + MCAST_HDR_LEN, s->len - MCAST_HDR_LEN, 0 };
     while (rd.left >= ENTRY_HDR_LEN) {
         uint32_t flags = r_u8(&rd);
         uint32_t len = r_u16(&rd);
+        if (len > rd.left) return;                  /* validated on receipt; never trust twice */
         gc_action_t *a = action_add(r, GC_ACT_DELIVER, rd.p, len);
         if (a) {
             a->node = s->origin;
@@ -1222,7 +1226,8 @@ static void recovery_plan(gc_ring_t *r, const commit_t *c, uint32_t low_ring_aru
     if (r->cfg.mutation == 4) return;           /* mutation: skip old-ring recovery */
     if (seq_lt(low_ring_aru, r->regular.low - 1)) low_ring_aru = r->regular.low - 1;
     for (uint32_t s = low_ring_aru + 1; seq_lte(s, r->old_high) && sq_in_window(&r->regular, s); s++) {
-        if (!sq_get(&r->regular, s)) continue;
+        const slot_t *m = sq_get(&r->regular, s);
+        if (!m || (m->flags & MCAST_FLAG_ENCAP)) continue;
         int covered = 0;
         for (int i = 0; i < my_pos; i++) {
             if (set_contains(&r->my_trans_memb, c->memb.id[i]) && seq_lte(s, c->entry[i].aru)) {
@@ -1362,6 +1367,7 @@ static void old_ring_deliver(gc_ring_t *r)
     for (; seq_lte(s, r->old_high); s++) {
         slot_t *m = sq_get(&r->regular, s);
         if (!m) break;
+        if (m->flags & MCAST_FLAG_ENCAP) { r->my_high_delivered = s; continue; }
         if (datagram_safe(r, m) && !r->old_all_in_trans && seq_gt(s, r->high_ring_delivered)) break;
         deliver_datagram(r, m);
         r->my_high_delivered = s;
@@ -1373,6 +1379,7 @@ static void old_ring_deliver(gc_ring_t *r)
     for (; seq_lte(s, r->old_high); s++) {
         slot_t *m = sq_get(&r->regular, s);
         if (!m) { hole = 1; continue; }
+        if (m->flags & MCAST_FLAG_ENCAP) continue;
         if (!hole || set_contains(&r->my_trans_memb, m->origin)) deliver_datagram(r, m);
     }
 }
@@ -1558,7 +1565,7 @@ static void request_missing(gc_ring_t *r, token_t *t, sortq_t *q)
     if (!seq_lte(from, t->seq)) return;
     uint32_t span = t->seq - r->my_aru;
     if (span > q->size) span = q->size;
-    for (uint32_t k = 0; k < span && t->rtr_n < GC_RTR_MAX; k++) {
+    for (uint32_t k = 0; k < span && t->rtr_n < r->rtr_cap; k++) {
         uint32_t seq = from + k;
         if (!sq_in_window(q, seq)) break;
         slot_t *s = &q->slots[seq & q->mask];
@@ -2006,6 +2013,8 @@ int gc_ring_new(const gc_ring_config_t *cfg, gc_ring_t **out)
     r->me = cfg->node_id;
     r->buf_cap = cfg->mtu;
     r->max_payload = cfg->mtu - 2 * MCAST_HDR_LEN - ENTRY_HDR_LEN;
+    r->rtr_cap = (cfg->mtu - TOKEN_BASE_LEN) / 4u;
+    if (r->rtr_cap > GC_RTR_MAX) r->rtr_cap = GC_RTR_MAX;
     r->pool = calloc(BUF_POOL_MAX, sizeof(uint8_t *));
     r->retrans = calloc(cfg->sort_queue_size, sizeof(uint32_t));
     if (!r->pool || !r->retrans || sq_init(&r->regular, cfg->sort_queue_size) < 0 ||

@@ -26,7 +26,7 @@ from groupcomm.errors import (
 )
 from groupcomm.events import Configuration, Delivery
 from groupcomm.ring import Ring, RingConfig, RingState
-from tests.test_ring_fuzz import FAST, RingCluster, formed_cluster, packet_kind
+from tests.test_ring_fuzz import FAST, MSG_MCAST, RingCluster, formed_cluster, packet_kind
 
 HEADER_FILE = Path(groupcomm.__file__).with_name("_ring.h")
 
@@ -61,6 +61,11 @@ def started(config: RingConfig = FAST, node: int = 1) -> Ring:
         ({"mtu": 255}, "mtu"),
         ({"mtu": 65508}, "mtu"),
         ({"mtu": 2**40}, "mtu"),
+        ({"mtu": 256}, "mtu"),  # too small for a commit token of the default 32 members
+        ({"mtu": 277, "max_members": 10}, "mtu"),  # a commit token for 10 members is 278 bytes
+        ({"max_members": 0}, "max_members"),
+        ({"max_members": 65}, "max_members"),
+        ({"max_members": 8.0}, "max_members"),
         ({"window_size": 0}, "window_size"),
         ({"max_messages": 51}, "max_messages"),  # > window_size (50)
         ({"window_size": 10, "max_messages": 11}, "max_messages"),
@@ -123,20 +128,22 @@ def test_config_error_is_a_value_error_and_not_a_protocol_error() -> None:
 
 
 def test_extreme_but_valid_config_is_accepted() -> None:
-    Ring(1, RingConfig(mtu=256, window_size=1, max_messages=1, sort_queue_size=64, send_queue_max=1))
-    big = RingConfig(mtu=65507, window_size=1000, max_messages=1000, sort_queue_size=2**24, cluster_id=2**32 - 1)
+    small = RingConfig(mtu=256, max_members=7, window_size=1, max_messages=1, sort_queue_size=64, send_queue_max=1)
+    assert 0 < Ring(1, small).max_payload < 256
+    big = RingConfig(mtu=65507, max_members=64, window_size=1000, max_messages=1000, sort_queue_size=2**24,
+                     cluster_id=2**32 - 1)
     assert Ring(2**32 - 2, big).max_payload < 65507
 
 
 def test_an_infinite_duration_raises_config_error() -> None:
-    """BUG (ring.py, _to_us): ``int(round(inf * 1e6))`` raises OverflowError, not ConfigError."""
+    """Regression: ``int(round(inf * 1e6))`` used to escape as OverflowError."""
     with pytest.raises(ConfigError, match="token_timeout"):
         Ring(1, RingConfig(token_timeout=math.inf))
 
 
 def test_a_duration_below_a_microsecond_raises_config_error_naming_the_field() -> None:
-    """BUG (ring.py + _ring.c): 1e-9 s passes the wrapper's "> 0" check and rounds to 0 us;
-    the core then says "timeouts must be > 0", which does not name ``join``."""
+    """Regression: 1e-9 s passed the wrapper's "> 0" check and rounded to 0 us; the core
+    then said "timeouts must be > 0", which does not name ``join``."""
     with pytest.raises(ConfigError, match="join"):
         Ring(1, RingConfig(join=1e-9))
 
@@ -189,8 +196,8 @@ def test_receive_when_not_running_returns_an_error_and_counts_nothing() -> None:
 
 
 def test_strict_receive_on_a_ring_that_is_not_running_is_a_local_error() -> None:
-    """BUG (ring.py): strict=True turns GC_ENOTRUNNING (local misuse in _ring.h) into
-    RemoteProtocolError("packet dropped: ring not running"); no peer did anything wrong."""
+    """GC_ENOTRUNNING is local misuse (_ring.h), not a peer's fault.  Regression: strict=True
+    used to raise RemoteProtocolError("packet dropped: ring not running")."""
     ring = Ring(1, FAST)
     with pytest.raises(NotOperational):
         ring.receive(0, b"GC", strict=True)
@@ -226,7 +233,7 @@ def test_payload_limit() -> None:
 
 @pytest.mark.parametrize("mtu", [256, 1400, 9000])
 def test_a_payload_of_exactly_max_payload_is_delivered_intact(mtu: int) -> None:
-    cluster = formed_cluster((1, 2, 3), config=dataclasses.replace(FAST, mtu=mtu))
+    cluster = formed_cluster((1, 2, 3), config=dataclasses.replace(FAST, mtu=mtu, max_members=3))
     limit = cluster.rings[2].max_payload
     payload = bytes(range(256)) * (limit // 256) + bytes(range(limit % 256))
     assert len(payload) == limit
@@ -312,7 +319,7 @@ def test_next_deadline() -> None:
 
 def test_sequence_numbers_wrap_around_under_loss() -> None:
     """One ring stamps > 600 datagrams from 0xFFFFFF00 (crossing 2**32), tokens from 0xFFFFFFF0."""
-    config = dataclasses.replace(FAST, mtu=256, initial_seq=0xFFFFFF00, initial_token_seq=0xFFFFFFF0)
+    config = dataclasses.replace(FAST, mtu=256, max_members=3, initial_seq=0xFFFFFF00, initial_token_seq=0xFFFFFFF0)
     cluster = formed_cluster((1, 2, 3), config=config, loss=0.05, seed=11)
     filler = b"." * (cluster.rings[1].max_payload - 4)  # full-size messages: one per datagram
     sent = []
@@ -394,15 +401,57 @@ def test_small_messages_are_packed_into_few_datagrams() -> None:
 
 
 def test_no_datagram_is_larger_than_the_mtu() -> None:
-    """RingConfig.mtu / _ring.h: "largest datagram the ring sends".
+    """RingConfig.mtu / _ring.h: "largest datagram the ring sends", control packets included.
 
-    BUG (_ring.c): control packets are not bounded by it.  A commit token is
-    28 + 25 * members bytes: 278 bytes for 10 members with mtu=256 (the
-    smallest allowed), 1528 bytes for 60 members with the default mtu of 1400.
-    Joins (up to 537 bytes) and tokens with 64 retransmission requests (306
-    bytes) can also pass a small mtu.
+    The smallest mtu that admits 10 members (a commit token is 28 + 25 * members bytes),
+    full-size messages, and a membership change while member 2 misses messages, so that
+    recovery re-sends them encapsulated.  Regression: commit tokens used to exceed the mtu
+    (1528 bytes for 60 members with the default 1400), and so did an encapsulated
+    full-size message (by 31 bytes).
     """
-    config = dataclasses.replace(FAST, mtu=256)
-    cluster = formed_cluster(range(1, 11), config=config)
+    members = 10
+    config = dataclasses.replace(FAST, mtu=28 + 25 * members, max_members=members)
+    cluster = formed_cluster(range(1, members + 1), config=config)
+    full = b"x" * cluster.rings[1].max_payload
+    cluster.drop_if = lambda src, dest, packet: packet[3] == MSG_MCAST and dest == 2
+    for k in range(20):
+        cluster.submit(1 + k % members, full, safe=k % 4 == 0)
+    cluster.run(0.005)
+    cluster.drop_if = None
+    cluster.cut_off = {members}
+    cluster.run(1.0)
+    cluster.cut_off = set()
+    assert cluster.run_until(cluster.formed, timeout=10.0), cluster.describe()
+    kinds = {packet_kind(p) for _, _, p in cluster.wire}
+    assert {"commit", "join", "token", "mcast", "mcast_safe", "mcast_encap"} <= kinds
+    oversized = sorted({(packet_kind(p), len(p)) for _, _, p in cluster.wire if len(p) > config.mtu})
+    assert oversized == []
+
+
+def test_a_token_with_many_retransmission_requests_fits_the_mtu() -> None:
+    """Member 2 misses 120 full-size datagrams; its token visits ask for up to 64 of them.
+
+    BUG (_ring.c, request_missing): the request list is capped at GC_RTR_MAX (64), not by
+    the mtu; a token is 50 + 4 * requests bytes, so with mtu 256 (valid for 3..7 members)
+    a token of 262 bytes (53 requests) goes out.
+    """
+    config = dataclasses.replace(FAST, mtu=256, max_members=3)
+    cluster = formed_cluster((1, 2, 3), config=config)
+    missed = 0
+
+    def miss_120_messages_at_2(src: int, dest: int, packet: bytes) -> bool:
+        nonlocal missed
+        if packet[3] == MSG_MCAST and dest == 2 and missed < 120:
+            missed += 1
+            return True
+        return False
+
+    cluster.drop_if = miss_120_messages_at_2
+    full = b"x" * cluster.rings[1].max_payload
+    for k in range(150):
+        cluster.submit(1 + k % 3, full)
+    deliver_all(cluster, 150)
+    assert all(payloads(cluster, n) == payloads(cluster, 1) for n in cluster.rings)
+    assert "token_rtr" in {packet_kind(p) for _, _, p in cluster.wire}
     oversized = sorted({(packet_kind(p), len(p)) for _, _, p in cluster.wire if len(p) > config.mtu})
     assert oversized == []

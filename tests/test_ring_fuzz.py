@@ -589,7 +589,7 @@ def test_replayed_tokens_and_messages_are_dropped_and_deliver_nothing_twice() ->
 
 
 # ---------------------------------------------------------------------------
-# Bugs found by this file (see the module's report); each is a minimal failing case
+# Bugs this file found, as minimal cases (fixed unless the docstring says BUG)
 # ---------------------------------------------------------------------------
 
 
@@ -606,9 +606,9 @@ def join_packet(sender: int, ring_seq: int, proc: Sequence[int], fail: Sequence[
 def test_join_with_a_ring_seq_near_2_64_does_not_wedge_membership() -> None:
     """One join whose ring seq is 2**64 - 1 (a flipped or forged field) must not stop the ring forever.
 
-    BUG: the core adopts it as ring_seq_max; commit_create then makes ring seq
-    ring_seq_max + 4, which wraps to 3, and every member drops that commit
-    token as stale (3 < its ring seq): membership churns forever.
+    Regression: the core adopted it as ring_seq_max; commit_create then made ring
+    seq ring_seq_max + 4, which wrapped to 3, and every member dropped that commit
+    token as stale (3 < its ring seq): membership churned forever.
     """
     cluster = formed_cluster()
     packet = join_packet(2, 2**64 - 1, [1, 2, 3], [])
@@ -621,7 +621,7 @@ def test_a_leave_that_is_ignored_is_reported_as_a_drop(bystander: RingCluster) -
     """A leave from a node that is not a member is ignored and counted in drop_ignored,
 
     so receive() must return GC_EIGNORED, not 0 (0 means "used").
-    BUG: handle_leave counts drop_ignored but dispatch returns GC_OK.
+    Regression: handle_leave counted drop_ignored but dispatch returned GC_OK.
     """
     packet = join_packet(3, 0, [1, 2], [3], flags=JOIN_FLAG_LEAVE)
     assert bystander.inject(5, packet) == lib.GC_EIGNORED
@@ -646,8 +646,8 @@ def test_a_commit_token_with_an_impossible_aru_is_rejected() -> None:
     below member 1's: no member of the old ring can lag that far (its sort queue holds 4096
     sequence numbers), so the token must be dropped as malformed.
 
-    BUG: recovery_plan() walks every sequence number from that aru to old_high, about
-    2**31 iterations: one packet stalls gc_ring_receive() for seconds (4.5 s at -O2).
+    Regression: recovery_plan() walked every sequence number from that aru to old_high,
+    about 2**31 iterations: one packet stalled gc_ring_receive() for 4.5 s (at -O2).
     """
     cluster = formed_cluster((1, 2, 3))
     for k in range(5):
@@ -705,11 +705,10 @@ def test_a_datagram_larger_than_the_mtu_is_dropped_not_copied() -> None:
     """A well-formed message of the current ring (1, 4) from member 1 to member 2, 1534 bytes
     long with mtu 1400: it cannot come from a member with the same mtu.
 
-    Expected: dropped as malformed, counted, nothing delivered.  BUG: handle_mcast ->
-    sq_store memcpy()s the whole packet into a buffer of mtu + 31 = 1431 bytes (buf_get):
-    a heap overflow (ASan: WRITE of size 1534); the process aborts a little later
-    ("malloc(): invalid size").  A member configured with a larger mtu than its peers
-    triggers it with ordinary traffic.
+    Expected: dropped as malformed, counted, nothing delivered.  Regression: handle_mcast
+    -> sq_store memcpy()ed the whole packet into a buffer of mtu + 31 = 1431 bytes: a heap
+    overflow (ASan: WRITE of size 1534), then an abort ("malloc(): invalid size").  A member
+    configured with a larger mtu than its peers triggered it with ordinary traffic.
     """
     outcome = run_isolated(_OVERSIZED_MCAST_SCRIPT)
     assert outcome["rc"] == lib.GC_EMALFORMED, outcome
@@ -743,9 +742,9 @@ def test_an_encapsulated_message_outside_recovery_is_never_delivered_as_plain() 
     Expected: the packet is dropped (encapsulation exists only in RECOVERY), or at least
     member 1 delivers nothing but what was sent.  BUG: handle_mcast stores it in the
     regular queue with MCAST_FLAG_ENCAP; deliver_regular skips such slots but
-    old_ring_deliver -> deliver_datagram parses it as entries: the inner header "GC\x01"
-    reads as an entry of 0x4301 = 17153 bytes (ASan: heap-buffer-overflow READ of size
-    17153), rd.left underflows and the loop runs off the heap: SIGSEGV.
+    old_ring_deliver -> deliver_datagram parses it as entries: the inner header (magic
+    "GC", version 1) reads as an entry of 0x4301 = 17153 bytes (ASan: heap-buffer-overflow
+    READ of size 17153), rd.left underflows and the loop runs off the heap: SIGSEGV.
     """
     outcome = run_isolated(_ENCAPSULATED_IN_OPERATIONAL_SCRIPT)
     assert set(outcome["delivered"]) <= set(outcome["sent"]), outcome
