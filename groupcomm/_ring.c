@@ -1957,7 +1957,7 @@ void gc_ring_config_default(gc_ring_config_t *c)
     c->max_messages = 17;
     c->send_queue_max = 10000;
     c->sort_queue_size = 4096;
-    c->max_members = 32;                 /* a commit token for 32 fits in 1400 bytes */
+    c->max_members = 32;                 /* a commit token for 32 (828 bytes) fits in 1400 */
     c->token_timeout_us = 1000000;
     c->token_retransmit_us = 238000;     /* token / (4 + 0.2) */
     c->hold_us = 180000;                 /* token_retransmit * 0.8 - 10 ms */
@@ -1987,7 +1987,7 @@ int gc_ring_config_check(const gc_ring_config_t *c, const char **errmsg)
     else if (c->sort_queue_size < 4 * c->window_size) msg = "sort_queue_size must be >= 4 * window_size";
     else if (c->max_members < 1 || c->max_members > GC_MAX_MEMBERS) msg = "max_members must be in 1..64";
     else if (COMMIT_LEN(c->max_members) > c->mtu)
-        msg = "mtu is too small for a commit token of max_members members (needs 28 + 29 * max_members bytes)";
+        msg = "mtu is too small for a commit token of max_members members (needs 28 + 25 * max_members bytes)";
     else if (c->token_timeout_us == 0 || c->join_us == 0 || c->merge_us == 0) msg = "timeouts must be > 0";
     else if (!(c->token_retransmit_us < c->token_timeout_us)) msg = "token_retransmit must be < token timeout";
     else if (!(c->hold_us < c->token_retransmit_us)) msg = "hold must be < token_retransmit";
