@@ -41,6 +41,19 @@ class PayloadTooLarge(LocalProtocolError):
     """The payload is larger than the ring accepts in one message."""
 
 
+class ChannelClosed(LocalProtocolError):
+    """The channel was closed (or left the group); it cannot send or deliver any more."""
+
+
+class DeliveryOverflow(GroupcommError):
+    """The application fell too far behind deliveries; the member left the group.
+
+    A member that stops consuming cannot be allowed to stall the token ring for
+    everyone, so past ``max_pending_events`` undelivered events the channel
+    leaves the group and ``events()`` raises this.
+    """
+
+
 class RemoteProtocolError(ProtocolError):
     """A peer sent a packet the ring refused (malformed, foreign, stale...)."""
 

@@ -56,3 +56,26 @@ class Crashed(NamedTuple):
 
 
 Event = Union[Configuration, Delivery, Crashed]
+
+
+class Message(NamedTuple):
+    """An application message delivered by a :class:`~groupcomm.channel.Channel`, in total order."""
+
+    sender: int
+    payload: bytes
+    safe: bool
+
+
+class View(NamedTuple):
+    """A membership view delivered by a :class:`~groupcomm.channel.Channel`.
+
+    ``transitional=True`` views come just before the regular view of the same
+    ``ring_id`` and list the members that came along from our previous view.
+    """
+
+    members: tuple[int, ...]
+    ring_id: RingId
+    transitional: bool
+
+
+ChannelEvent = Union[Message, View]

@@ -1,0 +1,316 @@
+"""The public channel: a member of a cluster over UDP, driven by trio.
+
+::
+
+    async with groupcomm.open_channel("udp", cluster="orders", name="node-1") as ch:
+        await ch.send(b"...")                  # agreed by default; safe=True on request
+        async for event in ch.events():       # Message | View, in the total order
+            ...
+
+The ring (:mod:`groupcomm.ring`) is sans-IO; this module only moves bytes and
+time.  The channel owns a nursery with three tasks: one per socket (draining
+every readable datagram per wake-up, regular messages before tokens, then one
+flush) and one timer task sleeping until the ring's next deadline.
+
+Slow consumers: deliveries queue without blocking the ring, up to
+``max_pending_events``.  Past that the member leaves the group (the others
+carry on without waiting for it) and ``events()`` raises
+:class:`~groupcomm.errors.DeliveryOverflow`.  Senders get backpressure:
+``send`` waits while the ring's own send queue is full.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import math
+import time
+import zlib
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+
+import trio
+
+from groupcomm.errors import ChannelClosed, ConfigError, DeliveryOverflow, NotOperational, QueueFull
+from groupcomm.events import Configuration, Delivery, Message, View
+from groupcomm.ring import Ring, RingConfig, SendTo, SendToAll
+from groupcomm.udp import UdpConfig, UdpSockets, open_sockets
+
+__all__ = ["Channel", "open_channel", "node_id_for"]
+
+_US = 1_000_000
+_MAX_DATAGRAM = 65536
+_TOKEN = 1
+
+
+def node_id_for(cluster: str, name: str) -> int:
+    """A stable 32-bit node id for ``name`` in ``cluster`` (never 0 or 2**32 - 1)."""
+    digest = hashlib.blake2b(f"{cluster}\0{name}".encode(), digest_size=4).digest()
+    return 1 + int.from_bytes(digest, "big") % 0xFFFFFFFD
+
+
+def cluster_id_for(cluster: str) -> int:
+    return zlib.crc32(cluster.encode())
+
+
+class Channel:
+    """One member of a cluster.  Create it with :func:`open_channel`."""
+
+    def __init__(
+        self,
+        *,
+        cluster: str,
+        name: str | None,
+        node_id: int | None,
+        ring: RingConfig,
+        udp: UdpConfig,
+        max_pending_events: int,
+    ) -> None:
+        if not cluster:
+            raise ConfigError("open_channel: cluster name must not be empty")
+        if max_pending_events < 1:
+            raise ConfigError("open_channel: max_pending_events must be >= 1")
+        self.cluster = cluster
+        self._name = name
+        self._node_id = node_id
+        self._ring_config = RingConfig(**{**ring.__dict__, "cluster_id": cluster_id_for(cluster)})
+        self._udp_config = udp
+        self._max_pending = max_pending_events
+        self._ring: Ring | None = None
+        self._sockets: UdpSockets | None = None
+        self._peers: dict[int, tuple] = {}
+        self._events_send, self._events_recv = trio.open_memory_channel[Message | View](math.inf)
+        self._view: View | None = None
+        self._joined = trio.Event()
+        self._space = trio.Event()
+        self._timer_scope: trio.CancelScope | None = None
+        self._closed = False
+        self._overflow = False
+        self.dropped_sends = 0
+
+    # -- public --------------------------------------------------------------
+
+    @property
+    def address(self) -> int:
+        """This member's node id (what other members see as ``sender``)."""
+        if self._ring is None:
+            raise ChannelClosed("the channel is not open")
+        return self._ring.node_id
+
+    @property
+    def name(self) -> str:
+        return self._name or str(self.address)
+
+    @property
+    def view(self) -> View | None:
+        """The current regular view (None until the first one is installed)."""
+        return self._view
+
+    @property
+    def max_payload(self) -> int:
+        return self._require_ring().max_payload
+
+    def stats(self) -> dict[str, int]:
+        """The ring's counters plus the transport's."""
+        s = self._require_ring().stats()
+        s["transport_send_drops"] = self.dropped_sends
+        s["pending_events"] = self._events_send.statistics().current_buffer_used
+        return s
+
+    async def send(self, payload: bytes, *, safe: bool = False) -> None:
+        """Multicast ``payload`` to the group in total order; waits while the send queue is full."""
+        ring = self._require_ring()
+        while True:
+            try:
+                ring.submit(self._now(), payload, safe=safe)
+            except QueueFull:
+                self._space = trio.Event() if self._space.is_set() else self._space
+                await self._space.wait()
+                continue
+            self._flush()
+            await trio.lowlevel.checkpoint()
+            return
+
+    async def events(self) -> AsyncIterator[Message | View]:
+        """Messages and views in delivery order, until the channel closes."""
+        async for event in self._events_recv:
+            yield event
+        if self._overflow:
+            raise DeliveryOverflow(
+                f"member {self.name}: more than {self._max_pending} undelivered events; "
+                "the member left the group so the others are not held up"
+            )
+
+    async def aclose(self) -> None:
+        """Leave the group gracefully and stop."""
+        self._leave()
+
+    # -- driver ----------------------------------------------------------------
+
+    def _require_ring(self) -> Ring:
+        if self._closed or self._ring is None:
+            raise ChannelClosed(f"channel for cluster {self.cluster!r} is closed")
+        return self._ring
+
+    @staticmethod
+    def _now() -> int:
+        return int(trio.current_time() * _US)
+
+    async def run(self, *, task_status=trio.TASK_STATUS_IGNORED) -> None:
+        """Open sockets, start the ring and serve until cancelled (``nursery.start`` protocol)."""
+        sockets = open_sockets(self._udp_config)
+        self._sockets = sockets
+        node_id = self._node_id or node_id_for(self.cluster, self._name or repr(sockets.address))
+        # A new incarnation must never reuse a ring id: start above the wall clock.
+        floor = int(time.time() * 1000) * 4
+        try:
+            self._ring = Ring(node_id, self._ring_config, ring_seq_floor=floor)
+            self._ring.start(self._now())
+            self._flush()
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(self._receive_loop, sockets.unicast)
+                nursery.start_soon(self._receive_loop, sockets.multicast)
+                nursery.start_soon(self._timer_loop)
+                task_status.started(self)
+        finally:
+            self._closed = True
+            self._events_send.close()
+            sockets.close()
+
+    async def _receive_loop(self, sock) -> None:
+        my_id = self._require_ring().node_id.to_bytes(4, "big")
+        peers = self._peers
+        while True:
+            await trio.lowlevel.wait_readable(sock)
+            tokens = []
+            ring = self._ring
+            if ring is None or self._closed:
+                return
+            while True:
+                try:
+                    data, addr = sock.recvfrom(_MAX_DATAGRAM)
+                except (BlockingIOError, InterruptedError):
+                    break
+                except OSError:
+                    break
+                sender = data[8:12]
+                if sender == my_id:
+                    continue                      # our own multicast looped back
+                if len(data) >= 12 and data[:2] == b"GC":
+                    peers[int.from_bytes(sender, "big")] = addr
+                if len(data) > 3 and data[3] == _TOKEN:
+                    tokens.append(data)           # act on the token after the messages it follows
+                    continue
+                ring.receive(self._now(), data)
+            for data in tokens:
+                ring.receive(self._now(), data)
+            self._flush()
+
+    async def _timer_loop(self) -> None:
+        while True:
+            with trio.CancelScope() as scope:
+                self._timer_scope = scope
+                scope.deadline = self._deadline()
+                await trio.sleep_forever()
+            ring = self._ring
+            if ring is None or self._closed:
+                return
+            ring.tick(self._now())
+            self._flush()
+
+    def _deadline(self) -> float:
+        ring = self._ring
+        d = ring.next_deadline() if ring is not None else None
+        return math.inf if d is None else d / _US
+
+    def _flush(self) -> None:
+        ring = self._ring
+        sockets = self._sockets
+        if ring is None or sockets is None:
+            return
+        uni, group, peers = sockets.unicast, sockets.group, self._peers
+        push = self._events_send.send_nowait
+        for out in ring.take():
+            t = type(out)
+            if t is SendToAll:
+                self._sendto(uni, out.packet, group)
+            elif t is SendTo:
+                addr = peers.get(out.node)
+                if addr is not None:
+                    self._sendto(uni, out.packet, addr)
+            elif t is Delivery:
+                push(Message(out.sender, out.payload, out.safe))
+            else:
+                assert isinstance(out, Configuration)
+                view = View(out.members, out.ring_id, out.transitional)
+                if not out.transitional:
+                    self._view = view
+                    self._joined.set()
+                push(view)
+        if self._timer_scope is not None:
+            self._timer_scope.deadline = self._deadline()
+        if not self._space.is_set() and ring.pending < ring.config.send_queue_max // 2:
+            self._space.set()
+        if self._events_send.statistics().current_buffer_used > self._max_pending and not self._overflow:
+            self._overflow = True
+            self._leave()
+
+    def _sendto(self, sock, packet: bytes, addr) -> None:
+        try:
+            sock.sendto(packet, addr)
+        except (BlockingIOError, InterruptedError):
+            self.dropped_sends += 1               # UDP: the ring retransmits what matters
+        except OSError:
+            self.dropped_sends += 1
+
+    def _leave(self) -> None:
+        if self._closed or self._ring is None:
+            return
+        try:
+            self._ring.leave(self._now())
+        except NotOperational:
+            pass
+        self._flush()
+        self._closed = True
+        self._events_send.close()
+        if self._timer_scope is not None:
+            self._timer_scope.cancel()
+
+
+@asynccontextmanager
+async def open_channel(
+    stack: str = "udp",
+    *,
+    cluster: str,
+    name: str | None = None,
+    node_id: int | None = None,
+    ring: RingConfig | None = None,
+    udp: UdpConfig | None = None,
+    join_timeout: float | None = None,
+    max_pending_events: int = 100_000,
+) -> AsyncIterator[Channel]:
+    """Join ``cluster`` and yield a :class:`Channel` once the first view is installed.
+
+    Leaving the block leaves the group gracefully.  Errors from the channel's
+    tasks propagate as trio propagates them (an ExceptionGroup when several fail).
+    """
+    if stack != "udp":
+        raise ConfigError(f"open_channel: unknown stack {stack!r} (this version ships 'udp')")
+    ring = ring or RingConfig()
+    ch = Channel(
+        cluster=cluster,
+        name=name,
+        node_id=node_id,
+        ring=ring,
+        udp=udp or UdpConfig(),
+        max_pending_events=max_pending_events,
+    )
+    timeout = join_timeout if join_timeout is not None else 10 * (ring.consensus or 1.2 * ring.token_timeout)
+    async with trio.open_nursery() as nursery:
+        await nursery.start(ch.run)
+        try:
+            with trio.fail_after(timeout):
+                await ch._joined.wait()
+            yield ch
+        finally:
+            ch._leave()
+            nursery.cancel_scope.cancel()

@@ -1,0 +1,115 @@
+"""UDP sockets for the ring: one unicast socket (tokens, and the source of our
+multicasts, so peers learn our unicast address from any packet), one socket
+joined to the multicast group.
+
+Everything here is synchronous socket setup; the trio driver in
+:mod:`groupcomm.channel` does the waiting.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import socket
+from dataclasses import dataclass
+
+from groupcomm.errors import ConfigError
+
+__all__ = ["UdpConfig", "UdpSockets", "open_sockets"]
+
+
+@dataclass(frozen=True)
+class UdpConfig:
+    """Addresses and socket settings of the UDP transport."""
+
+    bind_addr: str = "127.0.0.1"
+    """Local address for the unicast socket (and the interface multicast uses)."""
+    port: int = 0
+    """Unicast port; 0 picks a free one (peers learn it from our packets)."""
+    mcast_addr: str = "239.192.0.77"
+    """IP multicast group shared by the cluster (IPv4 or IPv6)."""
+    mcast_port: int = 45588
+    mcast_ttl: int = 1
+    """Multicast hops: 0 keeps traffic on this host, 1 on the LAN."""
+    recv_buffer: int = 4 << 20
+    send_buffer: int = 4 << 20
+
+    def __post_init__(self) -> None:
+        try:
+            bind = ipaddress.ip_address(self.bind_addr)
+            group = ipaddress.ip_address(self.mcast_addr)
+        except ValueError as exc:
+            raise ConfigError(f"UDP: {exc}") from None
+        if not group.is_multicast:
+            raise ConfigError(f"UDP: mcast_addr {self.mcast_addr} is not a multicast address")
+        if bind.version != group.version:
+            raise ConfigError(f"UDP: bind_addr {self.bind_addr} and mcast_addr {self.mcast_addr} mix IPv4 and IPv6")
+        for name in ("port", "mcast_port"):
+            if not 0 <= getattr(self, name) <= 65535:
+                raise ConfigError(f"UDP: {name} must be in 0..65535, got {getattr(self, name)}")
+        if not 0 <= self.mcast_ttl <= 255:
+            raise ConfigError(f"UDP: mcast_ttl must be in 0..255, got {self.mcast_ttl}")
+
+    @property
+    def family(self) -> int:
+        return socket.AF_INET6 if ":" in self.mcast_addr else socket.AF_INET
+
+
+@dataclass
+class UdpSockets:
+    unicast: socket.socket
+    multicast: socket.socket
+    group: tuple
+
+    @property
+    def address(self) -> tuple:
+        return self.unicast.getsockname()
+
+    def close(self) -> None:
+        self.unicast.close()
+        self.multicast.close()
+
+
+def _buffers(sock: socket.socket, cfg: UdpConfig) -> None:
+    for opt, size in ((socket.SO_RCVBUF, cfg.recv_buffer), (socket.SO_SNDBUF, cfg.send_buffer)):
+        try:
+            sock.setsockopt(socket.SOL_SOCKET, opt, size)
+        except OSError:  # pragma: no cover - the kernel caps it; not fatal
+            pass
+
+
+def open_sockets(cfg: UdpConfig) -> UdpSockets:
+    """Create and configure both sockets (non-blocking)."""
+    fam = cfg.family
+    uni = socket.socket(fam, socket.SOCK_DGRAM)
+    mc = socket.socket(fam, socket.SOCK_DGRAM)
+    try:
+        uni.bind((cfg.bind_addr, cfg.port))
+        _buffers(uni, cfg)
+        mc.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        if hasattr(socket, "SO_REUSEPORT"):
+            mc.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+        _buffers(mc, cfg)
+        if fam == socket.AF_INET:
+            mc.bind((cfg.mcast_addr, cfg.mcast_port))
+            iface = socket.inet_aton(cfg.bind_addr)
+            mc.setsockopt(socket.IPPROTO_IP, socket.IP_ADD_MEMBERSHIP, socket.inet_aton(cfg.mcast_addr) + iface)
+            uni.setsockopt(socket.IPPROTO_IP, socket.IP_MULTICAST_IF, iface)
+            uni.setsockopt(socket.IPPROTO_IP, socket.IP_MULTICAST_TTL, cfg.mcast_ttl)
+            uni.setsockopt(socket.IPPROTO_IP, socket.IP_MULTICAST_LOOP, 1)
+            group = (cfg.mcast_addr, cfg.mcast_port)
+        else:
+            index = socket.if_nametoindex("lo") if cfg.bind_addr == "::1" else 0
+            mc.bind(("", cfg.mcast_port))
+            mreq = socket.inet_pton(socket.AF_INET6, cfg.mcast_addr) + index.to_bytes(4, "little")
+            mc.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_JOIN_GROUP, mreq)
+            uni.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_MULTICAST_IF, index)
+            uni.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_MULTICAST_HOPS, cfg.mcast_ttl)
+            uni.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_MULTICAST_LOOP, 1)
+            group = (cfg.mcast_addr, cfg.mcast_port, 0, index)
+        uni.setblocking(False)
+        mc.setblocking(False)
+        return UdpSockets(uni, mc, group)
+    except OSError as exc:
+        uni.close()
+        mc.close()
+        raise ConfigError(f"UDP: cannot open sockets on {cfg.bind_addr} / {cfg.mcast_addr}:{cfg.mcast_port}: {exc}") from exc
