@@ -1,0 +1,120 @@
+"""The Channel on real UDP sockets: loopback only (multicast TTL 0), bounded in time."""
+
+from __future__ import annotations
+
+import socket
+import uuid
+
+import pytest
+import trio
+
+from groupcomm.channel import open_channel
+from groupcomm.errors import ChannelClosed, ConfigError, DeliveryOverflow, PayloadTooLarge
+from groupcomm.events import Message, View
+from groupcomm.ring import RingConfig
+from groupcomm.udp import UdpConfig
+
+FAST = RingConfig(token_timeout=0.3, join=0.02, merge=0.05)
+
+
+def free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def loopback() -> UdpConfig:
+    return UdpConfig(bind_addr="127.0.0.1", mcast_port=free_port(), mcast_ttl=0)
+
+
+def unique_cluster() -> str:
+    return f"test-{uuid.uuid4().hex[:8]}"
+
+
+async def wait_for_view(ch, size: int) -> None:
+    while not (ch.view and len(ch.view.members) == size):
+        await trio.sleep(0.005)
+
+
+async def test_three_members_agree_on_view_and_order():
+    udp, cluster, n_msgs = loopback(), unique_cluster(), 100
+    orders: dict[str, list[bytes]] = {}
+
+    async def member(name: str) -> None:
+        async with open_channel(cluster=cluster, name=name, udp=udp, ring=FAST) as ch:
+            got: list[bytes] = []
+            async with trio.open_nursery() as nursery:
+
+                async def read() -> None:
+                    async for ev in ch.events():
+                        if isinstance(ev, Message):
+                            got.append(ev.payload)
+                            if len(got) == 3 * n_msgs:
+                                return
+
+                nursery.start_soon(read)
+                await wait_for_view(ch, 3)
+                for i in range(n_msgs):
+                    await ch.send(f"{name}-{i}".encode(), safe=i % 10 == 0)
+            orders[name] = got
+
+    with trio.fail_after(20):
+        async with trio.open_nursery() as nursery:
+            for name in ("a", "b", "c"):
+                nursery.start_soon(member, name)
+    assert len(orders) == 3
+    first = orders["a"]
+    assert all(order == first for order in orders.values())
+    for name in "abc":
+        mine = [p for p in first if p.startswith(name.encode())]
+        assert mine == [f"{name}-{i}".encode() for i in range(n_msgs)]   # FIFO per sender
+
+
+async def test_leaving_member_is_dropped_from_the_view_quickly():
+    udp, cluster = loopback(), unique_cluster()
+    with trio.fail_after(20):
+        async with open_channel(cluster=cluster, name="stay", udp=udp, ring=FAST) as stay:
+            async with open_channel(cluster=cluster, name="go", udp=udp, ring=FAST) as go:
+                await wait_for_view(stay, 2)
+                leaver = go.address
+            t0 = trio.current_time()
+            await wait_for_view(stay, 1)
+            assert leaver not in stay.view.members
+            assert trio.current_time() - t0 < FAST.token_timeout   # no timeout: a graceful leave
+
+
+async def test_misuse_gives_clear_errors():
+    udp, cluster = loopback(), unique_cluster()
+    with pytest.raises(ConfigError, match="unknown stack"):
+        async with open_channel("nope", cluster=cluster, udp=udp):
+            pass
+    with pytest.raises(ConfigError, match="not a multicast address"):
+        UdpConfig(mcast_addr="10.0.0.1")
+    with trio.fail_after(20):
+        async with open_channel(cluster=cluster, name="solo", udp=udp, ring=FAST) as ch:
+            with pytest.raises(PayloadTooLarge, match="limit"):
+                await ch.send(b"x" * (ch.max_payload + 1))
+            await ch.send(b"x" * ch.max_payload)
+        with pytest.raises(ChannelClosed):
+            await ch.send(b"after close")
+
+
+async def test_a_consumer_that_falls_behind_leaves_instead_of_stalling_the_ring():
+    udp, cluster = loopback(), unique_cluster()
+    with trio.fail_after(20):
+        async with open_channel(cluster=cluster, name="fast", udp=udp, ring=FAST) as fast:
+            async with open_channel(cluster=cluster, name="slow", udp=udp, ring=FAST, max_pending_events=50) as slow:
+                await wait_for_view(fast, 2)
+                for i in range(200):
+                    await fast.send(b"%d" % i)
+                await wait_for_view(fast, 1)          # slow was dropped; fast carried on
+                with pytest.raises(DeliveryOverflow):
+                    async for _ in slow.events():
+                        pass
+            events = []
+            await fast.send(b"still going")
+            async for ev in fast.events():
+                events.append(ev)
+                if isinstance(ev, Message) and ev.payload == b"still going":
+                    break
+            assert any(isinstance(e, View) for e in events)
