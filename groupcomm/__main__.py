@@ -8,6 +8,7 @@ crash, a partition, the heal and the merge, then the EVS check.
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 
 from groupcomm.events import Configuration, Crashed, Delivery, Event
@@ -81,6 +82,53 @@ def _print_orders(sim: SimCluster) -> None:
     print(f"   {len(first)} messages delivered; identical order at all members: {same}")
 
 
+def _event_line(event, as_json: bool) -> str:
+    from groupcomm.events import Message, View
+
+    if isinstance(event, View):
+        if as_json:
+            return json.dumps({"view": list(event.members), "ring": str(event.ring_id), "transitional": event.transitional})
+        kind = "transitional view" if event.transitional else "view"
+        return f"{kind} {event.ring_id}: {list(event.members)}"
+    assert isinstance(event, Message)
+    if as_json:
+        return json.dumps({"from": event.sender, "msg": event.payload.decode(errors="replace"), "safe": event.safe})
+    return f"{event.sender}: {event.payload.decode(errors='replace')}"
+
+
+def node(args: argparse.Namespace) -> int:
+    """Run one member: print events, send every stdin line."""
+    import trio
+
+    from groupcomm.channel import open_channel
+    from groupcomm.ring import RingConfig
+    from groupcomm.udp import UdpConfig
+
+    ring = RingConfig(token_timeout=args.token_timeout, join=args.token_timeout / 15, merge=args.token_timeout / 5)
+    udp = UdpConfig(bind_addr=args.bind, mcast_addr=args.mcast_addr, mcast_port=args.mcast_port, mcast_ttl=args.ttl)
+
+    async def run() -> None:
+        async with open_channel(args.stack, cluster=args.cluster, name=args.name, ring=ring, udp=udp) as ch:
+            print(json.dumps({"address": ch.address}) if args.json else f"joined as {ch.address}", flush=True)
+
+            async def pump_stdin() -> None:
+                stdin = trio.wrap_file(sys.stdin)
+                async for line in stdin:
+                    await ch.send(line.rstrip("\n").encode(), safe=args.safe)
+
+            async with trio.open_nursery() as nursery:
+                if not args.no_stdin:
+                    nursery.start_soon(pump_stdin)
+                async for event in ch.events():
+                    print(_event_line(event, args.json), flush=True)
+
+    try:
+        trio.run(run)
+    except KeyboardInterrupt:
+        pass
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="groupcomm", description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command", required=True)
@@ -90,7 +138,21 @@ def main(argv: list[str] | None = None) -> int:
         p.add_argument("--seed", type=int, default=1)
         p.add_argument("--loss", type=float, default=0.02, help="packet loss probability")
         p.add_argument("-v", "--verbose", action="store_true", help="print every delivery")
+    p = sub.add_parser("node", help="run one member on UDP: print events, send stdin lines")
+    p.add_argument("--stack", default="udp")
+    p.add_argument("--cluster", required=True)
+    p.add_argument("--name", default=None, help="member name (the node id derives from it)")
+    p.add_argument("--bind", default="127.0.0.1", help="local address (default loopback)")
+    p.add_argument("--mcast-addr", default="239.192.0.77")
+    p.add_argument("--mcast-port", type=int, default=45588)
+    p.add_argument("--ttl", type=int, default=0, help="multicast TTL (0 = this host only)")
+    p.add_argument("--token-timeout", type=float, default=1.0)
+    p.add_argument("--safe", action="store_true", help="send stdin lines as safe messages")
+    p.add_argument("--json", action="store_true", help="one JSON object per line")
+    p.add_argument("--no-stdin", action="store_true")
     args = parser.parse_args(argv)
+    if args.command == "node":
+        return node(args)
     if not 2 <= args.nodes <= 32:
         parser.error("--nodes must be in 2..32")
     if not 0 <= args.loss < 1:
