@@ -31,7 +31,7 @@ from contextlib import asynccontextmanager
 import trio
 
 from groupcomm.errors import ChannelClosed, ConfigError, DeliveryOverflow, NotOperational, QueueFull
-from groupcomm.events import Configuration, Delivery, Message, View
+from groupcomm.events import Configuration, Message, View
 from groupcomm.ring import Ring, RingConfig, SendTo, SendToAll
 from groupcomm.udp import UdpConfig, UdpSockets, open_sockets
 
@@ -78,7 +78,9 @@ class Channel:
         self._ring: Ring | None = None
         self._sockets: UdpSockets | None = None
         self._peers: dict[int, tuple] = {}
-        self._events_send, self._events_recv = trio.open_memory_channel[Message | View](math.inf)
+        # Events travel in one list per flush: one checkpoint per batch, not per message.
+        self._events_send, self._events_recv = trio.open_memory_channel[list](math.inf)
+        self._pending_events = 0
         self._view: View | None = None
         self._joined = trio.Event()
         self._space = trio.Event()
@@ -113,7 +115,7 @@ class Channel:
         """The ring's counters plus the transport's."""
         s = self._require_ring().stats()
         s["transport_send_drops"] = self.dropped_sends
-        s["pending_events"] = self._events_send.statistics().current_buffer_used
+        s["pending_events"] = self._pending_events
         return s
 
     async def send(self, payload: bytes, *, safe: bool = False) -> None:
@@ -132,8 +134,10 @@ class Channel:
 
     async def events(self) -> AsyncIterator[Message | View]:
         """Messages and views in delivery order, until the channel closes."""
-        async for event in self._events_recv:
-            yield event
+        async for batch in self._events_recv:
+            self._pending_events -= len(batch)
+            for event in batch:
+                yield event
         if self._overflow:
             raise DeliveryOverflow(
                 f"member {self.name}: more than {self._max_pending} undelivered events; "
@@ -228,17 +232,18 @@ class Channel:
         if ring is None or sockets is None:
             return
         uni, group, peers = sockets.unicast, sockets.group, self._peers
-        push = self._events_send.send_nowait
-        for out in ring.take():
+        batch: list = []
+        push = batch.append
+        for out in ring.take(Message):
             t = type(out)
-            if t is SendToAll:
+            if t is Message:
+                push(out)
+            elif t is SendToAll:
                 self._sendto(uni, out.packet, group)
             elif t is SendTo:
                 addr = peers.get(out.node)
                 if addr is not None:
                     self._sendto(uni, out.packet, addr)
-            elif t is Delivery:
-                push(Message(out.sender, out.payload, out.safe))
             else:
                 assert isinstance(out, Configuration)
                 view = View(out.members, out.ring_id, out.transitional)
@@ -246,11 +251,14 @@ class Channel:
                     self._view = view
                     self._joined.set()
                 push(view)
+        if batch and not self._closed:
+            self._pending_events += len(batch)
+            self._events_send.send_nowait(batch)
         if self._timer_scope is not None:
             self._timer_scope.deadline = self._deadline()
         if not self._space.is_set() and ring.pending < ring.config.send_queue_max // 2:
             self._space.set()
-        if self._events_send.statistics().current_buffer_used > self._max_pending and not self._overflow:
+        if self._pending_events > self._max_pending and not self._overflow:
             self._overflow = True
             self._leave()
 

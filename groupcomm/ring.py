@@ -262,8 +262,13 @@ class Ring:
         d = lib.gc_ring_next_deadline(self._r)
         return None if d == 0xFFFFFFFFFFFFFFFF else d
 
-    def take(self) -> list[Output]:
-        """Drain the outputs of the inputs so far, in the order they must be acted on."""
+    def take(self, message_type: type = Delivery) -> list[Output]:
+        """Drain the outputs of the inputs so far, in the order they must be acted on.
+
+        ``message_type`` builds each delivered message from ``(sender, payload,
+        safe)``; a layer above passes its own type to avoid building two objects
+        per message.
+        """
         lib.gc_ring_take(self._r, self._pa, self._pn, self._pd, self._pl)
         n = self._pn[0]
         if n == 0:
@@ -274,7 +279,7 @@ class Ring:
         append = out.append
         for kind, flags, count, node, value, off, length in _ACTION.iter_unpack(records):
             if kind == 3:
-                append(Delivery(node, data[off : off + length], bool(flags & 1)))
+                append(message_type(node, data[off : off + length], flags == 1))
             elif kind == 1:
                 append(SendToAll(data[off : off + length]))
             elif kind == 2:

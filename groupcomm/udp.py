@@ -69,11 +69,19 @@ class UdpSockets:
         self.multicast.close()
 
 
+_FORCE = {socket.SO_RCVBUF: getattr(socket, "SO_RCVBUFFORCE", None), socket.SO_SNDBUF: getattr(socket, "SO_SNDBUFFORCE", None)}
+
+
 def _buffers(sock: socket.socket, cfg: UdpConfig) -> None:
+    """Ask for the configured buffer sizes; the kernel caps them at net.core.[rw]mem_max
+    unless we may override the cap (root, via SO_*BUFFORCE)."""
     for opt, size in ((socket.SO_RCVBUF, cfg.recv_buffer), (socket.SO_SNDBUF, cfg.send_buffer)):
         try:
             sock.setsockopt(socket.SOL_SOCKET, opt, size)
-        except OSError:  # pragma: no cover - the kernel caps it; not fatal
+            force = _FORCE[opt]
+            if force is not None and sock.getsockopt(socket.SOL_SOCKET, opt) < size:
+                sock.setsockopt(socket.SOL_SOCKET, force, size)
+        except OSError:  # not permitted: keep what the kernel granted
             pass
 
 
