@@ -1045,13 +1045,27 @@ static int proc_add(gc_ring_t *r, uint32_t id)
     return set_add(&r->my_proc, id);
 }
 
+/* Restarts gathering because of `sender`'s join, keeping its vote when its sets
+   now equal ours: corosync drops it and waits a join period for the re-send. */
+static void gather_restart_for(gc_ring_t *r, uint64_t now, uint32_t sender, const join_t *j)
+{
+    gather_enter(r, now);
+    if (set_equal(&j->proc, &r->my_proc) && set_equal(&j->fail, &r->my_fail)) {
+        set_add(&r->my_consensus, sender);
+        consensus_check(r, now);
+    }
+}
+
 /* Corosync's memb_join_process. */
 static void join_process(gc_ring_t *r, uint64_t now, uint32_t sender, const join_t *j)
 {
     if (set_equal(&j->proc, &r->my_proc) && set_equal(&j->fail, &r->my_fail)) {
-        set_add(&r->my_consensus, sender);
-        if (r->state == GC_STATE_OPERATIONAL) gather_enter(r, now);
-        else consensus_check(r, now);
+        if (r->state == GC_STATE_OPERATIONAL) {
+            gather_restart_for(r, now, sender, j);
+        } else {
+            set_add(&r->my_consensus, sender);
+            consensus_check(r, now);
+        }
         return;
     }
     if ((set_subset(&j->proc, &r->my_proc) && set_subset(&j->fail, &r->my_fail)) ||
@@ -1075,7 +1089,7 @@ static void join_process(gc_ring_t *r, uint64_t now, uint32_t sender, const join
         if (r->state == GC_STATE_OPERATIONAL) gather_enter(r, now);
         return;
     }
-    gather_enter(r, now);
+    gather_restart_for(r, now, sender, j);
 }
 
 /* Recovery failed: the old ring's state becomes current again. */
@@ -2139,6 +2153,23 @@ int gc_ring_leave(gc_ring_t *r, uint64_t now)
     r->state = GC_STATE_LEFT;
     for (int i = 0; i < TIMER_COUNT; i++) r->deadline[i] = NEVER;
     (void)now;
+    return finish(r, GC_OK);
+}
+
+int gc_ring_suspect(gc_ring_t *r, uint64_t now, uint32_t node)
+{
+    if (!r) return GC_EINVAL;
+    if (!running(r)) return GC_ENOTRUNNING;
+    const nodeset_t *members = (r->state == GC_STATE_COMMIT || r->state == GC_STATE_RECOVERY)
+                                   ? &r->my_new_memb
+                                   : (r->state == GC_STATE_OPERATIONAL ? &r->my_memb : &r->my_proc);
+    if (node == r->me || !set_contains(members, node) || set_contains(&r->my_fail, node)) return GC_EIGNORED;
+    outputs_begin(r);
+    r->stats.suspicions++;
+    set_add(&r->my_proc, node);
+    set_add(&r->my_fail, node);
+    if (r->state == GC_STATE_RECOVERY) recovery_abort(r);
+    gather_enter(r, now);
     return finish(r, GC_OK);
 }
 

@@ -126,6 +126,7 @@ typedef struct {
     uint64_t token_losses;
     uint64_t merge_detects_sent;
     uint64_t failed_to_receive;    /* times we excluded ourselves (stuck aru) */
+    uint64_t suspicions;           /* members excluded on the failure detector's word */
     uint64_t continuous_gathers;   /* current run of consensus timeouts without a ring */
 } gc_ring_stats_t;
 
@@ -143,6 +144,9 @@ int gc_ring_receive(gc_ring_t *r, uint64_t now, const uint8_t *buf, size_t len);
 int gc_ring_submit(gc_ring_t *r, uint64_t now, const uint8_t *payload, size_t len, int safe);
 int gc_ring_tick(gc_ring_t *r, uint64_t now);
 int gc_ring_leave(gc_ring_t *r, uint64_t now);
+/* A failure detector verified that `node` is dead: exclude it now rather than
+   after token loss + consensus.  Ignored (GC_EIGNORED) for non-members. */
+int gc_ring_suspect(gc_ring_t *r, uint64_t now, uint32_t node);
 
 uint64_t gc_ring_next_deadline(const gc_ring_t *r);   /* UINT64_MAX: nothing scheduled */
 int gc_ring_take(gc_ring_t *r, const gc_action_t **actions, size_t *n_actions,

@@ -255,6 +255,16 @@ class Ring:
         if rc != lib.GC_OK:
             raise NotOperational(f"member {self.node_id} is not running (state {self.state.name})", code=rc)
 
+    def suspect(self, now_us: int, node: int) -> bool:
+        """Exclude ``node`` now, on a failure detector's verified word.
+
+        Returns False when ``node`` is not a member (nothing to do).
+        """
+        rc = lib.gc_ring_suspect(self._r, now_us, node)
+        if rc == lib.GC_ENOTRUNNING:
+            raise NotOperational(f"member {self.node_id} is not running (state {self.state.name})", code=rc)
+        return rc == lib.GC_OK
+
     # -- outputs ------------------------------------------------------------
 
     def next_deadline(self) -> int | None:

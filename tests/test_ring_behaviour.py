@@ -131,3 +131,16 @@ def test_sending_at_a_crashed_member_is_a_clear_error():
     with pytest.raises(Exception, match="crashed"):
         sim.send(2, b"x")
     assert sim.ring(1).state in (RingState.GATHER, RingState.OPERATIONAL, RingState.COMMIT, RingState.RECOVERY)
+
+
+def test_a_verified_suspicion_excludes_a_member_without_waiting_for_timeouts():
+    sim = SimCluster(nodes=4, seed=6)
+    sim.run(1.0)
+    sim.crash(4)
+    t0 = sim.now
+    assert sim.suspect(2, 4)               # one member's verified suspicion; the others adopt it
+    assert time_to_view(sim, (1, 2, 3)) < 0.05
+    assert sim.now - t0 < 0.05
+    assert not sim.suspect(1, 99)          # not a member: nothing to do
+    sim.run(sim.settle_time)
+    sim.check(settled=True)

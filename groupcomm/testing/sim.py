@@ -159,6 +159,16 @@ class SimCluster:
         m.ring = None
         self._crashed(node)
 
+    def suspect(self, node: int, suspected: int) -> bool:
+        """``node``'s failure detector reports ``suspected`` dead (see :meth:`Ring.suspect`)."""
+        m = self._member(node)
+        if m.ring is None:
+            raise NotOperational(f"node {node} is crashed")
+        acted = m.ring.suspect(self._now, suspected)
+        self._quiet_since = self._now
+        self._flush(m)
+        return acted
+
     # -- the network ------------------------------------------------------------
 
     def set_network(
