@@ -104,11 +104,14 @@ def node(args: argparse.Namespace) -> int:
     from groupcomm.ring import RingConfig
     from groupcomm.udp import UdpConfig
 
+    from groupcomm.fd import FdConfig
+
     ring = RingConfig(token_timeout=args.token_timeout, join=args.token_timeout / 15, merge=args.token_timeout / 5)
+    fd = {"lan": FdConfig(), "loopback": FdConfig.loopback(), "off": None}[args.fd]
     udp = UdpConfig(bind_addr=args.bind, mcast_addr=args.mcast_addr, mcast_port=args.mcast_port, mcast_ttl=args.ttl)
 
     async def run() -> None:
-        async with open_channel(args.stack, cluster=args.cluster, name=args.name, ring=ring, udp=udp) as ch:
+        async with open_channel(args.stack, cluster=args.cluster, name=args.name, ring=ring, udp=udp, fd=fd) as ch:
             print(json.dumps({"address": ch.address}) if args.json else f"joined as {ch.address}", flush=True)
 
             async def pump_stdin() -> None:
@@ -147,6 +150,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--mcast-port", type=int, default=45588)
     p.add_argument("--ttl", type=int, default=0, help="multicast TTL (0 = this host only)")
     p.add_argument("--token-timeout", type=float, default=1.0)
+    p.add_argument("--fd", choices=("lan", "loopback", "off"), default="lan", help="failure detector tuning")
     p.add_argument("--safe", action="store_true", help="send stdin lines as safe messages")
     p.add_argument("--json", action="store_true", help="one JSON object per line")
     p.add_argument("--no-stdin", action="store_true")

@@ -32,6 +32,8 @@ import trio
 
 from groupcomm.errors import ChannelClosed, ConfigError, DeliveryOverflow, NotOperational, QueueFull
 from groupcomm.events import Configuration, Message, View
+from groupcomm.fd import MAGIC as FD_MAGIC
+from groupcomm.fd import HEARTBEAT, PING, PONG, FailureDetector, FdConfig
 from groupcomm.ring import Ring, RingConfig, SendTo, SendToAll
 from groupcomm.udp import UdpConfig, UdpSockets, open_sockets
 
@@ -64,6 +66,7 @@ class Channel:
         ring: RingConfig,
         udp: UdpConfig,
         max_pending_events: int,
+        fd: FdConfig | None = None,
     ) -> None:
         if not cluster:
             raise ConfigError("open_channel: cluster name must not be empty")
@@ -74,6 +77,8 @@ class Channel:
         self._node_id = node_id
         self._ring_config = RingConfig(**{**ring.__dict__, "cluster_id": cluster_id_for(cluster)})
         self._udp_config = udp
+        self._fd_config = fd
+        self._fd: FailureDetector | None = None
         self._max_pending = max_pending_events
         self._ring: Ring | None = None
         self._sockets: UdpSockets | None = None
@@ -168,6 +173,8 @@ class Channel:
         floor = int(time.time() * 1000) * 4
         try:
             self._ring = Ring(node_id, self._ring_config, ring_seq_floor=floor)
+            if self._fd_config is not None:
+                self._fd = FailureDetector(node_id, self._ring_config.cluster_id, self._fd_config)
             self._ring.start(self._now())
             self._flush()
             async with trio.open_nursery() as nursery:
@@ -201,6 +208,11 @@ class Channel:
                     continue                      # our own multicast looped back
                 if len(data) >= 12 and data[:2] == b"GC":
                     peers[int.from_bytes(sender, "big")] = addr
+                    if self._fd is not None:
+                        self._fd.heard(int.from_bytes(sender, "big"), self._now())
+                elif data[:2] == FD_MAGIC:
+                    self._fd_packet(data, addr)
+                    continue
                 if len(data) > 3 and data[3] == _TOKEN:
                     tokens.append(data)           # act on the token after the messages it follows
                     continue
@@ -218,12 +230,40 @@ class Channel:
             ring = self._ring
             if ring is None or self._closed:
                 return
-            ring.tick(self._now())
+            now = self._now()
+            ring.tick(now)
+            if self._fd is not None:
+                self._fd_tick(now)
             self._flush()
+
+    def _fd_packet(self, data: bytes, addr) -> None:
+        fd = self._fd
+        if fd is None:
+            return
+        reply_to = fd.receive(data, self._now())
+        if reply_to is not None and self._sockets is not None:
+            self._peers.setdefault(reply_to, addr)
+            self._sendto(self._sockets.unicast, fd.packet(PONG), addr)
+
+    def _fd_tick(self, now: int) -> None:
+        fd, sockets, ring = self._fd, self._sockets, self._ring
+        assert fd is not None and sockets is not None and ring is not None
+        beat, ping, dead = fd.tick(now)
+        if beat:
+            self._sendto(sockets.unicast, fd.packet(HEARTBEAT), sockets.group)
+        for node in ping:
+            addr = self._peers.get(node)
+            if addr is not None:
+                self._sendto(sockets.unicast, fd.packet(PING), addr)
+        for node in dead:
+            ring.suspect(now, node)
 
     def _deadline(self) -> float:
         ring = self._ring
         d = ring.next_deadline() if ring is not None else None
+        if self._fd is not None:
+            f = self._fd.next_deadline()
+            d = f if d is None else min(d, f)
         return math.inf if d is None else d / _US
 
     def _flush(self) -> None:
@@ -250,6 +290,8 @@ class Channel:
                 if not out.transitional:
                     self._view = view
                     self._joined.set()
+                    if self._fd is not None:
+                        self._fd.set_members(out.members, self._now())
                 push(view)
         if batch and not self._closed:
             self._pending_events += len(batch)
@@ -295,6 +337,7 @@ async def open_channel(
     udp: UdpConfig | None = None,
     join_timeout: float | None = None,
     max_pending_events: int = 100_000,
+    fd: FdConfig | None = FdConfig(),
 ) -> AsyncIterator[Channel]:
     """Join ``cluster`` and yield a :class:`Channel` once the first view is installed.
 
@@ -311,6 +354,7 @@ async def open_channel(
         ring=ring,
         udp=udp or UdpConfig(),
         max_pending_events=max_pending_events,
+        fd=fd,
     )
     timeout = join_timeout if join_timeout is not None else 10 * (ring.consensus or 1.2 * ring.token_timeout)
     async with trio.open_nursery() as nursery:
