@@ -25,9 +25,9 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 
 STACKS = {
-    "default": ["--token-timeout", "1.0", "--fd", "lan"],
-    "tuned-loopback": ["--token-timeout", "0.3", "--fd", "loopback"],
-    "ring-only-default": ["--token-timeout", "1.0", "--fd", "off"],
+    "default (udp stack)": ["--stack", "udp", "--ttl", "0"],
+    "tuned (loopback stack)": ["--stack", "loopback"],
+    "udp stack, no FD": ["--stack", "udp", "--ttl", "0", "--fd", "off"],
 }
 
 

@@ -101,17 +101,23 @@ def node(args: argparse.Namespace) -> int:
     import trio
 
     from groupcomm.channel import open_channel
-    from groupcomm.ring import RingConfig
-    from groupcomm.udp import UdpConfig
-
     from groupcomm.fd import FdConfig
 
-    ring = RingConfig(token_timeout=args.token_timeout, join=args.token_timeout / 15, merge=args.token_timeout / 5)
-    fd = {"lan": FdConfig(), "loopback": FdConfig.loopback(), "off": None}[args.fd]
-    udp = UdpConfig(bind_addr=args.bind, mcast_addr=args.mcast_addr, mcast_port=args.mcast_port, mcast_ttl=args.ttl)
+    overrides: dict[str, dict] = {"UDP": {}, "TOTEM": {}}
+    for flag, layer, key in (("bind", "UDP", "bind_addr"), ("mcast_addr", "UDP", "mcast_addr"),
+                             ("mcast_port", "UDP", "mcast_port"), ("ttl", "UDP", "mcast_ttl"),
+                             ("token_timeout", "TOTEM", "token_timeout")):
+        if getattr(args, flag) is not None:
+            overrides[layer][key] = getattr(args, flag)
+    if args.token_timeout is not None:
+        overrides["TOTEM"].update(join=args.token_timeout / 15, merge=args.token_timeout / 5)
+    fd_choice = {"lan": FdConfig(), "loopback": FdConfig.loopback(), "off": None}
+    fd_kw = {} if args.fd is None else {"fd": fd_choice[args.fd]}
 
     async def run() -> None:
-        async with open_channel(args.stack, cluster=args.cluster, name=args.name, ring=ring, udp=udp, fd=fd) as ch:
+        async with open_channel(
+            args.stack, cluster=args.cluster, name=args.name, overrides={k: v for k, v in overrides.items() if v}, **fd_kw
+        ) as ch:
             print(json.dumps({"address": ch.address}) if args.json else f"joined as {ch.address}", flush=True)
 
             async def pump_stdin() -> None:
@@ -142,15 +148,15 @@ def main(argv: list[str] | None = None) -> int:
         p.add_argument("--loss", type=float, default=0.02, help="packet loss probability")
         p.add_argument("-v", "--verbose", action="store_true", help="print every delivery")
     p = sub.add_parser("node", help="run one member on UDP: print events, send stdin lines")
-    p.add_argument("--stack", default="udp")
+    p.add_argument("--stack", default="udp", help="a shipped stack (udp, loopback) or a .toml path")
     p.add_argument("--cluster", required=True)
     p.add_argument("--name", default=None, help="member name (the node id derives from it)")
-    p.add_argument("--bind", default="127.0.0.1", help="local address (default loopback)")
-    p.add_argument("--mcast-addr", default="239.192.0.77")
-    p.add_argument("--mcast-port", type=int, default=45588)
-    p.add_argument("--ttl", type=int, default=0, help="multicast TTL (0 = this host only)")
-    p.add_argument("--token-timeout", type=float, default=1.0)
-    p.add_argument("--fd", choices=("lan", "loopback", "off"), default="lan", help="failure detector tuning")
+    p.add_argument("--bind", default=None, help="local address (overrides the stack's UDP bind_addr)")
+    p.add_argument("--mcast-addr", default=None)
+    p.add_argument("--mcast-port", type=int, default=None)
+    p.add_argument("--ttl", type=int, default=None, help="multicast TTL (0 = this host only)")
+    p.add_argument("--token-timeout", type=float, default=None, help="seconds (overrides TOTEM token_timeout)")
+    p.add_argument("--fd", choices=("lan", "loopback", "off"), default=None, help="failure detector tuning (default: the stack's)")
     p.add_argument("--safe", action="store_true", help="send stdin lines as safe messages")
     p.add_argument("--json", action="store_true", help="one JSON object per line")
     p.add_argument("--no-stdin", action="store_true")

@@ -30,6 +30,7 @@ from contextlib import asynccontextmanager
 
 import trio
 
+from groupcomm.config import StackSpec, build_config, load_stack
 from groupcomm.errors import ChannelClosed, ConfigError, DeliveryOverflow, NotOperational, QueueFull
 from groupcomm.events import Configuration, Message, View
 from groupcomm.fd import MAGIC as FD_MAGIC
@@ -326,6 +327,29 @@ class Channel:
             self._timer_scope.cancel()
 
 
+# The layers a stack file may list, bottom first, and the config each one takes.
+LAYERS: dict[str, type] = {"UDP": UdpConfig, "FD": FdConfig, "TOTEM": RingConfig}
+_REQUIRED = ("UDP", "TOTEM")
+
+
+def stack_configs(spec: StackSpec) -> tuple[RingConfig, UdpConfig, FdConfig | None]:
+    """Validate a loaded stack and build each layer's config."""
+    names = [layer.name for layer in spec.layers]
+    for layer in spec.layers:
+        if layer.name not in LAYERS:
+            raise ConfigError(f"{layer.source}: unknown layer {layer.name!r} (known: {', '.join(LAYERS)})")
+    for required in _REQUIRED:
+        if required not in names:
+            raise ConfigError(f"{spec.source}: the stack needs a {required} layer")
+    if names.index("UDP") != 0:
+        raise ConfigError(f"{spec.source}: UDP must be the bottom (first) layer")
+    built = {layer.name: build_config(LAYERS[layer.name], layer) for layer in spec.layers}
+    return built["TOTEM"], built["UDP"], built.get("FD")
+
+
+_FROM_STACK = object()
+
+
 @asynccontextmanager
 async def open_channel(
     stack: str = "udp",
@@ -333,26 +357,33 @@ async def open_channel(
     cluster: str,
     name: str | None = None,
     node_id: int | None = None,
+    overrides: dict | None = None,
     ring: RingConfig | None = None,
     udp: UdpConfig | None = None,
+    fd=_FROM_STACK,
     join_timeout: float | None = None,
     max_pending_events: int = 100_000,
-    fd: FdConfig | None = FdConfig(),
 ) -> AsyncIterator[Channel]:
     """Join ``cluster`` and yield a :class:`Channel` once the first view is installed.
+
+    ``stack`` names a shipped stack file (``"udp"``, ``"loopback"``) or a path
+    to one; ``overrides`` (``{"TOTEM": {"token_timeout": "300ms"}}``) change its
+    settings, and ``ring`` / ``udp`` / ``fd`` objects replace a layer's config
+    outright (``fd=None`` turns failure detection off).
 
     Leaving the block leaves the group gracefully.  Errors from the channel's
     tasks propagate as trio propagates them (an ExceptionGroup when several fail).
     """
-    if stack != "udp":
-        raise ConfigError(f"open_channel: unknown stack {stack!r} (this version ships 'udp')")
-    ring = ring or RingConfig()
+    stack_ring, stack_udp, stack_fd = stack_configs(load_stack(stack, overrides=overrides))
+    ring = ring or stack_ring
+    udp = udp or stack_udp
+    fd = stack_fd if fd is _FROM_STACK else fd
     ch = Channel(
         cluster=cluster,
         name=name,
         node_id=node_id,
         ring=ring,
-        udp=udp or UdpConfig(),
+        udp=udp,
         max_pending_events=max_pending_events,
         fd=fd,
     )

@@ -12,6 +12,7 @@ from __future__ import annotations
 import struct
 from dataclasses import dataclass
 
+from groupcomm.config import Duration
 from groupcomm.errors import ConfigError
 
 __all__ = ["FdConfig", "FailureDetector", "MAGIC"]
@@ -26,11 +27,11 @@ _US = 1_000_000
 class FdConfig:
     """Failure-detector timers (seconds). Defaults are safe on a LAN."""
 
-    interval: float = 0.2
+    interval: Duration = 0.2
     """Heartbeat period."""
-    timeout: float = 1.0
+    timeout: Duration = 1.0
     """Silence after which a member is pinged."""
-    verify: float = 0.3
+    verify: Duration = 0.3
     """Time the ping has to be answered before the member is reported dead."""
 
     def __post_init__(self) -> None:

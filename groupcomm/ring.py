@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 from typing import Union
 
 from groupcomm._native import ffi, lib
+from groupcomm.config import Duration, Size
 from groupcomm.errors import (
     ConfigError,
     LocalProtocolError,
@@ -76,19 +77,19 @@ class RingConfig:
     ``hold < token_retransmit < token_timeout < consensus``.
     """
 
-    token_timeout: float = 1.0
+    token_timeout: Duration = 1.0
     """No token for this long: the ring is broken, start a membership round."""
-    token_retransmit: float | None = None
+    token_retransmit: Duration | None = None
     """Re-send our last token after this long (default ``token_timeout / 4.2``)."""
-    hold: float | None = None
+    hold: Duration | None = None
     """Idle ring: the representative parks the token this long (default ``0.8 * token_retransmit - 10 ms``)."""
-    join: float = 0.05
+    join: Duration = 0.05
     """Join messages are re-sent this often while gathering."""
-    consensus: float | None = None
+    consensus: Duration | None = None
     """Gathering gives up on silent members after this (default ``1.2 * token_timeout``)."""
-    merge: float = 0.2
+    merge: Duration = 0.2
     """An idle representative announces its ring this often, so partitions merge."""
-    mtu: int = 1400
+    mtu: Size = 1400
     """Largest datagram the ring sends; application messages are packed up to it."""
     max_members: int = 32
     """Largest ring (at most 64); a commit token for this many must fit in ``mtu``."""

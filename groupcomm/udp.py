@@ -12,6 +12,7 @@ import ipaddress
 import socket
 from dataclasses import dataclass
 
+from groupcomm.config import Size
 from groupcomm.errors import ConfigError
 
 __all__ = ["UdpConfig", "UdpSockets", "open_sockets"]
@@ -30,8 +31,8 @@ class UdpConfig:
     mcast_port: int = 45588
     mcast_ttl: int = 1
     """Multicast hops: 0 keeps traffic on this host, 1 on the LAN."""
-    recv_buffer: int = 4 << 20
-    send_buffer: int = 4 << 20
+    recv_buffer: Size = 4 << 20
+    send_buffer: Size = 4 << 20
 
     def __post_init__(self) -> None:
         try:

@@ -8,7 +8,8 @@ import uuid
 import pytest
 import trio
 
-from groupcomm.channel import open_channel
+from groupcomm.channel import open_channel, stack_configs
+from groupcomm.config import load_stack, stack_names
 from groupcomm.errors import ChannelClosed, ConfigError, DeliveryOverflow, PayloadTooLarge
 from groupcomm.events import Message, View
 from groupcomm.ring import RingConfig
@@ -85,8 +86,11 @@ async def test_leaving_member_is_dropped_from_the_view_quickly():
 
 async def test_misuse_gives_clear_errors():
     udp, cluster = loopback(), unique_cluster()
-    with pytest.raises(ConfigError, match="unknown stack"):
+    with pytest.raises(ConfigError, match="nope"):
         async with open_channel("nope", cluster=cluster, udp=udp):
+            pass
+    with pytest.raises(ConfigError, match="TOTEM: unknown key 'tokn_timeout'"):
+        async with open_channel(cluster=cluster, udp=udp, overrides={"TOTEM": {"tokn_timeout": "1s"}}):
             pass
     with pytest.raises(ConfigError, match="not a multicast address"):
         UdpConfig(mcast_addr="10.0.0.1")
@@ -118,3 +122,17 @@ async def test_a_consumer_that_falls_behind_leaves_instead_of_stalling_the_ring(
                 if isinstance(ev, Message) and ev.payload == b"still going":
                     break
             assert any(isinstance(e, View) for e in events)
+
+
+def test_every_shipped_stack_builds_with_an_empty_environment():
+    assert {"udp", "loopback"} <= set(stack_names())
+    for name in stack_names():
+        ring, udp, fd = stack_configs(load_stack(name, environ={}))
+        assert ring.token_timeout > 0 and udp.mcast_port > 0
+
+
+def test_a_stack_with_an_unknown_layer_is_rejected(tmp_path):
+    path = tmp_path / "odd.toml"
+    path.write_text('[[layer]]\nname = "UDP"\n[[layer]]\nname = "SEQUENCER"\n[[layer]]\nname = "TOTEM"\n')
+    with pytest.raises(ConfigError, match="unknown layer 'SEQUENCER'"):
+        stack_configs(load_stack(str(path)))

@@ -34,7 +34,7 @@ class Member:
         self.name = name
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "groupcomm", "node", "--json", "--cluster", cluster, "--name", name,
-             "--mcast-port", str(port), "--token-timeout", str(TOKEN)],
+             "--mcast-port", str(port), "--ttl", "0", "--token-timeout", str(TOKEN)],
             cwd=ROOT, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
         )
         self.events: queue.Queue = queue.Queue()

@@ -1,0 +1,1 @@
+# Shipped protocol stacks (*.toml), installed as the package groupcomm.protocols.
