@@ -2182,6 +2182,11 @@ uint64_t gc_ring_next_deadline(const gc_ring_t *r)
     return d;
 }
 
+size_t gc_ring_output_count(const gc_ring_t *r)
+{
+    return (r && !r->taken) ? r->n_actions : 0;
+}
+
 int gc_ring_take(gc_ring_t *r, const gc_action_t **actions, size_t *n_actions,
                  const uint8_t **data, size_t *data_len)
 {

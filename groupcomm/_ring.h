@@ -149,6 +149,7 @@ int gc_ring_leave(gc_ring_t *r, uint64_t now);
 int gc_ring_suspect(gc_ring_t *r, uint64_t now, uint32_t node);
 
 uint64_t gc_ring_next_deadline(const gc_ring_t *r);   /* UINT64_MAX: nothing scheduled */
+size_t gc_ring_output_count(const gc_ring_t *r);      /* actions waiting for gc_ring_take() */
 int gc_ring_take(gc_ring_t *r, const gc_action_t **actions, size_t *n_actions,
                  const uint8_t **data, size_t *data_len);
 

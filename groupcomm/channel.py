@@ -43,6 +43,7 @@ __all__ = ["Channel", "open_channel", "node_id_for"]
 _US = 1_000_000
 _MAX_DATAGRAM = 65536
 _TOKEN = 1
+_YIELD_EVERY = 64
 
 
 def node_id_for(cluster: str, name: str) -> int:
@@ -94,6 +95,10 @@ class Channel:
         self._closed = False
         self._overflow = False
         self.dropped_sends = 0
+        self._sends_since_yield = 0
+        self._my_id = b""
+        self._fd_deadline = 0
+        self._armed_deadline = math.inf
 
     # -- public --------------------------------------------------------------
 
@@ -134,15 +139,28 @@ class Channel:
                 self._space = trio.Event() if self._space.is_set() else self._space
                 await self._space.wait()
                 continue
-            self._flush()
-            await trio.lowlevel.checkpoint()
+            if ring.has_output:
+                self._flush()
+            # A full yield per message would cap throughput at the scheduler's
+            # speed; the ring's bounded queue already pushes back (QueueFull
+            # above), so yield every few sends and only check cancellation
+            # in between.
+            self._sends_since_yield += 1
+            if self._sends_since_yield >= _YIELD_EVERY:
+                self._sends_since_yield = 0
+                self._poll()
+                await trio.lowlevel.checkpoint()
+            else:
+                await trio.lowlevel.checkpoint_if_cancelled()
             return
 
     async def events(self) -> AsyncIterator[Message | View]:
         """Messages and views in delivery order, until the channel closes."""
         async for batch in self._events_recv:
             self._pending_events -= len(batch)
-            for event in batch:
+            for i, event in enumerate(batch):
+                if i & 255 == 255:
+                    self._poll()                  # keep the ring moving through a long batch
                 yield event
         if self._overflow:
             raise DeliveryOverflow(
@@ -174,6 +192,7 @@ class Channel:
         floor = int(time.time() * 1000) * 4
         try:
             self._ring = Ring(node_id, self._ring_config, ring_seq_floor=floor)
+            self._my_id = node_id.to_bytes(4, "big")
             if self._fd_config is not None:
                 self._fd = FailureDetector(node_id, self._ring_config.cluster_id, self._fd_config)
             self._ring.start(self._now())
@@ -189,44 +208,55 @@ class Channel:
             sockets.close()
 
     async def _receive_loop(self, sock) -> None:
-        my_id = self._require_ring().node_id.to_bytes(4, "big")
-        peers = self._peers
         while True:
             await trio.lowlevel.wait_readable(sock)
-            tokens = []
-            ring = self._ring
-            if ring is None or self._closed:
+            if self._ring is None or self._closed:
                 return
-            while True:
-                try:
-                    data, addr = sock.recvfrom(_MAX_DATAGRAM)
-                except (BlockingIOError, InterruptedError):
-                    break
-                except OSError:
-                    break
-                sender = data[8:12]
-                if sender == my_id:
-                    continue                      # our own multicast looped back
-                if len(data) >= 12 and data[:2] == b"GC":
-                    peers[int.from_bytes(sender, "big")] = addr
-                    if self._fd is not None:
-                        self._fd.heard(int.from_bytes(sender, "big"), self._now())
-                elif data[:2] == FD_MAGIC:
-                    self._fd_packet(data, addr)
-                    continue
-                if len(data) > 3 and data[3] == _TOKEN:
-                    tokens.append(data)           # act on the token after the messages it follows
-                    continue
-                ring.receive(self._now(), data)
-            for data in tokens:
-                ring.receive(self._now(), data)
-            self._flush()
+            self._drain(sock)
+
+    def _poll(self) -> None:
+        """Drain both sockets without waiting, so the token keeps moving while the
+        application's own tasks run (a token left in a socket stalls everyone)."""
+        sockets = self._sockets
+        if sockets is not None and not self._closed:
+            self._drain(sockets.unicast)
+            self._drain(sockets.multicast)
+
+    def _drain(self, sock) -> None:
+        """Feed every readable datagram to the ring, messages before tokens, then flush once."""
+        ring = self._ring
+        assert ring is not None
+        my_id, peers, fd = self._my_id, self._peers, self._fd
+        tokens = []
+        while True:
+            try:
+                data, addr = sock.recvfrom(_MAX_DATAGRAM)
+            except OSError:                       # EAGAIN: drained (or the socket closed)
+                break
+            sender = data[8:12]
+            if sender == my_id:
+                continue                          # our own multicast looped back
+            if data[:2] == FD_MAGIC:
+                self._fd_packet(data, addr)
+                continue
+            if len(data) >= 12:
+                node = int.from_bytes(sender, "big")
+                peers[node] = addr
+                if fd is not None:
+                    fd.heard(node, self._now())
+            if len(data) > 3 and data[3] == _TOKEN:
+                tokens.append(data)               # act on the token after the messages it follows
+                continue
+            ring.receive(self._now(), data)
+        for data in tokens:
+            ring.receive(self._now(), data)
+        self._flush()
 
     async def _timer_loop(self) -> None:
         while True:
             with trio.CancelScope() as scope:
                 self._timer_scope = scope
-                scope.deadline = self._deadline()
+                scope.deadline = self._armed_deadline = self._deadline()
                 await trio.sleep_forever()
             ring = self._ring
             if ring is None or self._closed:
@@ -258,12 +288,15 @@ class Channel:
                 self._sendto(sockets.unicast, fd.packet(PING), addr)
         for node in dead:
             ring.suspect(now, node)
+        self._fd_deadline = fd.next_deadline()
 
     def _deadline(self) -> float:
         ring = self._ring
         d = ring.next_deadline() if ring is not None else None
         if self._fd is not None:
-            f = self._fd.next_deadline()
+            # Recomputed only when the detector ticks or the view changes: packets
+            # only push its deadlines later, so a stale value just wakes us early.
+            f = self._fd_deadline
             d = f if d is None else min(d, f)
         return math.inf if d is None else d / _US
 
@@ -293,12 +326,15 @@ class Channel:
                     self._joined.set()
                     if self._fd is not None:
                         self._fd.set_members(out.members, self._now())
+                        self._fd_deadline = self._fd.next_deadline()
                 push(view)
         if batch and not self._closed:
             self._pending_events += len(batch)
             self._events_send.send_nowait(batch)
-        if self._timer_scope is not None:
-            self._timer_scope.deadline = self._deadline()
+        deadline = self._deadline()
+        if self._timer_scope is not None and deadline != self._armed_deadline:
+            self._armed_deadline = deadline
+            self._timer_scope.deadline = deadline
         if not self._space.is_set() and ring.pending < ring.config.send_queue_max // 2:
             self._space.set()
         if self._pending_events > self._max_pending and not self._overflow:

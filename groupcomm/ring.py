@@ -273,6 +273,11 @@ class Ring:
         d = lib.gc_ring_next_deadline(self._r)
         return None if d == 0xFFFFFFFFFFFFFFFF else d
 
+    @property
+    def has_output(self) -> bool:
+        """Whether :meth:`take` has anything to hand out (cheap)."""
+        return lib.gc_ring_output_count(self._r) > 0
+
     def take(self, message_type: type = Delivery) -> list[Output]:
         """Drain the outputs of the inputs so far, in the order they must be acted on.
 
