@@ -1,7 +1,10 @@
 """groupcomm: group communication with total order and Extended Virtual Synchrony."""
 
+from groupcomm.channel import Channel, open_channel
 from groupcomm.errors import (
+    ChannelClosed,
     ConfigError,
+    DeliveryOverflow,
     EVSViolation,
     GroupcommError,
     LocalProtocolError,
@@ -11,12 +14,18 @@ from groupcomm.errors import (
     QueueFull,
     RemoteProtocolError,
 )
-from groupcomm.events import Configuration, Crashed, Delivery, RingId
+from groupcomm.events import Configuration, Crashed, Delivery, Message, RingId, View
 from groupcomm.ring import Ring, RingConfig, RingState
 
 __version__ = "0.1.0"
 
 __all__ = [
+    "Channel",
+    "ChannelClosed",
+    "DeliveryOverflow",
+    "Message",
+    "View",
+    "open_channel",
     "ConfigError",
     "Configuration",
     "Crashed",
