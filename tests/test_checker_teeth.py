@@ -19,6 +19,7 @@ histories stay correct; only availability suffers.
 from __future__ import annotations
 
 import random
+import re
 
 import pytest
 
@@ -73,7 +74,8 @@ def first_violation(mutation: int, attempts: int = 400) -> str | None:
         try:
             run_schedule(n, seed, plan, config)
         except EVSViolation as exc:
-            return f"seed {seed}: {str(exc).splitlines()[1] if len(str(exc).splitlines()) > 1 else exc}"
+            caught_by = sorted(set(re.findall(r"^\[([a-z -]+)\]", str(exc), re.M)))
+            return f"seed {seed}: caught by {', '.join(caught_by)}"
     return None
 
 
