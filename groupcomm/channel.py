@@ -33,6 +33,7 @@ import trio
 from groupcomm.config import StackSpec, build_config, load_stack
 from groupcomm.errors import ChannelClosed, ConfigError, DeliveryOverflow, NotOperational, QueueFull
 from groupcomm.events import Configuration, Message, View
+from groupcomm.frag import FragConfig, Fragmenter
 from groupcomm.fd import MAGIC as FD_MAGIC
 from groupcomm.fd import HEARTBEAT, PING, PONG, FailureDetector, FdConfig
 from groupcomm.ring import Ring, RingConfig, SendTo, SendToAll
@@ -69,6 +70,7 @@ class Channel:
         udp: UdpConfig,
         max_pending_events: int,
         fd: FdConfig | None = None,
+        frag: FragConfig | None = None,
     ) -> None:
         if not cluster:
             raise ConfigError("open_channel: cluster name must not be empty")
@@ -80,6 +82,9 @@ class Channel:
         self._ring_config = RingConfig(**{**ring.__dict__, "cluster_id": cluster_id_for(cluster)})
         self._udp_config = udp
         self._fd_config = fd
+        self._frag_config = frag or FragConfig()
+        self._frag: Fragmenter | None = None
+        self._resend_send, self._resend_recv = trio.open_memory_channel[tuple](math.inf)
         self._fd: FailureDetector | None = None
         self._max_pending = max_pending_events
         self._ring: Ring | None = None
@@ -120,7 +125,9 @@ class Channel:
 
     @property
     def max_payload(self) -> int:
-        return self._require_ring().max_payload
+        """Largest payload :meth:`send` accepts (the FRAG layer's ``max_message``)."""
+        self._require_ring()
+        return self._frag_config.max_message
 
     def stats(self) -> dict[str, int]:
         """The ring's counters plus the transport's."""
@@ -131,13 +138,22 @@ class Channel:
 
     async def send(self, payload: bytes, *, safe: bool = False) -> None:
         """Multicast ``payload`` to the group in total order; waits while the send queue is full."""
+        self._require_ring()
+        if not isinstance(payload, (bytes, bytearray, memoryview)):
+            raise TypeError(f"payload must be bytes, not {type(payload).__name__}")
+        assert self._frag is not None
+        for packet in self._frag.split(bytes(payload), safe):
+            await self._submit(packet, safe)
+
+    async def _submit(self, packet: bytes, safe: bool) -> None:
         ring = self._require_ring()
         while True:
             try:
-                ring.submit(self._now(), payload, safe=safe)
+                ring.submit(self._now(), packet, safe=safe)
             except QueueFull:
                 self._space = trio.Event() if self._space.is_set() else self._space
                 await self._space.wait()
+                ring = self._require_ring()
                 continue
             if ring.has_output:
                 self._flush()
@@ -193,6 +209,7 @@ class Channel:
         try:
             self._ring = Ring(node_id, self._ring_config, ring_seq_floor=floor)
             self._my_id = node_id.to_bytes(4, "big")
+            self._frag = Fragmenter(node_id, self._ring.max_payload, self._frag_config.max_message)
             if self._fd_config is not None:
                 self._fd = FailureDetector(node_id, self._ring_config.cluster_id, self._fd_config)
             self._ring.start(self._now())
@@ -201,6 +218,7 @@ class Channel:
                 nursery.start_soon(self._receive_loop, sockets.unicast)
                 nursery.start_soon(self._receive_loop, sockets.multicast)
                 nursery.start_soon(self._timer_loop)
+                nursery.start_soon(self._resend_loop)
                 task_status.started(self)
         finally:
             self._closed = True
@@ -267,6 +285,13 @@ class Channel:
                 self._fd_tick(now)
             self._flush()
 
+    async def _resend_loop(self) -> None:
+        """Re-sends our large messages that a view change cut (see groupcomm.frag)."""
+        async for payload, safe in self._resend_recv:
+            if self._closed:
+                return
+            await self.send(payload, safe=safe)
+
     def _fd_packet(self, data: bytes, addr) -> None:
         fd = self._fd
         if fd is None:
@@ -308,10 +333,14 @@ class Channel:
         uni, group, peers = sockets.unicast, sockets.group, self._peers
         batch: list = []
         push = batch.append
+        frag = self._frag
+        assert frag is not None
         for out in ring.take(Message):
             t = type(out)
             if t is Message:
-                push(out)
+                message = frag.deliver(out.sender, out.payload, out.safe)
+                if message is not None:
+                    push(message)
             elif t is SendToAll:
                 self._sendto(uni, out.packet, group)
             elif t is SendTo:
@@ -324,6 +353,9 @@ class Channel:
                 if not out.transitional:
                     self._view = view
                     self._joined.set()
+                    frag.view()
+                    for resend in frag.take_resends():
+                        self._resend_send.send_nowait(resend)
                     if self._fd is not None:
                         self._fd.set_members(out.members, self._now())
                         self._fd_deadline = self._fd.next_deadline()
@@ -364,11 +396,11 @@ class Channel:
 
 
 # The layers a stack file may list, bottom first, and the config each one takes.
-LAYERS: dict[str, type] = {"UDP": UdpConfig, "FD": FdConfig, "TOTEM": RingConfig}
+LAYERS: dict[str, type] = {"UDP": UdpConfig, "FD": FdConfig, "TOTEM": RingConfig, "FRAG": FragConfig}
 _REQUIRED = ("UDP", "TOTEM")
 
 
-def stack_configs(spec: StackSpec) -> tuple[RingConfig, UdpConfig, FdConfig | None]:
+def stack_configs(spec: StackSpec) -> tuple[RingConfig, UdpConfig, FdConfig | None, FragConfig]:
     """Validate a loaded stack and build each layer's config."""
     names = [layer.name for layer in spec.layers]
     for layer in spec.layers:
@@ -380,7 +412,7 @@ def stack_configs(spec: StackSpec) -> tuple[RingConfig, UdpConfig, FdConfig | No
     if names.index("UDP") != 0:
         raise ConfigError(f"{spec.source}: UDP must be the bottom (first) layer")
     built = {layer.name: build_config(LAYERS[layer.name], layer) for layer in spec.layers}
-    return built["TOTEM"], built["UDP"], built.get("FD")
+    return built["TOTEM"], built["UDP"], built.get("FD"), built.get("FRAG") or FragConfig()
 
 
 _FROM_STACK = object()
@@ -410,7 +442,7 @@ async def open_channel(
     Leaving the block leaves the group gracefully.  Errors from the channel's
     tasks propagate as trio propagates them (an ExceptionGroup when several fail).
     """
-    stack_ring, stack_udp, stack_fd = stack_configs(load_stack(stack, overrides=overrides))
+    stack_ring, stack_udp, stack_fd, stack_frag = stack_configs(load_stack(stack, overrides=overrides))
     ring = ring or stack_ring
     udp = udp or stack_udp
     fd = stack_fd if fd is _FROM_STACK else fd
@@ -422,6 +454,7 @@ async def open_channel(
         udp=udp,
         max_pending_events=max_pending_events,
         fd=fd,
+        frag=stack_frag,
     )
     timeout = join_timeout if join_timeout is not None else 10 * (ring.consensus or 1.2 * ring.token_timeout)
     async with trio.open_nursery() as nursery:
