@@ -138,6 +138,23 @@ def node(args: argparse.Namespace) -> int:
     return 0
 
 
+def probe_command(args: argparse.Namespace) -> int:
+    from groupcomm.channel import cluster_id_for, stack_configs
+    from groupcomm.config import load_stack
+    from groupcomm.probe import format_table, probe
+
+    overrides = {"UDP": {"mcast_port": args.mcast_port}} if args.mcast_port is not None else None
+    _, udp, _, _ = stack_configs(load_stack(args.stack, overrides=overrides))
+    reports = probe(cluster_id_for(args.cluster), udp, args.timeout)
+    if args.json:
+        print(json.dumps(reports))
+    elif reports:
+        print(format_table(reports))
+    else:
+        print(f"no member of cluster {args.cluster!r} answered within {args.timeout} s")
+    return 0 if reports else 1
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="groupcomm", description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command", required=True)
@@ -160,9 +177,17 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--safe", action="store_true", help="send stdin lines as safe messages")
     p.add_argument("--json", action="store_true", help="one JSON object per line")
     p.add_argument("--no-stdin", action="store_true")
+    p = sub.add_parser("probe", help="ask the running members of a cluster for view and counters")
+    p.add_argument("--stack", default="udp")
+    p.add_argument("--cluster", required=True)
+    p.add_argument("--mcast-port", type=int, default=None)
+    p.add_argument("--timeout", type=float, default=1.0, help="seconds to collect answers")
+    p.add_argument("--json", action="store_true")
     args = parser.parse_args(argv)
     if args.command == "node":
         return node(args)
+    if args.command == "probe":
+        return probe_command(args)
     if not 2 <= args.nodes <= 32:
         parser.error("--nodes must be in 2..32")
     if not 0 <= args.loss < 1:

@@ -34,6 +34,8 @@ from groupcomm.config import StackSpec, build_config, load_stack
 from groupcomm.errors import ChannelClosed, ConfigError, DeliveryOverflow, NotOperational, QueueFull
 from groupcomm.events import Configuration, Message, View
 from groupcomm.frag import FragConfig, Fragmenter
+from groupcomm.probe import MAGIC as PROBE_MAGIC
+from groupcomm.probe import is_probe_request, probe_response
 from groupcomm.fd import MAGIC as FD_MAGIC
 from groupcomm.fd import HEARTBEAT, PING, PONG, FailureDetector, FdConfig
 from groupcomm.ring import Ring, RingConfig, SendTo, SendToAll
@@ -101,6 +103,7 @@ class Channel:
         self._overflow = False
         self.dropped_sends = 0
         self._sends_since_yield = 0
+        self._probe_mark = (0.0, 0)
         self._my_id = b""
         self._fd_deadline = 0
         self._armed_deadline = math.inf
@@ -213,6 +216,7 @@ class Channel:
             if self._fd_config is not None:
                 self._fd = FailureDetector(node_id, self._ring_config.cluster_id, self._fd_config)
             self._ring.start(self._now())
+            self._probe_mark = (trio.current_time(), 0)
             self._flush()
             async with trio.open_nursery() as nursery:
                 nursery.start_soon(self._receive_loop, sockets.unicast)
@@ -257,6 +261,9 @@ class Channel:
             if data[:2] == FD_MAGIC:
                 self._fd_packet(data, addr)
                 continue
+            if data[:2] == PROBE_MAGIC:
+                self._answer_probe(data, addr)
+                continue
             if len(data) >= 12:
                 node = int.from_bytes(sender, "big")
                 peers[node] = addr
@@ -291,6 +298,25 @@ class Channel:
             if self._closed:
                 return
             await self.send(payload, safe=safe)
+
+    def _answer_probe(self, data: bytes, addr) -> None:
+        """`groupcomm probe` asks every member for its view and counters."""
+        if self._ring is None or self._sockets is None or not is_probe_request(data, self._ring_config.cluster_id):
+            return
+        now = trio.current_time()
+        stats = self.stats()
+        t0, tokens0 = self._probe_mark
+        self._probe_mark = (now, stats["tokens_received"])
+        report = {
+            "name": self.name,
+            "address": self.address,
+            "state": self._ring.state.name,
+            "view": list(self._view.members) if self._view else [],
+            "ring": str(self._view.ring_id) if self._view else "",
+            "rotations_per_s": round((stats["tokens_received"] - tokens0) / max(now - t0, 1e-6), 1),
+            "stats": stats,
+        }
+        self._sendto(self._sockets.unicast, probe_response(self._ring_config.cluster_id, report), addr)
 
     def _fd_packet(self, data: bytes, addr) -> None:
         fd = self._fd
