@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import hashlib
 import math
+from pathlib import Path
 import time
 import zlib
 from collections.abc import AsyncIterator
@@ -39,7 +40,7 @@ from groupcomm.probe import is_probe_request, probe_response
 from groupcomm.fd import MAGIC as FD_MAGIC
 from groupcomm.fd import HEARTBEAT, PING, PONG, FailureDetector, FdConfig
 from groupcomm.ring import Ring, RingConfig, SendTo, SendToAll
-from groupcomm.udp import UdpConfig, UdpSockets, open_sockets
+from groupcomm.udp import UdpConfig, UdpSockets, UdpuConfig, open_sockets, open_unicast, parse_host
 
 __all__ = ["Channel", "open_channel", "node_id_for"]
 
@@ -69,7 +70,7 @@ class Channel:
         name: str | None,
         node_id: int | None,
         ring: RingConfig,
-        udp: UdpConfig,
+        udp: UdpConfig | UdpuConfig,
         max_pending_events: int,
         fd: FdConfig | None = None,
         frag: FragConfig | None = None,
@@ -92,6 +93,7 @@ class Channel:
         self._ring: Ring | None = None
         self._sockets: UdpSockets | None = None
         self._peers: dict[int, tuple] = {}
+        self._targets: set[tuple] = set()          # unicast-only transport: everyone we know
         # Events travel in one list per flush: one checkpoint per batch, not per message.
         self._events_send, self._events_recv = trio.open_memory_channel[list](math.inf)
         self._pending_events = 0
@@ -204,8 +206,12 @@ class Channel:
 
     async def run(self, *, task_status=trio.TASK_STATUS_IGNORED) -> None:
         """Open sockets, start the ring and serve until cancelled (``nursery.start`` protocol)."""
-        sockets = open_sockets(self._udp_config)
+        cfg = self._udp_config
+        unicast_only = isinstance(cfg, UdpuConfig)
+        sockets = open_unicast(cfg) if unicast_only else open_sockets(cfg)
         self._sockets = sockets
+        if unicast_only:
+            self._targets = {parse_host(h) for h in cfg.hosts} - {sockets.address}
         node_id = self._node_id or node_id_for(self.cluster, self._name or repr(sockets.address))
         # A new incarnation must never reuse a ring id: start above the wall clock.
         floor = int(time.time() * 1000) * 4
@@ -220,7 +226,10 @@ class Channel:
             self._flush()
             async with trio.open_nursery() as nursery:
                 nursery.start_soon(self._receive_loop, sockets.unicast)
-                nursery.start_soon(self._receive_loop, sockets.multicast)
+                if sockets.multicast is not None:
+                    nursery.start_soon(self._receive_loop, sockets.multicast)
+                if unicast_only and cfg.discovery_dir:
+                    nursery.start_soon(self._discovery_loop, cfg, node_id)
                 nursery.start_soon(self._timer_loop)
                 nursery.start_soon(self._resend_loop)
                 task_status.started(self)
@@ -236,6 +245,38 @@ class Channel:
                 return
             self._drain(sock)
 
+    async def _discovery_loop(self, cfg: UdpuConfig, node_id: int) -> None:
+        """Register our address in the shared directory and learn the others'."""
+        assert self._sockets is not None
+        folder = Path(cfg.discovery_dir) / self.cluster
+        folder.mkdir(parents=True, exist_ok=True)
+        host, port = self._sockets.address[:2]
+        mine = folder / f"{node_id}.addr"
+        tmp = folder / f".{node_id}.tmp"
+        tmp.write_text(f"[{host}]:{port}" if ":" in host else f"{host}:{port}")
+        tmp.replace(mine)                          # atomic: readers never see half a file
+        try:
+            while True:
+                for entry in folder.glob("*.addr"):
+                    try:
+                        addr = parse_host(entry.read_text().strip())
+                    except (OSError, ConfigError):
+                        continue                   # being written, or garbage: ignore
+                    if addr != self._sockets.address[:2]:
+                        self._targets.add(addr)
+                await trio.sleep(cfg.rescan)
+        finally:
+            mine.unlink(missing_ok=True)
+
+    def _broadcast(self, packet: bytes) -> None:
+        sockets = self._sockets
+        assert sockets is not None
+        if sockets.group is not None:
+            self._sendto(sockets.unicast, packet, sockets.group)
+        else:
+            for addr in self._targets:
+                self._sendto(sockets.unicast, packet, addr)
+
     def _poll(self) -> None:
         """Drain both sockets without waiting, so the token keeps moving while the
         application's own tasks run (a token left in a socket stalls everyone)."""
@@ -248,7 +289,8 @@ class Channel:
         """Feed every readable datagram to the ring, messages before tokens, then flush once."""
         ring = self._ring
         assert ring is not None
-        my_id, peers, fd = self._my_id, self._peers, self._fd
+        my_id, peers, fd, sockets = self._my_id, self._peers, self._fd, self._sockets
+        assert sockets is not None
         tokens = []
         while True:
             try:
@@ -266,7 +308,10 @@ class Channel:
                 continue
             if len(data) >= 12:
                 node = int.from_bytes(sender, "big")
-                peers[node] = addr
+                if peers.get(node) != addr:
+                    peers[node] = addr
+                    if sockets.group is None:
+                        self._targets.add(addr)
                 if fd is not None:
                     fd.heard(node, self._now())
             if len(data) > 3 and data[3] == _TOKEN:
@@ -332,7 +377,7 @@ class Channel:
         assert fd is not None and sockets is not None and ring is not None
         beat, ping, dead = fd.tick(now)
         if beat:
-            self._sendto(sockets.unicast, fd.packet(HEARTBEAT), sockets.group)
+            self._broadcast(fd.packet(HEARTBEAT))
         for node in ping:
             addr = self._peers.get(node)
             if addr is not None:
@@ -368,7 +413,10 @@ class Channel:
                 if message is not None:
                     push(message)
             elif t is SendToAll:
-                self._sendto(uni, out.packet, group)
+                if group is not None:
+                    self._sendto(uni, out.packet, group)
+                else:
+                    self._broadcast(out.packet)
             elif t is SendTo:
                 addr = peers.get(out.node)
                 if addr is not None:
@@ -422,23 +470,25 @@ class Channel:
 
 
 # The layers a stack file may list, bottom first, and the config each one takes.
-LAYERS: dict[str, type] = {"UDP": UdpConfig, "FD": FdConfig, "TOTEM": RingConfig, "FRAG": FragConfig}
-_REQUIRED = ("UDP", "TOTEM")
+LAYERS: dict[str, type] = {
+    "UDP": UdpConfig, "UDPU": UdpuConfig, "FD": FdConfig, "TOTEM": RingConfig, "FRAG": FragConfig,
+}
+_TRANSPORTS = ("UDP", "UDPU")
 
 
-def stack_configs(spec: StackSpec) -> tuple[RingConfig, UdpConfig, FdConfig | None, FragConfig]:
+def stack_configs(spec: StackSpec) -> tuple[RingConfig, UdpConfig | UdpuConfig, FdConfig | None, FragConfig]:
     """Validate a loaded stack and build each layer's config."""
     names = [layer.name for layer in spec.layers]
     for layer in spec.layers:
         if layer.name not in LAYERS:
             raise ConfigError(f"{layer.source}: unknown layer {layer.name!r} (known: {', '.join(LAYERS)})")
-    for required in _REQUIRED:
-        if required not in names:
-            raise ConfigError(f"{spec.source}: the stack needs a {required} layer")
-    if names.index("UDP") != 0:
-        raise ConfigError(f"{spec.source}: UDP must be the bottom (first) layer")
+    if "TOTEM" not in names:
+        raise ConfigError(f"{spec.source}: the stack needs a TOTEM layer")
+    transports = [n for n in names if n in _TRANSPORTS]
+    if len(transports) != 1 or names[0] != transports[0]:
+        raise ConfigError(f"{spec.source}: the bottom (first) layer must be one transport, UDP or UDPU")
     built = {layer.name: build_config(LAYERS[layer.name], layer) for layer in spec.layers}
-    return built["TOTEM"], built["UDP"], built.get("FD"), built.get("FRAG") or FragConfig()
+    return built["TOTEM"], built[transports[0]], built.get("FD"), built.get("FRAG") or FragConfig()
 
 
 _FROM_STACK = object()
@@ -453,7 +503,7 @@ async def open_channel(
     node_id: int | None = None,
     overrides: dict | None = None,
     ring: RingConfig | None = None,
-    udp: UdpConfig | None = None,
+    udp: UdpConfig | UdpuConfig | None = None,
     fd=_FROM_STACK,
     join_timeout: float | None = None,
     max_pending_events: int = 100_000,

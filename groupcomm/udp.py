@@ -12,10 +12,10 @@ import ipaddress
 import socket
 from dataclasses import dataclass
 
-from groupcomm.config import Size
+from groupcomm.config import Duration, Size
 from groupcomm.errors import ConfigError
 
-__all__ = ["UdpConfig", "UdpSockets", "open_sockets"]
+__all__ = ["UdpConfig", "UdpuConfig", "UdpSockets", "open_sockets", "open_unicast", "parse_host"]
 
 
 @dataclass(frozen=True)
@@ -67,7 +67,8 @@ class UdpSockets:
 
     def close(self) -> None:
         self.unicast.close()
-        self.multicast.close()
+        if self.multicast is not None:
+            self.multicast.close()
 
 
 _FORCE = {socket.SO_RCVBUF: getattr(socket, "SO_RCVBUFFORCE", None), socket.SO_SNDBUF: getattr(socket, "SO_SNDBUFFORCE", None)}
@@ -122,3 +123,74 @@ def open_sockets(cfg: UdpConfig) -> UdpSockets:
         uni.close()
         mc.close()
         raise ConfigError(f"UDP: cannot open sockets on {cfg.bind_addr} / {cfg.mcast_addr}:{cfg.mcast_port}: {exc}") from exc
+
+
+@dataclass(frozen=True)
+class UdpuConfig:
+    """Unicast-only UDP (no multicast): "send to all" goes to every known member.
+
+    Members are known from ``hosts`` (a static list), from ``discovery_dir`` (a
+    directory shared by the members, e.g. on NFS, where each registers its
+    address), and from the source of every packet received.
+    """
+
+    bind_addr: str = "127.0.0.1"
+    port: int = 45600
+    """Our port; fixed, so that the others can list it."""
+    hosts: tuple[str, ...] = ()
+    """``host:port`` of the members (ours may be listed too)."""
+    discovery_dir: str = ""
+    """A shared directory where members register; empty: not used."""
+    rescan: Duration = 1.0
+    """How often the discovery directory is read again."""
+    recv_buffer: Size = 4 << 20
+    send_buffer: Size = 4 << 20
+
+    def __post_init__(self) -> None:
+        try:
+            ipaddress.ip_address(self.bind_addr)
+        except ValueError as exc:
+            raise ConfigError(f"UDPU: {exc}") from None
+        if not 1 <= self.port <= 65535:
+            raise ConfigError(f"UDPU: port must be in 1..65535, got {self.port}")
+        hosts = tuple(h.strip() for h in self.hosts if h.strip())
+        for h in hosts:
+            parse_host(h)
+        object.__setattr__(self, "hosts", hosts)
+        if not self.hosts and not self.discovery_dir:
+            raise ConfigError("UDPU: list the members in hosts, or give a discovery_dir (or both)")
+        if self.rescan <= 0:
+            raise ConfigError("UDPU: rescan must be > 0")
+
+    @property
+    def family(self) -> int:
+        return socket.AF_INET6 if ":" in self.bind_addr else socket.AF_INET
+
+
+def parse_host(text: str) -> tuple[str, int]:
+    """``"10.0.0.5:45600"`` or ``"[::1]:45600"`` -> (address, port); names are resolved."""
+    host, sep, port = text.rpartition(":")
+    if not sep or not port.isdigit() or not 1 <= int(port) <= 65535:
+        raise ConfigError(f"UDPU: host {text!r} must be address:port")
+    host = host.strip("[]")
+    try:
+        ipaddress.ip_address(host)
+    except ValueError:
+        try:
+            host = socket.getaddrinfo(host, None, type=socket.SOCK_DGRAM)[0][4][0]
+        except OSError as exc:
+            raise ConfigError(f"UDPU: cannot resolve {text!r}: {exc}") from None
+    return host, int(port)
+
+
+def open_unicast(cfg: UdpuConfig) -> UdpSockets:
+    """The single socket of the unicast-only transport (non-blocking)."""
+    sock = socket.socket(cfg.family, socket.SOCK_DGRAM)
+    try:
+        sock.bind((cfg.bind_addr, cfg.port))
+        _buffers(sock, cfg)  # type: ignore[arg-type]
+        sock.setblocking(False)
+    except OSError as exc:
+        sock.close()
+        raise ConfigError(f"UDPU: cannot bind {cfg.bind_addr}:{cfg.port}: {exc}") from exc
+    return UdpSockets(sock, None, None)  # type: ignore[arg-type]

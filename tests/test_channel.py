@@ -126,10 +126,10 @@ async def test_a_consumer_that_falls_behind_leaves_instead_of_stalling_the_ring(
 
 
 def test_every_shipped_stack_builds_with_an_empty_environment():
-    assert {"udp", "loopback"} <= set(stack_names())
+    assert {"udp", "udpu", "loopback"} <= set(stack_names())
     for name in stack_names():
         ring, udp, fd, frag = stack_configs(load_stack(name, environ={}))
-        assert ring.token_timeout > 0 and udp.mcast_port > 0
+        assert ring.token_timeout > 0 and frag.max_message > 0 and (fd is None or fd.timeout > 0)
 
 
 def test_a_stack_with_an_unknown_layer_is_rejected(tmp_path):
@@ -163,3 +163,44 @@ async def test_large_messages_are_fragmented_and_delivered_in_order():
                     assert [m.payload for m in mine] == [b"before", big, b"after"]   # FIFO per sender
                     assert mine[1].safe is True
                 assert orders[0] == orders[1]                                       # one total order
+
+
+async def test_unicast_only_stack_with_a_static_host_list_and_with_a_shared_directory(tmp_path):
+    from groupcomm.udp import UdpuConfig
+
+    ports = [free_port() for _ in range(3)]
+    hosts = tuple(f"127.0.0.1:{p}" for p in ports)
+    static = [UdpuConfig(port=p, hosts=hosts) for p in ports]
+    shared = [UdpuConfig(port=free_port(), discovery_dir=str(tmp_path), rescan=0.02) for _ in range(3)]
+    for configs in (static, shared):
+        cluster = unique_cluster()
+        orders: list[list[bytes]] = []
+
+        async def member(cfg: UdpuConfig, name: str) -> None:
+            async with open_channel(cluster=cluster, name=name, udp=cfg, ring=FAST) as ch:
+                await wait_for_view(ch, 3)
+                await ch.send(name.encode())
+                got: list[bytes] = []
+                async for ev in ch.events():
+                    if isinstance(ev, Message):
+                        got.append(ev.payload)
+                        if len(got) == 3:
+                            break
+                orders.append(got)
+                await trio.sleep(0.3)                  # let the others finish before leaving
+
+        with trio.fail_after(20):
+            async with trio.open_nursery() as nursery:
+                for i, cfg in enumerate(configs):
+                    nursery.start_soon(member, cfg, f"u{i}")
+        assert len(orders) == 3 and orders[0] == orders[1] == orders[2]
+    assert not list(tmp_path.rglob("*.addr"))          # members unregister on exit
+
+
+def test_unicast_stack_config_errors_name_the_problem():
+    from groupcomm.udp import UdpuConfig
+
+    with pytest.raises(ConfigError, match="hosts, or give a discovery_dir"):
+        UdpuConfig()
+    with pytest.raises(ConfigError, match="address:port"):
+        UdpuConfig(hosts=("127.0.0.1",))
