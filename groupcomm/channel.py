@@ -211,7 +211,7 @@ class Channel:
         sockets = open_unicast(cfg) if unicast_only else open_sockets(cfg)
         self._sockets = sockets
         if unicast_only:
-            self._targets = {parse_host(h) for h in cfg.hosts} - {sockets.address}
+            self._targets = {parse_host(h) for h in cfg.hosts} - {sockets.address[:2]}
         node_id = self._node_id or node_id_for(self.cluster, self._name or repr(sockets.address))
         # A new incarnation must never reuse a ring id: start above the wall clock.
         floor = int(time.time() * 1000) * 4
@@ -311,7 +311,7 @@ class Channel:
                 if peers.get(node) != addr:
                     peers[node] = addr
                     if sockets.group is None:
-                        self._targets.add(addr)
+                        self._targets.add(addr[:2])    # (host, port): IPv6 adds flow info and scope
                 if fd is not None:
                     fd.heard(node, self._now())
             if len(data) > 3 and data[3] == _TOKEN:

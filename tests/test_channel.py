@@ -204,3 +204,26 @@ def test_unicast_stack_config_errors_name_the_problem():
         UdpuConfig()
     with pytest.raises(ConfigError, match="address:port"):
         UdpuConfig(hosts=("127.0.0.1",))
+
+
+async def test_ipv6_on_the_unicast_stack():
+    from groupcomm.udp import UdpuConfig
+
+    def free6() -> int:
+        with socket.socket(socket.AF_INET6, socket.SOCK_DGRAM) as s:
+            s.bind(("::1", 0))
+            return s.getsockname()[1]
+
+    ports = [free6(), free6()]
+    hosts = tuple(f"[::1]:{p}" for p in ports)
+    cluster = unique_cluster()
+    with trio.fail_after(20):
+        async with open_channel(cluster=cluster, name="a", udp=UdpuConfig(bind_addr="::1", port=ports[0], hosts=hosts), ring=FAST) as a:
+            async with open_channel(cluster=cluster, name="b", udp=UdpuConfig(bind_addr="::1", port=ports[1], hosts=hosts), ring=FAST) as b:
+                await wait_for_view(a, 2)
+                await a.send(b"over v6")
+                async for ev in b.events():
+                    if isinstance(ev, Message):
+                        assert ev == Message(a.address, b"over v6", False)
+                        break
+                assert len(a._targets) == 1                  # one target per peer, not per address form
