@@ -359,6 +359,7 @@ class Channel:
             "view": list(self._view.members) if self._view else [],
             "ring": str(self._view.ring_id) if self._view else "",
             "rotations_per_s": round((stats["tokens_received"] - tokens0) / max(now - t0, 1e-6), 1),
+            "debug": self._ring.debug(),
             "stats": stats,
         }
         self._sendto(self._sockets.unicast, probe_response(self._ring_config.cluster_id, report), addr)

@@ -37,6 +37,9 @@ class Member:
              "--mcast-port", str(port), "--ttl", "0", "--token-timeout", str(TOKEN)],
             cwd=ROOT, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
         )
+        self._start_reader()
+
+    def _start_reader(self) -> None:
         self.events: queue.Queue = queue.Queue()
         self.log: list[dict] = []
         threading.Thread(target=self._read, daemon=True).start()
@@ -61,9 +64,14 @@ class Member:
     def address(self, timeout: float = 10) -> int:
         return self.wait(lambda e: "address" in e, timeout)["address"]
 
-    def wait(self, predicate, timeout: float) -> dict:
+    def mark(self) -> int:
+        """A position in the event log: ``wait(..., since=mark)`` looks only at later events."""
+        self.drain()
+        return len(self.log)
+
+    def wait(self, predicate, timeout: float, since: int = 0) -> dict:
         deadline = time.monotonic() + timeout
-        for event in self.log:
+        for event in self.log[since:]:
             if predicate(event):
                 return event
         while time.monotonic() < deadline:
@@ -118,10 +126,11 @@ def test_processes_join_agree_survive_kill_and_rejoin():
         elapsed = time.monotonic() - t0
         assert elapsed < 10
 
+        marks = [m.mark() for m in members[:2]]
         members[2] = Member("p3", cluster, port)        # same name, so the same node id
         assert members[2].address() == ids["p3"]
-        for m in members:
-            m.wait(view_is(everyone), 15)
+        for m, mark in zip(members, [*marks, 0]):
+            m.wait(view_is(everyone), 15, since=mark)   # the merged view, not the first one
         members[0].send("after rejoin")
         for m in members:
             m.wait(lambda e: e.get("msg") == "after rejoin", 10)
