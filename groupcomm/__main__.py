@@ -1,8 +1,10 @@
 """The ``groupcomm`` command line.
 
-``groupcomm simulate`` runs a cluster of real ring cores on a simulated network
-in virtual time and narrates it: views forming, totally ordered messages, a
-crash, a partition, the heal and the merge, then the EVS check.
+- ``groupcomm demo``: real member processes on loopback, narrated (views, an
+  ordered stream with agreement checked, kill -9, restart and merge).
+- ``groupcomm simulate``: real ring cores on the simulated network in virtual
+  time: a crash, a partition, the heal and the merge, then the EVS check.
+- ``groupcomm node``: one member; ``groupcomm probe``: ask members for counters.
 """
 
 from __future__ import annotations
@@ -158,12 +160,14 @@ def probe_command(args: argparse.Namespace) -> int:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="groupcomm", description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command", required=True)
-    for name in ("simulate", "demo"):
-        p = sub.add_parser(name, help="run a narrated cluster on the simulated network")
-        p.add_argument("--nodes", type=int, default=5, help="members (2..32, default 5)")
-        p.add_argument("--seed", type=int, default=1)
-        p.add_argument("--loss", type=float, default=0.02, help="packet loss probability")
-        p.add_argument("-v", "--verbose", action="store_true", help="print every delivery")
+    p = sub.add_parser("demo", help="a local cluster of real member processes on loopback, narrated")
+    p.add_argument("--members", type=int, default=3, help="member processes (2..8, default 3)")
+    p.add_argument("--messages", type=int, default=10, help="messages each member sends")
+    p = sub.add_parser("simulate", help="a narrated cluster on the simulated network, in virtual time")
+    p.add_argument("--nodes", type=int, default=5, help="members (2..32, default 5)")
+    p.add_argument("--seed", type=int, default=1)
+    p.add_argument("--loss", type=float, default=0.02, help="packet loss probability")
+    p.add_argument("-v", "--verbose", action="store_true", help="print every delivery")
     p = sub.add_parser("node", help="run one member on UDP: print events, send stdin lines")
     p.add_argument("--stack", default="udp", help="a shipped stack (udp, loopback) or a .toml path")
     p.add_argument("--cluster", required=True)
@@ -188,6 +192,12 @@ def main(argv: list[str] | None = None) -> int:
         return node(args)
     if args.command == "probe":
         return probe_command(args)
+    if args.command == "demo":
+        from groupcomm.demo import run_demo
+
+        if not 2 <= args.members <= 8:
+            parser.error("--members must be in 2..8")
+        return 0 if run_demo(args.members, args.messages) else 1
     if not 2 <= args.nodes <= 32:
         parser.error("--nodes must be in 2..32")
     if not 0 <= args.loss < 1:

@@ -9,38 +9,27 @@ from __future__ import annotations
 
 import os
 import shutil
-import subprocess
-import sys
 import uuid
 
 import pytest
 
 from groupcomm.events import Configuration, Delivery, RingId
 from groupcomm.testing import SendRecord, check_evs
+from groupcomm.demo import NodeProcess, view_is
 from tests.netns import Lab
-from tests.test_processes import ROOT, Member, view_is
 
 pytestmark = pytest.mark.skipif(
     os.geteuid() != 0 or shutil.which("ip") is None, reason="needs root and iproute2 to make network namespaces"
 )
 
 
-class NsMember(Member):
+def ns_member(lab: Lab, i: int, cluster: str) -> NodeProcess:
     """A `groupcomm node` process inside one of the lab's namespaces."""
-
-    def __init__(self, lab: Lab, i: int, cluster: str) -> None:
-        self.name = f"h{i}"
-        self.proc = subprocess.Popen(
-            [*lab.exec_prefix(i), sys.executable, "-m", "groupcomm", "node", "--json", "--cluster", cluster,
-             "--name", self.name, "--bind", lab.addresses[i], "--ttl", "1", "--stack", "udp",
-             "--token-timeout", "0.3"],
-            cwd=ROOT, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-            env={**os.environ, "PYTHONPATH": str(ROOT)},
-        )
-        self._start_reader()
+    args = ["--bind", lab.addresses[i], "--ttl", "1", "--stack", "udp", "--token-timeout", "0.3"]
+    return NodeProcess(f"h{i}", cluster, args, prefix=lab.exec_prefix(i))
 
 
-def history(member: Member) -> list:
+def history(member: NodeProcess) -> list:
     member.drain()
     out = []
     for e in member.log:
@@ -55,7 +44,7 @@ def history(member: Member) -> list:
 def test_partition_and_heal_between_namespaces():
     cluster = f"netns-{uuid.uuid4().hex[:6]}"
     with Lab(3) as lab:
-        members = [NsMember(lab, i, cluster) for i in range(3)]
+        members = [ns_member(lab, i, cluster) for i in range(3)]
         sends: list[SendRecord] = []
         try:
             ids = [m.address() for m in members]

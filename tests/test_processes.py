@@ -7,96 +7,32 @@ the PID we hold (never by name).
 from __future__ import annotations
 
 import json
-import queue
 import signal
-import socket
 import subprocess
 import sys
-import threading
 import time
 import uuid
 from pathlib import Path
+
+from groupcomm.demo import NodeProcess, free_udp_port, view_is
 
 ROOT = Path(__file__).resolve().parent.parent
 TOKEN = 0.3
 
 
-def free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+free_port = free_udp_port
 
 
-class Member:
-    """One `groupcomm node --json` process and a thread collecting its events."""
+class Member(NodeProcess):
+    """A `groupcomm node --json` member on loopback multicast (TTL 0)."""
 
     def __init__(self, name: str, cluster: str, port: int) -> None:
-        self.name = name
-        self.proc = subprocess.Popen(
-            [sys.executable, "-m", "groupcomm", "node", "--json", "--cluster", cluster, "--name", name,
-             "--mcast-port", str(port), "--ttl", "0", "--token-timeout", str(TOKEN)],
-            cwd=ROOT, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-        )
-        self._start_reader()
-
-    def _start_reader(self) -> None:
-        self.events: queue.Queue = queue.Queue()
-        self.log: list[dict] = []
-        threading.Thread(target=self._read, daemon=True).start()
-
-    def _read(self) -> None:
-        assert self.proc.stdout is not None
-        for line in self.proc.stdout:
-            self.events.put(json.loads(line))
-
-    def drain(self) -> None:
-        while True:
-            try:
-                self.log.append(self.events.get_nowait())
-            except queue.Empty:
-                return
-
-    def send(self, text: str) -> None:
-        assert self.proc.stdin is not None
-        self.proc.stdin.write(text + "\n")
-        self.proc.stdin.flush()
-
-    def address(self, timeout: float = 10) -> int:
-        return self.wait(lambda e: "address" in e, timeout)["address"]
-
-    def mark(self) -> int:
-        """A position in the event log: ``wait(..., since=mark)`` looks only at later events."""
-        self.drain()
-        return len(self.log)
-
-    def wait(self, predicate, timeout: float, since: int = 0) -> dict:
-        deadline = time.monotonic() + timeout
-        for event in self.log[since:]:
-            if predicate(event):
-                return event
-        while time.monotonic() < deadline:
-            try:
-                event = self.events.get(timeout=0.05)
-            except queue.Empty:
-                continue
-            self.log.append(event)
-            if predicate(event):
-                return event
-        err = self.proc.stderr.read() if self.proc.poll() is not None and self.proc.stderr else ""
-        raise AssertionError(f"{self.name}: timed out; last events {self.log[-5:]} {err}")
-
-    def messages(self) -> list[str]:
-        self.drain()
-        return [e["msg"] for e in self.log if "msg" in e]
+        super().__init__(name, cluster, ["--mcast-port", str(port), "--ttl", "0", "--token-timeout", str(TOKEN)])
 
     def stop(self) -> None:
         if self.proc.poll() is None:
             self.proc.kill()
         self.proc.wait(timeout=10)
-
-
-def view_is(members: set[int]):
-    return lambda e: "view" in e and not e["transitional"] and set(e["view"]) == members
 
 
 def test_processes_join_agree_survive_kill_and_rejoin():
@@ -163,3 +99,12 @@ def test_probe_lists_every_running_member():
     finally:
         for m in members:
             m.stop()
+
+
+def test_the_demo_runs_real_processes_and_all_its_checks_pass():
+    from groupcomm.demo import run_demo
+
+    lines: list[str] = []
+    assert run_demo(3, 5, out=lines.append)
+    text = "\n".join(lines)
+    assert "identical order at all 3 members: True" in text and "merged back into one view" in text
