@@ -435,7 +435,7 @@ struct gc_ring {
 
     /* timers */
     uint64_t deadline[TIMER_COUNT];
-    uint64_t singleton_not_before;
+    uint64_t startup_until;            /* a fresh member forms no ring before this */
 
     /* buffers */
     uint8_t **pool;
@@ -987,9 +987,10 @@ static void consensus_check(gc_ring_t *r, uint64_t now)
         commit_create(r, now);
         return;
     }
-    if (active.n == 1 && !r->have_installed && now < r->singleton_not_before) {
-        /* A fresh member waits a little for peers before forming a ring alone. */
-        timer_set(r, TIMER_STARTUP, r->singleton_not_before);
+    if (!r->have_installed && now < r->startup_until) {
+        /* A fresh member gathers for startup_wait before forming its first ring,
+           so members started together form one ring rather than several. */
+        timer_set(r, TIMER_STARTUP, r->startup_until);
         return;
     }
     if (active.n > 0 && active.id[0] == r->me) commit_create(r, now);
@@ -1978,6 +1979,7 @@ void gc_ring_config_default(gc_ring_config_t *c)
     c->join_us = 50000;
     c->consensus_us = 1200000;           /* 1.2 * token */
     c->merge_us = 200000;
+    c->startup_wait_us = 200000;         /* 4 * join: members started together find each other */
     c->fail_recv_const = 2500;
     c->seqno_unchanged_const = 30;
     c->miss_count_const = 5;
@@ -2085,7 +2087,7 @@ int gc_ring_start(gc_ring_t *r, uint64_t now)
 {
     if (!r || r->state != GC_STATE_INIT) return GC_EINVAL;
     outputs_begin(r);
-    r->singleton_not_before = now + 4 * r->cfg.join_us;
+    r->startup_until = now + r->cfg.startup_wait_us;
     set_single(&r->my_proc, r->me);
     gather_enter(r, now);
     return finish(r, GC_OK);

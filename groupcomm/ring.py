@@ -89,6 +89,9 @@ class RingConfig:
     """Gathering gives up on silent members after this (default ``1.2 * token_timeout``)."""
     merge: Duration = 0.2
     """An idle representative announces its ring this often, so partitions merge."""
+    startup_wait: Duration | None = None
+    """A fresh member gathers this long before forming its first ring, so members
+    started together form one ring rather than several (default ``4 * join``)."""
     mtu: Size = 1400
     """Largest datagram the ring sends; application messages are packed up to it."""
     max_members: int = 32
@@ -141,6 +144,7 @@ class RingConfig:
             "join_us": _to_us("join", self.join),
             "consensus_us": _to_us("consensus", consensus),
             "merge_us": _to_us("merge", self.merge),
+            "startup_wait_us": _to_us("startup_wait", _derived(self.startup_wait, 4 * self.join)),
             "fail_recv_const": self.fail_recv_const,
             "seqno_unchanged_const": self.seqno_unchanged_const,
             "miss_count_const": self.miss_count_const,

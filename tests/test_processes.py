@@ -108,3 +108,17 @@ def test_the_demo_runs_real_processes_and_all_its_checks_pass():
     assert run_demo(3, 5, out=lines.append)
     text = "\n".join(lines)
     assert "identical order at all 3 members: True" in text and "merged back into one view" in text
+
+
+def test_members_started_together_form_one_ring_not_several():
+    cluster, port = f"start-{uuid.uuid4().hex[:8]}", free_port()
+    args = ["--stack", "loopback", "--mcast-port", str(port)]
+    members = [NodeProcess(f"s{i}", cluster, args) for i in range(5)]
+    try:
+        ids = {m.address() for m in members}
+        for m in members:
+            first = m.wait(lambda e: "view" in e and not e["transitional"], 20)
+            assert set(first["view"]) == ids, f"{m.name} first formed {first['view']}"
+    finally:
+        for m in members:
+            m.stop()
