@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import hashlib
 import math
+from dataclasses import dataclass
 from pathlib import Path
 import time
 import zlib
@@ -471,14 +472,26 @@ class Channel:
 
 
 # The layers a stack file may list, bottom first, and the config each one takes.
+@dataclass(frozen=True)
+class SimTransport:
+    """Marks a stack for the simulator: the network is SimCluster's."""
+
+
 LAYERS: dict[str, type] = {
-    "UDP": UdpConfig, "UDPU": UdpuConfig, "FD": FdConfig, "TOTEM": RingConfig, "FRAG": FragConfig,
+    "UDP": UdpConfig, "UDPU": UdpuConfig, "SIM": SimTransport,
+    "FD": FdConfig, "TOTEM": RingConfig, "FRAG": FragConfig,
 }
-_TRANSPORTS = ("UDP", "UDPU")
+_TRANSPORTS = ("UDP", "UDPU", "SIM")
 
 
-def stack_configs(spec: StackSpec) -> tuple[RingConfig, UdpConfig | UdpuConfig, FdConfig | None, FragConfig]:
-    """Validate a loaded stack and build each layer's config."""
+def stack_configs(
+    spec: StackSpec, *, transport_optional: bool = False
+) -> tuple[RingConfig, UdpConfig | UdpuConfig | None, FdConfig | None, FragConfig]:
+    """Validate a loaded stack and build each layer's config.
+
+    ``transport_optional``: the simulator supplies its own network, so a stack
+    for it (``protocols/sim.toml``) lists a ``SIM`` transport or none.
+    """
     names = [layer.name for layer in spec.layers]
     for layer in spec.layers:
         if layer.name not in LAYERS:
@@ -486,10 +499,13 @@ def stack_configs(spec: StackSpec) -> tuple[RingConfig, UdpConfig | UdpuConfig, 
     if "TOTEM" not in names:
         raise ConfigError(f"{spec.source}: the stack needs a TOTEM layer")
     transports = [n for n in names if n in _TRANSPORTS]
-    if len(transports) != 1 or names[0] != transports[0]:
+    if transport_optional and (not transports or transports == ["SIM"]):
+        transports = []
+    elif len(transports) != 1 or names[0] != transports[0] or transports == ["SIM"]:
         raise ConfigError(f"{spec.source}: the bottom (first) layer must be one transport, UDP or UDPU")
     built = {layer.name: build_config(LAYERS[layer.name], layer) for layer in spec.layers}
-    return built["TOTEM"], built[transports[0]], built.get("FD"), built.get("FRAG") or FragConfig()
+    transport = built[transports[0]] if transports else None
+    return built["TOTEM"], transport, built.get("FD"), built.get("FRAG") or FragConfig()
 
 
 _FROM_STACK = object()

@@ -111,6 +111,15 @@ class Fragmenter:
             self._outgoing.pop(msg_id, None)
         return Message(sender, b"".join(partial.parts), partial.safe)
 
+    @property
+    def last_id(self) -> int:
+        """The msg id of the most recent message :meth:`split` fragmented."""
+        return self._next_id
+
+    def in_flight(self, msg_id: int) -> bool:
+        """Whether our fragmented message ``msg_id`` is neither delivered nor cut."""
+        return msg_id in self._outgoing
+
     def view(self) -> None:
         """A regular view was installed: drop every partial message."""
         for key in list(self._partial):

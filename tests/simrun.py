@@ -7,7 +7,8 @@ from groupcomm.ring import RingConfig
 from groupcomm.testing import SimCluster
 
 
-def apply(sim: SimCluster, plan) -> None:
+def apply(sim: SimCluster, plan, big_every: int = 0) -> None:
+    """Run the steps; with ``big_every`` every n-th message is large (several fragments)."""
     counter = 0
     for step in plan:
         kind, args = step.kind, step.args
@@ -15,8 +16,11 @@ def apply(sim: SimCluster, plan) -> None:
             node, count, safe = args
             for _ in range(count):
                 counter += 1
+                payload = b"m%d" % counter
+                if big_every and counter % big_every == 0:
+                    payload += b"." * (2500 + 700 * (counter % 5))
                 try:
-                    sim.send(node, b"m%d" % counter, safe=safe)
+                    sim.send(node, payload, safe=safe)
                 except LocalProtocolError:
                     break                    # crashed or queue full: the schedule goes on
         elif kind == "run":
@@ -51,9 +55,9 @@ def settle(sim: SimCluster) -> None:
     sim.run(sim.settle_time)
 
 
-def run_schedule(n: int, seed: int, plan, config: RingConfig | None = None) -> SimCluster:
-    sim = SimCluster(nodes=n, seed=seed, config=config)
-    apply(sim, plan)
+def run_schedule(n: int, seed: int, plan, config: RingConfig | None = None, stack: str | None = None) -> SimCluster:
+    sim = SimCluster(nodes=n, seed=seed, config=config, stack=stack)
+    apply(sim, plan, big_every=3 if stack else 0)
     sim.check(settled=False)
     settle(sim)
     sim.check(settled=True)

@@ -26,3 +26,11 @@ def test_evs_holds_under_drawn_fault_schedules(schedule):
 def test_evs_holds_with_fast_timers(schedule):
     n, seed, plan = schedule
     run_schedule(n, seed, plan, FAST)
+
+
+@given(schedules(max_steps=30))
+def test_evs_holds_for_the_production_stack_with_large_messages(schedule):
+    """The TOTEM, FD and FRAG layers of protocols/sim.toml; every third message
+    is fragmented, so view changes cut large messages mid-flight."""
+    n, seed, plan = schedule
+    run_schedule(n, seed, plan, stack="sim")

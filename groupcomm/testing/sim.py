@@ -15,8 +15,9 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 
 from groupcomm.errors import ConfigError, LocalProtocolError, NotOperational, PayloadTooLarge
-from groupcomm.events import Configuration, Crashed, Delivery, Event
+from groupcomm.events import Configuration, Crashed, Delivery, Event, Message, View
 from groupcomm.ring import Ring, RingConfig, RingState, SendTo, SendToAll
+from groupcomm.stack import Stack
 from groupcomm.testing.evs import SendRecord, check_evs
 
 __all__ = ["SimCluster", "NetworkModel"]
@@ -46,6 +47,55 @@ class NetworkModel:
         return self.loss == 0 and self.duplicate == 0
 
 
+class _StackAsRing:
+    """Presents a :class:`~groupcomm.stack.Stack` with the Ring interface the simulator drives."""
+
+    def __init__(self, stack: Stack) -> None:
+        self.stack = stack
+        self._now = 0
+
+    def __getattr__(self, name: str):
+        return getattr(self.stack.ring, name)          # state, ring_seq, stats, debug, members...
+
+    @property
+    def max_payload(self) -> int:
+        return self.stack.frag.max_message
+
+    @property
+    def pending(self) -> int:
+        return self.stack.ring.pending + len(self.stack._waiting)
+
+    def receive(self, now: int, packet: bytes) -> None:
+        self._now = now
+        self.stack.receive(now, packet)
+
+    def submit(self, now: int, payload: bytes, *, safe: bool = False) -> None:
+        self._now = now
+        self.stack.send(now, payload, safe)
+
+    def tick(self, now: int) -> None:
+        self._now = now
+        self.stack.tick(now)
+
+    def next_deadline(self) -> int | None:
+        return self.stack.next_deadline()
+
+    def suspect(self, now: int, node: int) -> bool:
+        return self.stack.suspect(now, node)
+
+    def take(self) -> list:
+        out = []
+        for item in self.stack.take(self._now):
+            t = type(item)
+            if t is Message:
+                out.append(Delivery(item.sender, item.payload, item.safe))
+            elif t is View:
+                out.append(Configuration(item.ring_id, item.members, item.transitional))
+            else:
+                out.append(item)
+        return out
+
+
 class _Member:
     __slots__ = ("node", "ring", "incarnation", "ring_seq")
 
@@ -70,12 +120,23 @@ class SimCluster:
         config: RingConfig | None = None,
         *,
         network: NetworkModel | None = None,
+        stack: str | None = None,
     ) -> None:
         ids = list(range(1, nodes + 1)) if isinstance(nodes, int) else sorted(set(nodes))
         if not ids:
             raise ConfigError("SimCluster needs at least one node")
         if any((not isinstance(n, int)) or n < 1 or n >= 2**32 - 1 for n in ids):
             raise ConfigError(f"node ids must be integers in 1..4294967294, got {ids!r}")
+        self._fd = self._frag = None
+        if stack is not None:
+            # The production layers from a stack file (TOTEM, FRAG, FD); the
+            # transport is this simulated network.
+            from groupcomm.channel import stack_configs
+            from groupcomm.config import load_stack
+
+            stack_ring, _, self._fd, self._frag = stack_configs(load_stack(stack), transport_optional=True)
+            config = config or stack_ring
+        self._use_stack = stack is not None
         self.config = config or RingConfig()
         self.network = network or NetworkModel()
         self._rng = random.Random(seed)
@@ -122,8 +183,13 @@ class SimCluster:
         m = self._members[node]
         m.incarnation += 1
         floor = m.ring_seq + 1 if m.incarnation > 0 else 0
-        m.ring = Ring(node, self.config, ring_seq_floor=floor)
-        m.ring.start(self._now)
+        if self._use_stack:
+            st = Stack(node, self.config, fd=self._fd, frag=self._frag, ring_seq_floor=floor)
+            st.start(self._now)
+            m.ring = _StackAsRing(st)  # type: ignore[assignment]
+        else:
+            m.ring = Ring(node, self.config, ring_seq_floor=floor)
+            m.ring.start(self._now)
         self._flush(m)
 
     def crash(self, node: int) -> None:

@@ -1,0 +1,192 @@
+"""One member's protocol layers, sans-IO: the Totem ring, fragmentation and
+failure detection, driven by packets, sends and time.
+
+The trio :class:`~groupcomm.channel.Channel` drives a ``Stack`` over UDP and
+:class:`~groupcomm.testing.SimCluster` drives the same class over its
+simulated network, so tests exercise the production layers.
+
+Outputs (:meth:`Stack.take`), in order: :class:`~groupcomm.ring.SendToAll`,
+:class:`~groupcomm.ring.SendTo` (to a member id), :class:`~groupcomm.events.Message`
+and :class:`~groupcomm.events.View`.
+"""
+
+from __future__ import annotations
+
+from collections import deque
+
+from groupcomm.errors import QueueFull
+from groupcomm.events import Configuration, Message, View
+from groupcomm.fd import MAGIC as FD_MAGIC
+from groupcomm.fd import HEARTBEAT, PING, PONG, FailureDetector, FdConfig
+from groupcomm.frag import FragConfig, Fragmenter
+from groupcomm.ring import Ring, RingConfig, SendTo, SendToAll
+
+__all__ = ["Stack"]
+
+
+class Stack:
+    """TOTEM + FRAG (+ FD) for one member; time is integer microseconds."""
+
+    def __init__(
+        self,
+        node_id: int,
+        ring: RingConfig,
+        *,
+        fd: FdConfig | None = None,
+        frag: FragConfig | None = None,
+        ring_seq_floor: int = 0,
+    ) -> None:
+        self.node_id = node_id
+        self.ring = Ring(node_id, ring, ring_seq_floor=ring_seq_floor)
+        self.frag = Fragmenter(node_id, self.ring.max_payload, (frag or FragConfig()).max_message)
+        self.fd = FailureDetector(node_id, ring.cluster_id, fd) if fd is not None else None
+        self._fd_deadline = 0
+        self._fragments: deque[tuple[bytes, bool]] = deque()  # of the message in flight, not yet in the ring
+        self._inflight: int | None = None                      # msg id of our fragmented message
+        self._waiting: deque[tuple[bytes, bool]] = deque()    # messages queued behind it
+        self._out: list = []
+        self.view: View | None = None
+
+    # -- inputs -----------------------------------------------------------------
+
+    def start(self, now: int) -> None:
+        self.ring.start(now)
+
+    def receive(self, now: int, data: bytes) -> None:
+        """A packet from the network (ring or failure-detector packet)."""
+        if data[:2] == FD_MAGIC:
+            fd = self.fd
+            if fd is not None:
+                reply_to = fd.receive(data, now)
+                if reply_to is not None:
+                    self._out.append(SendTo(reply_to, fd.packet(PONG)))
+            return
+        if self.fd is not None and len(data) >= 12:
+            self.fd.heard(int.from_bytes(data[8:12], "big"), now)
+        self.ring.receive(now, data)
+
+    def send(self, now: int, payload: bytes, safe: bool = False) -> None:
+        """Queue ``payload`` for total-order delivery; fragments it if it is large.
+
+        Raises :class:`~groupcomm.errors.QueueFull` when the member's queue is
+        full (nothing is queued then) and PayloadTooLarge over FRAG's limit.
+        Messages behind a fragmented one wait until it is delivered, so a
+        message a view change cut is re-sent before them (per-sender FIFO).
+        """
+        payload = bytes(payload)
+        if self._inflight is None and not self._waiting:
+            packets = self.frag.split(payload, safe)
+            if len(packets) == 1:
+                self.ring.submit(now, packets[0], safe=safe)   # raises QueueFull itself
+                return
+            self._start(packets, safe)
+        else:
+            if len(payload) > self.frag.max_message:
+                self.frag.split(payload, safe)                 # raises PayloadTooLarge
+            if len(self._waiting) >= self.ring.config.send_queue_max:
+                raise QueueFull(f"member {self.node_id}: send queue is full; wait for deliveries and retry")
+            self._waiting.append((payload, safe))
+        self._feed(now)
+
+    def _start(self, packets: list[bytes], safe: bool) -> None:
+        self._inflight = self.frag.last_id
+        self._fragments = deque((p, safe) for p in packets)
+
+    def _feed(self, now: int) -> None:
+        """Move fragments, then waiting messages, into the ring while it has room."""
+        ring = self.ring
+        while True:
+            fragments = self._fragments
+            while fragments:
+                packet, safe = fragments[0]
+                try:
+                    ring.submit(now, packet, safe=safe)
+                except QueueFull:
+                    return
+                fragments.popleft()
+            if self._inflight is not None and self.frag.in_flight(self._inflight):
+                return                                     # wait until it is delivered (or cut)
+            self._inflight = None
+            if not self._waiting:
+                return
+            payload, safe = self._waiting[0]
+            packets = self.frag.split(payload, safe)
+            if len(packets) == 1:
+                try:
+                    ring.submit(now, packets[0], safe=safe)
+                except QueueFull:
+                    return
+                self._waiting.popleft()
+            else:
+                self._waiting.popleft()
+                self._start(packets, safe)
+
+    def suspect(self, now: int, node: int) -> bool:
+        return self.ring.suspect(now, node)
+
+    def leave(self, now: int) -> None:
+        self.ring.leave(now)
+
+    def tick(self, now: int) -> None:
+        self.ring.tick(now)
+        fd = self.fd
+        if fd is not None and now >= self._fd_deadline:
+            beat, ping, dead = fd.tick(now)
+            if beat:
+                self._out.append(SendToAll(fd.packet(HEARTBEAT)))
+            for node in ping:
+                self._out.append(SendTo(node, fd.packet(PING)))
+            for node in dead:
+                self.ring.suspect(now, node)
+            self._fd_deadline = fd.next_deadline()
+        self._feed(now)
+
+    # -- outputs ------------------------------------------------------------------
+
+    @property
+    def can_send(self) -> bool:
+        """False while the member's queues are full (wait before sending more)."""
+        return len(self._waiting) < self.ring.config.send_queue_max and self.ring.pending < self.ring.config.send_queue_max
+
+    @property
+    def has_output(self) -> bool:
+        return bool(self._out) or self.ring.has_output
+
+    def next_deadline(self) -> int | None:
+        d = self.ring.next_deadline()
+        if self.fd is not None:
+            d = self._fd_deadline if d is None else min(d, self._fd_deadline)
+        return d
+
+    def take(self, now: int) -> list:
+        """Everything to act on, in order."""
+        out, self._out = self._out, []
+        frag, fd = self.frag, self.fd
+        for item in self.ring.take(Message):
+            t = type(item)
+            if t is Message:
+                message = frag.deliver(item.sender, item.payload, item.safe)
+                if message is not None:
+                    out.append(message)
+            elif t is Configuration:
+                view = View(item.members, item.ring_id, item.transitional)
+                out.append(view)
+                if not item.transitional:
+                    self.view = view
+                    frag.view()
+                    resent = frag.take_resends()
+                    if resent:                             # our cut message goes first again
+                        self._fragments.clear()
+                        self._inflight = None
+                        self._waiting.extendleft(reversed(resent))
+                    if fd is not None:
+                        fd.set_members(item.members, now)
+                        self._fd_deadline = fd.next_deadline()
+            else:
+                out.append(item)
+        if self._fragments or self._waiting:
+            self._feed(now)
+            if self.ring.has_output:
+                out.extend(self.take(now))
+        return out
+
