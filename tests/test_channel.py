@@ -126,9 +126,9 @@ async def test_a_consumer_that_falls_behind_leaves_instead_of_stalling_the_ring(
 
 
 def test_every_shipped_stack_builds_with_an_empty_environment():
-    assert {"udp", "udpu", "loopback"} <= set(stack_names())
+    assert {"udp", "udpu", "loopback", "sim"} <= set(stack_names())
     for name in stack_names():
-        ring, udp, fd, frag = stack_configs(load_stack(name, environ={}))
+        ring, udp, fd, frag = stack_configs(load_stack(name, environ={}), transport_optional=name == "sim")
         assert ring.token_timeout > 0 and frag.max_message > 0 and (fd is None or fd.timeout > 0)
 
 
@@ -227,3 +227,8 @@ async def test_ipv6_on_the_unicast_stack():
                         assert ev == Message(a.address, b"over v6", False)
                         break
                 assert len(a._targets) == 1                  # one target per peer, not per address form
+
+
+def test_the_simulator_stack_cannot_open_a_real_channel():
+    with pytest.raises(ConfigError, match="UDP or UDPU"):
+        stack_configs(load_stack("sim"))
