@@ -34,13 +34,13 @@ import trio
 
 from groupcomm.config import StackSpec, build_config, load_stack
 from groupcomm.errors import ChannelClosed, ConfigError, DeliveryOverflow, NotOperational, QueueFull
-from groupcomm.events import Configuration, Message, View
-from groupcomm.frag import FragConfig, Fragmenter
+from groupcomm.events import Message, View
+from groupcomm.frag import FragConfig
 from groupcomm.probe import MAGIC as PROBE_MAGIC
 from groupcomm.probe import is_probe_request, probe_response
-from groupcomm.fd import MAGIC as FD_MAGIC
-from groupcomm.fd import HEARTBEAT, PING, PONG, FailureDetector, FdConfig
-from groupcomm.ring import Ring, RingConfig, SendTo, SendToAll
+from groupcomm.fd import FdConfig
+from groupcomm.ring import RingConfig, SendTo, SendToAll
+from groupcomm.stack import Stack
 from groupcomm.udp import UdpConfig, UdpSockets, UdpuConfig, open_sockets, open_unicast, parse_host
 
 __all__ = ["Channel", "open_channel", "node_id_for"]
@@ -87,11 +87,8 @@ class Channel:
         self._udp_config = udp
         self._fd_config = fd
         self._frag_config = frag or FragConfig()
-        self._frag: Fragmenter | None = None
-        self._resend_send, self._resend_recv = trio.open_memory_channel[tuple](math.inf)
-        self._fd: FailureDetector | None = None
         self._max_pending = max_pending_events
-        self._ring: Ring | None = None
+        self._stack: Stack | None = None
         self._sockets: UdpSockets | None = None
         self._peers: dict[int, tuple] = {}
         self._targets: set[tuple] = set()          # unicast-only transport: everyone we know
@@ -102,23 +99,20 @@ class Channel:
         self._joined = trio.Event()
         self._space = trio.Event()
         self._timer_scope: trio.CancelScope | None = None
+        self._armed_deadline = math.inf
         self._closed = False
         self._overflow = False
-        self.dropped_sends = 0
         self._sends_since_yield = 0
         self._probe_mark = (0.0, 0)
         self._my_id = b""
-        self._fd_deadline = 0
-        self._armed_deadline = math.inf
+        self.dropped_sends = 0
 
     # -- public --------------------------------------------------------------
 
     @property
     def address(self) -> int:
         """This member's node id (what other members see as ``sender``)."""
-        if self._ring is None:
-            raise ChannelClosed("the channel is not open")
-        return self._ring.node_id
+        return self._require_stack().node_id
 
     @property
     def name(self) -> str:
@@ -132,49 +126,42 @@ class Channel:
     @property
     def max_payload(self) -> int:
         """Largest payload :meth:`send` accepts (the FRAG layer's ``max_message``)."""
-        self._require_ring()
+        self._require_stack()
         return self._frag_config.max_message
 
     def stats(self) -> dict[str, int]:
-        """The ring's counters plus the transport's."""
-        s = self._require_ring().stats()
+        """The ring's counters plus the transport's and the layers'."""
+        stack = self._require_stack()
+        s = stack.ring.stats()
         s["transport_send_drops"] = self.dropped_sends
+        s["fragments_dropped"] = stack.frag.dropped
         s["pending_events"] = self._pending_events
         return s
 
     async def send(self, payload: bytes, *, safe: bool = False) -> None:
         """Multicast ``payload`` to the group in total order; waits while the send queue is full."""
-        self._require_ring()
         if not isinstance(payload, (bytes, bytearray, memoryview)):
             raise TypeError(f"payload must be bytes, not {type(payload).__name__}")
-        assert self._frag is not None
-        for packet in self._frag.split(bytes(payload), safe):
-            await self._submit(packet, safe)
-
-    async def _submit(self, packet: bytes, safe: bool) -> None:
-        ring = self._require_ring()
         while True:
+            stack = self._require_stack()
             try:
-                ring.submit(self._now(), packet, safe=safe)
+                stack.send(self._now(), payload, safe)
+                break
             except QueueFull:
                 self._space = trio.Event() if self._space.is_set() else self._space
                 await self._space.wait()
-                ring = self._require_ring()
-                continue
-            if ring.has_output:
-                self._flush()
-            # A full yield per message would cap throughput at the scheduler's
-            # speed; the ring's bounded queue already pushes back (QueueFull
-            # above), so yield every few sends and only check cancellation
-            # in between.
-            self._sends_since_yield += 1
-            if self._sends_since_yield >= _YIELD_EVERY:
-                self._sends_since_yield = 0
-                self._poll()
-                await trio.lowlevel.checkpoint()
-            else:
-                await trio.lowlevel.checkpoint_if_cancelled()
-            return
+        if stack.has_output:
+            self._flush()
+        # A full yield per message would cap throughput at the scheduler's speed;
+        # the bounded queues already push back (QueueFull above), so yield every
+        # few sends and only check cancellation in between.
+        self._sends_since_yield += 1
+        if self._sends_since_yield >= _YIELD_EVERY:
+            self._sends_since_yield = 0
+            self._poll()
+            await trio.lowlevel.checkpoint()
+        else:
+            await trio.lowlevel.checkpoint_if_cancelled()
 
     async def events(self) -> AsyncIterator[Message | View]:
         """Messages and views in delivery order, until the channel closes."""
@@ -196,17 +183,17 @@ class Channel:
 
     # -- driver ----------------------------------------------------------------
 
-    def _require_ring(self) -> Ring:
-        if self._closed or self._ring is None:
+    def _require_stack(self) -> Stack:
+        if self._closed or self._stack is None:
             raise ChannelClosed(f"channel for cluster {self.cluster!r} is closed")
-        return self._ring
+        return self._stack
 
     @staticmethod
     def _now() -> int:
         return int(trio.current_time() * _US)
 
     async def run(self, *, task_status=trio.TASK_STATUS_IGNORED) -> None:
-        """Open sockets, start the ring and serve until cancelled (``nursery.start`` protocol)."""
+        """Open sockets, start the stack and serve until cancelled (``nursery.start`` protocol)."""
         cfg = self._udp_config
         unicast_only = isinstance(cfg, UdpuConfig)
         sockets = open_unicast(cfg) if unicast_only else open_sockets(cfg)
@@ -217,12 +204,10 @@ class Channel:
         # A new incarnation must never reuse a ring id: start above the wall clock.
         floor = int(time.time() * 1000) * 4
         try:
-            self._ring = Ring(node_id, self._ring_config, ring_seq_floor=floor)
+            self._stack = Stack(node_id, self._ring_config, fd=self._fd_config, frag=self._frag_config,
+                                ring_seq_floor=floor)
             self._my_id = node_id.to_bytes(4, "big")
-            self._frag = Fragmenter(node_id, self._ring.max_payload, self._frag_config.max_message)
-            if self._fd_config is not None:
-                self._fd = FailureDetector(node_id, self._ring_config.cluster_id, self._fd_config)
-            self._ring.start(self._now())
+            self._stack.start(self._now())
             self._probe_mark = (trio.current_time(), 0)
             self._flush()
             async with trio.open_nursery() as nursery:
@@ -232,7 +217,6 @@ class Channel:
                 if unicast_only and cfg.discovery_dir:
                     nursery.start_soon(self._discovery_loop, cfg, node_id)
                 nursery.start_soon(self._timer_loop)
-                nursery.start_soon(self._resend_loop)
                 task_status.started(self)
         finally:
             self._closed = True
@@ -242,7 +226,7 @@ class Channel:
     async def _receive_loop(self, sock) -> None:
         while True:
             await trio.lowlevel.wait_readable(sock)
-            if self._ring is None or self._closed:
+            if self._stack is None or self._closed:
                 return
             self._drain(sock)
 
@@ -284,13 +268,14 @@ class Channel:
         sockets = self._sockets
         if sockets is not None and not self._closed:
             self._drain(sockets.unicast)
-            self._drain(sockets.multicast)
+            if sockets.multicast is not None:
+                self._drain(sockets.multicast)
 
     def _drain(self, sock) -> None:
-        """Feed every readable datagram to the ring, messages before tokens, then flush once."""
-        ring = self._ring
-        assert ring is not None
-        my_id, peers, fd, sockets = self._my_id, self._peers, self._fd, self._sockets
+        """Feed every readable datagram to the stack, messages before tokens, then flush once."""
+        stack = self._stack
+        assert stack is not None
+        my_id, peers, sockets = self._my_id, self._peers, self._sockets
         assert sockets is not None
         tokens = []
         while True:
@@ -298,29 +283,24 @@ class Channel:
                 data, addr = sock.recvfrom(_MAX_DATAGRAM)
             except OSError:                       # EAGAIN: drained (or the socket closed)
                 break
-            sender = data[8:12]
-            if sender == my_id:
-                continue                          # our own multicast looped back
-            if data[:2] == FD_MAGIC:
-                self._fd_packet(data, addr)
-                continue
             if data[:2] == PROBE_MAGIC:
                 self._answer_probe(data, addr)
                 continue
+            sender = data[8:12]
+            if sender == my_id:
+                continue                          # our own multicast looped back
             if len(data) >= 12:
                 node = int.from_bytes(sender, "big")
                 if peers.get(node) != addr:
                     peers[node] = addr
                     if sockets.group is None:
                         self._targets.add(addr[:2])    # (host, port): IPv6 adds flow info and scope
-                if fd is not None:
-                    fd.heard(node, self._now())
-            if len(data) > 3 and data[3] == _TOKEN:
+            if len(data) > 3 and data[3] == _TOKEN and data[:2] == b"GC":
                 tokens.append(data)               # act on the token after the messages it follows
                 continue
-            ring.receive(self._now(), data)
+            stack.receive(self._now(), data)
         for data in tokens:
-            ring.receive(self._now(), data)
+            stack.receive(self._now(), data)
         self._flush()
 
     async def _timer_loop(self) -> None:
@@ -329,25 +309,16 @@ class Channel:
                 self._timer_scope = scope
                 scope.deadline = self._armed_deadline = self._deadline()
                 await trio.sleep_forever()
-            ring = self._ring
-            if ring is None or self._closed:
+            stack = self._stack
+            if stack is None or self._closed:
                 return
-            now = self._now()
-            ring.tick(now)
-            if self._fd is not None:
-                self._fd_tick(now)
+            stack.tick(self._now())
             self._flush()
-
-    async def _resend_loop(self) -> None:
-        """Re-sends our large messages that a view change cut (see groupcomm.frag)."""
-        async for payload, safe in self._resend_recv:
-            if self._closed:
-                return
-            await self.send(payload, safe=safe)
 
     def _answer_probe(self, data: bytes, addr) -> None:
         """`groupcomm probe` asks every member for its view and counters."""
-        if self._ring is None or self._sockets is None or not is_probe_request(data, self._ring_config.cluster_id):
+        stack = self._stack
+        if stack is None or self._sockets is None or not is_probe_request(data, self._ring_config.cluster_id):
             return
         now = trio.current_time()
         stats = self.stats()
@@ -356,86 +327,42 @@ class Channel:
         report = {
             "name": self.name,
             "address": self.address,
-            "state": self._ring.state.name,
+            "state": stack.ring.state.name,
             "view": list(self._view.members) if self._view else [],
             "ring": str(self._view.ring_id) if self._view else "",
             "rotations_per_s": round((stats["tokens_received"] - tokens0) / max(now - t0, 1e-6), 1),
-            "debug": self._ring.debug(),
+            "debug": stack.ring.debug(),
             "stats": stats,
         }
         self._sendto(self._sockets.unicast, probe_response(self._ring_config.cluster_id, report), addr)
 
-    def _fd_packet(self, data: bytes, addr) -> None:
-        fd = self._fd
-        if fd is None:
-            return
-        reply_to = fd.receive(data, self._now())
-        if reply_to is not None and self._sockets is not None:
-            self._peers.setdefault(reply_to, addr)
-            self._sendto(self._sockets.unicast, fd.packet(PONG), addr)
-
-    def _fd_tick(self, now: int) -> None:
-        fd, sockets, ring = self._fd, self._sockets, self._ring
-        assert fd is not None and sockets is not None and ring is not None
-        beat, ping, dead = fd.tick(now)
-        if beat:
-            self._broadcast(fd.packet(HEARTBEAT))
-        for node in ping:
-            addr = self._peers.get(node)
-            if addr is not None:
-                self._sendto(sockets.unicast, fd.packet(PING), addr)
-        for node in dead:
-            ring.suspect(now, node)
-        self._fd_deadline = fd.next_deadline()
-
     def _deadline(self) -> float:
-        ring = self._ring
-        d = ring.next_deadline() if ring is not None else None
-        if self._fd is not None:
-            # Recomputed only when the detector ticks or the view changes: packets
-            # only push its deadlines later, so a stale value just wakes us early.
-            f = self._fd_deadline
-            d = f if d is None else min(d, f)
+        d = self._stack.next_deadline() if self._stack is not None else None
         return math.inf if d is None else d / _US
 
     def _flush(self) -> None:
-        ring = self._ring
-        sockets = self._sockets
-        if ring is None or sockets is None:
+        stack, sockets = self._stack, self._sockets
+        if stack is None or sockets is None:
             return
-        uni, group, peers = sockets.unicast, sockets.group, self._peers
+        uni, peers = sockets.unicast, self._peers
         batch: list = []
         push = batch.append
-        frag = self._frag
-        assert frag is not None
-        for out in ring.take(Message):
+        for out in stack.take(self._now()):
             t = type(out)
             if t is Message:
-                message = frag.deliver(out.sender, out.payload, out.safe)
-                if message is not None:
-                    push(message)
+                push(out)
             elif t is SendToAll:
-                if group is not None:
-                    self._sendto(uni, out.packet, group)
-                else:
-                    self._broadcast(out.packet)
+                self._broadcast(out.packet)
             elif t is SendTo:
                 addr = peers.get(out.node)
                 if addr is not None:
                     self._sendto(uni, out.packet, addr)
             else:
-                assert isinstance(out, Configuration)
-                view = View(out.members, out.ring_id, out.transitional)
+                assert t is View
                 if not out.transitional:
-                    self._view = view
+                    self._view = out
                     self._joined.set()
-                    frag.view()
-                    for resend in frag.take_resends():
-                        self._resend_send.send_nowait(resend)
-                    if self._fd is not None:
-                        self._fd.set_members(out.members, self._now())
-                        self._fd_deadline = self._fd.next_deadline()
-                push(view)
+                push(out)
         if batch and not self._closed:
             self._pending_events += len(batch)
             self._events_send.send_nowait(batch)
@@ -443,7 +370,7 @@ class Channel:
         if self._timer_scope is not None and deadline != self._armed_deadline:
             self._armed_deadline = deadline
             self._timer_scope.deadline = deadline
-        if not self._space.is_set() and ring.pending < ring.config.send_queue_max // 2:
+        if not self._space.is_set() and stack.can_send:
             self._space.set()
         if self._pending_events > self._max_pending and not self._overflow:
             self._overflow = True
@@ -452,16 +379,14 @@ class Channel:
     def _sendto(self, sock, packet: bytes, addr) -> None:
         try:
             sock.sendto(packet, addr)
-        except (BlockingIOError, InterruptedError):
-            self.dropped_sends += 1               # UDP: the ring retransmits what matters
-        except OSError:
+        except OSError:                           # EAGAIN or unreachable: UDP, the ring retransmits
             self.dropped_sends += 1
 
     def _leave(self) -> None:
-        if self._closed or self._ring is None:
+        if self._closed or self._stack is None:
             return
         try:
-            self._ring.leave(self._now())
+            self._stack.leave(self._now())
         except NotOperational:
             pass
         self._flush()
@@ -471,7 +396,6 @@ class Channel:
             self._timer_scope.cancel()
 
 
-# The layers a stack file may list, bottom first, and the config each one takes.
 @dataclass(frozen=True)
 class SimTransport:
     """Marks a stack for the simulator: the network is SimCluster's."""
