@@ -149,6 +149,11 @@ class Stack:
         return len(self._waiting) < self.ring.config.send_queue_max and self.ring.pending < self.ring.config.send_queue_max
 
     @property
+    def pending(self) -> int:
+        """Messages queued here or in the ring, not yet ordered."""
+        return self.ring.pending + len(self._waiting) + len(self._fragments)
+
+    @property
     def has_output(self) -> bool:
         return bool(self._out) or self.ring.has_output
 

@@ -63,7 +63,7 @@ class _StackAsRing:
 
     @property
     def pending(self) -> int:
-        return self.stack.ring.pending + len(self.stack._waiting)
+        return self.stack.pending
 
     def receive(self, now: int, packet: bytes) -> None:
         self._now = now
