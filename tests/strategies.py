@@ -23,9 +23,10 @@ def _nodes(n: int):
 def steps(n: int):
     """One step of a schedule over members 1..n."""
     node = _nodes(n)
+    send = st.builds(lambda a, k, safe: Step("send", (a, k, safe)), node, st.integers(1, 12), st.booleans())
     return st.one_of(
-        st.builds(lambda a, k, safe: Step("send", (a, k, safe)), node, st.integers(1, 12), st.booleans()),
-        st.builds(lambda a, k, safe: Step("send", (a, k, safe)), node, st.integers(1, 12), st.booleans()),
+        send,
+        send,                                   # listed twice: traffic is the most common step
         st.builds(lambda t: Step("run", (t,)), st.sampled_from([0.0005, 0.002, 0.01, 0.05, 0.3, 1.0, 2.5])),
         st.builds(lambda a: Step("crash", (a,)), node),
         st.builds(lambda a: Step("restart", (a,)), node),

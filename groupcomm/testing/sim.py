@@ -152,10 +152,9 @@ class SimCluster:
         self._user_sends: list[SendRecord] = []
         self._quiet_since = 0                                   # last fault change or send
         self._observers: list[Callable[[int, Event], None]] = []
-        self._max_payload: int | None = None
         for n in ids:
             self._boot(n)
-        self._max_payload = self._members[ids[0]].ring.max_payload - _TAG.size  # type: ignore[union-attr]
+        self._max_payload: int = self._members[ids[0]].ring.max_payload - _TAG.size  # type: ignore[union-attr]
 
     # -- membership of the simulation ----------------------------------------
 
@@ -352,7 +351,6 @@ class SimCluster:
     @property
     def max_payload(self) -> int:
         """Largest payload :meth:`send` accepts."""
-        assert self._max_payload is not None
         return self._max_payload
 
     def _next_timer(self) -> int | None:
