@@ -158,7 +158,6 @@ class Channel:
         self._sends_since_yield += 1
         if self._sends_since_yield >= _YIELD_EVERY:
             self._sends_since_yield = 0
-            self._poll()
             await trio.lowlevel.checkpoint()
         else:
             await trio.lowlevel.checkpoint_if_cancelled()
@@ -167,9 +166,7 @@ class Channel:
         """Messages and views in delivery order, until the channel closes."""
         async for batch in self._events_recv:
             self._pending_events -= len(batch)
-            for i, event in enumerate(batch):
-                if i & 255 == 255:
-                    self._poll()                  # keep the ring moving through a long batch
+            for event in batch:
                 yield event
         if self._overflow:
             raise DeliveryOverflow(
@@ -261,15 +258,6 @@ class Channel:
         else:
             for addr in self._targets:
                 self._sendto(sockets.unicast, packet, addr)
-
-    def _poll(self) -> None:
-        """Drain both sockets without waiting, so the token keeps moving while the
-        application's own tasks run (a token left in a socket stalls everyone)."""
-        sockets = self._sockets
-        if sockets is not None and not self._closed:
-            self._drain(sockets.unicast)
-            if sockets.multicast is not None:
-                self._drain(sockets.multicast)
 
     def _drain(self, sock) -> None:
         """Feed every readable datagram to the stack, messages before tokens, then flush once."""
