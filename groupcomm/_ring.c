@@ -561,7 +561,7 @@ static void deliver_datagram(gc_ring_t *r, const slot_t *s)
         gc_action_t *a = action_add(r, GC_ACT_DELIVER, rd.p, len);
         if (a) {
             a->node = s->origin;
-            a->flags = (flags & ENTRY_FLAG_SAFE) ? 1 : 0;
+            a->flags = (uint8_t)flags;              /* bit0 safe, bits 1-7 the layer's kind */
             a->value = s->seq;
         }
         rd.p += len;
@@ -642,7 +642,7 @@ static int sq_store(gc_ring_t *r, sortq_t *q, uint32_t seq, uint32_t origin, uin
 /* Application queue                                                     */
 /* ------------------------------------------------------------------ */
 
-static int appq_push(appq_t *q, const uint8_t *payload, size_t len, int safe)
+static int appq_push(appq_t *q, const uint8_t *payload, size_t len, unsigned flags)
 {
     size_t need = ENTRY_HDR_LEN + len;
     if (q->tail + need > q->cap) {
@@ -661,7 +661,7 @@ static int appq_push(appq_t *q, const uint8_t *payload, size_t len, int safe)
         }
     }
     uint8_t *p = q->data + q->tail;
-    p[0] = safe ? ENTRY_FLAG_SAFE : 0;
+    p[0] = (uint8_t)flags;
     p[1] = (uint8_t)(len >> 8);
     p[2] = (uint8_t)len;
     if (len) memcpy(p + 3, payload, len);
@@ -816,7 +816,7 @@ static int entries_valid(const uint8_t *body, size_t len, uint32_t count, int *a
     for (uint32_t i = 0; i < count; i++) {
         uint32_t flags = r_u8(&rd);
         uint32_t n = r_u16(&rd);
-        if (rd.bad || flags > ENTRY_FLAG_SAFE || n > rd.left) return 0;
+        if (rd.bad || n > rd.left) return 0;
         if (flags & ENTRY_FLAG_SAFE) *any_safe = 1;
         rd.p += n;
         rd.left -= n;
@@ -2104,14 +2104,14 @@ int gc_ring_receive(gc_ring_t *r, uint64_t now, const uint8_t *buf, size_t len)
     return finish(r, dispatch(r, now, buf, len, 0));
 }
 
-int gc_ring_submit(gc_ring_t *r, uint64_t now, const uint8_t *payload, size_t len, int safe)
+int gc_ring_submit(gc_ring_t *r, uint64_t now, const uint8_t *payload, size_t len, int flags)
 {
-    if (!r || (!payload && len)) return GC_EINVAL;
+    if (!r || (!payload && len) || flags < 0 || flags > 0xFF) return GC_EINVAL;
     if (!running(r)) return GC_ENOTRUNNING;
     if (len > r->max_payload) return GC_ETOOBIG;
     if (r->appq.count >= r->cfg.send_queue_max) return GC_EQUEUEFULL;
     outputs_begin(r);
-    if (appq_push(&r->appq, payload, len, safe) < 0) return GC_ENOMEM;
+    if (appq_push(&r->appq, payload, len, (unsigned)flags) < 0) return GC_ENOMEM;
     r->stats.messages_sent++;
     if (r->state == GC_STATE_OPERATIONAL) {
         if (r->rep_holding) {
@@ -2123,7 +2123,7 @@ int gc_ring_submit(gc_ring_t *r, uint64_t now, const uint8_t *payload, size_t le
             r->my_token_held = 0;
         }
     }
-    return finish(r, GC_OK);
+    return finish(r, r->n_actions > 0 ? GC_OUTPUT : GC_OK);
 }
 
 int gc_ring_tick(gc_ring_t *r, uint64_t now)

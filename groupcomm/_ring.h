@@ -25,6 +25,7 @@
 /* CDEF-BEGIN */
 enum gc_err {
     GC_OK = 0,
+    GC_OUTPUT = 1,           /* gc_ring_submit: queued, and there are outputs to take */
     /* local misuse (LocalProtocolError) */
     GC_EINVAL = -1,          /* bad argument or configuration value */
     GC_ETOOBIG = -2,         /* payload larger than gc_ring_max_payload() */
@@ -45,7 +46,7 @@ enum gc_err {
 enum gc_action_kind {
     GC_ACT_SEND_MCAST = 1,   /* data: a packet for every member */
     GC_ACT_SEND_UNICAST = 2, /* node: destination; data: a packet */
-    GC_ACT_DELIVER = 3,      /* node: sender; flags bit0: safe; value: ring seq of the carrying message */
+    GC_ACT_DELIVER = 3,      /* node: sender; flags: as submitted (bit0 safe, bits 1-7 kind); value: ring seq */
     GC_ACT_CONFCHG = 4       /* node: ring rep; value: ring seq; flags bit0: transitional;
                                 count: members; data: count little-endian uint32 node ids */
 };
@@ -142,7 +143,9 @@ void gc_ring_free(gc_ring_t *r);
 
 int gc_ring_start(gc_ring_t *r, uint64_t now);
 int gc_ring_receive(gc_ring_t *r, uint64_t now, const uint8_t *buf, size_t len);
-int gc_ring_submit(gc_ring_t *r, uint64_t now, const uint8_t *payload, size_t len, int safe);
+/* flags: bit0 safe delivery; bits 1-7 an opaque kind for the layers above, delivered back as is.
+ * Returns GC_OK, or GC_OUTPUT when outputs are waiting for gc_ring_take (saves a call). */
+int gc_ring_submit(gc_ring_t *r, uint64_t now, const uint8_t *payload, size_t len, int flags);
 int gc_ring_tick(gc_ring_t *r, uint64_t now);
 int gc_ring_leave(gc_ring_t *r, uint64_t now);
 /* A failure detector verified that `node` is dead: exclude it now rather than

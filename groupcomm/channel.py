@@ -105,6 +105,7 @@ class Channel:
         self._sends_since_yield = 0
         self._probe_mark = (0.0, 0)
         self._my_id = b""
+        self._clock: trio.abc.Clock | None = None
         self.dropped_sends = 0
 
     # -- public --------------------------------------------------------------
@@ -139,19 +140,18 @@ class Channel:
         return s
 
     async def send(self, payload: bytes, *, safe: bool = False) -> None:
-        """Multicast ``payload`` to the group in total order; waits while the send queue is full."""
-        if not isinstance(payload, (bytes, bytearray, memoryview)):
-            raise TypeError(f"payload must be bytes, not {type(payload).__name__}")
+        """Multicast ``payload`` to the group in total order; waits while the send queue is full.
+
+        ``safe=False`` (the default) is agreed delivery; ``safe=True`` delivers
+        only once every member of the view has the message.
+        """
         while True:
-            stack = self._require_stack()
             try:
-                stack.send(self._now(), payload, safe)
+                self.send_nowait(payload, safe=safe)
                 break
             except QueueFull:
                 self._space = trio.Event() if self._space.is_set() else self._space
                 await self._space.wait()
-        if stack.has_output:
-            self._flush()
         # A full yield per message would cap throughput at the scheduler's speed;
         # the bounded queues already push back (QueueFull above), so yield every
         # few sends and only check cancellation in between.
@@ -161,6 +161,20 @@ class Channel:
             await trio.lowlevel.checkpoint()
         else:
             await trio.lowlevel.checkpoint_if_cancelled()
+
+    def send_nowait(self, payload: bytes, *, safe: bool = False) -> None:
+        """Like :meth:`send`, but raises :class:`~groupcomm.errors.QueueFull` instead of waiting.
+
+        The cheapest way to send many messages: call it in a loop and
+        ``await ch.send(...)`` (which waits for room) when it raises.
+        """
+        if type(payload) is not bytes and not isinstance(payload, (bytearray, memoryview)):
+            raise TypeError(f"payload must be bytes, not {type(payload).__name__}")
+        stack = self._stack
+        if stack is None or self._closed:
+            self._require_stack()
+        if stack.send(self._now(), payload, safe):
+            self._flush()
 
     async def events(self) -> AsyncIterator[Message | View]:
         """Messages and views in delivery order, until the channel closes."""
@@ -185,12 +199,12 @@ class Channel:
             raise ChannelClosed(f"channel for cluster {self.cluster!r} is closed")
         return self._stack
 
-    @staticmethod
-    def _now() -> int:
-        return int(trio.current_time() * _US)
+    def _now(self) -> int:
+        return int(self._clock.current_time() * _US)
 
     async def run(self, *, task_status=trio.TASK_STATUS_IGNORED) -> None:
         """Open sockets, start the stack and serve until cancelled (``nursery.start`` protocol)."""
+        self._clock = trio.lowlevel.current_clock()
         cfg = self._udp_config
         unicast_only = isinstance(cfg, UdpuConfig)
         sockets = open_unicast(cfg) if unicast_only else open_sockets(cfg)
@@ -337,8 +351,8 @@ class Channel:
         push = batch.append
         for out in stack.take(self._now()):
             t = type(out)
-            if t is Message:
-                push(out)
+            if t is list:
+                batch.extend(out)
             elif t is SendToAll:
                 self._broadcast(out.packet)
             elif t is SendTo:

@@ -1,10 +1,14 @@
 """Fragmentation and reassembly of large messages, sans-IO.
 
-Every application message on the ring starts with one kind byte: ``0`` a whole
-message, ``1`` a fragment ``(msg_id, index, count)``.  Fragments of one
-message are sent in order by one sender, so per-sender FIFO makes reassembly a
-matter of appending; the message takes its place in the total order where its
-last fragment is delivered.
+Every message on the ring carries a ``kind`` (0-127, see
+:meth:`~groupcomm.ring.Ring.submit`) outside its payload: ``0`` is a whole
+application message, :data:`FRAGMENT` a fragment with a header ``(msg_id,
+index, count, inner kind)``, and the layers above use kinds of their own.  A
+message that fits the ring travels as is, with no header and no copy.
+
+Fragments of one message are sent in order by one sender, so per-sender FIFO
+makes reassembly a matter of appending; the message takes its place in the
+total order where its last fragment is delivered.
 
 A message must be delivered inside one configuration, or joiners would see a
 tail without its head.  So at every regular view all partial messages are
@@ -21,9 +25,8 @@ from dataclasses import dataclass
 
 from groupcomm.config import Size
 from groupcomm.errors import ConfigError, PayloadTooLarge
-from groupcomm.events import Message
 
-__all__ = ["FragConfig", "Fragmenter", "WHOLE", "FRAGMENT"]
+__all__ = ["FragConfig", "Fragmenter", "FRAGMENT"]
 
 
 @dataclass(frozen=True)
@@ -36,16 +39,16 @@ class FragConfig:
         if self.max_message < 1:
             raise ConfigError("FRAG: max_message must be at least 1 byte")
 
-WHOLE = 0
 FRAGMENT = 1
-_FRAG = struct.Struct(">BIII")          # kind, msg_id, index, count
-_WHOLE = b"\x00"
+"""The ring kind of a fragment."""
+_FRAG = struct.Struct(">IIIB")          # msg_id, index, count, kind of the whole message
 
 
 @dataclass
 class _Partial:
     count: int
     safe: bool
+    kind: int
     parts: list
 
 
@@ -60,47 +63,44 @@ class Fragmenter:
         self._ring_max = ring_max_payload
         self._chunk = ring_max_payload - _FRAG.size
         self._next_id = 0
-        self._outgoing: dict[int, tuple[bytes, bool]] = {}
+        self._outgoing: dict[int, tuple[bytes, bool, int]] = {}
         self._partial: dict[tuple[int, int], _Partial] = {}
-        self._to_resend: list[tuple[bytes, bool]] = []
+        self._to_resend: list[tuple[bytes, bool, int]] = []
         self.dropped = 0
 
-    def split(self, payload: bytes, safe: bool) -> list[bytes]:
-        """The ring messages that carry ``payload``, in order."""
+    def split(self, payload: bytes, safe: bool, kind: int = 0) -> list[bytes] | None:
+        """``None`` if ``payload`` fits the ring whole; else its fragments, in order."""
         size = len(payload)
         if size > self.max_message:
             raise PayloadTooLarge(
                 f"payload of {size} bytes is over the limit of {self.max_message} bytes per message "
                 "(FRAG max_message); send it in parts or raise the limit"
             )
-        if size + 1 <= self._ring_max:
-            return [_WHOLE + payload]
+        if size <= self._ring_max:
+            return None
         self._next_id = (self._next_id + 1) & 0xFFFFFFFF
         msg_id = self._next_id
-        self._outgoing[msg_id] = (payload, safe)
+        self._outgoing[msg_id] = (payload, safe, kind)
         chunk = self._chunk
         count = -(-size // chunk)
         view = memoryview(payload)
-        return [_FRAG.pack(FRAGMENT, msg_id, i, count) + view[i * chunk : (i + 1) * chunk] for i in range(count)]
+        return [_FRAG.pack(msg_id, i, count, kind) + view[i * chunk : (i + 1) * chunk] for i in range(count)]
 
-    def deliver(self, sender: int, data: bytes, safe: bool) -> Message | None:
-        """A ring delivery; returns the application message once it is whole."""
-        if not data:
+    def deliver(self, sender: int, data: bytes, safe: bool) -> tuple[bytes, int] | None:
+        """A delivered fragment; returns ``(payload, kind)`` once the message is whole."""
+        if len(data) < _FRAG.size:
             self.dropped += 1
             return None
-        if data[0] == WHOLE:
-            return Message(sender, data[1:], safe)
-        if data[0] != FRAGMENT or len(data) < _FRAG.size:
-            self.dropped += 1
-            return None
-        _, msg_id, index, count = _FRAG.unpack_from(data)
+        msg_id, index, count, kind = _FRAG.unpack_from(data)
         key = (sender, msg_id)
         chunk = data[_FRAG.size :]
         if index == 0 and count >= 1:
-            partial = self._partial[key] = _Partial(count, safe, [chunk])
+            if key in self._partial:
+                self._lost(key)
+            partial = self._partial[key] = _Partial(count, safe, kind, [chunk])
         else:
             partial = self._partial.get(key)
-            if partial is None or index != len(partial.parts) or count != partial.count:
+            if partial is None or index != len(partial.parts) or count != partial.count or kind != partial.kind:
                 self._lost(key)               # a tail whose head fell in another configuration
                 return None
             partial.parts.append(chunk)
@@ -109,7 +109,7 @@ class Fragmenter:
         del self._partial[key]
         if sender == self.me:
             self._outgoing.pop(msg_id, None)
-        return Message(sender, b"".join(partial.parts), partial.safe)
+        return b"".join(partial.parts), kind
 
     @property
     def last_id(self) -> int:
@@ -125,7 +125,7 @@ class Fragmenter:
         for key in list(self._partial):
             self._lost(key)
 
-    def take_resends(self) -> list[tuple[bytes, bool]]:
+    def take_resends(self) -> list[tuple[bytes, bool, int]]:
         """Our own messages that were cut by a view change and must be sent again."""
         out, self._to_resend = self._to_resend, []
         return out

@@ -11,8 +11,10 @@ from __future__ import annotations
 import enum
 import math
 import struct
+from array import array
+from functools import partial
 from dataclasses import dataclass, field
-from typing import Union
+from typing import NamedTuple, Union
 
 from groupcomm._native import ffi, lib
 from groupcomm.config import Duration, Size
@@ -26,11 +28,17 @@ from groupcomm.errors import (
 )
 from groupcomm.events import Configuration, Delivery, RingId
 
-__all__ = ["Ring", "RingConfig", "RingState", "SendToAll", "SendTo", "Output", "MAX_MEMBERS"]
+__all__ = ["Ring", "RingConfig", "RingState", "SendToAll", "SendTo", "LayerDelivery", "Output", "MAX_MEMBERS"]
 
 MAX_MEMBERS: int = lib.GC_MAX_MEMBERS
 _ACTION = struct.Struct("=BBHIQII")
-assert ffi.sizeof("gc_action_t") == _ACTION.size
+assert ffi.sizeof("gc_action_t") == _ACTION.size == 24
+assert array("I").itemsize == 4
+_PLAIN = 3                   # first record word of an agreed kind-0 delivery: kind 3, flags 0
+_PLAIN_SAFE = 3 | (1 << 8)   # ... and of a safe one
+_MAX_KIND = 127
+_OUTPUT = lib.GC_OUTPUT
+_tuple_new = tuple.__new__
 _US = 1_000_000
 
 
@@ -60,7 +68,16 @@ class SendTo:
     packet: bytes
 
 
-Output = Union[SendToAll, SendTo, Delivery, Configuration]
+class LayerDelivery(NamedTuple):
+    """A delivered message that a layer above submitted with a nonzero ``kind``."""
+
+    sender: int
+    payload: bytes
+    safe: bool
+    kind: int
+
+
+Output = Union[SendToAll, SendTo, Delivery, LayerDelivery, Configuration]
 
 
 def _derived(value: float | None, default: float) -> float:
@@ -225,13 +242,22 @@ class Ring:
             raise RemoteProtocolError(f"packet dropped: {_strerror(rc)}", code=rc)
         return rc
 
-    def submit(self, now_us: int, payload: bytes, *, safe: bool = False) -> None:
-        """Queue an application message for total-order delivery to the ring."""
-        if not isinstance(payload, (bytes, bytearray, memoryview)):
-            raise TypeError(f"payload must be bytes, not {type(payload).__name__}")
-        rc = lib.gc_ring_submit(self._r, now_us, ffi.from_buffer(payload), len(payload), 1 if safe else 0)
-        if rc == lib.GC_OK:
-            return
+    def submit(self, now_us: int, payload: bytes, *, safe: bool = False, kind: int = 0) -> bool:
+        """Queue an application message for total-order delivery to the ring.
+
+        ``kind`` (0-127) is opaque to the ring and delivered back with the
+        message; layers above use it to tell their messages apart without a
+        header byte.  Returns :attr:`has_output` (saving the caller a call).
+        """
+        if type(payload) is not bytes:
+            if not isinstance(payload, (bytes, bytearray, memoryview)):
+                raise TypeError(f"payload must be bytes, not {type(payload).__name__}")
+            payload = ffi.from_buffer(payload)
+        if kind and not (type(kind) is int and 0 < kind <= _MAX_KIND):
+            raise ValueError(f"kind must be an int in 0..{_MAX_KIND}, not {kind!r}")
+        rc = lib.gc_ring_submit(self._r, now_us, payload, len(payload), (kind << 1) | (1 if safe else 0))
+        if rc >= 0:
+            return rc == _OUTPUT
         if rc == lib.GC_ETOOBIG:
             raise PayloadTooLarge(
                 f"payload of {len(payload)} bytes is over this ring's limit of {self._max_payload} bytes "
@@ -282,12 +308,15 @@ class Ring:
         """Whether :meth:`take` has anything to hand out (cheap)."""
         return lib.gc_ring_output_count(self._r) > 0
 
-    def take(self, message_type: type = Delivery) -> list[Output]:
+    def take(self, message_type: type = Delivery, *, runs: bool = False) -> list:
         """Drain the outputs of the inputs so far, in the order they must be acted on.
 
-        ``message_type`` builds each delivered message from ``(sender, payload,
-        safe)``; a layer above passes its own type to avoid building two objects
-        per message.
+        ``message_type`` builds each delivered kind-0 message from ``(sender,
+        payload, safe)``; a layer above passes its own type to avoid building
+        two objects per message.  Messages submitted with another ``kind``
+        come out as :class:`LayerDelivery`.  With ``runs=True`` each run of
+        consecutive kind-0 deliveries comes as one ``list`` in the output, so
+        a driver can pass them on without touching each one.
         """
         lib.gc_ring_take(self._r, self._pa, self._pn, self._pd, self._pl)
         n = self._pn[0]
@@ -295,18 +324,41 @@ class Ring:
             return []
         records = ffi.buffer(self._pa[0], n * _ACTION.size)[:]
         data = ffi.buffer(self._pd[0], self._pl[0])[:]
-        out: list[Output] = []
+        # Columns of the records (six 32-bit words each): slicing an array is
+        # C-speed, and runs of plain deliveries become objects without a
+        # Python-level loop body per message.  This is the hot path.
+        words = array("I")
+        words.frombytes(records)
+        heads, nodes, offsets, lengths = words[0::6], words[1::6], words[4::6], words[5::6]
+        payloads = [data[o : o + size] for o, size in zip(offsets, lengths)]
+        make = partial(_tuple_new, message_type)
+        if heads.count(_PLAIN) + heads.count(_PLAIN_SAFE) == n:
+            messages = list(map(make, zip(nodes, payloads, map(_PLAIN_SAFE.__eq__, heads))))
+            return [messages] if runs else messages
+        out: list = []
         append = out.append
-        for kind, flags, count, node, value, off, length in _ACTION.iter_unpack(records):
-            if kind == 3:
-                append(message_type(node, data[off : off + length], flags == 1))
-            elif kind == 1:
-                append(SendToAll(data[off : off + length]))
+        add_run = append if runs else out.extend
+        run = 0                                   # start of the current run of plain deliveries
+        for i, head in enumerate(heads):
+            if head == _PLAIN or head == _PLAIN_SAFE:
+                continue
+            if run < i:
+                add_run(list(map(make, zip(nodes[run:i], payloads[run:i], map(_PLAIN_SAFE.__eq__, heads[run:i])))))
+            run = i + 1
+            kind = head & 0xFF
+            if kind == 1:
+                append(SendToAll(payloads[i]))
             elif kind == 2:
-                append(SendTo(node, data[off : off + length]))
+                append(SendTo(nodes[i], payloads[i]))
+            elif kind == 3:
+                flags = (head >> 8) & 0xFF
+                append(LayerDelivery(nodes[i], payloads[i], bool(flags & 1), flags >> 1))
             else:
+                _, flags, count, node, value, off, _ = _ACTION.unpack_from(records, i * _ACTION.size)
                 members = struct.unpack_from(f"<{count}I", data, off)
                 append(Configuration(RingId(node, value), members, bool(flags & 1)))
+        if run < n:
+            add_run(list(map(make, zip(nodes[run:], payloads[run:], map(_PLAIN_SAFE.__eq__, heads[run:])))))
         return out
 
     # -- introspection ------------------------------------------------------

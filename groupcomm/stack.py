@@ -6,8 +6,10 @@ The trio :class:`~groupcomm.channel.Channel` drives a ``Stack`` over UDP and
 simulated network, so tests exercise the production layers.
 
 Outputs (:meth:`Stack.take`), in order: :class:`~groupcomm.ring.SendToAll`,
-:class:`~groupcomm.ring.SendTo` (to a member id), :class:`~groupcomm.events.Message`
-and :class:`~groupcomm.events.View`.
+:class:`~groupcomm.ring.SendTo` (to a member id), lists of
+:class:`~groupcomm.events.Message` (runs of application messages),
+:class:`~groupcomm.ring.LayerDelivery` (messages of the layers above) and
+:class:`~groupcomm.events.View`.
 """
 
 from __future__ import annotations
@@ -18,8 +20,8 @@ from groupcomm.errors import QueueFull
 from groupcomm.events import Configuration, Message, View
 from groupcomm.fd import MAGIC as FD_MAGIC
 from groupcomm.fd import HEARTBEAT, PING, PONG, FailureDetector, FdConfig
-from groupcomm.frag import FragConfig, Fragmenter
-from groupcomm.ring import Ring, RingConfig, SendTo, SendToAll
+from groupcomm.frag import FRAGMENT, FragConfig, Fragmenter
+from groupcomm.ring import LayerDelivery, Ring, RingConfig, SendTo, SendToAll
 
 __all__ = ["Stack"]
 
@@ -41,9 +43,9 @@ class Stack:
         self.frag = Fragmenter(node_id, self.ring.max_payload, (frag or FragConfig()).max_message)
         self.fd = FailureDetector(node_id, ring.cluster_id, fd) if fd is not None else None
         self._fd_deadline = 0
-        self._fragments: deque[tuple[bytes, bool]] = deque()  # of the message in flight, not yet in the ring
+        self._fragments: deque[tuple[bytes, bool]] = deque()    # of the message in flight, not yet in the ring
         self._inflight: int | None = None                      # msg id of our fragmented message
-        self._waiting: deque[tuple[bytes, bool]] = deque()    # messages queued behind it
+        self._waiting: deque[tuple[bytes, bool, int]] = deque()    # messages queued behind it
         self._out: list = []
         self.view: View | None = None
 
@@ -65,32 +67,38 @@ class Stack:
             self.fd.heard(int.from_bytes(data[8:12], "big"), now)
         self.ring.receive(now, data)
 
-    def send(self, now: int, payload: bytes, safe: bool = False) -> None:
+    def send(self, now: int, payload: bytes, safe: bool = False, kind: int = 0) -> bool:
         """Queue ``payload`` for total-order delivery; fragments it if it is large.
+
+        ``kind`` 0 is an application message (delivered as
+        :class:`~groupcomm.events.Message`); layers above use kinds from 2 up
+        (delivered as :class:`~groupcomm.ring.LayerDelivery`).
 
         Raises :class:`~groupcomm.errors.QueueFull` when the member's queue is
         full (nothing is queued then) and PayloadTooLarge over FRAG's limit.
         Messages behind a fragmented one wait until it is delivered, so a
         message a view change cut is re-sent before them (per-sender FIFO).
+        Returns :attr:`has_output`.
         """
-        payload = bytes(payload)
+        if kind == FRAGMENT:
+            raise ValueError(f"kind {FRAGMENT} is FRAG's own")
         if self._inflight is None and not self._waiting:
-            packets = self.frag.split(payload, safe)
-            if len(packets) == 1:
-                self.ring.submit(now, packets[0], safe=safe)   # raises QueueFull itself
-                return
-            self._start(packets, safe)
+            fragments = self.frag.split(payload, safe, kind)
+            if fragments is None:
+                return self.ring.submit(now, payload, safe=safe, kind=kind) or bool(self._out)  # may raise QueueFull
+            self._start(fragments, safe)
         else:
             if len(payload) > self.frag.max_message:
                 self.frag.split(payload, safe)                 # raises PayloadTooLarge
             if len(self._waiting) >= self.ring.config.send_queue_max:
                 raise QueueFull(f"member {self.node_id}: send queue is full; wait for deliveries and retry")
-            self._waiting.append((payload, safe))
+            self._waiting.append((bytes(payload), safe, kind))
         self._feed(now)
+        return self.has_output
 
-    def _start(self, packets: list[bytes], safe: bool) -> None:
+    def _start(self, fragments: list[bytes], safe: bool) -> None:
         self._inflight = self.frag.last_id
-        self._fragments = deque((p, safe) for p in packets)
+        self._fragments = deque((f, safe) for f in fragments)
 
     def _feed(self, now: int) -> None:
         """Move fragments, then waiting messages, into the ring while it has room."""
@@ -100,7 +108,7 @@ class Stack:
             while fragments:
                 packet, safe = fragments[0]
                 try:
-                    ring.submit(now, packet, safe=safe)
+                    ring.submit(now, packet, safe=safe, kind=FRAGMENT)
                 except QueueFull:
                     return
                 fragments.popleft()
@@ -109,17 +117,17 @@ class Stack:
             self._inflight = None
             if not self._waiting:
                 return
-            payload, safe = self._waiting[0]
-            packets = self.frag.split(payload, safe)
-            if len(packets) == 1:
+            payload, safe, kind = self._waiting[0]
+            split = self.frag.split(payload, safe, kind)
+            if split is None:
                 try:
-                    ring.submit(now, packets[0], safe=safe)
+                    ring.submit(now, payload, safe=safe, kind=kind)
                 except QueueFull:
                     return
                 self._waiting.popleft()
             else:
                 self._waiting.popleft()
-                self._start(packets, safe)
+                self._start(split, safe)
 
     def suspect(self, now: int, node: int) -> bool:
         return self.ring.suspect(now, node)
@@ -164,15 +172,27 @@ class Stack:
         return d
 
     def take(self, now: int) -> list:
-        """Everything to act on, in order."""
+        """Everything to act on, in order.
+
+        Runs of consecutive application messages come as one ``list`` of
+        :class:`~groupcomm.events.Message` (the hot path touches no message).
+        """
         out, self._out = self._out, []
+        items = self.ring.take(Message, runs=True)
         frag, fd = self.frag, self.fd
-        for item in self.ring.take(Message):
+        for item in items:
             t = type(item)
-            if t is Message:
-                message = frag.deliver(item.sender, item.payload, item.safe)
-                if message is not None:
-                    out.append(message)
+            if t is list:
+                out.append(item)
+            elif t is LayerDelivery:
+                if item.kind == FRAGMENT:
+                    whole = frag.deliver(item.sender, item.payload, item.safe)
+                    if whole is not None:
+                        payload, kind = whole
+                        out.append([Message(item.sender, payload, item.safe)] if kind == 0
+                                   else LayerDelivery(item.sender, payload, item.safe, kind))
+                else:
+                    out.append(item)
             elif t is Configuration:
                 view = View(item.members, item.ring_id, item.transitional)
                 out.append(view)
@@ -194,4 +214,3 @@ class Stack:
             if self.ring.has_output:
                 out.extend(self.take(now))
         return out
-

@@ -14,18 +14,33 @@ def pair(limit: int = 64) -> tuple[Fragmenter, Fragmenter]:
 
 
 def deliver_all(f: Fragmenter, sender: int, packets: list[bytes], safe: bool = False) -> list[Message]:
-    return [m for p in packets if (m := f.deliver(sender, p, safe)) is not None]
+    out = []
+    for p in packets:
+        whole = f.deliver(sender, p, safe)
+        if whole is not None:
+            payload, kind = whole
+            assert kind == 0
+            out.append(Message(sender, payload, safe))
+    return out
 
 
 def test_small_messages_travel_whole_and_large_ones_reassemble():
     a, b = pair()
-    assert a.split(b"hi", False) == [b"\x00hi"]
+    assert a.split(b"hi", False) is None                 # fits: sent as is, no header, no copy
+    assert a.split(b"x" * 64, False) is None
     big = bytes(range(256)) * 3
     packets = a.split(big, True)
     assert len(packets) > 1 and all(len(p) <= 64 for p in packets)
     assert deliver_all(b, 1, packets, True) == [Message(1, big, True)]
     assert deliver_all(a, 1, packets, True) == [Message(1, big, True)]     # the sender's own copy
     assert a.take_resends() == []
+
+
+def test_the_kind_of_a_fragmented_message_survives_reassembly():
+    a, b = pair()
+    packets = a.split(b"k" * 300, False, 9)
+    got = [w for p in packets if (w := b.deliver(1, p, False)) is not None]
+    assert got == [(b"k" * 300, 9)]
 
 
 def test_over_the_cap_is_a_clear_error():
@@ -44,7 +59,7 @@ def test_a_view_change_mid_message_drops_it_everywhere_and_the_sender_resends_on
         f.view()                                   # regular view: partial messages are dropped
         assert deliver_all(f, 1, packets[half:]) == []   # the tail alone is never delivered
     resend = a.take_resends()
-    assert resend == [(big, False)]
+    assert resend == [(big, False, 0)]
     assert a.take_resends() == []
     again = a.split(*resend[0])
     assert deliver_all(b, 1, again) == [Message(1, big, False)]
@@ -69,13 +84,14 @@ def test_interleaved_senders_and_messages_reassemble_independently():
     order = [p for pair_ in zip(pa, pc) for p in pair_]
     got = []
     for i, p in enumerate(order):
-        m = b.deliver(1 if i % 2 == 0 else 3, p, i % 2 == 1)
-        if m:
-            got.append(m)
-    assert sorted(got) == sorted([Message(1, b"A" * 200, False), Message(3, b"C" * 200, True)])
+        sender = 1 if i % 2 == 0 else 3
+        whole = b.deliver(sender, p, i % 2 == 1)
+        if whole:
+            got.append((sender, whole[0]))
+    assert sorted(got) == [(1, b"A" * 200), (3, b"C" * 200)]
 
 
-@pytest.mark.parametrize("junk", [b"", b"\x02abc", b"\x01\x00", b"\x01" + bytes(12)])
+@pytest.mark.parametrize("junk", [b"", b"abc", bytes(12), bytes([0, 0, 0, 1, 0, 0, 0, 1, 0, 0, 0, 2, 0])])
 def test_malformed_fragments_are_dropped_and_counted(junk):
     _, b = pair()
     assert b.deliver(1, junk, False) is None

@@ -25,7 +25,7 @@ from groupcomm.errors import (
     RemoteProtocolError,
 )
 from groupcomm.events import Configuration, Delivery
-from groupcomm.ring import Ring, RingConfig, RingState
+from groupcomm.ring import LayerDelivery, Ring, RingConfig, RingState
 from tests.test_ring_fuzz import FAST, MSG_MCAST, RingCluster, formed_cluster, packet_kind
 
 HEADER_FILE = Path(groupcomm.__file__).with_name("_ring.h")
@@ -287,6 +287,46 @@ def test_a_single_member_forms_a_singleton_ring_and_self_delivers_in_order() -> 
     deliver_all(cluster, len(sent))
     assert cluster.deliveries[7] == [Delivery(7, payload, safe) for payload, safe in sent]
     assert ring.pending == 0
+
+
+def test_a_kind_travels_with_its_message_and_runs_group_plain_deliveries() -> None:
+    cluster = formed_cluster((1, 2))
+    sent = [(b"p%d" % k, k % 4 == 1, (0, 0, 5, 127)[k % 4]) for k in range(24)]
+    for payload, safe, kind in sent:
+        cluster.rings[1].submit(cluster.now, payload, safe=safe, kind=kind)
+    cluster._collect(1)
+    deliver_all(cluster, len(sent))
+    expected = [Delivery(1, p, s) if k == 0 else LayerDelivery(1, p, s, k) for p, s, k in sent]
+    assert cluster.deliveries[1] == cluster.deliveries[2] == expected
+
+    # The same outputs, with runs: consecutive kind-0 deliveries come as one list.
+    ring = Ring(3, FAST)
+    ring.start(0)
+    ring.take()
+    now = 0
+    while ring.state != RingState.OPERATIONAL:
+        now = ring.next_deadline()
+        ring.tick(now)
+        ring.take()
+    for payload, safe, kind in sent:
+        ring.submit(now, payload, safe=safe, kind=kind)
+    runs: list = []
+    for _ in range(100):
+        now = ring.next_deadline()
+        ring.tick(now)
+        taken = ring.take(runs=True)
+        assert not any(type(a) is list and type(b) is list for a, b in zip(taken, taken[1:]))
+        runs += [o for o in taken if isinstance(o, (list, LayerDelivery))]
+    flat = [d for o in runs for d in (o if isinstance(o, list) else [o])]
+    assert [(d.payload, d.safe) for d in flat] == [(p, s) for p, s, _ in sent]
+    assert all(type(o) is LayerDelivery or (o and all(type(d) is Delivery for d in o)) for o in runs)
+
+
+@pytest.mark.parametrize("kind", [-1, 128, 1.0, "x"])
+def test_a_bad_kind_is_a_value_error(kind: object) -> None:
+    cluster = formed_cluster((1,))
+    with pytest.raises(ValueError, match="kind must be an int"):
+        cluster.rings[1].submit(cluster.now, b"x", kind=kind)
 
 
 def test_take_hands_out_each_output_once() -> None:

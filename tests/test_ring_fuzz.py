@@ -37,7 +37,7 @@ from hypothesis import strategies as st
 from groupcomm._native import lib
 from groupcomm.errors import RemoteProtocolError
 from groupcomm.events import Configuration, Delivery
-from groupcomm.ring import Ring, RingConfig, RingState, SendTo, SendToAll
+from groupcomm.ring import LayerDelivery, Ring, RingConfig, RingState, SendTo, SendToAll
 
 FAST = RingConfig(token_timeout=0.2, join=0.02, merge=0.05)
 """Short timers keep the virtual time (and the real time) of every example small."""
@@ -243,7 +243,7 @@ class RingCluster:
             elif isinstance(out, SendTo):
                 self.wire.append((node, out.node, out.packet))
                 self._send(node, out.node, out.packet)
-            elif isinstance(out, Delivery):
+            elif isinstance(out, (Delivery, LayerDelivery)):
                 self.deliveries[node].append(out)
             else:
                 self.configurations[node].append(out)

@@ -87,8 +87,8 @@ class _StackAsRing:
         out = []
         for item in self.stack.take(self._now):
             t = type(item)
-            if t is Message:
-                out.append(Delivery(item.sender, item.payload, item.safe))
+            if t is list:
+                out.extend(Delivery(m.sender, m.payload, m.safe) for m in item)
             elif t is View:
                 out.append(Configuration(item.ring_id, item.members, item.transitional))
             else:
