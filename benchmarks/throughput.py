@@ -36,6 +36,7 @@ def ring_config(args):
     return RingConfig(
         mtu=args.mtu, window_size=args.window, max_messages=args.max_messages,
         sort_queue_size=args.sort_queue, send_queue_max=args.send_queue, token_timeout=1.0,
+        seqno_unchanged_const=args.seqno_unchanged,
     )
 
 
@@ -137,6 +138,7 @@ def run(args) -> dict:
         "--cluster", cluster, "--port", str(port), "--mtu", str(args.mtu), "--window", str(args.window),
         "--max-messages", str(args.max_messages), "--sort-queue", str(args.sort_queue),
         "--send-queue", str(args.send_queue), "--latency-samples", str(args.latency_samples),
+        "--seqno-unchanged", str(args.seqno_unchanged),
     ]
     procs = [
         subprocess.Popen([sys.executable, __file__, "--worker", "--index", str(i), *common],
@@ -183,6 +185,8 @@ def main() -> None:
     parser.add_argument("--sort-queue", type=int, default=4096)
     parser.add_argument("--send-queue", type=int, default=20000)
     parser.add_argument("--latency-samples", type=int, default=300)
+    parser.add_argument("--seqno-unchanged", type=int, default=30,
+                        help="idle token rotations before the token is held (TOTEM seqno_unchanged_const)")
     parser.add_argument("--timeout", type=float, default=300)
     parser.add_argument("--json", action="store_true")
     parser.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
