@@ -71,11 +71,14 @@ class View(NamedTuple):
 
     ``transitional=True`` views come just before the regular view of the same
     ``ring_id`` and list the members that came along from our previous view.
+    ``primary``: the view holds a majority of the expected votes (see
+    :mod:`groupcomm.quorum`); services refuse writes when it is False.
     """
 
     members: tuple[int, ...]
     ring_id: RingId
     transitional: bool
+    primary: bool = True
 
 
 ChannelEvent = Union[Message, View]

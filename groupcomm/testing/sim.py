@@ -16,8 +16,10 @@ from dataclasses import dataclass
 
 from groupcomm.errors import ConfigError, LocalProtocolError, NotOperational, PayloadTooLarge
 from groupcomm.events import Configuration, Crashed, Delivery, Event, Message, View
+from groupcomm.quorum import QuorumConfig
 from groupcomm.ring import Ring, RingConfig, RingState, SendTo, SendToAll
-from groupcomm.stack import Stack
+from groupcomm.member import Member
+from groupcomm.testing.sim_services import ServiceApps
 from groupcomm.testing.evs import SendRecord, check_evs
 
 __all__ = ["SimCluster", "NetworkModel"]
@@ -48,10 +50,12 @@ class NetworkModel:
 
 
 class _StackAsRing:
-    """Presents a :class:`~groupcomm.stack.Stack` with the Ring interface the simulator drives."""
+    """Presents a :class:`~groupcomm.member.Member` (the production layers) with the Ring interface."""
 
-    def __init__(self, stack: Stack) -> None:
-        self.stack = stack
+    def __init__(self, member: Member, services: Callable[[object], None]) -> None:
+        self.member = member
+        self.stack = member.stack
+        self._services = services
         self._now = 0
 
     def __getattr__(self, name: str):
@@ -67,32 +71,39 @@ class _StackAsRing:
 
     def receive(self, now: int, packet: bytes) -> None:
         self._now = now
-        self.stack.receive(now, packet)
+        self.member.receive(now, packet)
 
     def submit(self, now: int, payload: bytes, *, safe: bool = False) -> None:
         self._now = now
-        self.stack.send(now, payload, safe)
+        self.member.send(now, payload, safe)
 
     def tick(self, now: int) -> None:
         self._now = now
-        self.stack.tick(now)
+        self.member.tick(now)
+
+    def leave(self, now: int) -> None:
+        self._now = now
+        self.member.leave(now)
 
     def next_deadline(self) -> int | None:
-        return self.stack.next_deadline()
+        return self.member.next_deadline()
 
     def suspect(self, now: int, node: int) -> bool:
-        return self.stack.suspect(now, node)
+        return self.member.suspect(now, node)
 
     def take(self) -> list:
         out = []
-        for item in self.stack.take(self._now):
+        for item in self.member.take(self._now):
             t = type(item)
             if t is list:
                 out.extend(Delivery(m.sender, m.payload, m.safe) for m in item)
             elif t is View:
                 out.append(Configuration(item.ring_id, item.members, item.transitional))
-            else:
+                self._services(item)
+            elif t is SendTo or t is SendToAll:
                 out.append(item)
+            else:
+                self._services(item)
         return out
 
 
@@ -121,6 +132,7 @@ class SimCluster:
         *,
         network: NetworkModel | None = None,
         stack: str | None = None,
+        quorum: QuorumConfig | None = None,
     ) -> None:
         ids = list(range(1, nodes + 1)) if isinstance(nodes, int) else sorted(set(nodes))
         if not ids:
@@ -137,6 +149,9 @@ class SimCluster:
             stack_ring, _, self._fd, self._frag = stack_configs(load_stack(stack), transport_optional=True)
             config = config or stack_ring
         self._use_stack = stack is not None
+        self._quorum = quorum
+        self.services = ServiceApps(self)
+        """Spaces, request-reply and state transfer on the simulated members (``stack`` only)."""
         self.config = config or RingConfig()
         self.network = network or NetworkModel()
         self._rng = random.Random(seed)
@@ -183,9 +198,10 @@ class SimCluster:
         m.incarnation += 1
         floor = m.ring_seq + 1 if m.incarnation > 0 else 0
         if self._use_stack:
-            st = Stack(node, self.config, fd=self._fd, frag=self._frag, ring_seq_floor=floor)
-            st.start(self._now)
-            m.ring = _StackAsRing(st)  # type: ignore[assignment]
+            member = Member(node, self.config, fd=self._fd, frag=self._frag, quorum=self._quorum,
+                            ring_seq_floor=floor, epoch=m.incarnation + 1)
+            member.start(self._now)
+            m.ring = _StackAsRing(member, lambda item, node=node: self.services.output(node, item))  # type: ignore[assignment]
         else:
             m.ring = Ring(node, self.config, ring_seq_floor=floor)
             m.ring.start(self._now)
@@ -201,6 +217,7 @@ class SimCluster:
         self._crashed(node)
 
     def _crashed(self, node: int) -> None:
+        self.services.crashed(node)
         self._tagged[node].append(Crashed())
         self._record(node, Crashed())
         self._quiet_since = self._now

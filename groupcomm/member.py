@@ -1,0 +1,346 @@
+"""One member's whole protocol stack, sans-IO.
+
+:class:`Member` stacks the layers of ARCHITECTURE.md that sit on the ring:
+
+    RPC + SPACES + QUORUM    (groupcomm.rpc, groupcomm.spaces, groupcomm.quorum)
+    FRAG + TOTEM + FD        (groupcomm.stack.Stack)
+    UNICAST                  (groupcomm.unicast), beside the ring
+
+It is fed packets, local calls and time (integer microseconds) and hands out
+everything to act on with :meth:`Member.take`; the trio
+:class:`~groupcomm.channel.Channel` and the simulator both drive it.
+
+Outputs, in order: ``SendToAll`` / ``SendTo`` packets; lists of channel
+:class:`~groupcomm.events.Message`; :class:`~groupcomm.events.View` (with
+``primary`` set by the quorum rule); from :mod:`groupcomm.spaces`:
+``SpaceView``, ``SpaceMessage``, ``SpaceRequest`` (answer with
+:meth:`reply`), ``StateRequest`` (answer with :meth:`provide_state`),
+``StateInstalled``, ``Merge``; and :class:`~groupcomm.rpc.RequestDone`.
+"""
+
+from __future__ import annotations
+
+from collections import deque
+
+import msgpack
+
+from groupcomm.errors import LocalProtocolError, QueueFull
+from groupcomm.events import View
+from groupcomm.fd import FdConfig
+from groupcomm.frag import FragConfig
+from groupcomm.quorum import Quorum, QuorumConfig
+from groupcomm.ring import LayerDelivery, RingConfig, SendTo, SendToAll
+from groupcomm.rpc import Mode, Reply, RequestDone, RpcTracker
+from groupcomm.spaces import (
+    REQUEST,
+    STATE_CHUNK_OP,
+    RingSend,
+    SpaceLayer,
+    SpaceRequest,
+    SpaceView,
+    StateRequest,
+    UnicastSend,
+    _check_name,
+)
+from groupcomm.stack import Stack
+from groupcomm.unicast import MAGIC as UNICAST_MAGIC
+from groupcomm.unicast import Unicast, UnicastConfig, UnicastFailed, UnicastMessage, UnicastSent
+
+__all__ = ["Member", "SERVICES_KIND"]
+
+SERVICES_KIND = 2
+"""Ring kind of every message of the layers above FRAG."""
+REPLY_OP, P2P_REQUEST_OP = 17, 18
+_UNICAST_WINDOW = 4
+"""Upper-layer unicast messages in flight per peer (state chunks are 256 KiB)."""
+
+
+class Member:
+    """Stack + unicast + spaces + request-reply + quorum for one member."""
+
+    def __init__(
+        self,
+        node_id: int,
+        ring: RingConfig,
+        *,
+        fd: FdConfig | None = None,
+        frag: FragConfig | None = None,
+        unicast: UnicastConfig | None = None,
+        quorum: QuorumConfig | None = None,
+        ring_seq_floor: int = 0,
+        epoch: int = 0,
+    ) -> None:
+        self.node_id = node_id
+        self.stack = Stack(node_id, ring, fd=fd, frag=frag, ring_seq_floor=ring_seq_floor)
+        self.unicast = Unicast(node_id, ring.cluster_id, unicast, epoch=epoch or ring_seq_floor)
+        self.spaces = SpaceLayer(node_id, Quorum(quorum))
+        self.rpc = RpcTracker()
+        self.view: View | None = None
+        self._control: deque[tuple[bytes, bool]] = deque()     # ring messages of our layers, waiting for room
+        self._my_requests: dict[int, str] = {}                 # multicast req id -> scope
+        self._uq: dict[int, deque[tuple[bytes, int | None]]] = {}   # per peer: (payload, req id)
+        self._u_inflight: dict[int, dict[int, int | None]] = {}     # per peer: msg id -> req id
+        self._out: list = []
+
+    # -- inputs -----------------------------------------------------------------
+
+    def start(self, now: int) -> None:
+        self.stack.start(now)
+
+    def receive(self, now: int, data: bytes) -> None:
+        if data[:2] == UNICAST_MAGIC:
+            self.unicast.receive(now, data)
+        else:
+            self.stack.receive(now, data)
+
+    def tick(self, now: int) -> None:
+        self.stack.tick(now)
+        self.unicast.tick(now)
+        self.rpc.tick(now)
+        self._flush_control(now)
+
+    def leave(self, now: int) -> None:
+        self.stack.leave(now)
+
+    def suspect(self, now: int, node: int) -> bool:
+        return self.stack.suspect(now, node)
+
+    def send(self, now: int, payload: bytes, safe: bool = False) -> bool:
+        """An application message to the whole channel; QueueFull when full."""
+        return self.stack.send(now, payload, safe)
+
+    def join_space(self, now: int, space: str) -> None:
+        self.spaces.join(space)
+        self._after_spaces(now)
+
+    def leave_space(self, now: int, space: str) -> None:
+        self.spaces.leave(space)
+        self._after_spaces(now)
+
+    def space_send(self, now: int, space: str, payload: bytes, safe: bool = False) -> None:
+        """A message to the members of ``space``, in total order; QueueFull when full."""
+        if space not in self.spaces.requested:
+            raise LocalProtocolError(f"member {self.node_id} is not in space {space!r}; join it first")
+        self.stack.send(now, self.spaces.send(space, payload, safe), safe, SERVICES_KIND)
+
+    def request(self, now: int, scope: str, payload: bytes, *, to: tuple[int, ...] | None,
+                mode: Mode, timeout_us: int) -> int:
+        """Start a request; its :class:`~groupcomm.rpc.RequestDone` comes out of :meth:`take`.
+
+        ``scope`` is a space name or ``""`` (every member of the channel);
+        ``to=None`` multicasts through the ring, a tuple of members sends to
+        each of them over unicast.
+        """
+        if scope:
+            _check_name(scope)
+        req_id = self.rpc.new_id()
+        if to is None:
+            self.stack.send(now, self.spaces.request(scope, req_id, payload), False, SERVICES_KIND)
+            self._my_requests[req_id] = scope
+            self.rpc.start(now, req_id, mode, timeout_us, scope, None)
+        else:
+            self.rpc.start(now, req_id, mode, timeout_us, scope, to)
+            message = msgpack.packb([P2P_REQUEST_OP, scope, req_id, bytes(payload)], use_bin_type=True)
+            for member in to:
+                if member == self.node_id:
+                    self._out.append(SpaceRequest(scope, member, req_id, bytes(payload)))
+                else:
+                    self._unicast(member, message, req_id)
+        self._pump_unicast(now)
+        return req_id
+
+    def cancel_request(self, req_id: int) -> None:
+        self.rpc.cancel(req_id)
+        self._my_requests.pop(req_id, None)
+
+    def reply(self, now: int, request: SpaceRequest, reply: Reply) -> None:
+        """Answer ``request`` (sent back to the requester over unicast)."""
+        message = msgpack.packb([REPLY_OP, request.req_id, reply.ok, reply.value, reply.error], use_bin_type=True)
+        if request.requester == self.node_id:
+            self.rpc.reply(request.req_id, self.node_id, reply)
+            self._collect_rpc()
+            return
+        self._unicast(request.requester, message, None)
+        self._pump_unicast(now)
+
+    def provide_state(self, now: int, request: StateRequest, state: bytes | None) -> None:
+        self.spaces.provide(request, state)
+        self._after_spaces(now)
+
+    # -- outputs ------------------------------------------------------------------
+
+    @property
+    def ring(self):
+        return self.stack.ring
+
+    @property
+    def frag(self):
+        return self.stack.frag
+
+    @property
+    def fd(self):
+        return self.stack.fd
+
+    @property
+    def pending(self) -> int:
+        return self.stack.pending
+
+    @property
+    def can_send(self) -> bool:
+        return self.stack.can_send
+
+    @property
+    def has_output(self) -> bool:
+        return bool(self._out) or self.stack.has_output or bool(self.unicast._out)  # noqa: SLF001 (see report)
+
+    def next_deadline(self) -> int | None:
+        times = [d for d in (self.stack.next_deadline(), self.unicast.next_deadline(), self.rpc.next_deadline())
+                 if d is not None]
+        return min(times) if times else None
+
+    def take(self, now: int) -> list:
+        out = self._out                  # outputs of the layers above land here, in order
+        for item in self.stack.take(now):
+            t = type(item)
+            if t is list or t is SendToAll or t is SendTo:
+                out.append(item)
+            elif t is LayerDelivery:
+                if item.kind == SERVICES_KIND:
+                    self._deliver(item)
+                    self._after_spaces(now)
+            elif t is View:
+                self._view(now, item)
+        self._take_unicast(now)
+        self._collect_rpc()
+        self._out = []
+        return out
+
+    # -- plumbing -------------------------------------------------------------------
+
+    def _view(self, now: int, view: View) -> None:
+        self.spaces.view(view)
+        primary = self.spaces.primary if not view.transitional else self.spaces.quorum.is_primary(view.members)
+        view = view._replace(primary=primary)
+        self._out.append(view)
+        if not view.transitional:
+            gone = set(self.view.members) - set(view.members) if self.view else set()
+            self.view = view
+            self.unicast.set_members(view.members, now)
+            for peer in list(self._uq):
+                if peer not in view.members:
+                    self._uq.pop(peer)
+                    for req_id in self._u_inflight.pop(peer, {}).values():
+                        if req_id is not None:
+                            self.rpc.reply(req_id, peer, _LEFT)
+            if gone:
+                self.rpc.left(None, gone)
+        self._after_spaces(now)
+
+    def _deliver(self, item: LayerDelivery) -> None:
+        if item.sender == self.node_id:
+            self._own_request(item.payload)
+        self.spaces.deliver(item.sender, item.payload, item.safe)
+
+    def _own_request(self, payload: bytes) -> None:
+        """Our multicast request reached this point: its repliers are who is in scope here."""
+        try:
+            item = msgpack.unpackb(payload, raw=False)
+        except ValueError:
+            return
+        if not (isinstance(item, list) and len(item) == 4 and item[0] == REQUEST):
+            return
+        scope = self._my_requests.pop(item[2], None)
+        if scope is None:
+            return
+        members = self.spaces.spaces.get(scope, []) if scope else (self.view.members if self.view else ())
+        self.rpc.fix_targets(item[2], list(members))
+
+    def _after_spaces(self, now: int) -> None:
+        for item in self.spaces.take():
+            t = type(item)
+            if t is RingSend:
+                self._control.append((item.payload, item.safe))
+            elif t is UnicastSend:
+                self._unicast(item.dest, item.payload, None)
+            else:
+                if t is SpaceView and item.left:
+                    self.rpc.left(item.space, item.left)
+                self._out.append(item)
+        self._flush_control(now)
+        self._pump_unicast(now)
+
+    def _flush_control(self, now: int) -> None:
+        control = self._control
+        while control:
+            payload, safe = control[0]
+            try:
+                self.stack.send(now, payload, safe, SERVICES_KIND)
+            except QueueFull:
+                return
+            control.popleft()
+
+    def _unicast(self, dest: int, payload: bytes, req_id: int | None) -> None:
+        self._uq.setdefault(dest, deque()).append((payload, req_id))
+
+    def _pump_unicast(self, now: int) -> None:
+        for dest, queue in list(self._uq.items()):
+            inflight = self._u_inflight.setdefault(dest, {})
+            while queue and len(inflight) < _UNICAST_WINDOW:
+                payload, req_id = queue[0]
+                try:
+                    msg_id = self.unicast.send(now, dest, payload)
+                except QueueFull:
+                    break
+                queue.popleft()
+                inflight[msg_id] = req_id
+            if not queue:
+                del self._uq[dest]
+        self._take_unicast(now)
+
+    def _take_unicast(self, now: int) -> None:
+        again = False
+        for item in self.unicast.take():
+            t = type(item)
+            if t is SendTo:
+                self._out.append(item)
+            elif t is UnicastMessage:
+                self._unicast_message(now, item)
+            elif t is UnicastSent:
+                self._u_inflight.get(item.dest, {}).pop(item.msg_id, None)
+                again = True
+            elif t is UnicastFailed:
+                req_id = self._u_inflight.get(item.dest, {}).pop(item.msg_id, None)
+                if req_id is not None:
+                    self.rpc.reply(req_id, item.dest, _LEFT)
+                again = True
+        if again and self._uq:
+            self._pump_unicast(now)
+
+    def _unicast_message(self, now: int, message: UnicastMessage) -> None:
+        try:
+            item = msgpack.unpackb(message.payload, raw=False)
+            op = item[0]
+        except (ValueError, TypeError, IndexError, msgpack.ExtraData, msgpack.FormatError, msgpack.StackError):
+            self.spaces.dropped += 1
+            return
+        try:
+            if op == REPLY_OP:
+                _, req_id, ok, value, error = item
+                self.rpc.reply(req_id, message.sender, Reply(bool(ok), value, error, "ok" if ok else "error"))
+            elif op == P2P_REQUEST_OP:
+                _, scope, req_id, payload = item
+                self._out.append(SpaceRequest(scope, message.sender, req_id, payload))
+            elif op == STATE_CHUNK_OP:
+                self.spaces.unicast(message.sender, message.payload)
+                self._after_spaces(now)
+            else:
+                self.spaces.dropped += 1
+        except (ValueError, TypeError):
+            self.spaces.dropped += 1
+
+    def _collect_rpc(self) -> None:
+        done: list[RequestDone] = self.rpc.take()
+        self._out.extend(done)
+
+
+_LEFT = Reply(False, None, "the member left before answering", "left")

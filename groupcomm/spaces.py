@@ -1,0 +1,529 @@
+"""ServiceSpaces: named logical sub-groups with agreed views, and state transfer.
+
+Sans-IO, one object per member, fed with what the ring delivers in total order
+(:meth:`SpaceLayer.deliver`, :meth:`SpaceLayer.view`) and with local calls
+(:meth:`join`, :meth:`leave`, :meth:`send`).  Because every member applies the
+same deliveries in the same order, every member computes the same space views
+at the same points of the total order; nothing else is exchanged.
+
+Membership (like Corosync's CPG):
+
+* ``JOIN``/``LEAVE`` are ring messages; a space's view changes where they are
+  delivered.  A ring view that loses members removes them from every space at
+  that point.
+* After a ring view that *merges* members from different previous
+  configurations (the transitional configuration is smaller than the regular
+  one), the sides disagree about spaces.  Every member then multicasts one
+  ``SYNC`` listing its own spaces and where it comes from; when the SYNC of
+  every member has been delivered (a barrier in the total order), each
+  space's membership is rebuilt from the claims, identically everywhere, and
+  one view per changed space is emitted.
+
+State transfer (virtual synchrony): a member that joins a space which already
+has members is sent a snapshot taken at the exact point of the total order
+where its join is delivered.  The provider is the oldest *ready* member of the
+space (one that has state); the provider's application is asked for the
+snapshot by a :class:`StateRequest` output at that point.  The joiner buffers
+every later event of the space and, once the snapshot is complete, outputs
+:class:`StateInstalled` followed by the buffered events.  If the provider
+leaves first, the joiner multicasts ``STATE_REQ``; the next provider snapshots
+where that is delivered, and the joiner drops the buffered events that came
+before it (they are in the snapshot).  A joiner multicasts ``STATE_DONE`` once
+installed, which makes it a provider candidate.
+
+After a merge, members that come from a non-primary side re-fetch the state of
+each of their spaces from the side that was primary (see
+:mod:`groupcomm.quorum`); so after a partition heals the minority learns which
+side was primary (:class:`Merge`) and adopts its state.  If no side was
+primary, the side with the most recent primary view wins (ties: the side with
+the lowest node id).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from typing import Any, NamedTuple
+
+import msgpack
+
+from groupcomm.errors import LocalProtocolError
+from groupcomm.events import Message, RingId, View
+from groupcomm.quorum import Quorum
+
+__all__ = [
+    "SpaceView", "SpaceMessage", "SpaceRequest", "StateRequest", "StateInstalled", "Merge",
+    "RingSend", "UnicastSend", "SpaceLayer", "STATE_CHUNK",
+]
+
+# Ring ops (one msgpack array per message, first item the op).
+JOIN, LEAVE, SYNC, DATA, STATE_REQ, STATE_DONE, REQUEST = range(1, 8)
+# Unicast ops carried for this layer.
+STATE_CHUNK_OP = 16
+STATE_CHUNK = 256 << 10
+"""Bytes of snapshot per unicast message; the driver paces chunks."""
+
+
+class SpaceView(NamedTuple):
+    """A space's membership changed: ``members`` (oldest first), who ``joined`` and who ``left``."""
+
+    members: tuple[int, ...]
+    joined: tuple[int, ...]
+    left: tuple[int, ...]
+    space: str = ""
+    view_id: tuple[int, int, int] = (0, 0, 0)
+    """Where in the total order it was installed (a :data:`Point`); with ``space`` it names
+    the view: every member that installs it sees the same ``members``."""
+
+
+class SpaceMessage(NamedTuple):
+    """A message for ``space`` (delivered here because this member is in it)."""
+
+    space: str
+    message: Message
+
+
+class SpaceRequest(NamedTuple):
+    """A request multicast to ``space`` (``space == ""``: to the whole channel)."""
+
+    space: str
+    requester: int
+    req_id: int
+    payload: bytes
+
+
+class StateRequest(NamedTuple):
+    """Provider side: take a snapshot of ``space`` now and pass it to :meth:`SpaceLayer.provide`."""
+
+    space: str
+    joiner: int
+    point: tuple[int, int, int]
+
+
+class StateInstalled(NamedTuple):
+    """Joiner side: replace the state of ``space`` with ``state`` (None: nobody had any)."""
+
+    space: str
+    state: bytes | None
+
+
+class Merge(NamedTuple):
+    """After a merge: the previous components and which one was primary (or won, see module doc)."""
+
+    ring_id: RingId
+    components: tuple[tuple[int, ...], ...]
+    primary: tuple[int, ...]
+    was_primary: bool
+    """Whether ``primary`` really was a primary component (False: it won by recency)."""
+
+
+class RingSend(NamedTuple):
+    """Submit ``payload`` to the ring with this layer's kind."""
+
+    payload: bytes
+    safe: bool
+
+
+class UnicastSend(NamedTuple):
+    """Send ``payload`` to ``dest`` over the reliable unicast layer."""
+
+    dest: int
+    payload: bytes
+
+
+Point = tuple[int, int, int]
+"""A point of the total order: (ring representative, ring seq, deliveries so far in that ring)."""
+
+
+@dataclass
+class _Incoming:
+    """A state transfer this member is waiting for."""
+
+    provider: int                                            # -1: a STATE_REQ is on its way
+    cuts: dict[Point, int] = field(default_factory=dict)     # snapshot point -> buffer index there
+    buffer: list = field(default_factory=list)
+    chunks: dict[Point, list] = field(default_factory=dict)
+
+
+@dataclass
+class _Sync:
+    """One SYNC round after a merge."""
+
+    ring_ids: set[RingId]
+    waiting: set[int]
+    claims: dict[str, list[int]] = field(default_factory=dict)
+    ready: dict[str, set[int]] = field(default_factory=dict)
+    origin: dict[int, tuple] = field(default_factory=dict)   # member -> (prev ring, prev primary, last primary seq)
+
+
+def _pack(*items: Any) -> bytes:
+    return msgpack.packb(items, use_bin_type=True)
+
+
+class SpaceLayer:
+    """All spaces as one member sees them."""
+
+    def __init__(self, me: int, quorum: Quorum | None = None) -> None:
+        self.me = me
+        self.quorum = quorum or Quorum()
+        self.spaces: dict[str, list[int]] = {}
+        self.ready: dict[str, set[int]] = {}
+        self.mine: set[str] = set()              # spaces this member is in (its own JOIN delivered)
+        self.requested: set[str] = set()         # spaces this member asked to be in
+        self.members: tuple[int, ...] = ()
+        self.ring_id = RingId(0, 0)
+        self.primary = False
+        self.prev_ring = RingId(0, 0)
+        self.prev_primary = False
+        self.last_primary_seq = -1
+        self._trans: tuple[int, ...] | None = None
+        self._n = 0                             # deliveries in this ring view (see Point)
+        self._sync: _Sync | None = None
+        self._incoming: dict[str, _Incoming] = {}
+        self._out: list = []
+        self.dropped = 0
+
+    # -- local calls ------------------------------------------------------------
+
+    def join(self, space: str) -> None:
+        _check_name(space)
+        if space in self.requested:
+            raise LocalProtocolError(f"already in space {space!r} (or joining it)")
+        self.requested.add(space)
+        self._out.append(RingSend(_pack(JOIN, space), False))
+
+    def leave(self, space: str) -> None:
+        if space not in self.requested:
+            raise LocalProtocolError(f"not in space {space!r}")
+        self.requested.discard(space)
+        self._out.append(RingSend(_pack(LEAVE, space), False))
+
+    def send(self, space: str, payload: bytes, safe: bool = False) -> bytes:
+        """The ring message that carries ``payload`` to ``space`` (the caller submits it)."""
+        return _pack(DATA, space, bytes(payload))
+
+    def request(self, space: str, req_id: int, payload: bytes) -> bytes:
+        """The ring message of a request to every member of ``space`` ("" = the channel)."""
+        return _pack(REQUEST, space, req_id, bytes(payload))
+
+    def provide(self, request: StateRequest, state: bytes | None) -> None:
+        """Answer a :class:`StateRequest`: stream ``state`` to the joiner in chunks."""
+        space, joiner, point = request
+        if state is None:
+            self._out.append(UnicastSend(joiner, _pack(STATE_CHUNK_OP, space, list(point), 0, True, None)))
+            return
+        view = memoryview(bytes(state))
+        count = max(1, -(-len(view) // STATE_CHUNK))
+        for i in range(count):
+            chunk = bytes(view[i * STATE_CHUNK : (i + 1) * STATE_CHUNK])
+            self._out.append(UnicastSend(joiner, _pack(STATE_CHUNK_OP, space, list(point), i, i == count - 1, chunk)))
+
+    def take(self) -> list:
+        out, self._out = self._out, []
+        return out
+
+    # -- inputs in total order ---------------------------------------------------------
+
+    def view(self, view: View) -> None:
+        """A ring configuration (transitional or regular), in delivery order."""
+        self._n += 1
+        if view.transitional:
+            self._trans = view.members
+            return
+        gone = set(self.members) - set(view.members)
+        merged = self._trans is None or tuple(self._trans) != tuple(view.members)
+        self._trans = None
+        self.prev_ring, self.prev_primary = self.ring_id, self.primary
+        self.members, self.ring_id = tuple(view.members), view.ring_id
+        self.primary = self.quorum.is_primary(view.members)
+        if self.primary:
+            self.last_primary_seq = view.ring_id.seq
+        self._n = 0
+        if gone and not merged:
+            # After a merge the sides saw different departures; the SYNC
+            # barrier removes them for everyone at one point instead.
+            self._remove(gone)
+        sync = self._sync
+        if merged:
+            self._sync = _Sync({view.ring_id}, set(view.members))
+            spaces = sorted([name, name in self.ready and self.me in self.ready[name]] for name in self.requested)
+            self._out.append(RingSend(_pack(SYNC, list(view.ring_id), spaces, list(self.prev_ring),
+                                            self.prev_primary, self.last_primary_seq), False))
+        elif sync is not None:
+            sync.ring_ids.add(view.ring_id)             # the same members go on with the same round
+            sync.waiting -= gone
+            for name in sync.claims:
+                sync.claims[name] = [m for m in sync.claims[name] if m not in gone]
+            self._maybe_finish_sync()
+        self._check_providers()
+
+    def deliver(self, sender: int, payload: bytes, safe: bool) -> None:
+        """A ring message of this layer, in total order."""
+        self._n += 1
+        try:
+            item = msgpack.unpackb(payload, raw=False)
+            op = item[0]
+            if op == DATA:
+                self._data(sender, item[1], item[2], safe)
+            elif op == REQUEST:
+                self._space_event(item[1], SpaceRequest(item[1], sender, item[2], item[3]), always=item[1] == "")
+            elif op == JOIN:
+                self._join(sender, item[1])
+            elif op == LEAVE:
+                self._leave(sender, item[1])
+            elif op == SYNC:
+                self._sync_claim(sender, RingId(*item[1]), item[2], RingId(*item[3]), item[4], item[5])
+            elif op == STATE_REQ:
+                self._state_req(sender, item[1])
+            elif op == STATE_DONE:
+                if sender in self.spaces.get(item[1], ()):
+                    self.ready.setdefault(item[1], set()).add(sender)
+            else:
+                self.dropped += 1
+        except (ValueError, TypeError, IndexError, KeyError, msgpack.ExtraData, msgpack.FormatError, msgpack.StackError):
+            self.dropped += 1
+
+    def unicast(self, sender: int, payload: bytes) -> bool:
+        """A unicast message; returns False if it is not this layer's."""
+        try:
+            item = msgpack.unpackb(payload, raw=False)
+            if item[0] != STATE_CHUNK_OP:
+                return False
+            _, space, point, index, last, chunk = item
+            point = tuple(point)
+            incoming = self._incoming.get(space)
+        except (ValueError, TypeError, IndexError, msgpack.ExtraData, msgpack.FormatError, msgpack.StackError):
+            self.dropped += 1
+            return True
+        if incoming is None or point not in incoming.cuts:
+            return True                                      # a late answer nobody waits for
+        parts = incoming.chunks.setdefault(point, [])
+        if index != len(parts) or (chunk is None and not (index == 0 and last)):
+            self.dropped += 1
+            return True
+        parts.append(chunk)
+        if last:
+            self._install(space, incoming, point)
+        return True
+
+    # -- membership ---------------------------------------------------------------
+
+
+    def _emit_view(self, space: str, members: list[int], joined: Iterable[int], left: Iterable[int]) -> None:
+        view = SpaceView(tuple(members), tuple(joined), tuple(left), space, self._point())
+        if space in self.mine or self.me in view.left:
+            self._space_event(space, view, always=self.me in view.left or self.me in view.joined)
+        else:
+            self._out.append(view)                           # tracked by everyone, for observers
+
+    def _join(self, sender: int, space: str) -> None:
+        if self._sync is not None:
+            claims = self._sync.claims.setdefault(space, [])
+            if sender not in claims:
+                claims.append(sender)
+            return
+        members = self.spaces.setdefault(space, [])
+        if sender in members:
+            return
+        had_members = bool(members)
+        members.append(sender)
+        ready = self.ready.setdefault(space, set())
+        if sender == self.me:
+            self.mine.add(space)
+        if not had_members:
+            ready.add(sender)
+        self._emit_view(space, members, (sender,), ())
+        if had_members:
+            self._start_transfer(space, sender)
+
+    def _leave(self, sender: int, space: str) -> None:
+        if self._sync is not None:
+            claims = self._sync.claims.get(space, [])
+            if sender in claims:
+                claims.remove(sender)
+            return
+        members = self.spaces.get(space, [])
+        if sender not in members:
+            return
+        members.remove(sender)
+        self.ready.get(space, set()).discard(sender)
+        if sender == self.me:
+            self._incoming.pop(space, None)
+        self._emit_view(space, members, (), (sender,))
+        if sender == self.me:
+            self.mine.discard(space)
+        if not members:
+            del self.spaces[space]
+            self.ready.pop(space, None)
+        self._check_providers()
+
+    def _remove(self, gone: set[int]) -> None:
+        for space in sorted(self.spaces):
+            members = self.spaces[space]
+            left = [m for m in members if m in gone]
+            if not left:
+                continue
+            members[:] = [m for m in members if m not in gone]
+            self.ready[space] -= gone
+            self._emit_view(space, members, (), left)
+            if not members:
+                del self.spaces[space]
+                self.ready.pop(space, None)
+
+    # -- merges --------------------------------------------------------------------
+
+    def _sync_claim(self, sender: int, ring_id: RingId, spaces: list, prev_ring: RingId,
+                    prev_primary: bool, last_primary_seq: int) -> None:
+        sync = self._sync
+        if sync is None or ring_id not in sync.ring_ids or sender not in sync.waiting:
+            return                                           # stale: from an older round
+        sync.waiting.discard(sender)
+        sync.origin[sender] = (prev_ring, bool(prev_primary), last_primary_seq)
+        for name in list(sync.claims):
+            if sender in sync.claims[name]:
+                sync.claims[name].remove(sender)
+        for name, ready in spaces:
+            sync.claims.setdefault(name, []).append(sender)
+            if ready:
+                sync.ready.setdefault(name, set()).add(sender)
+        self._maybe_finish_sync()
+
+    def _maybe_finish_sync(self) -> None:
+        sync = self._sync
+        if sync is None or sync.waiting:
+            return
+        self._sync = None
+        ranked = _rank_components(sync.origin)
+        if len(ranked) > 1:
+            winner = ranked[0]
+            self._out.append(Merge(
+                self.ring_id, tuple(tuple(sorted(c)) for c in ranked), tuple(sorted(winner)),
+                any(sync.origin[m][1] for m in winner),
+            ))
+        rank_of = {m: i for i, comp in enumerate(ranked) for m in comp}
+        for space in sorted(set(self.spaces) | set(sync.claims)):
+            before = self.spaces.get(space, [])
+            after = [m for m in sync.claims.get(space, []) if m in rank_of]
+            claimed_ready = sync.ready.get(space, set()) & set(after)
+            # Only the best-ranked component that has state for the space keeps it.
+            best = min((rank_of[m] for m in claimed_ready), default=None)
+            ready = {m for m in claimed_ready if rank_of[m] == best}
+            if space in self.mine and self.me not in after:
+                self.mine.discard(space)
+            if self.me in after:
+                self.mine.add(space)
+            joined = [m for m in after if m not in before]
+            left = [m for m in before if m not in after]
+            if after:
+                self.spaces[space] = after
+                self.ready[space] = ready
+            else:
+                self.spaces.pop(space, None)
+                self.ready.pop(space, None)
+            if tuple(after) != tuple(before):                 # the order (seniority) may change too
+                self._emit_view(space, after, joined, left)
+            if not ready and after:
+                self.ready[space] = set(after)               # nobody had state: start from here
+                incoming = self._incoming.pop(space, None)
+                if incoming is not None:
+                    self._finish(space, None, incoming.buffer)
+                continue
+            for member in after:
+                if member not in ready:
+                    self._start_transfer(space, member)
+        self._check_providers()
+
+    # -- state transfer ---------------------------------------------------------------
+
+    def _provider(self, space: str, joiner: int) -> int | None:
+        ready = self.ready.get(space, set())
+        for m in self.spaces.get(space, []):
+            if m != joiner and m in ready:
+                return m
+        return None
+
+    def _point(self) -> Point:
+        return (self.ring_id.rep, self.ring_id.seq, self._n)
+
+    def _start_transfer(self, space: str, joiner: int) -> None:
+        """At this point of the order ``joiner`` needs the state of ``space``."""
+        provider = self._provider(space, joiner)
+        if provider is None:                                 # nobody has state: start from nothing
+            self.ready.setdefault(space, set()).add(joiner)
+            if joiner == self.me:
+                self._finish(space, None, [])
+            return
+        if joiner == self.me:
+            self._incoming[space] = _Incoming(provider, {self._point(): 0})
+        elif provider == self.me:
+            self._out.append(StateRequest(space, joiner, self._point()))
+
+    def _state_req(self, sender: int, space: str) -> None:
+        """``sender`` lost its provider: the next one snapshots here."""
+        if sender in self.ready.get(space, set()) or sender not in self.spaces.get(space, []):
+            return
+        provider = self._provider(space, sender)
+        if provider is None:                                 # the state is lost in this component
+            self.ready.setdefault(space, set()).add(sender)
+            incoming = self._incoming.pop(space, None) if sender == self.me else None
+            if incoming is not None:
+                self._finish(space, None, incoming.buffer)
+            return
+        if sender == self.me:
+            incoming = self._incoming.get(space)
+            if incoming is not None:
+                incoming.provider = provider
+                incoming.cuts[self._point()] = len(incoming.buffer)
+        elif provider == self.me:
+            self._out.append(StateRequest(space, sender, self._point()))
+
+    def _check_providers(self) -> None:
+        """A joiner whose provider is gone asks again (a ring message, so everyone agrees where)."""
+        for space, incoming in self._incoming.items():
+            if incoming.provider != -1 and incoming.provider not in self.spaces.get(space, []):
+                incoming.provider = -1
+                self._out.append(RingSend(_pack(STATE_REQ, space), False))
+
+    def _install(self, space: str, incoming: _Incoming, point: Point) -> None:
+        parts = incoming.chunks[point]
+        state = None if parts == [None] else b"".join(parts)
+        del self._incoming[space]
+        self.ready.setdefault(space, set()).add(self.me)
+        self._finish(space, state, incoming.buffer[incoming.cuts[point] :])
+        self._out.append(RingSend(_pack(STATE_DONE, space), False))
+
+    def _finish(self, space: str, state: bytes | None, later: list) -> None:
+        self._out.append(StateInstalled(space, state))
+        self._out.extend(later)
+
+    # -- data ------------------------------------------------------------------------
+
+    def _data(self, sender: int, space: str, payload: bytes, safe: bool) -> None:
+        self._space_event(space, SpaceMessage(space, Message(sender, payload, safe)))
+
+    def _space_event(self, space: str, event, *, always: bool = False) -> None:
+        if space not in self.mine and not always:
+            return
+        incoming = self._incoming.get(space)
+        if incoming is not None:
+            incoming.buffer.append(event)
+        else:
+            self._out.append(event)
+
+
+def _rank_components(origin: dict[int, tuple]) -> list[list[int]]:
+    """Previous components, best first: primary, then most recently primary, then lowest id."""
+    groups: dict[tuple, list[int]] = {}
+    for member, (prev_ring, _, _) in origin.items():
+        key = tuple(prev_ring) if tuple(prev_ring) != (0, 0) else ("fresh", member)
+        groups.setdefault(key, []).append(member)
+    def score(members: list[int]) -> tuple:
+        was_primary = any(origin[m][1] for m in members)
+        last = max(origin[m][2] for m in members)
+        return (not was_primary, -last, min(members))
+    return sorted((sorted(g) for g in groups.values()), key=score)
+
+
+def _check_name(space: str) -> None:
+    if not isinstance(space, str) or not space or len(space.encode()) > 255:
+        raise ValueError(f"space name must be a non-empty string of at most 255 bytes, not {space!r}")

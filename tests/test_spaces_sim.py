@@ -1,0 +1,326 @@
+"""ServiceSpaces, request-reply and state transfer under SimCluster (the production layers).
+
+Deterministic: seeded simulated network in virtual time.  The Hypothesis
+schedules mix partitions, crashes, restarts and loss with space joins and
+leaves, ordered updates, requests and state transfers, then heal and check:
+
+* space views agree: a view id names one membership at every member;
+* no request outlives its timeout;
+* a replicated dictionary built on state transfer plus ordered updates is
+  identical on every member of the final primary component.
+"""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+from hypothesis import example, given, settings
+from hypothesis import strategies as st
+
+from groupcomm.quorum import QuorumConfig
+from groupcomm.rpc import ALL, FIRST, MAJORITY, NONE
+from groupcomm.spaces import SpaceView, StateInstalled
+from groupcomm.events import Message
+from groupcomm.testing import SimCluster
+
+
+def cluster(n: int = 3, seed: int = 0, expected: int | None = None) -> SimCluster:
+    sim = SimCluster(n, seed=seed, stack="sim",
+                     quorum=QuorumConfig(expected_votes=expected if expected is not None else n))
+    assert sim.run_until(sim.converged, timeout=10), "no ring formed"
+    return sim
+
+
+def space_messages(sim: SimCluster, node: int, space: str) -> list[bytes]:
+    return [e.payload for e in sim.services.events(node, space) if type(e) is Message]
+
+
+def last_view(sim: SimCluster, node: int, space: str) -> SpaceView | None:
+    views = [e for e in sim.services.events(node, space) if type(e) is SpaceView]
+    return views[-1] if views else None
+
+
+def check_views_agree(sim: SimCluster) -> None:
+    seen: dict[tuple, tuple] = {}
+    for node in sim.nodes:
+        for view in sim.services.views(node):
+            if view is None:
+                continue
+            key = (view.space, view.view_id)
+            assert seen.setdefault(key, view.members) == view.members, (key, seen[key], view.members, node)
+
+
+# ---------------------------------------------------------------------------
+# Spaces
+# ---------------------------------------------------------------------------
+
+
+def test_a_space_delivers_only_to_its_members_in_one_order() -> None:
+    sim = cluster(3)
+    sim.services.join(1, "web")
+    sim.services.join(2, "web")
+    sim.run(0.1)
+    assert last_view(sim, 1, "web").members == last_view(sim, 2, "web").members == (1, 2)
+    for k in range(10):
+        sim.services.send(1 + k % 2, "web", b"m%d" % k)
+    sim.run(0.2)
+    assert space_messages(sim, 1, "web") == space_messages(sim, 2, "web")
+    assert sorted(space_messages(sim, 1, "web")) == sorted(b"m%d" % k for k in range(10))
+    assert sim.services.events(3, "web") == []
+    check_views_agree(sim)
+
+
+def test_sending_to_a_space_one_is_not_in_is_a_local_error() -> None:
+    sim = cluster(2)
+    with pytest.raises(Exception, match="not in space 'web'"):
+        sim.services.send(1, "web", b"x")
+
+
+def test_leave_and_crash_update_space_views_everywhere() -> None:
+    sim = cluster(3)
+    for n in (1, 2, 3):
+        sim.services.join(n, "s")
+    sim.run(0.2)
+    sim.services.leave(2, "s")
+    sim.run(0.2)
+    assert last_view(sim, 1, "s").members == (1, 3)
+    assert last_view(sim, 2, "s").left == (2,)
+    sim.crash(3)
+    assert sim.run_until(lambda: last_view(sim, 1, "s").members == (1,), timeout=10)
+    check_views_agree(sim)
+
+
+def test_spaces_merge_after_a_partition_heals() -> None:
+    sim = cluster(4)
+    for n in (1, 2, 3, 4):
+        sim.services.join(n, "s")
+    sim.run(0.3)
+    sim.partition([[1, 2], [3, 4]])
+    assert sim.run_until(lambda: last_view(sim, 1, "s").members == (1, 2)
+                         and last_view(sim, 3, "s").members == (3, 4), timeout=15)
+    sim.heal()
+    assert sim.run_until(lambda: all(last_view(sim, n, "s") and len(last_view(sim, n, "s").members) == 4
+                                     for n in (1, 2, 3, 4)), timeout=20)
+    final = {last_view(sim, n, "s").members for n in (1, 2, 3, 4)}
+    assert len(final) == 1
+    check_views_agree(sim)
+
+
+# ---------------------------------------------------------------------------
+# Request-reply
+# ---------------------------------------------------------------------------
+
+
+def echo_everywhere(sim: SimCluster, space: str = "") -> None:
+    for n in sim.nodes:
+        sim.services.on_request(n, space, lambda payload, requester, n=n: b"%d:" % n + payload)
+
+
+def test_request_to_all_members_of_the_channel() -> None:
+    sim = cluster(3)
+    echo_everywhere(sim)
+    handle = sim.services.request(1, "", b"hi", mode=ALL, timeout=2.0)
+    sim.run(0.3)
+    assert handle.done
+    assert {m: r.value for m, r in handle.replies.items()} == {1: b"1:hi", 2: b"2:hi", 3: b"3:hi"}
+    assert all(r.ok and r.status == "ok" for r in handle.replies.values())
+
+
+@pytest.mark.parametrize("mode, least", [(FIRST, 1), (MAJORITY, 2), (ALL, 3)])
+def test_modes_wait_for_as_many_replies_as_they_promise(mode, least) -> None:
+    sim = cluster(3)
+    echo_everywhere(sim)
+    handle = sim.services.request(2, "", b"q", mode=mode, timeout=2.0)
+    sim.run(0.3)
+    assert handle.done and least <= len(handle.replies) <= 3
+    assert all(r.status == "ok" for r in handle.replies.values())
+
+
+def test_mode_none_returns_at_once() -> None:
+    sim = cluster(2)
+    echo_everywhere(sim)
+    handle = sim.services.request(1, "", b"q", mode=NONE, timeout=2.0)
+    assert handle.done and handle.replies == {}
+
+
+def test_point_to_point_request_and_a_handler_exception_travels_back() -> None:
+    sim = cluster(3)
+
+    def boom(payload, requester):
+        raise ValueError("bad input " + payload.decode())
+
+    sim.services.on_request(3, "", boom)
+    handle = sim.services.request(1, "", b"42", to=[3], mode=ALL, timeout=2.0)
+    sim.run(0.3)
+    assert handle.replies == {3: handle.replies[3]}
+    reply = handle.replies[3]
+    assert not reply.ok and reply.status == "error" and reply.error == "ValueError: bad input 42"
+
+
+def test_a_member_that_crashes_mid_request_completes_as_left_and_silence_times_out() -> None:
+    sim = cluster(3)
+    sim.services.on_request(1, "", lambda p, r: b"ok")
+    # 2 and 3 have no handler that answers quickly: 3 crashes, 2 never answers (no handler = error)
+    handle = sim.services.request(1, "", b"q", to=[1, 3], mode=ALL, timeout=5.0)
+    sim.crash(3)
+    assert sim.run_until(lambda: handle.done, timeout=6)
+    assert handle.replies[1].status == "ok" and handle.replies[3].status == "left"
+    assert handle.finished - handle.started < 5.0
+
+
+def test_a_request_never_outlives_its_timeout() -> None:
+    sim = cluster(3)
+    echo_everywhere(sim)
+    sim.partition([[1], [2, 3]])                 # the request reaches nobody else for a while
+    handle = sim.services.request(1, "", b"q", to=[2, 3], mode=ALL, timeout=0.3)
+    sim.run(0.5)
+    assert handle.done and handle.finished - handle.started <= 0.3 + 1e-6
+    assert {r.status for r in handle.replies.values()} <= {"timeout", "left"}
+
+
+# ---------------------------------------------------------------------------
+# State transfer: a replicated dictionary
+# ---------------------------------------------------------------------------
+
+
+class ReplicatedDict:
+    """Updates are ordered space messages; joiners get a snapshot; writes only in a primary view."""
+
+    def __init__(self, sim: SimCluster, space: str = "kv") -> None:
+        self.sim, self.space = sim, space
+        self.data: dict[int, dict[str, str]] = {n: {} for n in sim.nodes}
+        self.primary: dict[int, bool] = {n: bool(sim.ring(n).member.view and sim.ring(n).member.view.primary)
+                                         for n in sim.nodes}
+        for n in sim.nodes:
+            sim.services.state_provider(n, space, lambda n=n: json.dumps(self.data[n], sort_keys=True).encode())
+            sim.services.state_receiver(n, space, lambda state, n=n: self._install(n, state))
+        sim.services.add_observer(self._observe)
+
+    def _install(self, node: int, state: bytes | None) -> None:
+        self.data[node] = json.loads(state) if state else {}
+
+    def _observe(self, node: int, event) -> None:
+        if type(event).__name__ == "View" and not event.transitional:
+            self.primary[node] = event.primary
+        if type(event).__name__ == "SpaceMessage" and event.space == self.space:
+            key, _, value = event.message.payload.decode().partition("=")
+            self.data[node][key] = value
+
+    def crashed(self, node: int) -> None:
+        self.data[node] = {}
+        self.primary[node] = False
+
+    def write(self, node: int, key: str, value: str) -> bool:
+        if not self.primary[node] or self.space not in self.sim.ring(node).member.spaces.mine:
+            return False
+        self.sim.services.send(node, self.space, f"{key}={value}".encode(), safe=True)
+        return True
+
+
+def test_a_joiner_gets_the_state_at_its_join_then_every_later_update() -> None:
+    sim = cluster(3)
+    kv = ReplicatedDict(sim)
+    sim.services.join(1, "kv")
+    sim.run(0.2)
+    for k in range(5):
+        assert kv.write(1, f"k{k}", str(k))
+    sim.services.join(2, "kv")
+    for k in range(5, 8):
+        kv.write(1, f"k{k}", str(k))          # in flight around the join
+    sim.run(0.5)
+    assert kv.data[2] == kv.data[1] == {f"k{k}": str(k) for k in range(8)}
+    installs = [e for e in sim.services.events(2, "kv") if type(e) is StateInstalled]
+    assert len(installs) == 1 and installs[0].state is not None
+
+
+def test_a_large_state_streams_in_chunks() -> None:
+    sim = cluster(2)
+    big = {f"k{i}": "v" * 1000 for i in range(3000)}            # about 3 MB
+    got: list = []
+    sim.services.state_provider(1, "big", lambda: json.dumps(big).encode())
+    sim.services.state_receiver(2, "big", lambda state: got.append(state))
+    sim.services.join(1, "big")
+    sim.run(0.1)
+    sim.services.join(2, "big")
+    assert sim.run_until(lambda: got, timeout=30)
+    assert json.loads(got[0]) == big
+
+
+def test_the_provider_crashing_mid_transfer_hands_over_to_the_next_member() -> None:
+    sim = cluster(4)
+    kv = ReplicatedDict(sim)
+    for n in (1, 2):
+        sim.services.join(n, "kv")
+    sim.run(0.3)
+    for k in range(20):
+        kv.write(1 + k % 2, f"k{k}", "x" * 2000)
+    sim.run(0.3)
+    sim.services.join(3, "kv")
+    sim.run(0.0005)                     # the join is on its way; the provider (1) dies
+    sim.crash(1)
+    kv.crashed(1)
+    assert sim.run_until(lambda: kv.data[3] == kv.data[2] and kv.data[3], timeout=20)
+
+
+@example(seed=0, ops=[("partition", 1, 5), ("write", 1, 0), ("write", 1, 4), ("write", 2, 0),
+                      ("heal", 1, 0), ("leave", 1, 0)])   # view ids clashed across the sides of a merge
+@settings(deadline=None, max_examples=max(5, settings().max_examples // 10))
+@given(seed=st.integers(0, 2**16), ops=st.lists(st.tuples(st.sampled_from(
+    ["write", "join", "leave", "partition", "heal", "crash", "restart", "request", "loss"]),
+    st.integers(1, 4), st.integers(0, 9)), min_size=3, max_size=18))
+def test_schedules_keep_views_agreed_requests_bounded_and_replicas_identical(seed, ops) -> None:
+    n = 4
+    sim = cluster(n, seed=seed)
+    kv = ReplicatedDict(sim)
+    for node in sim.nodes:
+        sim.services.on_request(node, "kv", lambda p, r, node=node: json.dumps(kv.data[node]).encode())
+    joined: set[int] = set()
+    for node in (1, 2):
+        sim.services.join(node, "kv")
+        joined.add(node)
+    sim.run(0.3)
+    for op, node, arg in ops:
+        live = node in sim.live
+        if op == "write" and live and node in joined:
+            kv.write(node, f"k{arg}", f"{node}.{arg}.{sim.now:.3f}")
+        elif op == "join" and live and node not in joined:
+            sim.services.join(node, "kv")
+            joined.add(node)
+        elif op == "leave" and live and node in joined:
+            sim.services.leave(node, "kv")
+            joined.discard(node)
+            kv.data[node] = {}
+        elif op == "partition":
+            sim.partition([[m for m in sim.nodes if m <= 1 + arg % 3], [m for m in sim.nodes if m > 1 + arg % 3]])
+        elif op == "heal":
+            sim.heal()
+        elif op == "crash" and live and len(sim.live) > 1:
+            sim.crash(node)
+            kv.crashed(node)
+            joined.discard(node)
+        elif op == "restart" and not live:
+            sim.restart(node)
+        elif op == "request" and live and node in joined:
+            sim.services.request(node, "kv", b"get", mode=(ALL, FIRST, MAJORITY)[arg % 3], timeout=0.2 + arg / 10)
+        elif op == "loss":
+            sim.set_network(loss=arg / 50)
+        sim.run(0.05 + arg / 20)
+    sim.heal()
+    sim.set_network()
+    for node in sim.nodes:
+        if node not in sim.live:
+            sim.restart(node)
+    sim.run(sim.settle_time)
+    assert sim.converged()
+    sim.run(2.0)
+    check_views_agree(sim)
+    for handle in sim.services.requests:
+        if not handle.abandoned:
+            assert handle.done, handle
+            assert handle.finished - handle.started <= handle.timeout + 1e-6, handle
+    members = [m for m in sim.live if "kv" in sim.ring(m).member.spaces.mine]
+    views = {last_view(sim, m, "kv").members for m in members}
+    assert len(views) <= 1, views
+    states = {json.dumps(kv.data[m], sort_keys=True) for m in members}
+    assert len(states) <= 1, {m: kv.data[m] for m in members}
