@@ -191,7 +191,7 @@ class Member:
 
     @property
     def has_output(self) -> bool:
-        return bool(self._out) or self.stack.has_output or bool(self.unicast._out)  # noqa: SLF001 (see report)
+        return bool(self._out) or self.stack.has_output or self.unicast.has_output
 
     def next_deadline(self) -> int | None:
         times = [d for d in (self.stack.next_deadline(), self.unicast.next_deadline(), self.rpc.next_deadline())

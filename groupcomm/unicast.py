@@ -54,7 +54,11 @@ Incarnations
       dropped, and every message we had not seen fully acknowledged by the
       old incarnation (including messages still queued) is reported as
       ``UnicastFailed(reason="restarted")``.  Later sends go to the new
-      incarnation on a new stream.
+      incarnation on a new stream.  Failing the queued messages too is
+      deliberate: a new life never receives the tail of a sequence whose
+      head went to the old one (half a state transfer, say); what it
+      receives from us starts with a message sent after we learned it
+      restarted.
     * A DATA packet addressed to another epoch of the receiver is dropped and
       answered with an ACK carrying the receiver's epoch: that is how a
       sender whose peer restarted silently learns of it.
@@ -82,7 +86,8 @@ transport expects)::
 
 Malformed, foreign, misaddressed, stale and duplicate packets are counted in
 :attr:`Unicast.drops` by reason and dropped; :meth:`Unicast.receive` never
-raises.  Every packet is parsed and checked in full before any state changes.
+raises.  Every packet is parsed and bounds-checked in full before it changes any
+state.  Sequence numbers are 64-bit and never wrap.
 """
 
 from __future__ import annotations
@@ -364,7 +369,7 @@ class Unicast:
     # -- outputs ------------------------------------------------------------------
 
     def take(self) -> list[UnicastOutput]:
-        """Outputs since the last call, in order: SendTo, UnicastMessage, UnicastSent, UnicastFailed."""
+        """Outputs since the last call, in the order they arose: SendTo, UnicastMessage, UnicastSent, UnicastFailed."""
         out, self._out = self._out, []
         return out
 
@@ -380,6 +385,11 @@ class Unicast:
             if t is not None and (deadline is None or t < deadline):
                 deadline = t
         return deadline
+
+    @property
+    def has_output(self) -> bool:
+        """Whether :meth:`take` would return anything."""
+        return bool(self._out)
 
     @property
     def pending(self) -> int:
