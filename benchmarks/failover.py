@@ -1,17 +1,19 @@
 """Fail-over time of real processes on loopback: kill -9 -> new view at the survivors.
 
-    python benchmarks/failover.py [--members 3] [--runs 3] [--json]
+    python benchmarks/failover.py [--members 3] [--runs 3] [--pump c] [--json]
 
 Runs the default stack (token 1 s, LAN failure detector) and the tuned loopback
 stack (token 0.3 s, failure detector 20 ms heartbeats / 80 ms silence / 30 ms
 verification), reporting the median and max over runs, and whether any
-survivor installed more than one view after the kill (flapping).
+survivor installed more than one view after the kill (flapping).  ``--pump``
+picks the socket driver of every member (the stacks' ``GROUPCOMM_PUMP``).
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import signal
 import socket
 import statistics
@@ -38,11 +40,12 @@ def free_port() -> int:
 
 
 class Node:
-    def __init__(self, name: str, cluster: str, port: int, extra: list[str]) -> None:
+    def __init__(self, name: str, cluster: str, port: int, extra: list[str], pump: str) -> None:
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "groupcomm", "node", "--json", "--no-stdin", "--cluster", cluster,
              "--name", name, "--mcast-port", str(port), *extra],
             cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True,
+            env={**os.environ, "GROUPCOMM_PUMP": pump},
         )
         self.views: list[tuple[float, frozenset]] = []
         self.address: int | None = None
@@ -71,9 +74,9 @@ def wait(predicate, timeout: float) -> bool:
     return False
 
 
-def one_run(members: int, extra: list[str]) -> tuple[float, bool]:
+def one_run(members: int, extra: list[str], pump: str) -> tuple[float, bool]:
     cluster, port = f"fo-{uuid.uuid4().hex[:8]}", free_port()
-    nodes = [Node(f"n{i}", cluster, port, extra) for i in range(members)]
+    nodes = [Node(f"n{i}", cluster, port, extra, pump) for i in range(members)]
     try:
         assert wait(lambda: all(n.address for n in nodes), 10)
         everyone = frozenset(n.address for n in nodes)
@@ -98,11 +101,16 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--members", type=int, default=3)
     parser.add_argument("--runs", type=int, default=3)
+    parser.add_argument("--pump", choices=("trio", "c"), default="trio",
+                        help="socket driver of every member: trio (Python) or c (the C socket pump)")
+    parser.add_argument("--only", default="", help="run only the stacks whose name contains this (e.g. loopback)")
     parser.add_argument("--json", action="store_true")
     args = parser.parse_args()
     results = {}
     for name, extra in STACKS.items():
-        runs = [one_run(args.members, extra) for _ in range(args.runs)]
+        if args.only not in name:
+            continue
+        runs = [one_run(args.members, extra, args.pump) for _ in range(args.runs)]
         times = [t for t, _ in runs]
         results[name] = {
             "median_s": round(statistics.median(times), 3),

@@ -1,6 +1,6 @@
 """Throughput and latency of real member processes on loopback.
 
-    python benchmarks/throughput.py --members 3 --size 100 --messages 200000 [--json]
+    python benchmarks/throughput.py --members 3 --size 100 --messages 200000 [--pump c] [--json]
 
 Starts ``--members`` processes (this script with ``--worker``), each a
 ``groupcomm`` channel on loopback multicast (TTL 0).  All of them send
@@ -8,6 +8,7 @@ Starts ``--members`` processes (this script with ``--worker``), each a
 every delivery in Python.  Prints delivered messages/s per member, MB/s,
 self-delivery latency p50/p99 at low load (one message every 2 ms per member),
 and whether every member saw the same order (a running CRC of every delivery).
+``--pump`` picks the socket driver: ``trio`` (Python) or ``c`` (the C socket pump).
 """
 
 from __future__ import annotations
@@ -48,7 +49,7 @@ async def worker(args) -> None:
     from groupcomm.events import Message
     from groupcomm.udp import UdpConfig
 
-    udp = UdpConfig(mcast_port=args.port, mcast_ttl=0, recv_buffer=32 << 20, send_buffer=32 << 20)
+    udp = UdpConfig(mcast_port=args.port, mcast_ttl=0, recv_buffer=32 << 20, send_buffer=32 << 20, pump=args.pump)
     me = args.index
     per_member = args.messages // args.members
     total = per_member * args.members
@@ -138,7 +139,7 @@ def run(args) -> dict:
         "--cluster", cluster, "--port", str(port), "--mtu", str(args.mtu), "--window", str(args.window),
         "--max-messages", str(args.max_messages), "--sort-queue", str(args.sort_queue),
         "--send-queue", str(args.send_queue), "--latency-samples", str(args.latency_samples),
-        "--seqno-unchanged", str(args.seqno_unchanged),
+        "--seqno-unchanged", str(args.seqno_unchanged), "--pump", args.pump,
     ]
     procs = [
         subprocess.Popen([sys.executable, __file__, "--worker", "--index", str(i), *common],
@@ -159,7 +160,7 @@ def run(args) -> dict:
                 p.wait()
     rate = statistics.median(r["msgs_per_s"] for r in results)
     summary = {
-        "members": args.members, "size": args.size, "messages": args.messages,
+        "pump": args.pump, "members": args.members, "size": args.size, "messages": args.messages,
         "msgs_per_s_per_member": round(rate),
         "mb_per_s_per_member": round(statistics.median(r["mb_per_s"] for r in results), 1),
         "latency_us_p50": round(statistics.median(r["latency_us_p50"] for r in results), 1),
@@ -187,6 +188,8 @@ def main() -> None:
     parser.add_argument("--latency-samples", type=int, default=300)
     parser.add_argument("--seqno-unchanged", type=int, default=30,
                         help="idle token rotations before the token is held (TOTEM seqno_unchanged_const)")
+    parser.add_argument("--pump", choices=("trio", "c"), default="trio",
+                        help="socket driver: trio (Python) or c (the C socket pump thread)")
     parser.add_argument("--timeout", type=float, default=300)
     parser.add_argument("--json", action="store_true")
     parser.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
@@ -201,7 +204,7 @@ def main() -> None:
         return
     s = run(args)
     print(
-        f"{s['members']} members, {s['size']} B, {s['messages']} messages: "
+        f"[{s['pump']}] {s['members']} members, {s['size']} B, {s['messages']} messages: "
         f"{s['msgs_per_s_per_member']:,} msgs/s per member ({s['mb_per_s_per_member']} MB/s), "
         f"self-delivery latency p50 {s['latency_us_p50']} µs p99 {s['latency_us_p99']} µs at low load, "
         f"order identical: {s['order_identical']}, {s['msgs_per_datagram']} msgs/datagram, "

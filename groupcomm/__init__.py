@@ -15,11 +15,26 @@ from groupcomm.errors import (
     RemoteProtocolError,
 )
 from groupcomm.events import Configuration, Crashed, Delivery, Message, RingId, View
+from groupcomm.quorum import QuorumConfig
 from groupcomm.ring import Ring, RingConfig, RingState
+from groupcomm.rpc import ALL, FIRST, MAJORITY, NONE, Mode, Reply
+from groupcomm.space import Request, Space
+from groupcomm.spaces import Merge, SpaceView
 
 __version__ = "0.1.0"
 
 __all__ = [
+    "ALL",
+    "FIRST",
+    "MAJORITY",
+    "NONE",
+    "Merge",
+    "Mode",
+    "QuorumConfig",
+    "Reply",
+    "Request",
+    "Space",
+    "SpaceView",
     "Channel",
     "ChannelClosed",
     "DeliveryOverflow",

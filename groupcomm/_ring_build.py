@@ -1,4 +1,4 @@
-"""cffi builder for the C Totem core (out-of-line API mode).
+"""cffi builder for the C Totem core and its socket pump (out-of-line API mode).
 
 setuptools runs this at install through ``cffi_modules`` in setup.py; run it
 directly (``python groupcomm/_ring_build.py``) to build in place.
@@ -27,6 +27,8 @@ from pathlib import Path
 from cffi import FFI
 
 HERE = Path(__file__).resolve().parent
+HEADERS = ("_ring.h", "_pump.h")          # the ring's API, then the socket pump's
+SOURCES = ("_ring.c", "_pump.c")
 
 
 def read_cdef(header: Path = HERE / "_ring.h") -> str:
@@ -39,7 +41,7 @@ def read_cdef(header: Path = HERE / "_ring.h") -> str:
 
 
 def compile_args() -> list[str]:
-    args = ["-std=gnu11", "-Wall", "-Wextra", "-Wshadow"]
+    args = ["-std=gnu11", "-Wall", "-Wextra", "-Wshadow", "-pthread"]
     if os.environ.get("GROUPCOMM_DEBUG") == "1":
         args += ["-O0", "-g"]
     else:
@@ -54,12 +56,14 @@ def make_builder(module_name: str = "groupcomm._ring_cffi", *, absolute_paths: b
     """A builder for the core; setuptools wants relative paths, ``ffi.compile(tmpdir=...)`` absolute ones."""
     where = (lambda p: str(p)) if absolute_paths else os.path.relpath
     builder = FFI()
-    builder.cdef(read_cdef())
-    link = ["-fsanitize=address,undefined"] if os.environ.get("GROUPCOMM_SANITIZE") == "1" else []
+    builder.cdef("".join(read_cdef(HERE / h) for h in HEADERS))
+    link = ["-pthread"]
+    if os.environ.get("GROUPCOMM_SANITIZE") == "1":
+        link.append("-fsanitize=address,undefined")
     builder.set_source(
         module_name,
-        '#include "_ring.h"',
-        sources=[where(HERE / "_ring.c")],
+        "".join(f'#include "{h}"\n' for h in HEADERS),
+        sources=[where(HERE / c) for c in SOURCES],
         include_dirs=[where(HERE)],
         extra_compile_args=compile_args(),
         extra_link_args=link,

@@ -39,8 +39,14 @@ from groupcomm.frag import FragConfig
 from groupcomm.probe import MAGIC as PROBE_MAGIC
 from groupcomm.probe import is_probe_request, probe_response
 from groupcomm.fd import FdConfig
+from groupcomm.pump import Pump, TargetSet, attach, detach, now_us
 from groupcomm.ring import RingConfig, SendTo, SendToAll
+from groupcomm.member import Member
+from groupcomm.quorum import QuorumConfig
+from groupcomm.rpc import ALL, Mode, Reply
+from groupcomm.space import Handler, Services, Space
 from groupcomm.stack import Stack
+from groupcomm.unicast import UnicastConfig
 from groupcomm.udp import UdpConfig, UdpSockets, UdpuConfig, open_sockets, open_unicast, parse_host
 
 __all__ = ["Channel", "open_channel", "node_id_for"]
@@ -49,6 +55,11 @@ _US = 1_000_000
 _MAX_DATAGRAM = 65536
 _TOKEN = 1
 _YIELD_EVERY = 64
+
+
+def _ring_layer(layers):
+    """The Stack that owns the ring (a Member keeps it as ``.stack``): where the pump plugs in."""
+    return getattr(layers, "stack", layers)
 
 
 def node_id_for(cluster: str, name: str) -> int:
@@ -75,6 +86,8 @@ class Channel:
         max_pending_events: int,
         fd: FdConfig | None = None,
         frag: FragConfig | None = None,
+        unicast: UnicastConfig | None = None,
+        quorum: QuorumConfig | None = None,
     ) -> None:
         if not cluster:
             raise ConfigError("open_channel: cluster name must not be empty")
@@ -87,6 +100,10 @@ class Channel:
         self._udp_config = udp
         self._fd_config = fd
         self._frag_config = frag or FragConfig()
+        self._unicast_config = unicast
+        self._quorum_config = quorum
+        self._services = Services(self)
+        self._nursery: trio.Nursery | None = None
         self._max_pending = max_pending_events
         self._stack: Stack | None = None
         self._sockets: UdpSockets | None = None
@@ -106,6 +123,8 @@ class Channel:
         self._probe_mark = (0.0, 0)
         self._my_id = b""
         self._clock: trio.abc.Clock | None = None
+        self._pump: Pump | None = None             # the C socket pump, when the transport asks for it
+        self._pump_offset = 0.0                    # trio time - pump time (both CLOCK_MONOTONIC)
         self.dropped_sends = 0
 
     # -- public --------------------------------------------------------------
@@ -137,6 +156,10 @@ class Channel:
         s["transport_send_drops"] = self.dropped_sends
         s["fragments_dropped"] = stack.frag.dropped
         s["pending_events"] = self._pending_events
+        if self._pump is not None:
+            pump = self._pump.stats()
+            s.update(pump)
+            s["transport_send_drops"] += pump["pump_send_errors"]
         return s
 
     async def send(self, payload: bytes, *, safe: bool = False) -> None:
@@ -192,6 +215,52 @@ class Channel:
         """Leave the group gracefully and stop."""
         self._leave()
 
+    # -- spaces and request-reply (groupcomm.space) ---------------------------------
+
+    async def join_space(self, name: str) -> Space:
+        """Join the ServiceSpace ``name``; returns once this member's join is delivered."""
+        return await self._services.join(name)
+
+    def on_request(self, handler: Handler) -> None:
+        """``async def handler(request) -> bytes`` answers channel-wide requests (:meth:`request`)."""
+        self._services.handlers[""] = handler
+
+    async def request(self, payload: bytes, *, to: int | list[int] | tuple[int, ...] | None = None,
+                      mode: Mode = ALL, timeout: float = 2.0) -> dict[int, Reply]:
+        """Ask every member of the channel (``to=None``, through the ring) or ``to``; see :mod:`groupcomm.rpc`."""
+        return await self._services.request("", payload, to=to, mode=mode, timeout=timeout)
+
+    def _call_layer(self, action, *, quiet: bool = False) -> None:
+        """Run ``action(now, member)`` on the sans-IO layers, then act on their outputs."""
+        try:
+            member = self._require_stack()
+            action(self._now(), member)
+        except (ChannelClosed, NotOperational):
+            if quiet:
+                return
+            raise
+        if member.has_output:
+            self._flush()
+
+    async def _send_layer(self, action) -> None:
+        """Like :meth:`_call_layer`, waiting while the send queue is full (as :meth:`send`)."""
+        while True:
+            try:
+                self._call_layer(action)
+                break
+            except QueueFull:
+                self._space = trio.Event() if self._space.is_set() else self._space
+                await self._space.wait()
+        await trio.lowlevel.checkpoint()
+
+    def _spawn(self, fn, *args) -> None:
+        if self._nursery is not None and not self._closed:
+            self._nursery.start_soon(fn, *args)
+
+    def _join_wait(self) -> float:
+        c = self._ring_config
+        return 10 * (c.consensus or 1.2 * c.token_timeout)
+
     # -- driver ----------------------------------------------------------------
 
     def _require_stack(self) -> Stack:
@@ -200,6 +269,8 @@ class Channel:
         return self._stack
 
     def _now(self) -> int:
+        if self._pump is not None:
+            return now_us()                       # the ring's clock is the pump thread's
         return int(self._clock.current_time() * _US)
 
     async def run(self, *, task_status=trio.TASK_STATUS_IGNORED) -> None:
@@ -215,16 +286,23 @@ class Channel:
         # A new incarnation must never reuse a ring id: start above the wall clock.
         floor = int(time.time() * 1000) * 4
         try:
-            self._stack = Stack(node_id, self._ring_config, fd=self._fd_config, frag=self._frag_config,
-                                ring_seq_floor=floor)
+            self._stack = Member(node_id, self._ring_config, fd=self._fd_config, frag=self._frag_config,
+                                 unicast=self._unicast_config, quorum=self._quorum_config,
+                                 ring_seq_floor=floor, epoch=floor)
             self._my_id = node_id.to_bytes(4, "big")
+            if cfg.pump == "c":
+                self._start_pump(sockets)
             self._stack.start(self._now())
             self._probe_mark = (trio.current_time(), 0)
             self._flush()
             async with trio.open_nursery() as nursery:
-                nursery.start_soon(self._receive_loop, sockets.unicast)
-                if sockets.multicast is not None:
-                    nursery.start_soon(self._receive_loop, sockets.multicast)
+                self._nursery = nursery
+                if self._pump is not None:
+                    nursery.start_soon(self._receive_loop, self._pump.notify_fd)
+                else:
+                    nursery.start_soon(self._receive_loop, sockets.unicast)
+                    if sockets.multicast is not None:
+                        nursery.start_soon(self._receive_loop, sockets.multicast)
                 if unicast_only and cfg.discovery_dir:
                     nursery.start_soon(self._discovery_loop, cfg, node_id)
                 nursery.start_soon(self._timer_loop)
@@ -232,14 +310,32 @@ class Channel:
         finally:
             self._closed = True
             self._events_send.close()
+            self._services.close()
+            if self._pump is not None:
+                trio.lowlevel.notify_closing(self._pump.notify_fd)
+                detach(self._pump)                # joins the thread while the sockets are still open
             sockets.close()
 
+    def _start_pump(self, sockets: UdpSockets) -> None:
+        """Hand the sockets and the ring's hot path to the C pump's thread."""
+        assert self._stack is not None
+        pump = attach(_ring_layer(self._stack), sockets, max_backlog=self._max_pending)
+        self._pump = pump
+        self._pump_offset = trio.current_time() - now_us() / _US
+        if sockets.group is None:
+            self._targets = TargetSet(pump, self._targets)
+        pump.start()
+
     async def _receive_loop(self, sock) -> None:
+        """Serve one socket, or with the C pump its wake-up eventfd."""
+        drain = self._drain if self._pump is None else self._drain_pump
         while True:
             await trio.lowlevel.wait_readable(sock)
             if self._stack is None or self._closed:
+                if self._pump is not None:
+                    self._pump.stop()             # a closed channel goes silent, as without the pump
                 return
-            self._drain(sock)
+            drain(sock)
 
     async def _discovery_loop(self, cfg: UdpuConfig, node_id: int) -> None:
         """Register our address in the shared directory and learn the others'."""
@@ -267,7 +363,9 @@ class Channel:
     def _broadcast(self, packet: bytes) -> None:
         sockets = self._sockets
         assert sockets is not None
-        if sockets.group is not None:
+        if self._pump is not None:
+            self._pump.send_all(packet)
+        elif sockets.group is not None:
             self._sendto(sockets.unicast, packet, sockets.group)
         else:
             for addr in self._targets:
@@ -305,6 +403,21 @@ class Channel:
             stack.receive(self._now(), data)
         self._flush()
 
+    def _drain_pump(self, notify_fd: int) -> None:
+        """The pump woke us: answer probes, feed FD packets, then flush its deliveries."""
+        pump, stack = self._pump, self._stack
+        assert pump is not None and stack is not None
+        pump.clear_notify()                       # before taking: a later signal wakes us again
+        packets = pump.take_packets()
+        if packets:
+            now = self._now()
+            for data, addr in packets:
+                if data[:2] == PROBE_MAGIC:
+                    self._answer_probe(data, addr)
+                else:
+                    stack.receive(now, data)      # the other layers' packets; ring packets stay in C
+        self._flush()
+
     async def _timer_loop(self) -> None:
         while True:
             with trio.CancelScope() as scope:
@@ -314,6 +427,8 @@ class Channel:
             stack = self._stack
             if stack is None or self._closed:
                 return
+            if self._pump is not None and stack.fd is not None:
+                self._pump.sync_heard(stack.fd)   # ring packets the pump saw are signs of life
             stack.tick(self._now())
             self._flush()
 
@@ -339,8 +454,11 @@ class Channel:
         self._sendto(self._sockets.unicast, probe_response(self._ring_config.cluster_id, report), addr)
 
     def _deadline(self) -> float:
+        """The stack's next deadline in trio time (with the pump: only the failure detector's)."""
         d = self._stack.next_deadline() if self._stack is not None else None
-        return math.inf if d is None else d / _US
+        if d is None:
+            return math.inf
+        return d / _US + self._pump_offset
 
     def _flush(self) -> None:
         stack, sockets = self._stack, self._sockets
@@ -356,15 +474,17 @@ class Channel:
             elif t is SendToAll:
                 self._broadcast(out.packet)
             elif t is SendTo:
-                addr = peers.get(out.node)
-                if addr is not None:
+                if self._pump is not None:
+                    self._pump.send_to(out.node, out.packet)
+                elif (addr := peers.get(out.node)) is not None:
                     self._sendto(uni, out.packet, addr)
-            else:
-                assert t is View
+            elif t is View:
                 if not out.transitional:
                     self._view = out
                     self._joined.set()
                 push(out)
+            else:
+                self._services.output(out)               # spaces, requests, state transfer
         if batch and not self._closed:
             self._pending_events += len(batch)
             self._events_send.send_nowait(batch)
@@ -406,6 +526,7 @@ class SimTransport:
 LAYERS: dict[str, type] = {
     "UDP": UdpConfig, "UDPU": UdpuConfig, "SIM": SimTransport,
     "FD": FdConfig, "TOTEM": RingConfig, "FRAG": FragConfig,
+    "UNICAST": UnicastConfig, "QUORUM": QuorumConfig,
 }
 _TRANSPORTS = ("UDP", "UDPU", "SIM")
 
@@ -434,6 +555,13 @@ def stack_configs(
     return built["TOTEM"], transport, built.get("FD"), built.get("FRAG") or FragConfig()
 
 
+def service_configs(spec: StackSpec) -> tuple[UnicastConfig | None, QuorumConfig | None]:
+    """The UNICAST and QUORUM layers of a loaded stack (None: defaults)."""
+    built = {layer.name: build_config(LAYERS[layer.name], layer) for layer in spec.layers
+             if layer.name in ("UNICAST", "QUORUM")}
+    return built.get("UNICAST"), built.get("QUORUM")
+
+
 _FROM_STACK = object()
 
 
@@ -450,6 +578,7 @@ async def open_channel(
     fd=_FROM_STACK,
     join_timeout: float | None = None,
     max_pending_events: int = 100_000,
+    quorum: QuorumConfig | None = None,
 ) -> AsyncIterator[Channel]:
     """Join ``cluster`` and yield a :class:`Channel` once the first view is installed.
 
@@ -461,7 +590,9 @@ async def open_channel(
     Leaving the block leaves the group gracefully.  Errors from the channel's
     tasks propagate as trio propagates them (an ExceptionGroup when several fail).
     """
-    stack_ring, stack_udp, stack_fd, stack_frag = stack_configs(load_stack(stack, overrides=overrides))
+    spec = load_stack(stack, overrides=overrides)
+    stack_ring, stack_udp, stack_fd, stack_frag = stack_configs(spec)
+    stack_unicast, stack_quorum = service_configs(spec)
     ring = ring or stack_ring
     udp = udp or stack_udp
     fd = stack_fd if fd is _FROM_STACK else fd
@@ -474,6 +605,8 @@ async def open_channel(
         max_pending_events=max_pending_events,
         fd=fd,
         frag=stack_frag,
+        unicast=stack_unicast,
+        quorum=quorum or stack_quorum,
     )
     timeout = join_timeout if join_timeout is not None else 10 * (ring.consensus or 1.2 * ring.token_timeout)
     async with trio.open_nursery() as nursery:

@@ -173,6 +173,10 @@ class Member:
     def ring(self):
         return self.stack.ring
 
+    @ring.setter
+    def ring(self, ring) -> None:            # the C pump wraps the ring in a locking proxy
+        self.stack.ring = ring
+
     @property
     def frag(self):
         return self.stack.frag

@@ -11,9 +11,15 @@ from __future__ import annotations
 import ipaddress
 import socket
 from dataclasses import dataclass
+from typing import Literal
 
 from groupcomm.config import Duration, Size
 from groupcomm.errors import ConfigError
+
+PUMPS = ("trio", "c")
+"""Who drives the sockets: ``"trio"`` (Python, one trio wake-up per datagram batch)
+or ``"c"`` (the C socket pump, :mod:`groupcomm.pump`: a thread that runs the ring's
+hot path and wakes Python only for deliveries, views, FD and probe packets)."""
 
 __all__ = ["UdpConfig", "UdpuConfig", "UdpSockets", "open_sockets", "open_unicast", "parse_host"]
 
@@ -33,8 +39,11 @@ class UdpConfig:
     """Multicast hops: 0 keeps traffic on this host, 1 on the LAN."""
     recv_buffer: Size = 4 << 20
     send_buffer: Size = 4 << 20
+    pump: Literal["trio", "c"] = "trio"
+    """Socket driver: ``"trio"`` (Python) or ``"c"`` (the C socket pump thread)."""
 
     def __post_init__(self) -> None:
+        _check_pump("UDP", self.pump)
         try:
             bind = ipaddress.ip_address(self.bind_addr)
             group = ipaddress.ip_address(self.mcast_addr)
@@ -53,6 +62,11 @@ class UdpConfig:
     @property
     def family(self) -> int:
         return socket.AF_INET6 if ":" in self.mcast_addr else socket.AF_INET
+
+
+def _check_pump(layer: str, pump: str) -> None:
+    if pump not in PUMPS:
+        raise ConfigError(f"{layer}: pump must be one of {', '.join(map(repr, PUMPS))}, not {pump!r}")
 
 
 @dataclass
@@ -145,8 +159,11 @@ class UdpuConfig:
     """How often the discovery directory is read again."""
     recv_buffer: Size = 4 << 20
     send_buffer: Size = 4 << 20
+    pump: Literal["trio", "c"] = "trio"
+    """Socket driver: ``"trio"`` (Python) or ``"c"`` (the C socket pump thread)."""
 
     def __post_init__(self) -> None:
+        _check_pump("UDPU", self.pump)
         try:
             ipaddress.ip_address(self.bind_addr)
         except ValueError as exc:

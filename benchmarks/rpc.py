@@ -1,0 +1,159 @@
+"""Request-reply and state transfer over real member processes on loopback.
+
+    python benchmarks/rpc.py [--members 3] [--seconds 3] [--state-mb 32] [--json]
+
+Starts ``--members`` processes (this script with ``--worker``); all join one
+space.  Member 0 then measures, each for ``--seconds``:
+
+* requests to every member of the space (``to=None``, through the ring) with
+  ``mode=ALL``: round trips/s and latency p50/p99, one request at a time;
+* point-to-point requests to member 1 with ``mode=FIRST``: the same figures;
+* state transfer: member 1 leaves and re-joins the space while member 0
+  provides a ``--state-mb`` MiB snapshot; MB/s from the join to the
+  receiver's callback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import socket
+import statistics
+import subprocess
+import sys
+import time
+import uuid
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+
+def summary(samples: list[float], seconds: float) -> dict:
+    samples = sorted(samples)
+    return {
+        "round_trips_per_s": round(len(samples) / seconds),
+        "latency_us_p50": round(samples[len(samples) // 2] * 1e6, 1),
+        "latency_us_p99": round(samples[max(0, int(len(samples) * 0.99) - 1)] * 1e6, 1),
+    }
+
+
+async def worker(args) -> None:
+    import trio
+
+    import groupcomm
+    from groupcomm.channel import open_channel
+    from groupcomm.udp import UdpConfig
+
+    udp = UdpConfig(mcast_port=args.port, mcast_ttl=0, recv_buffer=16 << 20, send_buffer=16 << 20)
+    async with open_channel("loopback", cluster=args.cluster, name=f"w{args.index}", udp=udp) as ch:
+        while not (ch.view and len(ch.view.members) == args.members):
+            await trio.sleep(0.01)
+        space = await ch.join_space("bench")
+
+        async def echo(request):
+            return request.payload
+
+        space.on_request(echo)
+        state = bytes(args.state_mb << 20)
+        space.state_provider(lambda: state)
+        while len(space.members) < args.members:
+            await trio.sleep(0.01)
+        result: dict = {"index": args.index}
+        if args.index == 0:
+            for name, kwargs in (("all", {"mode": groupcomm.ALL}),
+                                 ("p2p_first", {"mode": groupcomm.FIRST, "to": sorted(space.members)[1]})):
+                samples = []
+                end = time.perf_counter() + args.seconds
+                while time.perf_counter() < end:
+                    t0 = time.perf_counter()
+                    replies = await space.request(b"x" * 100, timeout=2.0, **kwargs)
+                    samples.append(time.perf_counter() - t0)
+                    assert all(r.ok for r in replies.values()), replies
+                result[name] = summary(samples, args.seconds)
+            await ch.send(b"transfer")                    # member 1 re-joins to measure state transfer
+            async for ev in ch.events():
+                if type(ev) is groupcomm.Message and ev.payload.startswith(b"mbps:"):
+                    result["state_transfer_mb_per_s"] = float(ev.payload[5:])
+                    break
+            await ch.send(b"stop")
+        else:
+            async for ev in ch.events():
+                if type(ev) is groupcomm.Message and ev.payload == b"transfer" and args.index == 1:
+                    await space.leave()
+                    got = trio.Event()
+                    t0 = time.perf_counter()
+                    space = await ch.join_space("bench")
+                    space.state_receiver(lambda s: got.set())
+                    async with trio.open_nursery() as nursery:
+                        async def drain():
+                            async for _ in space.events():
+                                pass
+                        nursery.start_soon(drain)
+                        await got.wait()
+                        nursery.cancel_scope.cancel()
+                    mbps = args.state_mb * 1.048576 / (time.perf_counter() - t0)
+                    await ch.send(b"mbps:%.1f" % mbps)
+                elif type(ev) is groupcomm.Message and ev.payload == b"stop":
+                    break
+    print(json.dumps(result), flush=True)
+
+
+def free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def run(args) -> dict:
+    cluster, port = f"rpc-{uuid.uuid4().hex[:8]}", free_port()
+    common = ["--members", str(args.members), "--seconds", str(args.seconds), "--state-mb", str(args.state_mb),
+              "--cluster", cluster, "--port", str(port)]
+    procs = [subprocess.Popen([sys.executable, __file__, "--worker", "--index", str(i), *common],
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+             for i in range(args.members)]
+    results = []
+    try:
+        for p in procs:
+            out, err = p.communicate(timeout=args.timeout)
+            if p.returncode != 0:
+                raise SystemExit(f"worker failed:\n{err[-3000:]}")
+            results.append(json.loads(out.strip().splitlines()[-1]))
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                p.kill()
+                p.wait()
+    first = next(r for r in results if r["index"] == 0)
+    return {"members": args.members, **{k: v for k, v in first.items() if k != "index"}}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--members", type=int, default=3)
+    parser.add_argument("--seconds", type=float, default=3.0)
+    parser.add_argument("--state-mb", type=int, default=32)
+    parser.add_argument("--timeout", type=float, default=120)
+    parser.add_argument("--json", action="store_true")
+    parser.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
+    parser.add_argument("--index", type=int, default=0, help=argparse.SUPPRESS)
+    parser.add_argument("--cluster", default="", help=argparse.SUPPRESS)
+    parser.add_argument("--port", type=int, default=0, help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.worker:
+        import trio
+
+        trio.run(worker, args)
+        return
+    s = run(args)
+    print(f"{s['members']} members, request to all (ALL): {s['all']['round_trips_per_s']:,} round trips/s, "
+          f"p50 {s['all']['latency_us_p50']} µs, p99 {s['all']['latency_us_p99']} µs")
+    print(f"point-to-point (FIRST): {s['p2p_first']['round_trips_per_s']:,} round trips/s, "
+          f"p50 {s['p2p_first']['latency_us_p50']} µs, p99 {s['p2p_first']['latency_us_p99']} µs")
+    print(f"state transfer: {s.get('state_transfer_mb_per_s')} MB/s ({args.state_mb} MiB snapshot)")
+    if args.json:
+        print(json.dumps(s))
+
+
+if __name__ == "__main__":
+    main()

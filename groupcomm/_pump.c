@@ -1,0 +1,977 @@
+/*
+ * groupcomm/_pump.c -- the C socket pump (see _pump.h for the contract).
+ *
+ * One thread per channel: epoll over the ring's sockets and a wake-up
+ * eventfd; every readable datagram is drained with recvmmsg, ring packets go
+ * to gc_ring_receive (regular messages before the tokens that follow them,
+ * as channel.py's _drain does), the other layers' packets (magic "G?" but
+ * not "GC": failure detector, unicast, probe) are queued for Python; the ring's packets go out with sendmmsg; deliveries are queued
+ * for Python, which is woken through a second eventfd.  The thread ticks the
+ * ring at gc_ring_next_deadline() on CLOCK_MONOTONIC.
+ *
+ * One mutex guards the ring and the pump's own state.  Python never waits
+ * for it on the hot paths: its output arrives on a lock-free list of chunks
+ * (gc_pump_take swaps the whole list out), and a submit that finds the lock
+ * taken goes onto a lock-free inbox that the lock holder drains before it
+ * lets go (the check after unlocking closes the race).  Syscalls that wait
+ * (epoll_wait, recvmmsg) happen outside the lock.
+ */
+#define _GNU_SOURCE
+#include "_pump.h"
+
+#include <arpa/inet.h>
+#include <errno.h>
+#include <netinet/in.h>
+#include <pthread.h>
+#include <signal.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/epoll.h>
+#include <sys/eventfd.h>
+#include <sys/socket.h>
+#include <time.h>
+#include <unistd.h>
+
+#define TARGETS_MAX 256          /* unicast-only "send to all" destinations */
+#define SEND_BATCH 64            /* datagrams per sendmmsg call */
+#define TOKEN_STASH 4            /* tokens held back until the wake-up's messages are in */
+#define DRAIN_BATCHES_MAX 16     /* recvmmsg calls per socket per wake-up: timers still run under a flood */
+#define PACKETS_MAX 4096         /* FD/probe datagrams waiting for Python */
+#define EVENTS_MAX 4
+#define NEVER UINT64_MAX
+
+#define HDR_LEN 12               /* magic, version, type, cluster id, sender id */
+#define TYPE_TOKEN 1
+
+typedef struct {
+    struct sockaddr_storage ss;
+    socklen_t len;
+} addr_t;
+
+typedef struct {
+    uint32_t node;
+    uint64_t heard;
+    addr_t addr;
+} peer_t;
+
+/* Output for Python: a run of deliveries (records, then their data), or one datagram. */
+typedef struct chunk {
+    struct chunk *next;
+    int is_packet;
+    gc_pump_packet_t packet;     /* is_packet: its length and source */
+    size_t n;                    /* delivery records */
+    size_t len;                  /* data bytes after the records */
+    gc_action_t recs[];
+} chunk_t;
+
+/* A message submitted while the lock was taken. */
+typedef struct msg {
+    struct msg *next;
+    size_t len;
+    int flags;
+    uint8_t payload[];
+} msg_t;
+
+/* Records + data arena, gc_ring_take's format: what Python took last. */
+typedef struct {
+    gc_action_t *recs;
+    size_t n, cap;
+    uint8_t *data;
+    size_t len, dcap;
+} deliveries_t;
+
+typedef struct {
+    gc_pump_packet_t *recs;
+    size_t n, cap;
+    uint8_t *data;
+    size_t len, dcap;
+} packets_t;
+
+struct gc_pump {
+    gc_ring_t *ring;
+    gc_pump_config_t cfg;
+    size_t max_payload;
+    pthread_mutex_t mu;
+    pthread_t thread;
+    int running;
+    int stopping;
+    int oom;                     /* a delivery was lost: Python raises MemoryError */
+    int ep;                      /* sockets + wake_fd */
+    int ep_wake;                 /* wake_fd only: used while paused */
+    int wake_fd;                 /* Python -> thread */
+    int notify_fd;               /* thread -> Python */
+    uint64_t armed;              /* the deadline the thread sleeps toward */
+
+    addr_t group;
+    int has_group;
+    addr_t targets[TARGETS_MAX];
+    size_t n_targets;
+    peer_t peers[GC_PUMP_PEERS_MAX];
+    size_t n_peers;
+
+    /* lock-free hand-offs (atomics) */
+    chunk_t *outq;               /* to Python, newest first */
+    size_t queued_records;
+    size_t queued_bytes;
+    size_t queued_packets;
+    int paused;                  /* the thread stopped reading until Python takes */
+    msg_t *inbox;                /* from Python, newest first */
+    size_t inbox_count;          /* messages in inbox + carry */
+    size_t pending;              /* gc_ring_pending() as of the last locked call */
+
+    /* under the lock */
+    msg_t *carry, *carry_tail;   /* drained from the inbox, not yet taken by the ring (it was full) */
+
+    /* Python's last take: touched by gc_pump_take only */
+    deliveries_t taken;
+    packets_t taken_packets;
+
+    /* receive side: thread only */
+    uint8_t *slots;
+    struct mmsghdr *rmsgs;
+    struct iovec *riov;
+    struct sockaddr_storage *raddr;
+    uint8_t *stash;
+    size_t stash_len[TOKEN_STASH];
+    size_t n_stash;
+
+    /* send side: under the lock */
+    struct mmsghdr smsgs[SEND_BATCH];
+    struct iovec siov[SEND_BATCH];
+    size_t n_send;
+
+    gc_pump_stats_t stats;       /* under the lock */
+};
+
+/* ------------------------------------------------------------------ */
+/* Small helpers                                                        */
+/* ------------------------------------------------------------------ */
+
+uint64_t gc_pump_now_us(void)
+{
+    struct timespec ts;
+    clock_gettime(CLOCK_MONOTONIC, &ts);
+    return (uint64_t)ts.tv_sec * 1000000u + (uint64_t)ts.tv_nsec / 1000u;
+}
+
+static uint32_t rd32(const uint8_t *b)
+{
+    return ((uint32_t)b[0] << 24) | ((uint32_t)b[1] << 16) | ((uint32_t)b[2] << 8) | b[3];
+}
+
+static void eventfd_signal(int fd)
+{
+    uint64_t one = 1;
+    ssize_t rc = write(fd, &one, sizeof one);
+    (void)rc;                    /* EAGAIN: the counter is already non-zero, which is all we need */
+}
+
+static void eventfd_clear(int fd)
+{
+    uint64_t count;
+    ssize_t rc = read(fd, &count, sizeof count);
+    (void)rc;
+}
+
+/* Grow *buf to hold `need` items of `size` bytes (doubling). */
+static int reserve(void **buf, size_t *cap, size_t need, size_t size)
+{
+    if (need <= *cap) return 0;
+    size_t n = *cap ? *cap : 64;
+    while (n < need) n *= 2;
+    void *b = realloc(*buf, n * size);
+    if (!b) return -1;
+    *buf = b;
+    *cap = n;
+    return 0;
+}
+
+/* Same host and port (IPv6 flow info and scope ignored, as channel.py's addr[:2]). */
+static int same_addr(const addr_t *a, const struct sockaddr_storage *ss, socklen_t len)
+{
+    if (a->len != len || a->ss.ss_family != ss->ss_family) return 0;
+    if (ss->ss_family == AF_INET) {
+        const struct sockaddr_in *x = (const void *)&a->ss, *y = (const void *)ss;
+        return x->sin_port == y->sin_port && x->sin_addr.s_addr == y->sin_addr.s_addr;
+    }
+    if (ss->ss_family == AF_INET6) {
+        const struct sockaddr_in6 *x = (const void *)&a->ss, *y = (const void *)ss;
+        return x->sin6_port == y->sin6_port && memcmp(&x->sin6_addr, &y->sin6_addr, 16) == 0;
+    }
+    return memcmp(&a->ss, ss, len) == 0;
+}
+
+static int make_addr(addr_t *out, int family, const uint8_t *addr, uint16_t port, uint32_t scope_id)
+{
+    memset(out, 0, sizeof *out);
+    if (family == AF_INET) {
+        struct sockaddr_in *s = (void *)&out->ss;
+        s->sin_family = AF_INET;
+        s->sin_port = htons(port);
+        memcpy(&s->sin_addr, addr, 4);
+        out->len = sizeof *s;
+        return GC_OK;
+    }
+    if (family == AF_INET6) {
+        struct sockaddr_in6 *s = (void *)&out->ss;
+        s->sin6_family = AF_INET6;
+        s->sin6_port = htons(port);
+        s->sin6_scope_id = scope_id;
+        memcpy(&s->sin6_addr, addr, 16);
+        out->len = sizeof *s;
+        return GC_OK;
+    }
+    return GC_EINVAL;
+}
+
+static void add_target(gc_pump_t *p, const struct sockaddr_storage *ss, socklen_t len)
+{
+    for (size_t i = 0; i < p->n_targets; i++)
+        if (same_addr(&p->targets[i], ss, len)) return;
+    if (p->n_targets == TARGETS_MAX) return;
+    memcpy(&p->targets[p->n_targets].ss, ss, len);
+    p->targets[p->n_targets].len = len;
+    p->n_targets++;
+}
+
+static peer_t *find_peer(gc_pump_t *p, uint32_t node)
+{
+    for (size_t i = 0; i < p->n_peers; i++)
+        if (p->peers[i].node == node) return &p->peers[i];
+    return NULL;
+}
+
+/* A packet of our cluster came from `node` at `from`: remember where it lives. */
+static void learn_peer(gc_pump_t *p, uint32_t node, const struct sockaddr_storage *from, socklen_t len,
+                       uint64_t now)
+{
+    peer_t *e = find_peer(p, node);
+    if (!e) {
+        if (p->n_peers < GC_PUMP_PEERS_MAX) {
+            e = &p->peers[p->n_peers++];
+        } else {
+            e = &p->peers[0];
+            for (size_t i = 1; i < p->n_peers; i++)
+                if (p->peers[i].heard < e->heard) e = &p->peers[i];
+        }
+        e->node = node;
+        e->addr.len = 0;
+    }
+    e->heard = now;
+    if (!same_addr(&e->addr, from, len)) {
+        memcpy(&e->addr.ss, from, len);
+        e->addr.len = len;
+        if (!p->has_group) add_target(p, from, len);
+    }
+}
+
+/* ------------------------------------------------------------------ */
+/* Sending (mutex held)                                                 */
+/* ------------------------------------------------------------------ */
+
+static void send_flush(gc_pump_t *p)
+{
+    size_t done = 0;
+    while (done < p->n_send) {
+        int rc = sendmmsg(p->cfg.unicast_fd, p->smsgs + done, (unsigned)(p->n_send - done), MSG_DONTWAIT);
+        if (rc < 0) {
+            if (errno == EINTR) continue;
+            p->stats.send_errors++;          /* this datagram is lost; UDP, the ring retransmits */
+            done++;
+        } else {
+            p->stats.sends += (uint64_t)rc;
+            done += (size_t)rc;
+        }
+    }
+    p->n_send = 0;
+}
+
+/* Queue one datagram; `buf` must stay valid until send_flush (the ring's
+   output, or the caller's buffer). */
+static void send_queue(gc_pump_t *p, const uint8_t *buf, size_t len, const addr_t *to)
+{
+    if (p->n_send == SEND_BATCH) send_flush(p);
+    size_t i = p->n_send++;
+    p->siov[i].iov_base = (void *)buf;
+    p->siov[i].iov_len = len;
+    memset(&p->smsgs[i], 0, sizeof p->smsgs[i]);
+    p->smsgs[i].msg_hdr.msg_name = (void *)&to->ss;
+    p->smsgs[i].msg_hdr.msg_namelen = to->len;
+    p->smsgs[i].msg_hdr.msg_iov = &p->siov[i];
+    p->smsgs[i].msg_hdr.msg_iovlen = 1;
+}
+
+static void send_all(gc_pump_t *p, const uint8_t *buf, size_t len)
+{
+    if (p->has_group) {
+        send_queue(p, buf, len, &p->group);
+        return;
+    }
+    for (size_t i = 0; i < p->n_targets; i++) send_queue(p, buf, len, &p->targets[i]);
+}
+
+static void send_to(gc_pump_t *p, uint32_t node, const uint8_t *buf, size_t len)
+{
+    const peer_t *e = find_peer(p, node);
+    if (!e || e->addr.len == 0) {
+        p->stats.unknown_dest++;
+        return;
+    }
+    send_queue(p, buf, len, &e->addr);
+}
+
+/* ------------------------------------------------------------------ */
+/* Output for Python: a lock-free list, swapped out whole by Python     */
+/* ------------------------------------------------------------------ */
+
+static int backlog_full(gc_pump_t *p)
+{
+    return __atomic_load_n(&p->queued_records, __ATOMIC_SEQ_CST) >= p->cfg.max_backlog ||
+           __atomic_load_n(&p->queued_bytes, __ATOMIC_SEQ_CST) >= p->cfg.max_backlog_bytes;
+}
+
+/* Lock held (so one producer at a time; Python only ever swaps the list out).
+   Python reads the eventfd before it takes, so the signal sent when the list
+   goes from empty to non-empty is never lost. */
+static void push_output(gc_pump_t *p, chunk_t *c)
+{
+    __atomic_add_fetch(&p->queued_records, c->n, __ATOMIC_SEQ_CST);
+    __atomic_add_fetch(&p->queued_bytes, c->len, __ATOMIC_SEQ_CST);
+    chunk_t *old = __atomic_load_n(&p->outq, __ATOMIC_RELAXED);
+    do {
+        c->next = old;
+    } while (!__atomic_compare_exchange_n(&p->outq, &old, c, 0, __ATOMIC_RELEASE, __ATOMIC_RELAXED));
+    if (!old) {
+        eventfd_signal(p->notify_fd);
+        p->stats.notifies++;
+    }
+}
+
+static uint8_t *chunk_data(chunk_t *c) { return (uint8_t *)(c->recs + c->n); }
+
+/* The deliveries and configuration changes among the ring's outputs, as one chunk. */
+static void queue_deliveries(gc_pump_t *p, const gc_action_t *acts, size_t n, const uint8_t *data,
+                             size_t n_deliver, size_t bytes)
+{
+    chunk_t *c = bytes <= UINT32_MAX ? malloc(sizeof *c + n_deliver * sizeof(gc_action_t) + bytes) : NULL;
+    if (!c) {
+        p->oom = 1;
+        return;
+    }
+    memset(c, 0, sizeof *c);
+    c->n = n_deliver;
+    c->len = bytes;
+    uint8_t *out = chunk_data(c);
+    size_t k = 0, off = 0;
+    for (size_t i = 0; i < n; i++) {
+        if (acts[i].kind == GC_ACT_SEND_MCAST || acts[i].kind == GC_ACT_SEND_UNICAST) continue;
+        c->recs[k] = acts[i];
+        c->recs[k].offset = (uint32_t)off;
+        if (acts[i].len) memcpy(out + off, data + acts[i].offset, acts[i].len);
+        off += acts[i].len;
+        k++;
+    }
+    push_output(p, c);
+}
+
+static void to_python(gc_pump_t *p, const uint8_t *buf, size_t len, const struct sockaddr_storage *from)
+{
+    chunk_t *c = NULL;
+    if (__atomic_load_n(&p->queued_packets, __ATOMIC_RELAXED) < PACKETS_MAX) c = malloc(sizeof *c + len);
+    if (!c) {
+        p->stats.python_drops++;             /* like a full socket buffer: the sender retries */
+        return;
+    }
+    memset(c, 0, sizeof *c);
+    c->is_packet = 1;
+    c->len = len;
+    gc_pump_packet_t *rec = &c->packet;
+    rec->len = (uint32_t)len;
+    rec->family = from->ss_family;
+    if (from->ss_family == AF_INET) {
+        const struct sockaddr_in *s = (const void *)from;
+        rec->port = ntohs(s->sin_port);
+        memcpy(rec->addr, &s->sin_addr, 4);
+    } else if (from->ss_family == AF_INET6) {
+        const struct sockaddr_in6 *s = (const void *)from;
+        rec->port = ntohs(s->sin6_port);
+        rec->scope_id = s->sin6_scope_id;
+        memcpy(rec->addr, &s->sin6_addr, 16);
+    }
+    memcpy(chunk_data(c), buf, len);
+    __atomic_add_fetch(&p->queued_packets, 1, __ATOMIC_RELAXED);
+    push_output(p, c);
+    p->stats.to_python++;
+}
+
+static int take_chunk(gc_pump_t *p, chunk_t *c)
+{
+    if (c->is_packet) {
+        packets_t *b = &p->taken_packets;
+        if (reserve((void **)&b->recs, &b->cap, b->n + 1, sizeof *b->recs) < 0 ||
+            reserve((void **)&b->data, &b->dcap, b->len + c->len, 1) < 0)
+            return -1;
+        b->recs[b->n] = c->packet;
+        b->recs[b->n].offset = (uint32_t)b->len;
+        b->n++;
+        memcpy(b->data + b->len, chunk_data(c), c->len);
+        b->len += c->len;
+        return 0;
+    }
+    deliveries_t *b = &p->taken;
+    if (b->len + c->len > UINT32_MAX ||
+        reserve((void **)&b->recs, &b->cap, b->n + c->n, sizeof *b->recs) < 0 ||
+        reserve((void **)&b->data, &b->dcap, b->len + c->len, 1) < 0)
+        return -1;
+    for (size_t i = 0; i < c->n; i++) {
+        b->recs[b->n + i] = c->recs[i];
+        b->recs[b->n + i].offset += (uint32_t)b->len;
+    }
+    b->n += c->n;
+    memcpy(b->data + b->len, chunk_data(c), c->len);
+    b->len += c->len;
+    return 0;
+}
+
+/* ------------------------------------------------------------------ */
+/* Input from Python: submits that found the lock taken                 */
+/* ------------------------------------------------------------------ */
+
+static void publish_pending(gc_pump_t *p)
+{
+    __atomic_store_n(&p->pending, gc_ring_pending(p->ring), __ATOMIC_SEQ_CST);
+}
+
+/* Lock held: move the inbox into the ring, oldest first. */
+static void drain_inbox(gc_pump_t *p)
+{
+    msg_t *m = __atomic_exchange_n(&p->inbox, NULL, __ATOMIC_ACQUIRE);
+    msg_t *fifo = NULL;
+    while (m) {                              /* the inbox is newest first */
+        msg_t *next = m->next;
+        m->next = fifo;
+        fifo = m;
+        m = next;
+    }
+    if (fifo) {
+        msg_t *tail = fifo;
+        while (tail->next) tail = tail->next;
+        if (p->carry_tail) p->carry_tail->next = fifo;
+        else p->carry = fifo;
+        p->carry_tail = tail;
+    }
+    if (!p->carry) return;
+    uint64_t now = gc_pump_now_us();
+    while (p->carry) {
+        msg_t *x = p->carry;
+        int rc = gc_ring_submit(p->ring, now, x->payload, x->len, x->flags);
+        if (rc == GC_EQUEUEFULL) break;      /* keep it, in order, for the next lock holder */
+        if (rc < 0) p->stats.submit_drops++;
+        p->carry = x->next;
+        if (!p->carry) p->carry_tail = NULL;
+        free(x);
+        publish_pending(p);                  /* before the count drops: the room check never overshoots */
+        __atomic_sub_fetch(&p->inbox_count, 1, __ATOMIC_SEQ_CST);
+    }
+}
+
+static void push_inbox(gc_pump_t *p, msg_t *m)
+{
+    __atomic_add_fetch(&p->inbox_count, 1, __ATOMIC_SEQ_CST);
+    msg_t *old = __atomic_load_n(&p->inbox, __ATOMIC_RELAXED);
+    do {
+        m->next = old;
+    } while (!__atomic_compare_exchange_n(&p->inbox, &old, m, 0, __ATOMIC_SEQ_CST, __ATOMIC_RELAXED));
+}
+
+/* ------------------------------------------------------------------ */
+/* Driving the ring (lock held)                                         */
+/* ------------------------------------------------------------------ */
+
+static void service(gc_pump_t *p, int from_thread)
+{
+    const gc_action_t *acts;
+    const uint8_t *data;
+    size_t n, len, n_deliver = 0, bytes = 0;
+    gc_ring_take(p->ring, &acts, &n, &data, &len);
+    for (size_t i = 0; i < n; i++) {
+        const gc_action_t *a = &acts[i];
+        if (a->kind == GC_ACT_SEND_MCAST) {
+            send_all(p, data + a->offset, a->len);
+        } else if (a->kind == GC_ACT_SEND_UNICAST) {
+            send_to(p, a->node, data + a->offset, a->len);
+        } else {
+            n_deliver++;
+            bytes += a->len;
+        }
+    }
+    send_flush(p);
+    if (n_deliver) queue_deliveries(p, acts, n, data, n_deliver, bytes);   /* before the ring's next input */
+    publish_pending(p);
+    if (!from_thread) {
+        uint64_t d = gc_ring_next_deadline(p->ring);
+        if (d < p->armed) {                  /* Python's input moved a timer earlier: re-arm the thread */
+            p->armed = d;
+            p->stats.kicks++;
+            eventfd_signal(p->wake_fd);
+        }
+    }
+}
+
+static void enter(gc_pump_t *p)
+{
+    pthread_mutex_lock(&p->mu);
+    drain_inbox(p);
+}
+
+/* Service, unlock, and if a submit queued a message meanwhile and the lock is
+   free, take it back to submit it: whoever fails to get the lock after
+   queuing relies on this check (both sides fence, so one of them sees the other). */
+static void leave(gc_pump_t *p, int from_thread)
+{
+    service(p, from_thread);
+    for (;;) {
+        pthread_mutex_unlock(&p->mu);
+        __atomic_thread_fence(__ATOMIC_SEQ_CST);
+        if (!__atomic_load_n(&p->inbox, __ATOMIC_SEQ_CST)) return;
+        if (pthread_mutex_trylock(&p->mu) != 0) return;      /* its holder will drain it */
+        drain_inbox(p);
+        service(p, from_thread);
+    }
+}
+
+static int is_token(const uint8_t *buf, size_t len)
+{
+    return len > 3 && buf[0] == 'G' && buf[1] == 'C' && buf[3] == TYPE_TOKEN;
+}
+
+static void ring_receive(gc_pump_t *p, uint64_t now, const uint8_t *buf, size_t len)
+{
+    if (gc_ring_receive(p->ring, now, buf, len) == GC_ENOMEM) p->oom = 1;
+}
+
+/* One datagram, in the order channel.py's _drain applies its rules. */
+static void on_datagram(gc_pump_t *p, uint64_t now, const uint8_t *buf, size_t len,
+                        const struct sockaddr_storage *from, socklen_t fromlen)
+{
+    int ours = len >= 2 && buf[0] == 'G';
+    if (ours && buf[1] == 'P') {             /* a probe: Python answers it */
+        to_python(p, buf, len, from);
+        return;
+    }
+    if (len >= HDR_LEN) {
+        uint32_t sender = rd32(buf + 8);
+        if (sender == p->cfg.node_id) {      /* our own multicast, looped back */
+            p->stats.self_drops++;
+            return;
+        }
+        if (ours && sender != 0 && rd32(buf + 4) == p->cfg.cluster_id)
+            learn_peer(p, sender, from, fromlen, now);
+    }
+    if (ours && buf[1] != 'C') {             /* failure detector, unicast layer...: Python's */
+        to_python(p, buf, len, from);
+        return;
+    }
+    if (is_token(buf, len) && p->n_stash < TOKEN_STASH) {
+        memcpy(p->stash + p->n_stash * p->cfg.slot_size, buf, len);
+        p->stash_len[p->n_stash++] = len;
+        return;
+    }
+    ring_receive(p, now, buf, len);          /* the core validates everything else */
+}
+
+/* ------------------------------------------------------------------ */
+/* The thread                                                           */
+/* ------------------------------------------------------------------ */
+
+static void drain_socket(gc_pump_t *p, int fd)
+{
+    for (int round = 0; round < DRAIN_BATCHES_MAX; round++) {
+        for (uint32_t i = 0; i < p->cfg.batch; i++) {
+            p->rmsgs[i].msg_hdr.msg_namelen = sizeof p->raddr[i];
+            p->rmsgs[i].msg_hdr.msg_flags = 0;
+        }
+        int n = recvmmsg(fd, p->rmsgs, p->cfg.batch, MSG_DONTWAIT, NULL);
+        if (n < 0 && errno == EINTR) continue;
+        if (n <= 0) return;                  /* EAGAIN: drained */
+        enter(p);
+        uint64_t now = gc_pump_now_us();
+        p->stats.batches++;
+        p->stats.datagrams += (uint64_t)n;
+        for (int i = 0; i < n; i++) {
+            const struct msghdr *h = &p->rmsgs[i].msg_hdr;
+            if (h->msg_flags & MSG_TRUNC) {
+                p->stats.drops++;
+                continue;
+            }
+            on_datagram(p, now, p->slots + (size_t)i * p->cfg.slot_size, p->rmsgs[i].msg_len,
+                        &p->raddr[i], h->msg_namelen);
+        }
+        leave(p, 1);
+        if ((uint32_t)n < p->cfg.batch) return;
+    }
+}
+
+/* After the drain: the held-back tokens, then due timers. */
+static void finish_wakeup(gc_pump_t *p)
+{
+    enter(p);
+    uint64_t now = gc_pump_now_us();
+    for (size_t i = 0; i < p->n_stash; i++)
+        ring_receive(p, now, p->stash + i * p->cfg.slot_size, p->stash_len[i]);
+    p->n_stash = 0;
+    if (gc_ring_next_deadline(p->ring) <= now) {
+        gc_ring_tick(p->ring, now);
+        p->stats.ticks++;
+    }
+    leave(p, 1);
+}
+
+static int timeout_ms(uint64_t deadline)
+{
+    if (deadline == NEVER) return -1;
+    uint64_t now = gc_pump_now_us();
+    if (deadline <= now) return 0;
+    uint64_t ms = (deadline - now + 999) / 1000;   /* round up: never tick early */
+    return ms > 60000 ? 60000 : (int)ms;
+}
+
+/* Python fell behind: stop reading until it takes.  Raising the flag before
+   the second look pairs with gc_pump_take lowering the count before it looks
+   at the flag, so one of the two sees the other. */
+static int should_pause(gc_pump_t *p)
+{
+    if (!backlog_full(p)) return 0;
+    __atomic_store_n(&p->paused, 1, __ATOMIC_SEQ_CST);
+    if (backlog_full(p)) return 1;
+    __atomic_store_n(&p->paused, 0, __ATOMIC_SEQ_CST);
+    return 0;
+}
+
+static void *pump_main(void *arg)
+{
+    gc_pump_t *p = arg;
+    struct epoll_event ev[EVENTS_MAX];
+    for (;;) {
+        enter(p);
+        int stop = p->stopping;
+        int paused = should_pause(p);
+        if (paused) p->stats.pauses++;
+        uint64_t deadline = paused ? NEVER : gc_ring_next_deadline(p->ring);
+        p->armed = deadline;
+        leave(p, 1);
+        if (stop) break;
+
+        int n = epoll_wait(paused ? p->ep_wake : p->ep, ev, EVENTS_MAX, timeout_ms(deadline));
+        int readable_mc = 0, readable_uc = 0;
+        for (int i = 0; i < n; i++) {
+            int fd = ev[i].data.fd;
+            if (fd == p->wake_fd) eventfd_clear(fd);
+            else if (fd == p->cfg.multicast_fd) readable_mc = 1;
+            else if (fd == p->cfg.unicast_fd) readable_uc = 1;
+        }
+        enter(p);
+        p->stats.wakeups++;
+        leave(p, 1);
+        if (paused) continue;
+        if (readable_mc) drain_socket(p, p->cfg.multicast_fd);   /* messages first, then tokens */
+        if (readable_uc) drain_socket(p, p->cfg.unicast_fd);
+        finish_wakeup(p);
+    }
+    return NULL;
+}
+
+/* ------------------------------------------------------------------ */
+/* API                                                                  */
+/* ------------------------------------------------------------------ */
+
+static int epoll_add(int ep, int fd)
+{
+    struct epoll_event e;
+    memset(&e, 0, sizeof e);
+    e.events = EPOLLIN;
+    e.data.fd = fd;
+    return epoll_ctl(ep, EPOLL_CTL_ADD, fd, &e);
+}
+
+static int setup_receive(gc_pump_t *p)
+{
+    size_t batch = p->cfg.batch, slot = p->cfg.slot_size;
+    p->slots = malloc(batch * slot);
+    p->stash = malloc(TOKEN_STASH * slot);
+    p->rmsgs = calloc(batch, sizeof *p->rmsgs);
+    p->riov = calloc(batch, sizeof *p->riov);
+    p->raddr = calloc(batch, sizeof *p->raddr);
+    if (!p->slots || !p->stash || !p->rmsgs || !p->riov || !p->raddr) return GC_ENOMEM;
+    for (size_t i = 0; i < batch; i++) {
+        p->riov[i].iov_base = p->slots + i * slot;
+        p->riov[i].iov_len = slot;
+        p->rmsgs[i].msg_hdr.msg_iov = &p->riov[i];
+        p->rmsgs[i].msg_hdr.msg_iovlen = 1;
+        p->rmsgs[i].msg_hdr.msg_name = &p->raddr[i];
+    }
+    return GC_OK;
+}
+
+static int setup_fds(gc_pump_t *p)
+{
+    p->wake_fd = eventfd(0, EFD_NONBLOCK | EFD_CLOEXEC);
+    p->notify_fd = eventfd(0, EFD_NONBLOCK | EFD_CLOEXEC);
+    p->ep = epoll_create1(EPOLL_CLOEXEC);
+    p->ep_wake = epoll_create1(EPOLL_CLOEXEC);
+    if (p->wake_fd < 0 || p->notify_fd < 0 || p->ep < 0 || p->ep_wake < 0) return GC_ENOMEM;
+    if (epoll_add(p->ep, p->wake_fd) < 0 || epoll_add(p->ep_wake, p->wake_fd) < 0 ||
+        epoll_add(p->ep, p->cfg.unicast_fd) < 0 ||
+        (p->cfg.multicast_fd >= 0 && epoll_add(p->ep, p->cfg.multicast_fd) < 0))
+        return GC_EINVAL;
+    return GC_OK;
+}
+
+int gc_pump_new(gc_ring_t *ring, const gc_pump_config_t *cfg, gc_pump_t **out)
+{
+    if (!ring || !cfg || !out || cfg->unicast_fd < 0 || cfg->slot_size < HDR_LEN || cfg->batch == 0 ||
+        cfg->batch > 1024 || cfg->max_backlog == 0 || cfg->max_backlog_bytes == 0 || cfg->send_queue_max == 0)
+        return GC_EINVAL;
+    *out = NULL;
+    gc_pump_t *p = calloc(1, sizeof *p);
+    if (!p) return GC_ENOMEM;
+    p->ring = ring;
+    p->cfg = *cfg;
+    p->max_payload = gc_ring_max_payload(ring);
+    p->wake_fd = p->notify_fd = p->ep = p->ep_wake = -1;
+    p->armed = NEVER;
+    pthread_mutexattr_t attr;
+    pthread_mutexattr_init(&attr);
+    /* Hold times are microseconds: spin briefly before sleeping, since a
+       futex sleep and wake-up costs tens of microseconds. */
+    pthread_mutexattr_settype(&attr, PTHREAD_MUTEX_ADAPTIVE_NP);
+    pthread_mutex_init(&p->mu, &attr);
+    pthread_mutexattr_destroy(&attr);
+    publish_pending(p);
+    int rc = setup_receive(p);
+    if (rc == GC_OK) rc = setup_fds(p);
+    if (rc != GC_OK) {
+        gc_pump_free(p);
+        return rc;
+    }
+    *out = p;
+    return GC_OK;
+}
+
+static void close_fd(int fd)
+{
+    if (fd >= 0) close(fd);
+}
+
+static void free_msgs(msg_t *m)
+{
+    while (m) {
+        msg_t *next = m->next;
+        free(m);
+        m = next;
+    }
+}
+
+void gc_pump_free(gc_pump_t *p)
+{
+    if (!p) return;
+    gc_pump_stop(p);
+    close_fd(p->wake_fd);
+    close_fd(p->notify_fd);
+    close_fd(p->ep);
+    close_fd(p->ep_wake);
+    for (chunk_t *c = p->outq; c;) {
+        chunk_t *next = c->next;
+        free(c);
+        c = next;
+    }
+    free_msgs(p->inbox);
+    free_msgs(p->carry);
+    free(p->taken.recs);
+    free(p->taken.data);
+    free(p->taken_packets.recs);
+    free(p->taken_packets.data);
+    free(p->slots);
+    free(p->stash);
+    free(p->rmsgs);
+    free(p->riov);
+    free(p->raddr);
+    pthread_mutex_destroy(&p->mu);
+    free(p);
+}
+
+int gc_pump_set_group(gc_pump_t *p, int family, const uint8_t *addr, uint16_t port, uint32_t scope_id)
+{
+    if (!p || !addr) return GC_EINVAL;
+    addr_t a;
+    int rc = make_addr(&a, family, addr, port, scope_id);
+    if (rc != GC_OK) return rc;
+    enter(p);
+    p->group = a;
+    p->has_group = 1;
+    leave(p, 0);
+    return GC_OK;
+}
+
+int gc_pump_add_target(gc_pump_t *p, int family, const uint8_t *addr, uint16_t port, uint32_t scope_id)
+{
+    if (!p || !addr) return GC_EINVAL;
+    addr_t a;
+    int rc = make_addr(&a, family, addr, port, scope_id);
+    if (rc != GC_OK) return rc;
+    enter(p);
+    add_target(p, &a.ss, a.len);
+    leave(p, 0);
+    return GC_OK;
+}
+
+int gc_pump_start(gc_pump_t *p)
+{
+    if (!p || p->running) return GC_EINVAL;
+    sigset_t all, old;
+    sigfillset(&all);
+    pthread_sigmask(SIG_SETMASK, &all, &old);   /* signals stay with Python's main thread */
+    int rc = pthread_create(&p->thread, NULL, pump_main, p);
+    pthread_sigmask(SIG_SETMASK, &old, NULL);
+    if (rc != 0) return GC_ENOMEM;
+    p->running = 1;
+    return GC_OK;
+}
+
+int gc_pump_stop(gc_pump_t *p)
+{
+    if (!p) return GC_EINVAL;
+    if (!p->running) return GC_OK;
+    enter(p);
+    p->stopping = 1;
+    leave(p, 0);
+    eventfd_signal(p->wake_fd);
+    pthread_join(p->thread, NULL);
+    p->running = 0;
+    p->stopping = 0;
+    return GC_OK;
+}
+
+int gc_pump_notify_fd(const gc_pump_t *p) { return p ? p->notify_fd : -1; }
+
+void gc_pump_lock(gc_pump_t *p) { enter(p); }
+
+int gc_pump_unlock(gc_pump_t *p)
+{
+    leave(p, 0);
+    return __atomic_load_n(&p->oom, __ATOMIC_RELAXED) ? GC_ENOMEM : GC_OK;
+}
+
+int gc_pump_submit(gc_pump_t *p, const uint8_t *payload, size_t len, int flags)
+{
+    if (!p || (!payload && len) || flags < 0 || flags > 0xFF) return GC_EINVAL;
+    if (len > p->max_payload) return GC_ETOOBIG;
+    if (gc_pump_pending(p) >= p->cfg.send_queue_max) return GC_EQUEUEFULL;
+    if (__atomic_load_n(&p->inbox_count, __ATOMIC_SEQ_CST) == 0 && pthread_mutex_trylock(&p->mu) == 0) {
+        drain_inbox(p);
+        int rc = gc_ring_submit(p->ring, gc_pump_now_us(), payload, len, flags);
+        leave(p, 0);
+        return rc == GC_OUTPUT ? GC_OK : rc;
+    }
+    msg_t *m = malloc(sizeof *m + len);
+    if (!m) return GC_ENOMEM;
+    m->len = len;
+    m->flags = flags;
+    if (len) memcpy(m->payload, payload, len);
+    push_inbox(p, m);
+    __atomic_thread_fence(__ATOMIC_SEQ_CST);
+    __atomic_add_fetch(&p->stats.handoffs, 1, __ATOMIC_RELAXED);
+    if (pthread_mutex_trylock(&p->mu) == 0) {
+        drain_inbox(p);
+        leave(p, 0);
+    }
+    return GC_OK;
+}
+
+size_t gc_pump_pending(const gc_pump_t *p)
+{
+    if (!p) return 0;
+    return __atomic_load_n(&p->pending, __ATOMIC_SEQ_CST) + __atomic_load_n(&p->inbox_count, __ATOMIC_SEQ_CST);
+}
+
+int gc_pump_take(gc_pump_t *p, gc_pump_batch_t *out)
+{
+    if (!p || !out) return GC_EINVAL;
+    chunk_t *c = __atomic_exchange_n(&p->outq, NULL, __ATOMIC_ACQUIRE);
+    chunk_t *fifo = NULL;
+    while (c) {                              /* the list is newest first */
+        chunk_t *next = c->next;
+        c->next = fifo;
+        fifo = c;
+        c = next;
+    }
+    p->taken.n = p->taken.len = 0;
+    p->taken_packets.n = p->taken_packets.len = 0;
+    size_t records = 0, bytes = 0, packets = 0;
+    int failed = 0;
+    while (fifo) {
+        chunk_t *next = fifo->next;
+        if (!failed && take_chunk(p, fifo) < 0) failed = 1;
+        if (fifo->is_packet) packets++;
+        else records += fifo->n;
+        bytes += fifo->len;
+        free(fifo);
+        fifo = next;
+    }
+    __atomic_sub_fetch(&p->queued_records, records, __ATOMIC_SEQ_CST);
+    __atomic_sub_fetch(&p->queued_bytes, bytes, __ATOMIC_SEQ_CST);
+    __atomic_sub_fetch(&p->queued_packets, packets, __ATOMIC_RELAXED);
+    if (__atomic_exchange_n(&p->paused, 0, __ATOMIC_SEQ_CST)) eventfd_signal(p->wake_fd);
+    if (failed || __atomic_load_n(&p->oom, __ATOMIC_RELAXED)) return GC_ENOMEM;
+    out->actions = p->taken.recs;
+    out->n_actions = p->taken.n;
+    out->data = p->taken.data;
+    out->data_len = p->taken.len;
+    out->packets = p->taken_packets.recs;
+    out->n_packets = p->taken_packets.n;
+    out->packet_data = p->taken_packets.data;
+    out->packet_data_len = p->taken_packets.len;
+    return GC_OK;
+}
+
+int gc_pump_send_all(gc_pump_t *p, const uint8_t *buf, size_t len)
+{
+    if (!p || !buf) return GC_EINVAL;
+    enter(p);
+    send_all(p, buf, len);
+    send_flush(p);
+    leave(p, 0);
+    return GC_OK;
+}
+
+int gc_pump_send_to(gc_pump_t *p, uint32_t node, const uint8_t *buf, size_t len)
+{
+    if (!p || !buf) return GC_EINVAL;
+    enter(p);
+    send_to(p, node, buf, len);
+    send_flush(p);
+    leave(p, 0);
+    return GC_OK;
+}
+
+size_t gc_pump_heard(gc_pump_t *p, uint32_t *nodes, uint64_t *times, size_t cap)
+{
+    if (!p || !nodes || !times) return 0;
+    enter(p);
+    size_t n = p->n_peers < cap ? p->n_peers : cap;
+    for (size_t i = 0; i < n; i++) {
+        nodes[i] = p->peers[i].node;
+        times[i] = p->peers[i].heard;
+    }
+    leave(p, 0);
+    return n;
+}
+
+void gc_pump_get_stats(gc_pump_t *p, gc_pump_stats_t *out)
+{
+    if (!p || !out) return;
+    enter(p);
+    *out = p->stats;
+    out->handoffs = __atomic_load_n(&p->stats.handoffs, __ATOMIC_RELAXED);
+    leave(p, 0);
+}

@@ -1,0 +1,385 @@
+"""The C socket pump (``groupcomm/_pump.c``): a thread that drives the ring over UDP.
+
+Under the trio driver every token hop wakes the trio loop; with the pump
+(``pump = "c"`` in the UDP/UDPU layer) a C thread receives the ring's
+datagrams, feeds the ring, sends its packets and fires its timers, and wakes
+Python only for what Python must see: deliveries, views, failure-detector and
+probe packets.
+
+The protocol layers stay as they are.  :func:`attach` hands the
+:class:`~groupcomm.stack.Stack` a :class:`LockedRing` in place of its ring:
+the same interface, but every call holds the pump's lock and reads the pump's
+clock, the thread sends the ring's packets, and :meth:`LockedRing.take`
+returns the deliveries the pump collected (in :meth:`Ring.take`'s format), so
+``Stack.take`` still does reassembly, views and failure detection.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+import struct
+from array import array
+from functools import partial
+
+from groupcomm._native import ffi, lib
+from groupcomm.errors import ConfigError, QueueFull
+from groupcomm.events import Configuration, Delivery, RingId
+from groupcomm.ring import LayerDelivery, Ring, SendTo, SendToAll
+from groupcomm.udp import UdpSockets
+
+__all__ = ["Pump", "LockedRing", "TargetSet", "attach", "detach", "parse_outputs", "now_us"]
+
+now_us = lib.gc_pump_now_us
+"""CLOCK_MONOTONIC in integer microseconds: every ring input's clock while a pump runs."""
+
+MIN_SLOT = 2048              # receive slot floor: FD and probe packets, small-mtu rings
+RECV_SLOTS_BYTES = 1 << 20   # receive slots per pump, in bytes (sets the recvmmsg batch)
+MIN_BATCH, MAX_BATCH = 8, 64
+MIN_BACKLOG = 1024           # deliveries waiting for Python before the pump stops reading ...
+MAX_BACKLOG_BYTES = 64 << 20  # ... or their bytes
+_MAX_KIND = 127
+_US = 1_000_000
+
+_PUMP_STATS = tuple(name for name, _ in ffi.typeof("gc_pump_stats_t").fields)
+_ACTION = struct.Struct("=BBHIQII")
+_PLAIN = 3                   # first record word of an agreed kind-0 delivery: kind 3, flags 0
+_PLAIN_SAFE = 3 | (1 << 8)   # ... and of a safe one
+_tuple_new = tuple.__new__
+
+
+def parse_outputs(records: bytes, data: bytes, message_type: type = Delivery, *, runs: bool = False) -> list:
+    """Ring outputs from ``gc_action_t`` records and their data arena, as :meth:`Ring.take` returns them.
+
+    A copy of ``Ring.take``'s parsing (which ring.py keeps inline); the two
+    must agree, and tests/test_pump.py checks they do.
+    """
+    n = len(records) // _ACTION.size
+    if n == 0:
+        return []
+    words = array("I")
+    words.frombytes(records)
+    heads, nodes, offsets, lengths = words[0::6], words[1::6], words[4::6], words[5::6]
+    payloads = [data[o : o + size] for o, size in zip(offsets, lengths)]
+    make = partial(_tuple_new, message_type)
+    if heads.count(_PLAIN) + heads.count(_PLAIN_SAFE) == n:     # the hot path: no slicing
+        messages = list(map(make, zip(nodes, payloads, map(_PLAIN_SAFE.__eq__, heads))))
+        return [messages] if runs else messages
+
+    def plain(lo: int, hi: int) -> list:
+        return list(map(make, zip(nodes[lo:hi], payloads[lo:hi], map(_PLAIN_SAFE.__eq__, heads[lo:hi]))))
+
+    out: list = []
+    append = out.append
+    add_run = append if runs else out.extend
+    run = 0                                   # start of the current run of plain deliveries
+    for i, head in enumerate(heads):
+        if head == _PLAIN or head == _PLAIN_SAFE:
+            continue
+        if run < i:
+            add_run(plain(run, i))
+        run = i + 1
+        kind = head & 0xFF
+        if kind == lib.GC_ACT_SEND_MCAST:
+            append(SendToAll(payloads[i]))
+        elif kind == lib.GC_ACT_SEND_UNICAST:
+            append(SendTo(nodes[i], payloads[i]))
+        elif kind == lib.GC_ACT_DELIVER:
+            flags = (head >> 8) & 0xFF
+            append(LayerDelivery(nodes[i], payloads[i], bool(flags & 1), flags >> 1))
+        else:
+            _, flags, count, node, value, off, _ = _ACTION.unpack_from(records, i * _ACTION.size)
+            members = struct.unpack_from(f"<{count}I", data, off)
+            append(Configuration(RingId(node, value), members, bool(flags & 1)))
+    if run < n:
+        add_run(plain(run, n))
+    return out
+
+
+def _sockaddr(addr: tuple) -> tuple[int, bytes, int, int]:
+    """(family, packed address, port, scope id) of a socket address tuple."""
+    family = socket.AF_INET6 if ":" in addr[0] else socket.AF_INET
+    scope = addr[3] if len(addr) > 3 else 0
+    return family, socket.inet_pton(family, addr[0]), addr[1], scope
+
+
+class Pump:
+    """One ``gc_pump_t``: its thread, its queues for Python and its address book.
+
+    Build it with :func:`attach`.  :meth:`start` creates the thread and
+    :meth:`close` joins it; close it before the sockets.
+    """
+
+    def __init__(self, ring: Ring, sockets: UdpSockets, *, max_backlog: int) -> None:
+        slot = max(ring.config.mtu, MIN_SLOT)
+        cfg = ffi.new("gc_pump_config_t *")
+        cfg.unicast_fd = sockets.unicast.fileno()
+        cfg.multicast_fd = sockets.multicast.fileno() if sockets.multicast is not None else -1
+        cfg.node_id = ring.node_id
+        cfg.cluster_id = ring.config.cluster_id
+        cfg.send_queue_max = ring.config.send_queue_max
+        cfg.slot_size = slot
+        cfg.batch = max(MIN_BATCH, min(MAX_BATCH, RECV_SLOTS_BYTES // slot))
+        cfg.max_backlog = max(max_backlog, MIN_BACKLOG)
+        cfg.max_backlog_bytes = MAX_BACKLOG_BYTES
+        out = ffi.new("gc_pump_t **")
+        rc = lib.gc_pump_new(ring._r, cfg, out)   # the ring's C handle: Ring has no public accessor
+        if rc != lib.GC_OK:
+            raise ConfigError(f"C pump: {ffi.string(lib.gc_strerror(rc)).decode()}")
+        self._p = ffi.gc(out[0], lib.gc_pump_free)
+        self._ring = ring                         # the C ring must outlive the thread
+        if sockets.group is not None:
+            family, packed, port, scope = _sockaddr(sockets.group)
+            lib.gc_pump_set_group(self._p, family, packed, port, scope)
+        self.notify_fd: int = lib.gc_pump_notify_fd(self._p)
+        self._batch = ffi.new("gc_pump_batch_t *")
+        self._taken: list[tuple[bytes, bytes]] = []           # (records, data) not yet parsed
+        self._packets: list[tuple[bytes, tuple]] = []         # datagrams not yet handed out
+        self._heard_nodes = ffi.new("uint32_t[]", lib.GC_PUMP_PEERS_MAX)
+        self._heard_times = ffi.new("uint64_t[]", lib.GC_PUMP_PEERS_MAX)
+        self._heard: dict[int, int] = {}
+        self._stack = None                        # the Stack whose ring it drives (attach)
+
+    # -- lifetime ---------------------------------------------------------------
+
+    def start(self) -> None:
+        if lib.gc_pump_start(self._p) != lib.GC_OK:
+            raise OSError("C pump: cannot create its thread")
+
+    def stop(self) -> None:
+        """Join the thread: the ring is no longer driven (as if the process died)."""
+        if self._p is not None:
+            lib.gc_pump_stop(self._p)
+
+    @property
+    def closed(self) -> bool:
+        return self._p is None
+
+    def close(self) -> None:
+        """Join the thread and free the pump (idempotent)."""
+        if self._p is not None:
+            ffi.release(self._p)                  # gc_pump_free: stop + join, then free
+            self._p = None
+
+    # -- locking ----------------------------------------------------------------
+
+    def lock(self) -> int:
+        """Take the ring's lock; returns the time to give the ring."""
+        lib.gc_pump_lock(self._p)
+        return now_us()
+
+    def unlock(self) -> None:
+        """Send what the ring produced under the lock, queue its deliveries, release."""
+        if lib.gc_pump_unlock(self._p) == lib.GC_ENOMEM:
+            raise MemoryError("groupcomm pump: out of memory; deliveries were lost")
+
+    # -- Python's side of the traffic ---------------------------------------------
+
+    def clear_notify(self) -> None:
+        """Reset the wake-up eventfd; call it before taking, so no wake-up is lost."""
+        try:
+            os.read(self.notify_fd, 8)
+        except BlockingIOError:
+            pass
+
+    def _collect(self) -> None:
+        """Swap out everything the pump queued for Python (no lock) and copy it."""
+        b = self._batch
+        if lib.gc_pump_take(self._p, b) == lib.GC_ENOMEM:
+            raise MemoryError("groupcomm pump: out of memory; deliveries were lost")
+        if b.n_actions:
+            records = ffi.buffer(b.actions, b.n_actions * _ACTION.size)[:]
+            self._taken.append((records, ffi.buffer(b.data, b.data_len)[:]))
+        if b.n_packets:
+            data = ffi.buffer(b.packet_data, b.packet_data_len)[:]
+            for i in range(b.n_packets):
+                rec = b.packets[i]
+                self._packets.append((data[rec.offset : rec.offset + rec.len], _address(rec)))
+
+    def take(self, message_type: type = Delivery, *, runs: bool = False) -> list:
+        """Deliveries and configurations the ring produced since the last take, in order."""
+        self._collect()
+        taken, self._taken = self._taken, []
+        if len(taken) == 1:
+            return parse_outputs(*taken[0], message_type, runs=runs)
+        return [item for records, data in taken for item in parse_outputs(records, data, message_type, runs=runs)]
+
+    def take_packets(self) -> list[tuple[bytes, tuple]]:
+        """The other layers' datagrams (failure detector, unicast, probe), with their source."""
+        self._collect()
+        packets, self._packets = self._packets, []
+        return packets
+
+    def send_all(self, packet: bytes) -> None:
+        """To the group, or to every known member without multicast."""
+        lib.gc_pump_send_all(self._p, packet, len(packet))
+
+    def send_to(self, node: int, packet: bytes) -> None:
+        """To ``node`` at the address its packets come from (dropped and counted if unknown)."""
+        lib.gc_pump_send_to(self._p, node, packet, len(packet))
+
+    def add_target(self, addr: tuple) -> None:
+        """A unicast-only member's address (static host list, discovery)."""
+        family, packed, port, scope = _sockaddr(addr)
+        lib.gc_pump_add_target(self._p, family, packed, port, scope)
+
+    def sync_heard(self, fd) -> None:
+        """Tell the failure detector about every peer heard from since the last call."""
+        n = lib.gc_pump_heard(self._p, self._heard_nodes, self._heard_times, lib.GC_PUMP_PEERS_MAX)
+        seen = self._heard
+        for i in range(n):
+            node, when = self._heard_nodes[i], self._heard_times[i]
+            if seen.get(node) != when:
+                seen[node] = when
+                fd.heard(node, when)
+
+    def stats(self) -> dict[str, int]:
+        """The pump's counters, named ``pump_*``."""
+        s = ffi.new("gc_pump_stats_t *")
+        lib.gc_pump_get_stats(self._p, s)
+        return {f"pump_{name}": getattr(s, name) for name in _PUMP_STATS}
+
+
+def _address(rec) -> tuple:
+    """A ``gc_pump_packet_t``'s source as a socket address tuple."""
+    if rec.family == socket.AF_INET6:
+        return socket.inet_ntop(socket.AF_INET6, ffi.buffer(rec.addr, 16)[:]), rec.port, 0, rec.scope_id
+    return socket.inet_ntop(socket.AF_INET, ffi.buffer(rec.addr, 4)[:]), rec.port
+
+
+class TargetSet(set):
+    """The unicast-only transport's member addresses; additions reach the pump too."""
+
+    def __init__(self, pump: Pump, addrs) -> None:
+        super().__init__()
+        self._pump = pump
+        for addr in addrs:
+            self.add(addr)
+
+    def add(self, addr) -> None:
+        if addr not in self:
+            super().add(addr)
+            self._pump.add_target(addr)
+
+
+class LockedRing:
+    """The :class:`~groupcomm.ring.Ring` as a Stack sees it while a pump drives it.
+
+    Every call holds the pump's lock and gives the ring the pump's clock (the
+    ``now`` arguments are ignored); releasing the lock sends what the ring
+    produced.  :meth:`submit` never waits for the pump's thread (see
+    ``gc_pump_submit``).  Outputs come from :meth:`Pump.take`; timers are the
+    pump's, so :meth:`next_deadline` is None and the Stack's own deadline is
+    its failure detector's.
+    """
+
+    def __init__(self, ring: Ring, pump: Pump) -> None:
+        self.ring = ring
+        self.node_id = ring.node_id
+        self.config = ring.config
+        self.max_payload = ring.max_payload
+        self._pump = pump
+        self._p = pump._p
+
+    # -- inputs -------------------------------------------------------------------
+
+    def submit(self, now_us: int, payload: bytes, *, safe: bool = False, kind: int = 0) -> bool:
+        if type(payload) is bytes and type(kind) is int and 0 <= kind <= _MAX_KIND:
+            rc = lib.gc_pump_submit(self._p, payload, len(payload), (kind << 1) | (1 if safe else 0))
+            if rc >= 0:
+                return False                      # the pump sends what the ring produced
+            if rc == lib.GC_EQUEUEFULL:
+                raise QueueFull(
+                    f"member {self.node_id}: send queue is full ({self.config.send_queue_max} messages); "
+                    "wait for deliveries and retry",
+                    code=rc,
+                )
+        # Not plain bytes, or refused: Ring.submit converts, or raises the precise error.
+        self._call(partial(self.ring.submit, safe=safe, kind=kind), payload)
+        return False
+
+    def _call(self, method, *args):
+        now = self._pump.lock()
+        try:
+            return method(now, *args)
+        finally:
+            self._pump.unlock()
+
+    def start(self, now_us: int) -> None:
+        self._call(self.ring.start)
+
+    def receive(self, now_us: int, packet: bytes, *, strict: bool = False) -> int:
+        return self._call(partial(self.ring.receive, strict=strict), packet)
+
+    def tick(self, now_us: int) -> None:
+        self._call(self.ring.tick)
+
+    def leave(self, now_us: int) -> None:
+        self._call(self.ring.leave)                   # the leave packets are sent before this returns
+
+    def suspect(self, now_us: int, node: int) -> bool:
+        return self._call(self.ring.suspect, node)
+
+    # -- outputs ------------------------------------------------------------------
+
+    def next_deadline(self) -> None:
+        return None
+
+    @property
+    def has_output(self) -> bool:
+        return False                                  # the pump wakes the driver when it has some
+
+    def take(self, message_type: type = Delivery, *, runs: bool = False) -> list:
+        return self._pump.take(message_type, runs=runs)
+
+    # -- introspection ------------------------------------------------------------
+
+    def _read(self, getter):
+        lib.gc_pump_lock(self._p)
+        try:
+            return getter()
+        finally:
+            lib.gc_pump_unlock(self._p)
+
+    @property
+    def state(self):
+        return self._read(lambda: self.ring.state)
+
+    @property
+    def ring_seq(self) -> int:
+        return self._read(lambda: self.ring.ring_seq)
+
+    @property
+    def members(self) -> tuple[int, ...]:
+        return self._read(lambda: self.ring.members)
+
+    @property
+    def pending(self) -> int:
+        return lib.gc_pump_pending(self._p)
+
+    def debug(self) -> str:
+        return self._read(self.ring.debug)
+
+    def stats(self) -> dict[str, int]:
+        return self._read(self.ring.stats)
+
+
+def attach(stack, sockets: UdpSockets, *, max_backlog: int) -> Pump:
+    """Build a pump for ``stack``'s ring and put a :class:`LockedRing` in the stack.
+
+    :func:`detach` undoes it; the thread starts with :meth:`Pump.start`.
+    """
+    ring = stack.ring
+    pump = Pump(ring, sockets, max_backlog=max_backlog)
+    stack.ring = LockedRing(ring, pump)
+    pump._stack = stack
+    return pump
+
+
+def detach(pump: Pump) -> None:
+    """Join the pump's thread, free it, and give its stack the plain ring back."""
+    pump.close()
+    stack = pump._stack
+    if stack is not None and isinstance(stack.ring, LockedRing):
+        stack.ring = stack.ring.ring
+    pump._stack = None

@@ -1,0 +1,373 @@
+"""The C socket pump (``pump = "c"``): channels on loopback with the ring's hot path in a C thread.
+
+Bounded in time, 127.0.0.1 only, multicast TTL 0.  The last tests re-run the
+channel, blocking-facade and process suites with the pump forced on.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import importlib
+import inspect
+import os
+import random
+import socket
+import subprocess
+import sys
+
+import pytest
+import trio
+
+import tests.test_blocking as blocking_suite
+import tests.test_channel as channel_suite
+import tests.test_processes as process_suite
+from groupcomm import channel as channel_module
+from groupcomm._native import ffi, lib
+from groupcomm.channel import Channel, cluster_id_for, open_channel
+from groupcomm.config import load_stack
+from groupcomm.errors import ChannelClosed, ConfigError, DeliveryOverflow
+from groupcomm.events import Configuration, Delivery, Message
+from groupcomm.fd import FdConfig
+from groupcomm.probe import probe
+from groupcomm.pump import parse_outputs
+from groupcomm.ring import LayerDelivery, Ring, RingConfig
+from groupcomm.udp import UdpConfig, UdpuConfig
+from groupcomm.demo import view_is
+from tests.test_channel import FAST, free_port, unique_cluster, wait_for_view
+
+BIG = bytes(range(256)) * 400                   # 100 KiB: about 75 datagrams at mtu 1400
+
+
+def pumped() -> UdpConfig:
+    return UdpConfig(bind_addr="127.0.0.1", mcast_port=free_port(), mcast_ttl=0, pump="c")
+
+
+def threads() -> int:
+    return len(os.listdir("/proc/self/task"))
+
+
+async def collect(ch, count: int) -> list[Message]:
+    got: list[Message] = []
+    async for ev in ch.events():
+        if isinstance(ev, Message):
+            got.append(ev)
+            if len(got) == count:
+                return got
+    raise AssertionError(f"events ended after {len(got)} of {count} messages")
+
+
+# -- the parsing seam --------------------------------------------------------------
+
+
+def _singleton_with_outputs() -> Ring:
+    """A singleton ring, fed the same inputs every time, with deliveries of every shape waiting."""
+    ring = Ring(7, RingConfig(token_timeout=0.3, join=0.02, merge=0.05, startup_wait=0.05))
+    ring.start(0)
+    t = 0
+    while not ring.members:
+        t += 10_000
+        ring.tick(t)
+    for i in range(6):
+        ring.submit(t, b"m%d" % i, safe=i % 2 == 1, kind=5 if i == 3 else 0)
+        t += 1000
+        ring.tick(t)
+    for _ in range(5):
+        t += 1000
+        ring.tick(t)
+    return ring
+
+
+@pytest.mark.parametrize("runs", [False, True])
+def test_parse_outputs_reads_records_exactly_as_ring_take_does(runs):
+    expected = _singleton_with_outputs().take(Message, runs=runs)
+    twin = _singleton_with_outputs()
+    pa, pn, pd, pl = ffi.new("gc_action_t **"), ffi.new("size_t *"), ffi.new("uint8_t **"), ffi.new("size_t *")
+    lib.gc_ring_take(twin._r, pa, pn, pd, pl)
+    records = ffi.buffer(pa[0], pn[0] * ffi.sizeof("gc_action_t"))[:]
+    parsed = parse_outputs(records, ffi.buffer(pd[0], pl[0])[:], Message, runs=runs)
+    assert parsed == expected
+    assert any(isinstance(x, Configuration) for x in parsed)
+    assert any(isinstance(x, LayerDelivery) and x.kind == 5 for x in parsed)
+    assert parse_outputs(b"", b"") == []
+    assert parse_outputs(records, ffi.buffer(pd[0], pl[0])[:])[-1] == Delivery(7, b"m5", True)
+
+
+# -- channels with the pump ----------------------------------------------------------
+
+
+async def test_three_pumped_members_agree_on_one_order_of_small_safe_and_fragmented_messages():
+    udp, cluster, n = pumped(), unique_cluster(), 60
+    orders: dict[str, list[Message]] = {}
+
+    async def member(name: str) -> None:
+        async with open_channel(cluster=cluster, name=name, udp=udp, ring=FAST) as ch:
+            await wait_for_view(ch, 3)
+            async with trio.open_nursery() as nursery:
+
+                async def read() -> None:
+                    orders[name] = await collect(ch, 3 * (n + 1))
+
+                nursery.start_soon(read)
+                for i in range(n):
+                    await ch.send(f"{name}-{i}".encode(), safe=i % 7 == 0)
+                await ch.send(name.encode() + BIG, safe=True)
+            assert ch.stats()["pump_batches"] > 0
+            await trio.sleep(0.2)                   # the others may still need our token
+
+    with trio.fail_after(30):
+        async with trio.open_nursery() as nursery:
+            for name in "abc":
+                nursery.start_soon(member, name)
+    first = orders["a"]
+    assert orders["b"] == first and orders["c"] == first
+    senders = {}
+    for m in first:
+        senders.setdefault(m.sender, []).append(m)
+    for mine in senders.values():
+        name = mine[0].payload[:1].decode()
+        assert [m.payload for m in mine] == [f"{name}-{i}".encode() for i in range(n)] + [name.encode() + BIG]
+        assert [m.safe for m in mine] == [i % 7 == 0 for i in range(n)] + [True]
+
+
+async def test_a_graceful_leave_reaches_the_others_before_the_token_timeout():
+    udp, cluster = pumped(), unique_cluster()
+    with trio.fail_after(20):
+        async with open_channel(cluster=cluster, name="stay", udp=udp, ring=FAST) as stay:
+            async with open_channel(cluster=cluster, name="go", udp=udp, ring=FAST) as go:
+                await wait_for_view(stay, 2)
+                leaver = go.address
+            t0 = trio.current_time()
+            await wait_for_view(stay, 1)
+            assert leaver not in stay.view.members
+            assert trio.current_time() - t0 < FAST.token_timeout
+
+
+async def test_a_member_that_vanishes_without_leaving_is_excluded():
+    udp, cluster = pumped(), unique_cluster()
+    with trio.fail_after(20):
+        async with open_channel(cluster=cluster, name="a", udp=udp, ring=FAST, fd=FdConfig.loopback()) as a:
+            victim = Channel(cluster=cluster, name="b", node_id=None, ring=FAST, udp=udp,
+                             max_pending_events=1000, fd=FdConfig.loopback())
+            async with trio.open_nursery() as nursery:
+                await nursery.start(victim.run)
+                await wait_for_view(a, 2)
+                dead = victim.address
+                nursery.cancel_scope.cancel()       # no leave: as if the process died
+            t0 = trio.current_time()
+            await wait_for_view(a, 1)
+            assert dead not in a.view.members
+            assert trio.current_time() - t0 < FAST.token_timeout    # the failure detector, not token loss
+            assert a.stats()["suspicions"] >= 1
+
+
+async def test_the_pump_thread_is_joined_when_the_channel_closes_and_sends_after_close_fail():
+    udp, cluster = pumped(), unique_cluster()
+    before = threads()
+    with trio.fail_after(20):
+        async with open_channel(cluster=cluster, name="a", udp=udp, ring=FAST) as a:
+            async with open_channel(cluster=cluster, name="b", udp=udp, ring=FAST):
+                assert threads() == before + 2
+                await wait_for_view(a, 2)
+            assert threads() == before + 1
+            await a.send(b"alone")
+            assert [m.payload for m in await collect(a, 1)] == [b"alone"]   # a singleton ring self-delivers
+    assert threads() == before
+    with pytest.raises(ChannelClosed):
+        await a.send(b"after close")
+    with pytest.raises(ChannelClosed):
+        a.stats()
+
+
+async def test_a_slow_consumer_overflows_and_leaves_with_the_pump():
+    udp, cluster = pumped(), unique_cluster()
+    with trio.fail_after(20):
+        async with open_channel(cluster=cluster, name="fast", udp=udp, ring=FAST) as fast:
+            async with open_channel(cluster=cluster, name="slow", udp=udp, ring=FAST, max_pending_events=50) as slow:
+                await wait_for_view(fast, 2)
+                for i in range(200):
+                    await fast.send(b"%d" % i)
+                await wait_for_view(fast, 1)
+                with pytest.raises(DeliveryOverflow):
+                    async for _ in slow.events():
+                        pass
+
+
+async def test_probe_gets_answers_from_pumped_members():
+    udp, cluster = pumped(), unique_cluster()
+    with trio.fail_after(20):
+        async with open_channel(cluster=cluster, name="p1", udp=udp, ring=FAST) as p1:
+            async with open_channel(cluster=cluster, name="p2", udp=udp, ring=FAST) as p2:
+                await wait_for_view(p1, 2)
+                reports = await trio.to_thread.run_sync(probe, cluster_id_for(cluster), udp, 1.0)
+                assert {r["address"] for r in reports} == {p1.address, p2.address}
+                assert all(r["state"] == "OPERATIONAL" and r["stats"]["pump_to_python"] >= 1 for r in reports)
+
+
+async def test_garbage_and_oversized_datagrams_are_counted_and_dropped():
+    udp, cluster = pumped(), unique_cluster()
+    rng = random.Random(5)
+    with trio.fail_after(20):
+        async with open_channel(cluster=cluster, name="a", udp=udp, ring=FAST) as a:
+            async with open_channel(cluster=cluster, name="b", udp=udp, ring=FAST) as b:
+                await wait_for_view(a, 2)
+                targets = [a._sockets.address, b._sockets.address, (udp.mcast_addr, udp.mcast_port)]
+                slot = max(FAST.mtu, 2048)
+                with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
+                    s.setsockopt(socket.IPPROTO_IP, socket.IP_MULTICAST_TTL, 0)
+                    for i in range(3000):
+                        body = bytes(rng.getrandbits(8) for _ in range(rng.randint(0, 80)))
+                        head = rng.choice([b"", b"GC\x01", b"GC\x01\x01", b"GF", b"GP", b"GC\x01\x02"])
+                        s.sendto(head + body, targets[i % 3])
+                        if i % 100 == 0:
+                            s.sendto(b"GC" + bytes(slot + 100), targets[i % 3])
+                            await trio.sleep(0)
+                await trio.sleep(0.2)
+                await a.send(b"still ordered")
+                assert [m.payload for m in await collect(b, 1)] == [b"still ordered"]
+                stats = [a.stats(), b.stats()]
+                assert sum(s["pump_drops"] for s in stats) >= 20      # 30 oversized, some may be lost in flight
+                assert sum(s["drop_bad_magic"] + s["drop_truncated"] + s["drop_malformed"] for s in stats) > 100
+                assert a.view == b.view and len(a.view.members) == 2
+
+
+ASAN_WORKLOAD = """
+import random, socket, sys, uuid
+import trio
+sys.path.insert(0, sys.argv[1])
+from groupcomm.channel import open_channel
+from groupcomm.events import Message
+from groupcomm.ring import RingConfig
+from groupcomm.udp import UdpConfig
+
+async def main():
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    udp = UdpConfig(mcast_port=port, mcast_ttl=0, pump="c")
+    ring = RingConfig(token_timeout=0.3, join=0.02, merge=0.05)
+    cluster, rng = uuid.uuid4().hex, random.Random(3)
+    async with open_channel(cluster=cluster, name="a", udp=udp, ring=ring) as a:
+        async with open_channel(cluster=cluster, name="b", udp=udp, ring=ring) as b:
+            while not (a.view and len(a.view.members) == 2):
+                await trio.sleep(0.01)
+            with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as g:
+                for i in range(2000):
+                    head = rng.choice([b"", b"GC\\x01", b"GC\\x01\\x01", b"GF", b"GP"])
+                    g.sendto(head + rng.randbytes(rng.randint(0, 3000)), a._sockets.address)
+            for i in range(300):
+                await a.send(b"m%d" % i + bytes(i * 40), safe=i % 5 == 0)
+            got = 0
+            async for ev in b.events():
+                if isinstance(ev, Message):
+                    got += 1
+                    if got == 300:
+                        break
+    print("pumped workload ok")
+
+trio.run(main)
+"""
+
+
+def test_the_pump_under_asan_and_ubsan(tmp_path):
+    """Channels with the pump, garbage at its socket, on a sanitized build of the C code."""
+    from tests.test_sanitizers import ROOT, _build_sanitized, _libasan
+
+    assert _libasan() is not None, "this test needs gcc with libasan (apt install gcc)"
+    so = _build_sanitized(tmp_path)
+    script = tmp_path / "pumped.py"
+    script.write_text(ASAN_WORKLOAD)
+    env = dict(
+        os.environ,
+        GROUPCOMM_RING_LIBRARY=str(so),
+        LD_PRELOAD=_libasan() or "",
+        ASAN_OPTIONS="detect_leaks=0:abort_on_error=1",
+        UBSAN_OPTIONS="halt_on_error=1:print_stacktrace=1",
+        PYTHONPATH=str(ROOT),
+    )
+    out = subprocess.run([sys.executable, str(script), str(ROOT)], cwd=ROOT, env=env, capture_output=True,
+                         text=True, timeout=300)
+    assert out.returncode == 0, (out.stdout[-2000:], out.stderr[-6000:])
+    assert "pumped workload ok" in out.stdout
+
+
+def test_the_pump_key_is_validated():
+    with pytest.raises(ConfigError, match="pump must be one of 'trio', 'c'"):
+        UdpConfig(pump="rust")
+    with pytest.raises(ConfigError, match="pump must be one of"):
+        UdpuConfig(hosts=("127.0.0.1:4000",), pump="")
+    for name in ("udp", "loopback", "udpu"):
+        spec = load_stack(name, environ={"GROUPCOMM_PUMP": "c"})
+        transport = channel_module.stack_configs(spec)[1]
+        assert transport.pump == "c"
+
+
+# -- the other suites with the pump forced on --------------------------------------------
+
+
+@pytest.fixture
+def force_pump(monkeypatch):
+    """Every channel opened in the test runs the C pump; the count proves it did."""
+    init, attach = Channel.__init__, channel_module.attach
+    attached = []
+
+    def init_with_pump(self, *, udp, **kwargs):
+        init(self, udp=dataclasses.replace(udp, pump="c"), **kwargs)
+
+    def counting_attach(*args, **kwargs):
+        attached.append(1)
+        return attach(*args, **kwargs)
+
+    monkeypatch.setattr(Channel, "__init__", init_with_pump)
+    monkeypatch.setattr(channel_module, "attach", counting_attach)
+    monkeypatch.setenv("GROUPCOMM_PUMP", "c")         # member processes read it from their stack file
+    return attached
+
+
+def _suite(module, *, coroutines: bool) -> list:
+    """The module's tests of one colour that need no fixture but ``tmp_path``."""
+    return [
+        pytest.param(fn, id=name)
+        for name, fn in vars(module).items()
+        if name.startswith("test_") and inspect.iscoroutinefunction(fn) == coroutines
+        and set(inspect.signature(fn).parameters) <= {"tmp_path"}
+    ]
+
+
+def _optional_suite(name: str) -> list:
+    """Another suite's coroutine tests, if that suite exists in this tree."""
+    try:
+        return _suite(importlib.import_module(name), coroutines=True)
+    except ModuleNotFoundError:
+        return []
+
+
+@pytest.mark.parametrize("test", _suite(channel_suite, coroutines=True) + _optional_suite("tests.test_space_channel"))
+async def test_channel_suite_with_the_pump(test, force_pump, tmp_path):
+    kwargs = {"tmp_path": tmp_path} if "tmp_path" in inspect.signature(test).parameters else {}
+    await test(**kwargs)
+    assert force_pump
+
+
+@pytest.mark.parametrize("test", _suite(blocking_suite, coroutines=False)[:1])
+def test_blocking_suite_with_the_pump(test, force_pump):
+    test()
+    assert force_pump
+
+
+def test_member_processes_join_survive_kill_and_rejoin_with_the_pump(force_pump):
+    process_suite.test_processes_join_agree_survive_kill_and_rejoin()
+
+
+def test_member_processes_run_the_pump_when_their_stack_says_so(force_pump):
+    cluster, port = unique_cluster(), free_port()
+    members = [process_suite.Member(n, cluster, port) for n in ("q1", "q2")]
+    try:
+        ids = {m.address() for m in members}
+        for m in members:
+            m.wait(view_is(ids), 15)
+        reports = probe(cluster_id_for(cluster), UdpConfig(mcast_port=port, mcast_ttl=0), 1.0)
+        assert {r["address"] for r in reports} == ids
+        assert all(r["stats"]["pump_wakeups"] > 0 for r in reports)
+    finally:
+        for m in members:
+            m.stop()
