@@ -355,7 +355,7 @@ static void queue_deliveries(gc_pump_t *p, const gc_action_t *acts, size_t n, co
 {
     chunk_t *c = bytes <= UINT32_MAX ? malloc(sizeof *c + n_deliver * sizeof(gc_action_t) + bytes) : NULL;
     if (!c) {
-        p->oom = 1;
+        __atomic_store_n(&p->oom, 1, __ATOMIC_RELAXED);
         return;
     }
     memset(c, 0, sizeof *c);
@@ -467,6 +467,7 @@ static void drain_inbox(gc_pump_t *p)
         int rc = gc_ring_submit(p->ring, now, x->payload, x->len, x->flags);
         if (rc == GC_EQUEUEFULL) break;      /* keep it, in order, for the next lock holder */
         if (rc < 0) p->stats.submit_drops++;
+        if (rc == GC_ENOMEM) __atomic_store_n(&p->oom, 1, __ATOMIC_RELAXED);
         p->carry = x->next;
         if (!p->carry) p->carry_tail = NULL;
         free(x);
@@ -547,7 +548,7 @@ static int is_token(const uint8_t *buf, size_t len)
 
 static void ring_receive(gc_pump_t *p, uint64_t now, const uint8_t *buf, size_t len)
 {
-    if (gc_ring_receive(p->ring, now, buf, len) == GC_ENOMEM) p->oom = 1;
+    if (gc_ring_receive(p->ring, now, buf, len) == GC_ENOMEM) __atomic_store_n(&p->oom, 1, __ATOMIC_RELAXED);
 }
 
 /* One datagram, in the order channel.py's _drain applies its rules. */
@@ -922,7 +923,8 @@ int gc_pump_take(gc_pump_t *p, gc_pump_batch_t *out)
     __atomic_sub_fetch(&p->queued_bytes, bytes, __ATOMIC_SEQ_CST);
     __atomic_sub_fetch(&p->queued_packets, packets, __ATOMIC_RELAXED);
     if (__atomic_exchange_n(&p->paused, 0, __ATOMIC_SEQ_CST)) eventfd_signal(p->wake_fd);
-    if (failed || __atomic_load_n(&p->oom, __ATOMIC_RELAXED)) return GC_ENOMEM;
+    if (failed) __atomic_store_n(&p->oom, 1, __ATOMIC_RELAXED);
+    if (__atomic_load_n(&p->oom, __ATOMIC_RELAXED)) return GC_ENOMEM;
     out->actions = p->taken.recs;
     out->n_actions = p->taken.n;
     out->data = p->taken.data;

@@ -76,7 +76,7 @@ typedef struct {
     uint64_t notifies;           /* times Python was woken */
     uint64_t kicks;              /* times Python's input moved a timer earlier and woke the thread */
     uint64_t handoffs;           /* messages queued because the lock was taken */
-    uint64_t submit_drops;       /* queued messages the ring refused (it had left) */
+    uint64_t submit_drops;       /* queued messages the ring refused (it had left, or no memory) */
     uint64_t pauses;             /* times reading stopped because Python fell behind */
 } gc_pump_stats_t;
 

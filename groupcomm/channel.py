@@ -10,7 +10,10 @@
 The ring (:mod:`groupcomm.ring`) is sans-IO; this module only moves bytes and
 time.  The channel owns a nursery with three tasks: one per socket (draining
 every readable datagram per wake-up, regular messages before tokens, then one
-flush) and one timer task sleeping until the ring's next deadline.
+flush) and one timer task sleeping until the ring's next deadline.  With
+``pump = "c"`` in the transport layer, a C thread (:mod:`groupcomm.pump`)
+serves the sockets and the ring's timers instead, and one task waits for its
+eventfd: deliveries, views and the other layers' packets.
 
 Slow consumers: deliveries queue without blocking the ring, up to
 ``max_pending_events``.  Past that the member leaves the group (the others
@@ -253,6 +256,12 @@ class Channel:
                 await self._space.wait()
         await trio.lowlevel.checkpoint()
 
+    async def _finish_sends(self) -> None:
+        """Before a graceful leave: let the ring order what we already sent (bounded by the token timeout)."""
+        with trio.move_on_after(2 * self._ring_config.token_timeout):
+            while not self._closed and self._stack is not None and self._stack.pending:
+                await trio.sleep(0.001)
+
     def _spawn(self, fn, *args) -> None:
         if self._nursery is not None and not self._closed:
             self._nursery.start_soon(fn, *args)
@@ -404,7 +413,7 @@ class Channel:
         self._flush()
 
     def _drain_pump(self, notify_fd: int) -> None:
-        """The pump woke us: answer probes, feed FD packets, then flush its deliveries."""
+        """The pump woke us: answer probes, feed the other layers' packets, then flush its deliveries."""
         pump, stack = self._pump, self._stack
         assert pump is not None and stack is not None
         pump.clear_notify()                       # before taking: a later signal wakes us again
@@ -587,7 +596,8 @@ async def open_channel(
     settings, and ``ring`` / ``udp`` / ``fd`` objects replace a layer's config
     outright (``fd=None`` turns failure detection off).
 
-    Leaving the block leaves the group gracefully.  Errors from the channel's
+    Leaving the block waits (up to twice the token timeout) until the messages
+    already sent are ordered, then leaves the group gracefully.  Errors from the channel's
     tasks propagate as trio propagates them (an ExceptionGroup when several fail).
     """
     spec = load_stack(stack, overrides=overrides)
@@ -615,6 +625,7 @@ async def open_channel(
             with trio.fail_after(timeout):
                 await ch._joined.wait()
             yield ch
+            await ch._finish_sends()
         finally:
             ch._leave()
             nursery.cancel_scope.cancel()

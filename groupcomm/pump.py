@@ -3,8 +3,8 @@
 Under the trio driver every token hop wakes the trio loop; with the pump
 (``pump = "c"`` in the UDP/UDPU layer) a C thread receives the ring's
 datagrams, feeds the ring, sends its packets and fires its timers, and wakes
-Python only for what Python must see: deliveries, views, failure-detector and
-probe packets.
+Python only for what Python must see: deliveries, views, and the other layers'
+packets (failure detector, unicast, probe).
 
 The protocol layers stay as they are.  :func:`attach` hands the
 :class:`~groupcomm.stack.Stack` a :class:`LockedRing` in place of its ring:
@@ -39,7 +39,6 @@ MIN_BATCH, MAX_BATCH = 8, 64
 MIN_BACKLOG = 1024           # deliveries waiting for Python before the pump stops reading ...
 MAX_BACKLOG_BYTES = 64 << 20  # ... or their bytes
 _MAX_KIND = 127
-_US = 1_000_000
 
 _PUMP_STATS = tuple(name for name, _ in ffi.typeof("gc_pump_stats_t").fields)
 _ACTION = struct.Struct("=BBHIQII")

@@ -232,3 +232,22 @@ async def test_ipv6_on_the_unicast_stack():
 def test_the_simulator_stack_cannot_open_a_real_channel():
     with pytest.raises(ConfigError, match="UDP or UDPU"):
         stack_configs(load_stack("sim"))
+
+
+async def test_messages_sent_just_before_leaving_are_still_delivered():
+    udp, cluster = loopback(), unique_cluster()
+    async with open_channel(cluster=cluster, name="stay", udp=udp, ring=FAST) as stay:
+        async with open_channel(cluster=cluster, name="go", udp=udp, ring=FAST) as go:
+            await wait_for_view(stay, 2)
+            for i in range(50):
+                await go.send(b"last words %d" % i)
+        got, pair = [], False
+        with trio.fail_after(10):
+            async for ev in stay.events():
+                if isinstance(ev, Message):
+                    got.append(ev.payload)
+                elif isinstance(ev, View) and not ev.transitional:
+                    if pair and len(ev.members) == 1:
+                        break                           # "go" left: everything it sent came before
+                    pair = len(ev.members) == 2
+        assert got == [b"last words %d" % i for i in range(50)]

@@ -25,6 +25,7 @@ from groupcomm import channel as channel_module
 from groupcomm._native import ffi, lib
 from groupcomm.channel import Channel, cluster_id_for, open_channel
 from groupcomm.config import load_stack
+from groupcomm.demo import view_is
 from groupcomm.errors import ChannelClosed, ConfigError, DeliveryOverflow
 from groupcomm.events import Configuration, Delivery, Message
 from groupcomm.fd import FdConfig
@@ -32,7 +33,6 @@ from groupcomm.probe import probe
 from groupcomm.pump import parse_outputs
 from groupcomm.ring import LayerDelivery, Ring, RingConfig
 from groupcomm.udp import UdpConfig, UdpuConfig
-from groupcomm.demo import view_is
 from tests.test_channel import FAST, free_port, unique_cluster, wait_for_view
 
 BIG = bytes(range(256)) * 400                   # 100 KiB: about 75 datagrams at mtu 1400
