@@ -8,13 +8,14 @@ from groupcomm.errors import (
     EVSViolation,
     GroupcommError,
     LocalProtocolError,
+    MemberUnreachable,
     NotOperational,
     PayloadTooLarge,
     ProtocolError,
     QueueFull,
     RemoteProtocolError,
 )
-from groupcomm.events import Configuration, Crashed, Delivery, Message, RingId, View
+from groupcomm.events import Configuration, Crashed, Delivery, Direct, Message, RingId, View
 from groupcomm.quorum import QuorumConfig
 from groupcomm.ring import Ring, RingConfig, RingState
 from groupcomm.rpc import ALL, FIRST, MAJORITY, NONE, Mode, Reply
@@ -28,7 +29,9 @@ __all__ = [
     "FIRST",
     "MAJORITY",
     "NONE",
+    "Direct",
     "Merge",
+    "MemberUnreachable",
     "Mode",
     "QuorumConfig",
     "Reply",

@@ -37,7 +37,7 @@ import trio
 
 from groupcomm.config import StackSpec, build_config, load_stack
 from groupcomm.errors import ChannelClosed, ConfigError, DeliveryOverflow, NotOperational, QueueFull
-from groupcomm.events import Message, View
+from groupcomm.events import Direct, Message, View
 from groupcomm.frag import FragConfig
 from groupcomm.probe import MAGIC as PROBE_MAGIC
 from groupcomm.probe import is_probe_request, probe_response
@@ -48,6 +48,7 @@ from groupcomm.member import Member
 from groupcomm.quorum import QuorumConfig
 from groupcomm.rpc import ALL, Mode, Reply
 from groupcomm.space import Handler, Services, Space
+from groupcomm.spaces import Merge
 from groupcomm.stack import Stack
 from groupcomm.unicast import UnicastConfig
 from groupcomm.udp import UdpConfig, UdpSockets, UdpuConfig, open_sockets, open_unicast, parse_host
@@ -223,6 +224,17 @@ class Channel:
     async def join_space(self, name: str) -> Space:
         """Join the ServiceSpace ``name``; returns once this member's join is delivered."""
         return await self._services.join(name)
+
+    async def send_to(self, member: int, payload: bytes) -> None:
+        """Send ``payload`` to one member over reliable unicast (it arrives as :class:`Direct`).
+
+        Returns once ``member`` acknowledged it; raises :class:`MemberUnreachable`
+        at once if ``member`` is not in the view, or as soon as it leaves the
+        view before acknowledging.
+        """
+        if not isinstance(payload, (bytes, bytearray, memoryview)):
+            raise TypeError(f"payload must be bytes, not {type(payload).__name__}")
+        await self._services.send_to(member, bytes(payload))
 
     def on_request(self, handler: Handler) -> None:
         """``async def handler(request) -> bytes`` answers channel-wide requests (:meth:`request`)."""
@@ -491,6 +503,8 @@ class Channel:
                 if not out.transitional:
                     self._view = out
                     self._joined.set()
+                push(out)
+            elif t is Direct or t is Merge:
                 push(out)
             else:
                 self._services.output(out)               # spaces, requests, state transfer

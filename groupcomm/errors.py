@@ -54,6 +54,10 @@ class DeliveryOverflow(GroupcommError):
     """
 
 
+class MemberUnreachable(GroupcommError):
+    """A point-to-point send failed: the destination left the view (or never was in it)."""
+
+
 class RemoteProtocolError(ProtocolError):
     """A peer sent a packet the ring refused (malformed, foreign, stale...)."""
 

@@ -81,4 +81,14 @@ class View(NamedTuple):
     primary: bool = True
 
 
-ChannelEvent = Union[Message, View]
+class Direct(NamedTuple):
+    """A point-to-point message (:meth:`~groupcomm.channel.Channel.send_to`).
+
+    FIFO and exactly once per sender, but not ordered with the ring's messages.
+    """
+
+    sender: int
+    payload: bytes
+
+
+ChannelEvent = Union[Message, View, Direct]

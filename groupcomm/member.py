@@ -21,11 +21,12 @@ Outputs, in order: ``SendToAll`` / ``SendTo`` packets; lists of channel
 from __future__ import annotations
 
 from collections import deque
+from typing import NamedTuple
 
 import msgpack
 
-from groupcomm.errors import LocalProtocolError, QueueFull
-from groupcomm.events import View
+from groupcomm.errors import LocalProtocolError, MemberUnreachable, QueueFull
+from groupcomm.events import Direct, View
 from groupcomm.fd import FdConfig
 from groupcomm.frag import FragConfig
 from groupcomm.quorum import Quorum, QuorumConfig
@@ -50,9 +51,17 @@ __all__ = ["Member", "SERVICES_KIND"]
 
 SERVICES_KIND = 2
 """Ring kind of every message of the layers above FRAG."""
-REPLY_OP, P2P_REQUEST_OP = 17, 18
+REPLY_OP, P2P_REQUEST_OP, DIRECT_OP = 17, 18, 19
 _UNICAST_WINDOW = 4
 """Upper-layer unicast messages in flight per peer (state chunks are 256 KiB)."""
+
+
+class DirectDone(NamedTuple):
+    """A :meth:`Member.send_to` completed: acknowledged by ``dest`` (``error`` None) or failed."""
+
+    token: int
+    dest: int
+    error: str | None
 
 
 class Member:
@@ -78,8 +87,11 @@ class Member:
         self.view: View | None = None
         self._control: deque[tuple[bytes, bool]] = deque()     # ring messages of our layers, waiting for room
         self._my_requests: dict[int, str] = {}                 # multicast req id -> scope
-        self._uq: dict[int, deque[tuple[bytes, int | None]]] = {}   # per peer: (payload, req id)
-        self._u_inflight: dict[int, dict[int, int | None]] = {}     # per peer: msg id -> req id
+        # Upper-layer unicast, paced per peer.  The tag of each message: a request id
+        # (int > 0: its slot fails if the message does), a send_to token (int < 0) or None.
+        self._uq: dict[int, deque[tuple[bytes, int | None]]] = {}
+        self._u_inflight: dict[int, dict[int, int | None]] = {}     # per peer: msg id -> tag
+        self._direct_tokens = 0
         self._out: list = []
 
     # -- inputs -----------------------------------------------------------------
@@ -148,6 +160,18 @@ class Member:
                     self._unicast(member, message, req_id)
         self._pump_unicast(now)
         return req_id
+
+    def send_to(self, now: int, dest: int, payload: bytes) -> int:
+        """A point-to-point message over UNICAST; a :class:`DirectDone` with the returned token follows."""
+        if dest == self.node_id:
+            raise LocalProtocolError("send_to: a member cannot send to itself; use the payload directly")
+        if self.view is None or dest not in self.view.members:
+            raise MemberUnreachable(f"member {dest} is not in the current view")
+        self._direct_tokens += 1
+        token = self._direct_tokens
+        self._unicast(dest, msgpack.packb([DIRECT_OP, bytes(payload)], use_bin_type=True), -token)
+        self._pump_unicast(now)
+        return token
 
     def cancel_request(self, req_id: int) -> None:
         self.rpc.cancel(req_id)
@@ -230,12 +254,11 @@ class Member:
             gone = set(self.view.members) - set(view.members) if self.view else set()
             self.view = view
             self.unicast.set_members(view.members, now)
-            for peer in list(self._uq):
+            for peer in list(set(self._uq) | set(self._u_inflight)):
                 if peer not in view.members:
-                    self._uq.pop(peer)
-                    for req_id in self._u_inflight.pop(peer, {}).values():
-                        if req_id is not None:
-                            self.rpc.reply(req_id, peer, _LEFT)
+                    queued = [tag for _, tag in self._uq.pop(peer, ())]
+                    for tag in [*self._u_inflight.pop(peer, {}).values(), *queued]:
+                        self._failed(peer, tag)
             if gone:
                 self.rpc.left(None, gone)
         self._after_spaces(now)
@@ -310,15 +333,23 @@ class Member:
             elif t is UnicastMessage:
                 self._unicast_message(now, item)
             elif t is UnicastSent:
-                self._u_inflight.get(item.dest, {}).pop(item.msg_id, None)
+                tag = self._u_inflight.get(item.dest, {}).pop(item.msg_id, None)
+                if tag is not None and tag < 0:
+                    self._out.append(DirectDone(-tag, item.dest, None))
                 again = True
             elif t is UnicastFailed:
-                req_id = self._u_inflight.get(item.dest, {}).pop(item.msg_id, None)
-                if req_id is not None:
-                    self.rpc.reply(req_id, item.dest, _LEFT)
+                self._failed(item.dest, self._u_inflight.get(item.dest, {}).pop(item.msg_id, None), item.reason)
                 again = True
         if again and self._uq:
             self._pump_unicast(now)
+
+    def _failed(self, dest: int, tag: int | None, reason: str = "left") -> None:
+        if tag is None:
+            return
+        if tag > 0:
+            self.rpc.reply(tag, dest, _LEFT)
+        else:
+            self._out.append(DirectDone(-tag, dest, reason))
 
     def _unicast_message(self, now: int, message: UnicastMessage) -> None:
         try:
@@ -334,6 +365,8 @@ class Member:
             elif op == P2P_REQUEST_OP:
                 _, scope, req_id, payload = item
                 self._out.append(SpaceRequest(scope, message.sender, req_id, payload))
+            elif op == DIRECT_OP:
+                self._out.append(Direct(message.sender, item[1]))
             elif op == STATE_CHUNK_OP:
                 self.spaces.unicast(message.sender, message.payload)
                 self._after_spaces(now)

@@ -28,8 +28,9 @@ from typing import TYPE_CHECKING, Any
 
 import trio
 
-from groupcomm.errors import ChannelClosed, LocalProtocolError
+from groupcomm.errors import ChannelClosed, LocalProtocolError, MemberUnreachable
 from groupcomm.events import Message
+from groupcomm.member import DirectDone
 from groupcomm.rpc import ALL, Mode, Reply, RequestDone
 from groupcomm.spaces import SpaceMessage, SpaceRequest, SpaceView, StateInstalled, StateRequest
 
@@ -118,8 +119,8 @@ class Services:
         self.spaces: dict[str, Space] = {}
         self.handlers: dict[str, Handler] = {}
         self._waiting: dict[int, tuple[trio.Event, list]] = {}
+        self._direct: dict[int, tuple[trio.Event, list]] = {}
         self._changed = trio.Event()
-        self.merges: list = []
 
     async def join(self, name: str) -> Space:
         if name in self.spaces:
@@ -165,6 +166,19 @@ class Services:
             return {m: Reply(False, None, "no answer before the timeout", "timeout") for m in targets or ()}
         return box[0]
 
+    async def send_to(self, dest: int, payload: bytes) -> None:
+        done, box = trio.Event(), []
+
+        def start(now: int, member) -> None:
+            self._direct[member.send_to(now, dest, payload)] = (done, box)
+
+        await self.channel._send_layer(start)
+        await done.wait()
+        if not box:
+            raise ChannelClosed("channel closed before the message was acknowledged")
+        if box[0] is not None:
+            raise MemberUnreachable(f"send_to member {dest}: {box[0]}")
+
     # -- outputs of the Member, in order --------------------------------------------------
 
     def output(self, item: Any) -> None:
@@ -202,18 +216,21 @@ class Services:
                     space._send.send_nowait(item)
                 else:
                     space._receiver(item.state)
+        elif t is DirectDone:
+            waiting = self._direct.pop(item.token, None)
+            if waiting is not None:
+                waiting[1].append(item.error)
+                waiting[0].set()
         elif t is RequestDone:
             waiting = self._waiting.get(item.req_id)
             if waiting is not None:
                 waiting[1].append(item.replies)
                 waiting[0].set()
-        else:
-            self.merges.append(item)
 
     def close(self) -> None:
         for space in self.spaces.values():
             space._send.close()
-        for done, _ in self._waiting.values():
+        for done, _ in [*self._waiting.values(), *self._direct.values()]:
             done.set()
         self._wake()
 

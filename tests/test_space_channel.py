@@ -112,6 +112,30 @@ async def test_a_request_times_out_exactly_and_a_crashed_member_is_left():
         assert call is not None and call[b_addr].status == "left"
 
 
+async def test_send_to_is_acknowledged_fifo_and_fails_for_non_members():
+    udp, cluster = loopback(), unique_cluster()
+    async with open_channel(cluster=cluster, name="a", udp=udp, ring=FAST) as a, \
+            open_channel(cluster=cluster, name="b", udp=udp, ring=FAST) as b:
+        await wait_for_view(a, 2)
+        big = bytes(range(256)) * 4000                       # about 1 MB: fragmented by UNICAST
+        for i in range(20):
+            await a.send_to(b.address, b"%d" % i)
+        await a.send_to(b.address, big)
+        got = []
+        with trio.fail_after(5):
+            async for ev in b.events():
+                if type(ev) is groupcomm.Direct:
+                    assert ev.sender == a.address
+                    got.append(ev.payload)
+                    if len(got) == 21:
+                        break
+        assert got == [b"%d" % i for i in range(20)] + [big]
+        with pytest.raises(groupcomm.MemberUnreachable, match="not in the current view"):
+            await a.send_to(12345, b"x")
+        with pytest.raises(LocalProtocolError):
+            await a.send_to(a.address, b"x")
+
+
 async def test_state_transfer_gives_a_joiner_the_state_at_its_join():
     udp, cluster = loopback(), unique_cluster()
     async with open_channel(cluster=cluster, name="a", udp=udp, ring=FAST) as a, \

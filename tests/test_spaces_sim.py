@@ -96,6 +96,8 @@ def test_spaces_merge_after_a_partition_heals() -> None:
     for n in (1, 2, 3, 4):
         sim.services.join(n, "s")
     sim.run(0.3)
+    merges: list = []
+    sim.services.add_observer(lambda node, ev: merges.append((node, ev)) if type(ev).__name__ == "Merge" else None)
     sim.partition([[1, 2], [3, 4]])
     assert sim.run_until(lambda: last_view(sim, 1, "s").members == (1, 2)
                          and last_view(sim, 3, "s").members == (3, 4), timeout=15)
@@ -104,7 +106,20 @@ def test_spaces_merge_after_a_partition_heals() -> None:
                                      for n in (1, 2, 3, 4)), timeout=20)
     final = {last_view(sim, n, "s").members for n in (1, 2, 3, 4)}
     assert len(final) == 1
+    assert merges and {(m.components, m.primary) for _, m in merges} == {(((1, 2), (3, 4)), (1, 2))}
+    assert {node for node, _ in merges} == {1, 2, 3, 4}
     check_views_agree(sim)
+
+
+def test_send_to_is_acknowledged_and_fails_promptly_when_the_member_goes() -> None:
+    sim = cluster(3)
+    box = sim.services.send_to(1, 2, b"hello")
+    sim.run(0.1)
+    assert box == [2, "ok"] and [d.payload for d in sim.services.direct(2)] == [b"hello"]
+    sim.partition([[1, 3], [2]])                # 2 cannot acknowledge any more
+    box = sim.services.send_to(1, 2, b"x" * 100_000)
+    assert sim.run_until(lambda: box[1] is not None, timeout=10)
+    assert box[1] == "left"
 
 
 # ---------------------------------------------------------------------------

@@ -18,7 +18,8 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 from groupcomm.errors import NotOperational
-from groupcomm.events import View
+from groupcomm.events import Direct, View
+from groupcomm.member import DirectDone
 from groupcomm.rpc import ALL, Mode, Reply, RequestDone
 from groupcomm.spaces import Merge, SpaceMessage, SpaceRequest, SpaceView, StateInstalled, StateRequest
 
@@ -60,6 +61,8 @@ class _App:
     views: list[SpaceView | None] = field(default_factory=list)     # None marks a crash
     events: dict[str, list] = field(default_factory=dict)
     pending: dict[int, SimRequest] = field(default_factory=dict)
+    direct: list[Direct] = field(default_factory=list)
+    sends: dict[int, list] = field(default_factory=dict)      # send_to token -> [dest, outcome]
 
 
 class ServiceApps:
@@ -117,6 +120,21 @@ class ServiceApps:
         self._sim._flush(self._sim._member(node))   # NONE completes at once
         return handle
 
+    def send_to(self, node: int, dest: int, payload: bytes) -> list:
+        """A point-to-point message; returns ``[dest, outcome]``: outcome None until acknowledged
+        (``"ok"``) or failed (the reason)."""
+        box: list = [dest, None]
+
+        def start(member: Member, now: int) -> None:
+            self._app(node).sends[member.send_to(now, dest, payload)] = box
+
+        self._act(node, start)
+        return box
+
+    def direct(self, node: int) -> list[Direct]:
+        """Point-to-point messages ``node`` received, in order."""
+        return list(self._app(node).direct)
+
     # -- observation -------------------------------------------------------------------
 
     def views(self, node: int) -> list[SpaceView | None]:
@@ -172,6 +190,12 @@ class ServiceApps:
             if handle is not None:
                 handle.replies = item.replies
                 handle.finished = self._sim.now
+        elif t is Direct:
+            app.direct.append(item)
+        elif t is DirectDone:
+            box = app.sends.pop(item.token, None)
+            if box is not None:
+                box[1] = item.error or "ok"
         elif t not in (View, Merge):
             raise AssertionError(f"unexpected output {item!r}")
         for observe in self._observers:
