@@ -85,14 +85,25 @@ def _print_orders(sim: SimCluster) -> None:
 
 
 def _event_line(event, as_json: bool) -> str:
-    from groupcomm.events import Message, View
+    from groupcomm.events import Direct, Message, View
+    from groupcomm.spaces import Merge
 
     if isinstance(event, View):
         if as_json:
             return json.dumps({"view": list(event.members), "ring": str(event.ring_id), "transitional": event.transitional})
         kind = "transitional view" if event.transitional else "view"
         return f"{kind} {event.ring_id}: {list(event.members)}"
-    assert isinstance(event, Message)
+    if isinstance(event, Merge):
+        if as_json:
+            return json.dumps({"merge": str(event.ring_id), "components": [list(c) for c in event.components],
+                               "primary": list(event.primary), "was_primary": event.was_primary})
+        return (f"merge {event.ring_id}: components {[list(c) for c in event.components]}, "
+                f"{'primary' if event.was_primary else 'winning'} side {list(event.primary)}")
+    if isinstance(event, Direct):
+        if as_json:
+            return json.dumps({"direct_from": event.sender, "msg": event.payload.decode(errors="replace")})
+        return f"{event.sender} (direct): {event.payload.decode(errors='replace')}"
+    assert isinstance(event, Message), event
     if as_json:
         return json.dumps({"from": event.sender, "msg": event.payload.decode(errors="replace"), "safe": event.safe})
     return f"{event.sender}: {event.payload.decode(errors='replace')}"
