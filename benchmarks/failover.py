@@ -15,7 +15,6 @@ import argparse
 import json
 import os
 import signal
-import socket
 import statistics
 import subprocess
 import sys
@@ -25,18 +24,15 @@ import uuid
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT / "benchmarks"))
+
+from workers import free_port  # noqa: E402
 
 STACKS = {
     "default (udp stack)": ["--stack", "udp", "--ttl", "0"],
     "tuned (loopback stack)": ["--stack", "loopback"],
     "udp stack, no FD": ["--stack", "udp", "--ttl", "0", "--fd", "off"],
 }
-
-
-def free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 class Node:

@@ -17,9 +17,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import socket
-import statistics
-import subprocess
 import sys
 import time
 import uuid
@@ -27,6 +24,9 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "benchmarks"))
+
+from workers import free_port, run_workers  # noqa: E402
 
 
 def summary(samples: list[float], seconds: float) -> dict:
@@ -99,31 +99,11 @@ async def worker(args) -> None:
     print(json.dumps(result), flush=True)
 
 
-def free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def run(args) -> dict:
     cluster, port = f"rpc-{uuid.uuid4().hex[:8]}", free_port()
     common = ["--members", str(args.members), "--seconds", str(args.seconds), "--state-mb", str(args.state_mb),
               "--cluster", cluster, "--port", str(port)]
-    procs = [subprocess.Popen([sys.executable, __file__, "--worker", "--index", str(i), *common],
-                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-             for i in range(args.members)]
-    results = []
-    try:
-        for p in procs:
-            out, err = p.communicate(timeout=args.timeout)
-            if p.returncode != 0:
-                raise SystemExit(f"worker failed:\n{err[-3000:]}")
-            results.append(json.loads(out.strip().splitlines()[-1]))
-    finally:
-        for p in procs:
-            if p.poll() is None:
-                p.kill()
-                p.wait()
+    results = run_workers(__file__, args.members, common, args.timeout)
     first = next(r for r in results if r["index"] == 0)
     return {"members": args.members, **{k: v for k, v in first.items() if k != "index"}}
 

@@ -15,10 +15,8 @@ from __future__ import annotations
 
 import argparse
 import json
-import socket
 import statistics
 import struct
-import subprocess
 import sys
 import time
 import uuid
@@ -27,6 +25,9 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "benchmarks"))
+
+from workers import free_port, run_workers  # noqa: E402
 
 ANCHORS = {100: 140_000, 1024: 66_000}   # Corosync 3.1.7 udpu, CPG agreed, 3 nodes, same machine
 
@@ -126,12 +127,6 @@ async def worker(args) -> None:
     print(json.dumps(result), flush=True)
 
 
-def free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def run(args) -> dict:
     cluster, port = f"bench-{uuid.uuid4().hex[:8]}", free_port()
     common = [
@@ -141,23 +136,7 @@ def run(args) -> dict:
         "--send-queue", str(args.send_queue), "--latency-samples", str(args.latency_samples),
         "--seqno-unchanged", str(args.seqno_unchanged), "--pump", args.pump,
     ]
-    procs = [
-        subprocess.Popen([sys.executable, __file__, "--worker", "--index", str(i), *common],
-                         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-        for i in range(args.members)
-    ]
-    results = []
-    try:
-        for p in procs:
-            out, err = p.communicate(timeout=args.timeout)
-            if p.returncode != 0:
-                raise SystemExit(f"worker failed:\n{err[-3000:]}")
-            results.append(json.loads(out.strip().splitlines()[-1]))
-    finally:
-        for p in procs:
-            if p.poll() is None:
-                p.kill()
-                p.wait()
+    results = run_workers(__file__, args.members, common, args.timeout)
     rate = statistics.median(r["msgs_per_s"] for r in results)
     summary = {
         "pump": args.pump, "members": args.members, "size": args.size, "messages": args.messages,

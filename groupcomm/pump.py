@@ -18,17 +18,15 @@ from __future__ import annotations
 
 import os
 import socket
-import struct
-from array import array
 from functools import partial
 
 from groupcomm._native import ffi, lib
 from groupcomm.errors import ConfigError, QueueFull
-from groupcomm.events import Configuration, Delivery, RingId
-from groupcomm.ring import LayerDelivery, Ring, SendTo, SendToAll
+from groupcomm.events import Delivery
+from groupcomm.ring import Ring, parse_actions
 from groupcomm.udp import UdpSockets
 
-__all__ = ["Pump", "LockedRing", "TargetSet", "attach", "detach", "parse_outputs", "now_us"]
+__all__ = ["Pump", "LockedRing", "TargetSet", "attach", "detach", "now_us"]
 
 now_us = lib.gc_pump_now_us
 """CLOCK_MONOTONIC in integer microseconds: every ring input's clock while a pump runs."""
@@ -41,58 +39,6 @@ MAX_BACKLOG_BYTES = 64 << 20  # ... or their bytes
 _MAX_KIND = 127
 
 _PUMP_STATS = tuple(name for name, _ in ffi.typeof("gc_pump_stats_t").fields)
-_ACTION = struct.Struct("=BBHIQII")
-_PLAIN = 3                   # first record word of an agreed kind-0 delivery: kind 3, flags 0
-_PLAIN_SAFE = 3 | (1 << 8)   # ... and of a safe one
-_tuple_new = tuple.__new__
-
-
-def parse_outputs(records: bytes, data: bytes, message_type: type = Delivery, *, runs: bool = False) -> list:
-    """Ring outputs from ``gc_action_t`` records and their data arena, as :meth:`Ring.take` returns them.
-
-    A copy of ``Ring.take``'s parsing (which ring.py keeps inline); the two
-    must agree, and tests/test_pump.py checks they do.
-    """
-    n = len(records) // _ACTION.size
-    if n == 0:
-        return []
-    words = array("I")
-    words.frombytes(records)
-    heads, nodes, offsets, lengths = words[0::6], words[1::6], words[4::6], words[5::6]
-    payloads = [data[o : o + size] for o, size in zip(offsets, lengths)]
-    make = partial(_tuple_new, message_type)
-    if heads.count(_PLAIN) + heads.count(_PLAIN_SAFE) == n:     # the hot path: no slicing
-        messages = list(map(make, zip(nodes, payloads, map(_PLAIN_SAFE.__eq__, heads))))
-        return [messages] if runs else messages
-
-    def plain(lo: int, hi: int) -> list:
-        return list(map(make, zip(nodes[lo:hi], payloads[lo:hi], map(_PLAIN_SAFE.__eq__, heads[lo:hi]))))
-
-    out: list = []
-    append = out.append
-    add_run = append if runs else out.extend
-    run = 0                                   # start of the current run of plain deliveries
-    for i, head in enumerate(heads):
-        if head == _PLAIN or head == _PLAIN_SAFE:
-            continue
-        if run < i:
-            add_run(plain(run, i))
-        run = i + 1
-        kind = head & 0xFF
-        if kind == lib.GC_ACT_SEND_MCAST:
-            append(SendToAll(payloads[i]))
-        elif kind == lib.GC_ACT_SEND_UNICAST:
-            append(SendTo(nodes[i], payloads[i]))
-        elif kind == lib.GC_ACT_DELIVER:
-            flags = (head >> 8) & 0xFF
-            append(LayerDelivery(nodes[i], payloads[i], bool(flags & 1), flags >> 1))
-        else:
-            _, flags, count, node, value, off, _ = _ACTION.unpack_from(records, i * _ACTION.size)
-            members = struct.unpack_from(f"<{count}I", data, off)
-            append(Configuration(RingId(node, value), members, bool(flags & 1)))
-    if run < n:
-        add_run(plain(run, n))
-    return out
 
 
 def _sockaddr(addr: tuple) -> tuple[int, bytes, int, int]:
@@ -122,7 +68,7 @@ class Pump:
         cfg.max_backlog = max(max_backlog, MIN_BACKLOG)
         cfg.max_backlog_bytes = MAX_BACKLOG_BYTES
         out = ffi.new("gc_pump_t **")
-        rc = lib.gc_pump_new(ring._r, cfg, out)   # the ring's C handle: Ring has no public accessor
+        rc = lib.gc_pump_new(ring.handle, cfg, out)
         if rc != lib.GC_OK:
             raise ConfigError(f"C pump: {ffi.string(lib.gc_strerror(rc)).decode()}")
         self._p = ffi.gc(out[0], lib.gc_pump_free)
@@ -187,7 +133,7 @@ class Pump:
         if lib.gc_pump_take(self._p, b) == lib.GC_ENOMEM:
             raise MemoryError("groupcomm pump: out of memory; deliveries were lost")
         if b.n_actions:
-            records = ffi.buffer(b.actions, b.n_actions * _ACTION.size)[:]
+            records = ffi.buffer(b.actions, b.n_actions * ffi.sizeof("gc_action_t"))[:]
             self._taken.append((records, ffi.buffer(b.data, b.data_len)[:]))
         if b.n_packets:
             data = ffi.buffer(b.packet_data, b.packet_data_len)[:]
@@ -200,8 +146,8 @@ class Pump:
         self._collect()
         taken, self._taken = self._taken, []
         if len(taken) == 1:
-            return parse_outputs(*taken[0], message_type, runs=runs)
-        return [item for records, data in taken for item in parse_outputs(records, data, message_type, runs=runs)]
+            return parse_actions(*taken[0], message_type, runs=runs)
+        return [item for records, data in taken for item in parse_actions(records, data, message_type, runs=runs)]
 
     def take_packets(self) -> list[tuple[bytes, tuple]]:
         """The other layers' datagrams (failure detector, unicast, probe), with their source."""

@@ -28,7 +28,7 @@ from groupcomm.errors import (
 )
 from groupcomm.events import Configuration, Delivery, RingId
 
-__all__ = ["Ring", "RingConfig", "RingState", "SendToAll", "SendTo", "LayerDelivery", "Output", "MAX_MEMBERS"]
+__all__ = ["Ring", "RingConfig", "RingState", "SendToAll", "SendTo", "LayerDelivery", "Output", "MAX_MEMBERS", "parse_actions"]
 
 MAX_MEMBERS: int = lib.GC_MAX_MEMBERS
 _ACTION = struct.Struct("=BBHIQII")
@@ -195,6 +195,56 @@ def _to_us(name: str, seconds: float) -> int:
 _STAT_FIELDS = tuple(name for name, _ in ffi.typeof("gc_ring_stats_t").fields)
 
 
+def parse_actions(records: bytes, data: bytes, message_type: type = Delivery, *, runs: bool = False) -> list:
+    """Ring outputs from ``gc_action_t`` records and their data arena (see :meth:`Ring.take`).
+
+    Columns of the records (six 32-bit words each): slicing an array is
+    C-speed, and runs of plain deliveries become objects without a
+    Python-level loop body per message.  This is the hot path.
+    """
+    n = len(records) // _ACTION.size
+    if n == 0:
+        return []
+    words = array("I")
+    words.frombytes(records)
+    heads, nodes, offsets, lengths = words[0::6], words[1::6], words[4::6], words[5::6]
+    payloads = [data[o : o + size] for o, size in zip(offsets, lengths)]
+    make = partial(_tuple_new, message_type)
+    if heads.count(_PLAIN) + heads.count(_PLAIN_SAFE) == n:     # the hot path: no slicing
+        messages = list(map(make, zip(nodes, payloads, map(_PLAIN_SAFE.__eq__, heads))))
+        return [messages] if runs else messages
+
+    def plain(lo: int, hi: int) -> list:
+        return list(map(make, zip(nodes[lo:hi], payloads[lo:hi], map(_PLAIN_SAFE.__eq__, heads[lo:hi]))))
+
+    out: list = []
+    append = out.append
+    add_run = append if runs else out.extend
+    run = 0                                   # start of the current run of plain deliveries
+    for i, head in enumerate(heads):
+        if head == _PLAIN or head == _PLAIN_SAFE:
+            continue
+        if run < i:
+            add_run(plain(run, i))
+        run = i + 1
+        kind = head & 0xFF
+        if kind == lib.GC_ACT_SEND_MCAST:
+            append(SendToAll(payloads[i]))
+        elif kind == lib.GC_ACT_SEND_UNICAST:
+            append(SendTo(nodes[i], payloads[i]))
+        elif kind == lib.GC_ACT_DELIVER:
+            flags = (head >> 8) & 0xFF
+            append(LayerDelivery(nodes[i], payloads[i], bool(flags & 1), flags >> 1))
+        else:
+            _, flags, count, node, value, off, _ = _ACTION.unpack_from(records, i * _ACTION.size)
+            members = struct.unpack_from(f"<{count}I", data, off)
+            append(Configuration(RingId(node, value), members, bool(flags & 1)))
+    if run < n:
+        add_run(plain(run, n))
+    return out
+
+
+
 class Ring:
     """One member's Totem ring state machine.
 
@@ -324,42 +374,12 @@ class Ring:
             return []
         records = ffi.buffer(self._pa[0], n * _ACTION.size)[:]
         data = ffi.buffer(self._pd[0], self._pl[0])[:]
-        # Columns of the records (six 32-bit words each): slicing an array is
-        # C-speed, and runs of plain deliveries become objects without a
-        # Python-level loop body per message.  This is the hot path.
-        words = array("I")
-        words.frombytes(records)
-        heads, nodes, offsets, lengths = words[0::6], words[1::6], words[4::6], words[5::6]
-        payloads = [data[o : o + size] for o, size in zip(offsets, lengths)]
-        make = partial(_tuple_new, message_type)
-        if heads.count(_PLAIN) + heads.count(_PLAIN_SAFE) == n:
-            messages = list(map(make, zip(nodes, payloads, map(_PLAIN_SAFE.__eq__, heads))))
-            return [messages] if runs else messages
-        out: list = []
-        append = out.append
-        add_run = append if runs else out.extend
-        run = 0                                   # start of the current run of plain deliveries
-        for i, head in enumerate(heads):
-            if head == _PLAIN or head == _PLAIN_SAFE:
-                continue
-            if run < i:
-                add_run(list(map(make, zip(nodes[run:i], payloads[run:i], map(_PLAIN_SAFE.__eq__, heads[run:i])))))
-            run = i + 1
-            kind = head & 0xFF
-            if kind == 1:
-                append(SendToAll(payloads[i]))
-            elif kind == 2:
-                append(SendTo(nodes[i], payloads[i]))
-            elif kind == 3:
-                flags = (head >> 8) & 0xFF
-                append(LayerDelivery(nodes[i], payloads[i], bool(flags & 1), flags >> 1))
-            else:
-                _, flags, count, node, value, off, _ = _ACTION.unpack_from(records, i * _ACTION.size)
-                members = struct.unpack_from(f"<{count}I", data, off)
-                append(Configuration(RingId(node, value), members, bool(flags & 1)))
-        if run < n:
-            add_run(list(map(make, zip(nodes[run:], payloads[run:], map(_PLAIN_SAFE.__eq__, heads[run:])))))
-        return out
+        return parse_actions(records, data, message_type, runs=runs)
+
+    @property
+    def handle(self):
+        """The C ``gc_ring_t *`` (for C code that drives this ring, like the socket pump)."""
+        return self._r
 
     # -- introspection ------------------------------------------------------
 

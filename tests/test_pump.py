@@ -30,7 +30,7 @@ from groupcomm.errors import ChannelClosed, ConfigError, DeliveryOverflow
 from groupcomm.events import Configuration, Delivery, Message
 from groupcomm.fd import FdConfig
 from groupcomm.probe import probe
-from groupcomm.pump import parse_outputs
+from groupcomm.ring import parse_actions
 from groupcomm.ring import LayerDelivery, Ring, RingConfig
 from groupcomm.udp import UdpConfig, UdpuConfig
 from tests.test_channel import FAST, free_port, unique_cluster, wait_for_view
@@ -78,18 +78,18 @@ def _singleton_with_outputs() -> Ring:
 
 
 @pytest.mark.parametrize("runs", [False, True])
-def test_parse_outputs_reads_records_exactly_as_ring_take_does(runs):
+def test_parse_actions_reads_records_exactly_as_ring_take_does(runs):
     expected = _singleton_with_outputs().take(Message, runs=runs)
     twin = _singleton_with_outputs()
     pa, pn, pd, pl = ffi.new("gc_action_t **"), ffi.new("size_t *"), ffi.new("uint8_t **"), ffi.new("size_t *")
     lib.gc_ring_take(twin._r, pa, pn, pd, pl)
     records = ffi.buffer(pa[0], pn[0] * ffi.sizeof("gc_action_t"))[:]
-    parsed = parse_outputs(records, ffi.buffer(pd[0], pl[0])[:], Message, runs=runs)
+    parsed = parse_actions(records, ffi.buffer(pd[0], pl[0])[:], Message, runs=runs)
     assert parsed == expected
     assert any(isinstance(x, Configuration) for x in parsed)
     assert any(isinstance(x, LayerDelivery) and x.kind == 5 for x in parsed)
-    assert parse_outputs(b"", b"") == []
-    assert parse_outputs(records, ffi.buffer(pd[0], pl[0])[:])[-1] == Delivery(7, b"m5", True)
+    assert parse_actions(b"", b"") == []
+    assert parse_actions(records, ffi.buffer(pd[0], pl[0])[:])[-1] == Delivery(7, b"m5", True)
 
 
 # -- channels with the pump ----------------------------------------------------------

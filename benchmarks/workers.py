@@ -1,0 +1,40 @@
+"""Shared plumbing of the benchmarks that start member processes on loopback."""
+
+from __future__ import annotations
+
+import json
+import socket
+import subprocess
+import sys
+
+
+def free_port() -> int:
+    """A UDP port nobody on 127.0.0.1 uses right now."""
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def run_workers(script: str, count: int, args: list[str], timeout: float) -> list[dict]:
+    """Run ``script --worker --index i *args`` for each i; each prints one JSON object last.
+
+    Kills (only) the processes it started if any fails or runs past ``timeout``.
+    """
+    procs = [
+        subprocess.Popen([sys.executable, script, "--worker", "--index", str(i), *args],
+                         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        for i in range(count)
+    ]
+    results = []
+    try:
+        for p in procs:
+            out, err = p.communicate(timeout=timeout)
+            if p.returncode != 0:
+                raise SystemExit(f"worker failed:\n{err[-3000:]}")
+            results.append(json.loads(out.strip().splitlines()[-1]))
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                p.kill()
+                p.wait()
+    return results
