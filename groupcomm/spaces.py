@@ -91,6 +91,11 @@ class SpaceRequest(NamedTuple):
     req_id: int
     payload: bytes
 
+    @property
+    def sender(self) -> int:
+        """The requester (the name messages use)."""
+        return self.requester
+
 
 class StateRequest(NamedTuple):
     """Provider side: take a snapshot of ``space`` now and pass it to :meth:`SpaceLayer.provide`."""
