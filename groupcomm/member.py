@@ -65,7 +65,12 @@ class DirectDone(NamedTuple):
 
 
 class Member:
-    """Stack + unicast + spaces + request-reply + quorum for one member."""
+    """Stack + unicast + spaces + request-reply + quorum for one member.
+
+    ``send(now, payload, safe=False)`` (a channel message) is the Stack's own
+    :meth:`~groupcomm.stack.Stack.send`, bound here without a wrapper: it is
+    the hot path.
+    """
 
     def __init__(
         self,
@@ -85,6 +90,7 @@ class Member:
         self.spaces = SpaceLayer(node_id, Quorum(quorum))
         self.rpc = RpcTracker()
         self.view: View | None = None
+        self.send = self.stack.send          # channel messages go straight to the Stack (hot path)
         self._control: deque[tuple[bytes, bool]] = deque()     # ring messages of our layers, waiting for room
         self._my_requests: dict[int, str] = {}                 # multicast req id -> scope
         # Upper-layer unicast, paced per peer.  The tag of each message: a request id
@@ -116,10 +122,6 @@ class Member:
 
     def suspect(self, now: int, node: int) -> bool:
         return self.stack.suspect(now, node)
-
-    def send(self, now: int, payload: bytes, safe: bool = False) -> bool:
-        """An application message to the whole channel; QueueFull when full."""
-        return self.stack.send(now, payload, safe)
 
     def join_space(self, now: int, space: str) -> None:
         self.spaces.join(space)

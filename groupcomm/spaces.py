@@ -60,6 +60,8 @@ __all__ = [
 JOIN, LEAVE, SYNC, DATA, STATE_REQ, STATE_DONE, REQUEST = range(1, 8)
 # Unicast ops carried for this layer.
 STATE_CHUNK_OP = 16
+_MAX_EARLY = 1024
+"""Snapshot chunks kept for points this member has not reached yet."""
 STATE_CHUNK = 256 << 10
 """Bytes of snapshot per unicast message; the driver paces chunks."""
 
@@ -185,6 +187,7 @@ class SpaceLayer:
         self._n = 0                             # deliveries in this ring view (see Point)
         self._sync: _Sync | None = None
         self._incoming: dict[str, _Incoming] = {}
+        self._early: dict[tuple[str, Point], list] = {}        # snapshot chunks that beat their point
         self._out: list = []
         self.dropped = 0
 
@@ -244,6 +247,7 @@ class SpaceLayer:
         if self.primary:
             self.last_primary_seq = view.ring_id.seq
         self._n = 0
+        self._early = {key: chunks for key, chunks in self._early.items() if key[1][1] >= view.ring_id.seq}
         if gone and not merged:
             # After a merge the sides saw different departures; the SYNC
             # barrier removes them for everyone at one point instead.
@@ -301,15 +305,29 @@ class SpaceLayer:
             self.dropped += 1
             return True
         if incoming is None or point not in incoming.cuts:
-            return True                                      # a late answer nobody waits for
+            # The provider may reach the point before we do (unicast overtakes
+            # the ring): keep the chunk until we get there, or drop it as late.
+            if point[1] >= self.ring_id.seq and len(self._early) < _MAX_EARLY:
+                self._early.setdefault((space, point), []).append((index, last, chunk))
+            return True
+        self._chunk(space, incoming, point, index, last, chunk)
+        return True
+
+    def _chunk(self, space: str, incoming: _Incoming, point: Point, index: int, last: bool, chunk) -> None:
         parts = incoming.chunks.setdefault(point, [])
         if index != len(parts) or (chunk is None and not (index == 0 and last)):
             self.dropped += 1
-            return True
+            return
         parts.append(chunk)
         if last:
             self._install(space, incoming, point)
-        return True
+
+    def _expect(self, space: str, incoming: _Incoming, point: Point, cut: int) -> None:
+        """The snapshot taken at ``point`` covers the buffer up to ``cut``; it may be here already."""
+        incoming.cuts[point] = cut
+        for index, last, chunk in self._early.pop((space, point), ()):
+            if self._incoming.get(space) is incoming:
+                self._chunk(space, incoming, point, index, last, chunk)
 
     # -- membership ---------------------------------------------------------------
 
@@ -459,7 +477,8 @@ class SpaceLayer:
                 self._finish(space, None, [])
             return
         if joiner == self.me:
-            self._incoming[space] = _Incoming(provider, {self._point(): 0})
+            incoming = self._incoming[space] = _Incoming(provider)
+            self._expect(space, incoming, self._point(), 0)
         elif provider == self.me:
             self._out.append(StateRequest(space, joiner, self._point()))
 
@@ -478,7 +497,7 @@ class SpaceLayer:
             incoming = self._incoming.get(space)
             if incoming is not None:
                 incoming.provider = provider
-                incoming.cuts[self._point()] = len(incoming.buffer)
+                self._expect(space, incoming, self._point(), len(incoming.buffer))
         elif provider == self.me:
             self._out.append(StateRequest(space, sender, self._point()))
 

@@ -41,6 +41,7 @@ class Stack:
         self.node_id = node_id
         self.ring = Ring(node_id, ring, ring_seq_floor=ring_seq_floor)
         self.frag = Fragmenter(node_id, self.ring.max_payload, (frag or FragConfig()).max_message)
+        self._ring_max = min(self.ring.max_payload, self.frag.max_message)
         self.fd = FailureDetector(node_id, ring.cluster_id, fd) if fd is not None else None
         self._fd_deadline = 0
         self._fragments: deque[tuple[bytes, bool]] = deque()    # of the message in flight, not yet in the ring
@@ -83,6 +84,8 @@ class Stack:
         if kind == FRAGMENT:
             raise ValueError(f"kind {FRAGMENT} is FRAG's own")
         if self._inflight is None and not self._waiting:
+            if len(payload) <= self._ring_max:                 # the common case, without a call into FRAG
+                return self.ring.submit(now, payload, safe=safe, kind=kind) or bool(self._out)
             fragments = self.frag.split(payload, safe, kind)
             if fragments is None:
                 return self.ring.submit(now, payload, safe=safe, kind=kind) or bool(self._out)  # may raise QueueFull

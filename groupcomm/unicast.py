@@ -83,6 +83,10 @@ transport expects)::
             | kind u8 | flags u8 | fragment bytes                            58 + n
     ACK     common | stream u32 | next expected seq u64 | bitmap length u16
             | bitmap (bit i: seq next+1+i arrived; little-endian)           46 + n
+    RESET   laid out as an ACK with next expected 0 and no bitmap: "I dropped
+            this stream" (I saw you leave my view while you did not see me
+            leave yours; EVS allows that).  The sender fails the stream's
+            messages as "left" and starts a new stream.                     46
 
 Malformed, foreign, misaddressed, stale and duplicate packets are counted in
 :attr:`Unicast.drops` by reason and dropped; :meth:`Unicast.receive` never
@@ -118,7 +122,7 @@ __all__ = [
 
 MAGIC = b"GU"
 VERSION = 1
-DATA, ACK = 1, 2
+DATA, ACK, RESET = 1, 2, 3
 ACK_NOW = 0x01                                       # DATA flag: acknowledge this packet at once
 _KNOWN_FLAGS = ACK_NOW
 
@@ -276,6 +280,7 @@ class Unicast:
         self.sent = self.retransmitted = self.acks_sent = 0
         self.received = self.acks_received = self.delivered = self.discarded = 0
         self.completed = self.failed = 0
+        self.resets_received = 0
 
     # -- inputs -------------------------------------------------------------------
 
@@ -326,7 +331,7 @@ class Unicast:
             if len(packet) < _DATA_SIZE:
                 return self._drop("malformed")
             fields = _DATA.unpack_from(packet)
-        elif ptype == ACK:
+        elif ptype == ACK or ptype == RESET:
             if len(packet) < _ACK_SIZE:
                 return self._drop("malformed")
             fields = _ACK.unpack_from(packet)
@@ -345,8 +350,10 @@ class Unicast:
             return self._drop("stale_epoch")
         if ptype == DATA:
             self._on_data(now, packet, fields)
-        else:
+        elif ptype == ACK:
             self._on_ack(now, packet, fields)
+        else:
+            self._on_reset(packet, fields)
 
     def tick(self, now: int) -> None:
         """Fire the timers due at ``now``: retransmissions and delayed acks."""
@@ -413,6 +420,7 @@ class Unicast:
             "discarded": self.discarded,
             "completed": self.completed,
             "failed": self.failed,
+            "resets_received": self.resets_received,
             "pending": self.pending,
             "drops": sum(self.drops.values()),
         }
@@ -480,6 +488,17 @@ class Unicast:
         out.rto = min(out.rto * 2, self._rto_max)
         out.timer = now + out.rto if flight else None
 
+    def _on_reset(self, packet: bytes, fields: tuple) -> None:
+        sender, d_epoch, stream, bitmap_len = fields[4], fields[7], fields[8], fields[10]
+        if len(packet) != _ACK_SIZE or bitmap_len:
+            return self._drop("malformed")
+        out = self._outs.get(sender)
+        if d_epoch != self.epoch or out is None or stream != out.stream:
+            return self._drop("stale_reset")             # about a stream we no longer use
+        self.resets_received += 1
+        del self._outs[sender]
+        self._fail_stream(sender, out, LEFT)
+
     def _on_ack(self, now: int, packet: bytes, fields: tuple) -> None:
         sender, d_epoch, stream, cum, bitmap_len = fields[4], fields[7], fields[8], fields[9], fields[10]
         if len(packet) != _ACK_SIZE + bitmap_len or bitmap_len > _MAX_BITMAP:
@@ -543,7 +562,11 @@ class Unicast:
             return self._send_ack(sender, s_epoch, stream, inn if inn and inn.stream == stream else None)
         if inn is None or inn.stream != stream or inn.epoch != s_epoch:
             if (s_epoch, stream) <= self._accepted.get(sender, (-1, -1)):
-                return self._drop("stale_stream")
+                self._drop("stale_stream")
+                header = _ACK.pack(MAGIC, VERSION, RESET, self._cluster, self.me, sender, self.epoch, s_epoch,
+                                   stream, 0, 0)
+                self._out.append(SendTo(sender, header))
+                return
             inn = self._ins[sender] = _In(s_epoch, stream)
             self._accepted[sender] = (s_epoch, stream)
         expected = inn.expected

@@ -405,6 +405,23 @@ def test_a_rejoined_member_gets_a_new_stream_and_old_packets_stay_out():
     assert net.received(2) == [b"first life of the stream", b"second"]
 
 
+def test_a_receiver_that_saw_the_sender_leave_resets_the_stream_the_sender_kept():
+    # EVS lets views differ for a while: 2 passes through a view without 1 while
+    # 1 never stops seeing 2, so 1 keeps its stream and 2 has dropped it.
+    net = Net()
+    net.send(1, 2, b"before")
+    net.run()
+    net.nodes[2].set_members((2,), net.now)
+    net.nodes[2].set_members((1, 2), net.now)
+    pending = net.send(1, 2, b"lost to the reset")
+    net.run()
+    assert UnicastFailed(2, pending, LEFT) in net.of(1, UnicastFailed)
+    assert net.nodes[1].stats()["resets_received"] == 1
+    net.send(1, 2, b"after")                             # a new stream: accepted
+    net.run()
+    assert net.received(2) == [b"before", b"after"]
+
+
 @st.composite
 def churn_plans(draw):
     node = st.integers(1, 3)
