@@ -18,6 +18,11 @@ registers ``fn(state: bytes | None)``, called on the joiner before
 after a merge, when this member's side was not primary: replace the local
 state).  A member that never iterates :meth:`Space.events` is asked for its
 snapshot at delivery time instead.
+
+A space's events share the channel's slow-consumer policy: past
+``max_pending_events`` undelivered events in one space the member leaves the
+group, and :meth:`Space.events` raises
+:class:`~groupcomm.errors.DeliveryOverflow` once it has handed out the rest.
 """
 
 from __future__ import annotations
@@ -28,7 +33,7 @@ from typing import TYPE_CHECKING, Any
 
 import trio
 
-from groupcomm.errors import ChannelClosed, LocalProtocolError, MemberUnreachable
+from groupcomm.errors import ChannelClosed, DeliveryOverflow, LocalProtocolError, MemberUnreachable
 from groupcomm.events import Message
 from groupcomm.member import DirectDone
 from groupcomm.rpc import ALL, Mode, Reply, RequestDone
@@ -55,6 +60,7 @@ class Space:
         self._send, self._recv = trio.open_memory_channel[Any](math.inf)
         self._joined = trio.Event()
         self._iterating = False
+        self._pending = 0
         self._provider: Callable[[], bytes | None] | None = None
         self._receiver: Callable[[bytes | None], None] | None = None
         self.left = False
@@ -72,6 +78,7 @@ class Space:
         """Messages and space views, in the total order, until this member leaves the space."""
         self._iterating = True
         async for item in self._recv:
+            self._pending -= 1
             t = type(item)
             if t is StateRequest:
                 self._services._provide(self, item)
@@ -80,6 +87,20 @@ class Space:
                     self._receiver(item.state)
             else:
                 yield item
+        if self._services.channel._overflow:
+            raise DeliveryOverflow(
+                f"space {self.name!r}: more than {self._services.channel._max_pending} undelivered events; "
+                "the member left the group so the others are not held up"
+            )
+
+    def _put(self, item: Any) -> None:
+        """Queue an event for :meth:`events`; past ``max_pending_events`` the channel's overflow policy applies."""
+        self._pending += 1
+        self._send.send_nowait(item)
+        channel = self._services.channel
+        if self._pending > channel._max_pending and not channel._overflow:
+            channel._overflow = True
+            channel._leave()
 
     async def leave(self) -> None:
         """Leave the space; returns once the leave is delivered (this member's last view)."""
@@ -191,7 +212,7 @@ class Services:
             if me in item.joined and not space._joined.is_set():
                 space._joined.set()
             space.view = item
-            space._send.send_nowait(item)
+            space._put(item)
             if me in item.left:
                 space.left = True
                 space._send.close()
@@ -200,7 +221,7 @@ class Services:
         elif t is SpaceMessage:
             space = self.spaces.get(item.space)
             if space is not None:
-                space._send.send_nowait(item.message)
+                space._put(item.message)
         elif t is SpaceRequest:
             self.channel._spawn(self._serve, item)
         elif t is StateRequest:
@@ -208,12 +229,12 @@ class Services:
             if space is None or not space._iterating:
                 self._provide(space, item)
             else:
-                space._send.send_nowait(item)
+                space._put(item)
         elif t is StateInstalled:
             space = self.spaces.get(item.space)
             if space is not None:
                 if space._iterating or space._receiver is None:
-                    space._send.send_nowait(item)
+                    space._put(item)
                 else:
                     space._receiver(item.state)
         elif t is DirectDone:

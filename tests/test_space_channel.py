@@ -177,3 +177,20 @@ async def test_state_transfer_gives_a_joiner_the_state_at_its_join():
                 await done_b.wait()
             nursery.cancel_scope.cancel()
         assert state_a == state_b and len(state_b) == 200
+
+
+async def test_a_space_nobody_reads_overflows_by_the_channels_policy():
+    udp, cluster = loopback(), unique_cluster()
+    async with open_channel(cluster=cluster, name="a", udp=udp, ring=FAST) as a:
+        async with open_channel(cluster=cluster, name="slow", udp=udp, ring=FAST, max_pending_events=20) as slow:
+            await wait_for_view(a, 2)
+            sa = await a.join_space("s")
+            ss = await slow.join_space("s")
+            for i in range(40):
+                await sa.send(b"%d" % i)
+            await wait_until(lambda: a.view is not None and len(a.view.members) == 1)
+            seen = 0
+            with pytest.raises(groupcomm.DeliveryOverflow, match="space 's'"):
+                async for _ in ss.events():
+                    seen += 1
+            assert 20 <= seen <= 23
