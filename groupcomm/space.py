@@ -27,6 +27,7 @@ group, and :meth:`Space.events` raises
 
 from __future__ import annotations
 
+import inspect
 import math
 from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import TYPE_CHECKING, Any
@@ -271,7 +272,9 @@ class Services:
             reply = Reply(False, None, f"LookupError: no request handler for space {request.space!r}", "error")
         else:
             try:
-                value = await handler(request)
+                value = handler(request)
+                if inspect.isawaitable(value):                # plain functions work too
+                    value = await value
                 if not isinstance(value, (bytes, bytearray, memoryview)):
                     raise TypeError(f"request handler returned {type(value).__name__}, not bytes")
                 reply = Reply(True, bytes(value), None, "ok")
