@@ -41,7 +41,7 @@ from groupcomm.spaces import (
     SpaceView,
     StateRequest,
     UnicastSend,
-    _check_name,
+    check_space_name,
 )
 from groupcomm.stack import Stack
 from groupcomm.unicast import MAGIC as UNICAST_MAGIC
@@ -146,7 +146,7 @@ class Member:
         each of them over unicast.
         """
         if scope:
-            _check_name(scope)
+            check_space_name(scope)
         req_id = self.rpc.new_id()
         if to is None:
             self.stack.send(now, self.spaces.request(scope, req_id, payload), False, SERVICES_KIND)

@@ -194,7 +194,7 @@ class SpaceLayer:
     # -- local calls ------------------------------------------------------------
 
     def join(self, space: str) -> None:
-        _check_name(space)
+        check_space_name(space)
         if space in self.requested:
             raise LocalProtocolError(f"already in space {space!r} (or joining it)")
         self.requested.add(space)
@@ -548,6 +548,7 @@ def _rank_components(origin: dict[int, tuple]) -> list[list[int]]:
     return sorted((sorted(g) for g in groups.values()), key=score)
 
 
-def _check_name(space: str) -> None:
+def check_space_name(space: str) -> None:
+    """Raise ValueError unless ``space`` is a usable space name."""
     if not isinstance(space, str) or not space or len(space.encode()) > 255:
         raise ValueError(f"space name must be a non-empty string of at most 255 bytes, not {space!r}")

@@ -11,7 +11,6 @@ import groupcomm
 from groupcomm.channel import open_channel
 from groupcomm.errors import LocalProtocolError
 from groupcomm.events import Message
-from groupcomm.spaces import SpaceView
 from tests.test_channel import FAST, loopback, unique_cluster, wait_for_view
 
 

@@ -15,7 +15,7 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 
 from groupcomm.errors import ConfigError, LocalProtocolError, NotOperational, PayloadTooLarge
-from groupcomm.events import Configuration, Crashed, Delivery, Event, Message, View
+from groupcomm.events import Configuration, Crashed, Delivery, Event, View
 from groupcomm.quorum import QuorumConfig
 from groupcomm.ring import Ring, RingConfig, RingState, SendTo, SendToAll
 from groupcomm.member import Member
