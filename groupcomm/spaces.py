@@ -115,7 +115,11 @@ class StateInstalled(NamedTuple):
 
 
 class Merge(NamedTuple):
-    """After a merge: the previous components and which one was primary (or won, see module doc)."""
+    """After a merge: the sides (members whose state agreed before) and which one was primary.
+
+    If no side was primary, ``primary`` is the side that was primary most
+    recently (ties: the lowest node id) and ``was_primary`` is False.
+    """
 
     ring_id: RingId
     components: tuple[tuple[int, ...], ...]
@@ -180,8 +184,13 @@ class SpaceLayer:
         self.members: tuple[int, ...] = ()
         self.ring_id = RingId(0, 0)
         self.primary = False
-        self.prev_ring = RingId(0, 0)
-        self.prev_primary = False
+        # The last configuration in which this member's space state agreed with
+        # every other member's (a view that merged nobody, or a completed SYNC
+        # barrier), whether it was primary, and the last such primary one.
+        # Merges rank the sides by these, not by the previous view: a merge
+        # interrupted by another leaves members of one view with different states.
+        self.stable_ring = RingId(0, 0)
+        self.stable_primary = False
         self.last_primary_seq = -1
         self._trans: tuple[int, ...] | None = None
         self._n = 0                             # deliveries in this ring view (see Point)
@@ -241,30 +250,37 @@ class SpaceLayer:
         gone = set(self.members) - set(view.members)
         merged = self._trans is None or tuple(self._trans) != tuple(view.members)
         self._trans = None
-        self.prev_ring, self.prev_primary = self.ring_id, self.primary
         self.members, self.ring_id = tuple(view.members), view.ring_id
         self.primary = self.quorum.is_primary(view.members)
-        if self.primary:
-            self.last_primary_seq = view.ring_id.seq
         self._n = 0
         self._early = {key: chunks for key, chunks in self._early.items() if key[1][1] >= view.ring_id.seq}
-        if gone and not merged:
-            # After a merge the sides saw different departures; the SYNC
-            # barrier removes them for everyone at one point instead.
-            self._remove(gone)
         sync = self._sync
+        if gone and not merged and sync is None:
+            # After a merge (or during a SYNC round a merge started) the sides'
+            # space state differs; the SYNC barrier removes departed members
+            # for everyone at one point instead.
+            self._remove(gone)
         if merged:
             self._sync = _Sync({view.ring_id}, set(view.members))
             spaces = sorted([name, name in self.ready and self.me in self.ready[name]] for name in self.requested)
-            self._out.append(RingSend(_pack(SYNC, list(view.ring_id), spaces, list(self.prev_ring),
-                                            self.prev_primary, self.last_primary_seq), False))
+            self._out.append(RingSend(_pack(SYNC, list(view.ring_id), spaces, list(self.stable_ring),
+                                            self.stable_primary, self.last_primary_seq), False))
         elif sync is not None:
             sync.ring_ids.add(view.ring_id)             # the same members go on with the same round
             sync.waiting -= gone
             for name in sync.claims:
                 sync.claims[name] = [m for m in sync.claims[name] if m not in gone]
+            self._n += 1                                # the barrier, if it completes here, is its own point
             self._maybe_finish_sync()
+        else:
+            self._stable()
         self._check_providers()
+
+    def _stable(self) -> None:
+        """Every member of this view now has the same space state."""
+        self.stable_ring, self.stable_primary = self.ring_id, self.primary
+        if self.primary:
+            self.last_primary_seq = self.ring_id.seq
 
     def deliver(self, sender: int, payload: bytes, safe: bool) -> None:
         """A ring message of this layer, in total order."""
@@ -395,13 +411,13 @@ class SpaceLayer:
 
     # -- merges --------------------------------------------------------------------
 
-    def _sync_claim(self, sender: int, ring_id: RingId, spaces: list, prev_ring: RingId,
-                    prev_primary: bool, last_primary_seq: int) -> None:
+    def _sync_claim(self, sender: int, ring_id: RingId, spaces: list, stable_ring: RingId,
+                    stable_primary: bool, last_primary_seq: int) -> None:
         sync = self._sync
         if sync is None or ring_id not in sync.ring_ids or sender not in sync.waiting:
             return                                           # stale: from an older round
         sync.waiting.discard(sender)
-        sync.origin[sender] = (prev_ring, bool(prev_primary), last_primary_seq)
+        sync.origin[sender] = (stable_ring, bool(stable_primary), last_primary_seq)
         for name in list(sync.claims):
             if sender in sync.claims[name]:
                 sync.claims[name].remove(sender)
@@ -416,8 +432,9 @@ class SpaceLayer:
         if sync is None or sync.waiting:
             return
         self._sync = None
+        self._stable()
         ranked = _rank_components(sync.origin)
-        if len(ranked) > 1:
+        if sum(1 for comp in ranked if tuple(sync.origin[comp[0]][0]) != (0, 0)) > 1:   # fresh members are no side
             winner = ranked[0]
             self._out.append(Merge(
                 self.ring_id, tuple(tuple(sorted(c)) for c in ranked), tuple(sorted(winner)),
@@ -536,10 +553,14 @@ class SpaceLayer:
 
 
 def _rank_components(origin: dict[int, tuple]) -> list[list[int]]:
-    """Previous components, best first: primary, then most recently primary, then lowest id."""
+    """The sides of a merge, best first: primary, then most recently primary, then lowest id.
+
+    A side is the members whose last stable configuration is the same (so
+    their space state is the same); a fresh member is a side of its own.
+    """
     groups: dict[tuple, list[int]] = {}
-    for member, (prev_ring, _, _) in origin.items():
-        key = tuple(prev_ring) if tuple(prev_ring) != (0, 0) else ("fresh", member)
+    for member, (stable_ring, _, _) in origin.items():
+        key = tuple(stable_ring) if tuple(stable_ring) != (0, 0) else ("fresh", member)
         groups.setdefault(key, []).append(member)
     def score(members: list[int]) -> tuple:
         was_primary = any(origin[m][1] for m in members)
