@@ -62,7 +62,8 @@ async def worker(args) -> None:
         result: dict = {"index": args.index}
         if args.index == 0:
             for name, kwargs in (("all", {"mode": groupcomm.ALL}),
-                                 ("p2p_first", {"mode": groupcomm.FIRST, "to": sorted(space.members)[1]})):
+                                 ("p2p_first", {"mode": groupcomm.FIRST,
+                                               "to": next(m for m in sorted(space.members) if m != ch.address)})):
                 samples = []
                 end = time.perf_counter() + args.seconds
                 while time.perf_counter() < end:
