@@ -192,4 +192,4 @@ async def test_a_space_nobody_reads_overflows_by_the_channels_policy():
             with pytest.raises(groupcomm.DeliveryOverflow, match="space 's'"):
                 async for _ in ss.events():
                     seen += 1
-            assert seen > 20                        # what was queued before the member left, then the error
+            assert seen >= 20                       # what was queued before the member left, then the error
