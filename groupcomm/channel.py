@@ -537,6 +537,7 @@ class Channel:
         self._flush()
         self._closed = True
         self._events_send.close()
+        self._services.close()                  # spaces' events() end too, requests return
         if self._timer_scope is not None:
             self._timer_scope.cancel()
 

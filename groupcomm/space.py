@@ -142,6 +142,7 @@ class Services:
         self.handlers: dict[str, Handler] = {}
         self._waiting: dict[int, tuple[trio.Event, list]] = {}
         self._direct: dict[int, tuple[trio.Event, list]] = {}
+        self.closed = False
         self._changed = trio.Event()
 
     async def join(self, name: str) -> Space:
@@ -185,6 +186,8 @@ class Services:
             if not box:
                 channel._call_layer(lambda now, member: member.cancel_request(req_id), quiet=True)
         if not box:
+            if self.closed:
+                raise ChannelClosed("the channel closed before the request completed")
             return {m: Reply(False, None, "no answer before the timeout", "timeout") for m in targets or ()}
         return box[0]
 
@@ -204,6 +207,8 @@ class Services:
     # -- outputs of the Member, in order --------------------------------------------------
 
     def output(self, item: Any) -> None:
+        if self.closed:
+            return                                  # the member left: nobody reads any more
         t = type(item)
         if t is SpaceView:
             space = self.spaces.get(item.space)
@@ -250,6 +255,7 @@ class Services:
                 waiting[0].set()
 
     def close(self) -> None:
+        self.closed = True
         for space in self.spaces.values():
             space._send.close()
         for done, _ in [*self._waiting.values(), *self._direct.values()]:

@@ -189,7 +189,7 @@ async def test_a_space_nobody_reads_overflows_by_the_channels_policy():
                 await sa.send(b"%d" % i)
             await wait_until(lambda: a.view is not None and len(a.view.members) == 1)
             seen = 0
-            with pytest.raises(groupcomm.DeliveryOverflow, match="space 's'"):
+            with trio.fail_after(10), pytest.raises(groupcomm.DeliveryOverflow, match="space 's'"):
                 async for _ in ss.events():
                     seen += 1
             assert seen >= 20                       # what was queued before the member left, then the error
