@@ -92,18 +92,22 @@ class _StackAsRing:
         return self.member.suspect(now, node)
 
     def take(self) -> list:
-        out = []
-        for item in self.member.take(self._now):
-            t = type(item)
-            if t is list:
-                out.extend(Delivery(m.sender, m.payload, m.safe) for m in item)
-            elif t is View:
-                out.append(Configuration(item.ring_id, item.members, item.transitional))
-                self._services(item)
-            elif t is SendTo or t is SendToAll:
-                out.append(item)
-            else:
-                self._services(item)
+        out: list = []
+        items = self.member.take(self._now)
+        while items:
+            for item in items:
+                t = type(item)
+                if t is list:
+                    out.extend(Delivery(m.sender, m.payload, m.safe) for m in item)
+                elif t is View:
+                    out.append(Configuration(item.ring_id, item.members, item.transitional))
+                    self._services(item)
+                elif t is SendTo or t is SendToAll:
+                    out.append(item)
+                else:
+                    self._services(item)
+            # The application's answers (a reply, a snapshot) produce outputs of their own now.
+            items = self.member.take(self._now) if self.member.has_output else []
         return out
 
 
