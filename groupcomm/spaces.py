@@ -193,6 +193,7 @@ class SpaceLayer:
         self.stable_primary = False
         self.last_primary_seq = -1
         self._trans: tuple[int, ...] | None = None
+        self._trans_ring = RingId(0, 0)
         self._n = 0                             # deliveries in this ring view (see Point)
         self._sync: _Sync | None = None
         self._incoming: dict[str, _Incoming] = {}
@@ -243,9 +244,13 @@ class SpaceLayer:
 
     def view(self, view: View) -> None:
         """A ring configuration (transitional or regular), in delivery order."""
-        self._n += 1
         if view.transitional:
+            # Deliveries between here and the regular view happen in the
+            # transitional configuration: only its members share them, so they
+            # get points of their own (the new ring's id, counted negative).
             self._trans = view.members
+            self._trans_ring = view.ring_id
+            self._n = 0
             return
         gone = set(self.members) - set(view.members)
         merged = self._trans is None or tuple(self._trans) != tuple(view.members)
@@ -483,6 +488,8 @@ class SpaceLayer:
         return None
 
     def _point(self) -> Point:
+        if self._trans is not None:
+            return (self._trans_ring.rep, self._trans_ring.seq, -self._n)
         return (self.ring_id.rep, self.ring_id.seq, self._n)
 
     def _start_transfer(self, space: str, joiner: int) -> None:
