@@ -537,7 +537,11 @@ class SpaceLayer:
         state = None if parts == [None] else b"".join(parts)
         del self._incoming[space]
         self.ready.setdefault(space, set()).add(self.me)
-        self._finish(space, state, incoming.buffer[incoming.cuts[point] :])
+        cut = incoming.cuts[point]
+        # The snapshot covers the messages before the cut, not the views and
+        # requests: those still reach the application, ahead of the state.
+        self._out.extend(e for e in incoming.buffer[:cut] if type(e) is not SpaceMessage)
+        self._finish(space, state, incoming.buffer[cut:])
         self._out.append(RingSend(_pack(STATE_DONE, space), False))
 
     def _finish(self, space: str, state: bytes | None, later: list) -> None:

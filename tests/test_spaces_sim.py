@@ -218,6 +218,8 @@ class ReplicatedDict:
     def _observe(self, node: int, event) -> None:
         if type(event).__name__ == "View" and not event.transitional:
             self.primary[node] = event.primary
+        if type(event) is SpaceView and event.space == self.space and node in event.left:
+            self.data[node] = {}                 # our leave is delivered: the state goes (not before)
         if type(event).__name__ == "SpaceMessage" and event.space == self.space:
             key, _, value = event.message.payload.decode().partition("=")
             self.data[node][key] = value
@@ -299,6 +301,12 @@ def test_the_provider_crashing_mid_transfer_hands_over_to_the_next_member() -> N
 # ^ soak: a merge interrupted by another merge left members of one view with different
 #   states; sides are now ranked by their last *stable* configuration
 @example(seed=0, ops=[("loss", 1, 4), ("write", 1, 0), ("request", 1, 3), ("partition", 1, 3), ("write", 1, 1)])
+@example(seed=0, ops=[("write", 1, 7), ("loss", 1, 9), ("write", 3, 4), ("request", 1, 9), ("join", 3, 0),
+                      ("leave", 1, 3), ("partition", 1, 9)])
+# ^ soak: a joiner whose provider left dropped the buffered *views* before the new cut point
+#   (only messages are in a snapshot); and view ids of transitional deliveries collided
+@example(seed=0, ops=[("write", 1, 7), ("loss", 1, 9), ("write", 1, 9), ("join", 3, 0), ("leave", 1, 6),
+                      ("partition", 1, 9)])
 # ^ soak: a request completed by its own member's answer was reported only at that member's next step
 @settings(deadline=None, max_examples=max(5, settings().max_examples // 10))
 @given(seed=st.integers(0, 2**16), ops=st.lists(st.tuples(st.sampled_from(
@@ -325,7 +333,6 @@ def test_schedules_keep_views_agreed_requests_bounded_and_replicas_identical(see
         elif op == "leave" and live and node in joined:
             sim.services.leave(node, "kv")
             joined.discard(node)
-            kv.data[node] = {}
         elif op == "partition":
             sim.partition([[m for m in sim.nodes if m <= 1 + arg % 3], [m for m in sim.nodes if m > 1 + arg % 3]])
         elif op == "heal":
