@@ -26,7 +26,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "benchmarks"))
 
-from workers import free_port, run_workers  # noqa: E402
+from workers import add_worker_arguments, free_port, run_if_worker, run_workers  # noqa: E402
 
 
 def summary(samples: list[float], seconds: float) -> dict:
@@ -116,15 +116,9 @@ def main() -> None:
     parser.add_argument("--state-mb", type=int, default=32)
     parser.add_argument("--timeout", type=float, default=120)
     parser.add_argument("--json", action="store_true")
-    parser.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
-    parser.add_argument("--index", type=int, default=0, help=argparse.SUPPRESS)
-    parser.add_argument("--cluster", default="", help=argparse.SUPPRESS)
-    parser.add_argument("--port", type=int, default=0, help=argparse.SUPPRESS)
+    add_worker_arguments(parser)
     args = parser.parse_args()
-    if args.worker:
-        import trio
-
-        trio.run(worker, args)
+    if run_if_worker(args, worker):
         return
     s = run(args)
     print(f"{s['members']} members, request to all (ALL): {s['all']['round_trips_per_s']:,} round trips/s, "

@@ -27,7 +27,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "benchmarks"))
 
-from workers import free_port, run_workers  # noqa: E402
+from workers import add_worker_arguments, free_port, run_if_worker, run_workers  # noqa: E402
 
 ANCHORS = {100: 140_000, 1024: 66_000}   # Corosync 3.1.7 udpu, CPG agreed, 3 nodes, same machine
 
@@ -171,15 +171,9 @@ def main() -> None:
                         help="socket driver: trio (Python) or c (the C socket pump thread)")
     parser.add_argument("--timeout", type=float, default=300)
     parser.add_argument("--json", action="store_true")
-    parser.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
-    parser.add_argument("--index", type=int, default=0, help=argparse.SUPPRESS)
-    parser.add_argument("--cluster", default="", help=argparse.SUPPRESS)
-    parser.add_argument("--port", type=int, default=0, help=argparse.SUPPRESS)
+    add_worker_arguments(parser)
     args = parser.parse_args()
-    if args.worker:
-        import trio
-
-        trio.run(worker, args)
+    if run_if_worker(args, worker):
         return
     s = run(args)
     print(

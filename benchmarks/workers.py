@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import argparse
 import json
 import socket
 import subprocess
@@ -38,3 +39,21 @@ def run_workers(script: str, count: int, args: list[str], timeout: float) -> lis
                 p.kill()
                 p.wait()
     return results
+
+
+def add_worker_arguments(parser: argparse.ArgumentParser) -> None:
+    """The hidden options a benchmark passes to its own worker processes."""
+    parser.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
+    parser.add_argument("--index", type=int, default=0, help=argparse.SUPPRESS)
+    parser.add_argument("--cluster", default="", help=argparse.SUPPRESS)
+    parser.add_argument("--port", type=int, default=0, help=argparse.SUPPRESS)
+
+
+def run_if_worker(args: argparse.Namespace, worker) -> bool:
+    """In a worker process, run ``worker(args)`` under trio and return True."""
+    if not args.worker:
+        return False
+    import trio
+
+    trio.run(worker, args)
+    return True

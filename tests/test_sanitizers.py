@@ -69,11 +69,12 @@ def _build_sanitized(tmp: Path) -> Path:
     return Path(out.stdout.strip().splitlines()[-1])
 
 
-def test_simulation_and_garbage_under_asan_and_ubsan(tmp_path):
+def run_sanitized(tmp_path, workload: str, marker: str, timeout: float = 600) -> None:
+    """Run ``workload`` (a script) on an ASan/UBSan build of the C code; it must print ``marker``."""
     assert _libasan() is not None, "this test needs gcc with libasan (apt install gcc)"
     so = _build_sanitized(tmp_path)
     script = tmp_path / "workload.py"
-    script.write_text(WORKLOAD)
+    script.write_text(workload)
     env = dict(
         os.environ,
         GROUPCOMM_RING_LIBRARY=str(so),
@@ -83,7 +84,11 @@ def test_simulation_and_garbage_under_asan_and_ubsan(tmp_path):
         PYTHONPATH=str(ROOT),
     )
     out = subprocess.run(
-        [sys.executable, str(script), str(ROOT)], cwd=ROOT, env=env, capture_output=True, text=True, timeout=600
+        [sys.executable, str(script), str(ROOT)], cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout
     )
     assert out.returncode == 0, (out.stdout[-2000:], out.stderr[-6000:])
-    assert "sanitized workload ok" in out.stdout
+    assert marker in out.stdout
+
+
+def test_simulation_and_garbage_under_asan_and_ubsan(tmp_path):
+    run_sanitized(tmp_path, WORKLOAD, "sanitized workload ok")
