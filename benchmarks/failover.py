@@ -38,7 +38,7 @@ STACKS = {
 class Node:
     def __init__(self, name: str, cluster: str, port: int, extra: list[str], pump: str) -> None:
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", "groupcomm", "node", "--json", "--no-stdin", "--cluster", cluster,
+            [sys.executable, "-P", "-m", "groupcomm", "node", "--json", "--no-stdin", "--cluster", cluster,
              "--name", name, "--mcast-port", str(port), *extra],
             cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True,
             env={**os.environ, "GROUPCOMM_PUMP": pump},

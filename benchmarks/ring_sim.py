@@ -20,7 +20,7 @@ import statistics
 import time
 
 from groupcomm.events import Configuration
-from groupcomm.ring import RingConfig
+from groupcomm.core.ring import RingConfig
 from groupcomm.testing import SimCluster
 
 _BACKLOG = 300

@@ -42,8 +42,8 @@ async def worker(args) -> None:
     import trio
 
     import groupcomm
-    from groupcomm.channel import open_channel
-    from groupcomm.udp import UdpConfig
+    from groupcomm.io.channel import open_channel
+    from groupcomm.io.udp import UdpConfig
 
     udp = UdpConfig(mcast_port=args.port, mcast_ttl=0, recv_buffer=16 << 20, send_buffer=16 << 20)
     async with open_channel("loopback", cluster=args.cluster, name=f"w{args.index}", udp=udp) as ch:

@@ -33,7 +33,7 @@ ANCHORS = {100: 140_000, 1024: 66_000}   # Corosync 3.1.7 udpu, CPG agreed, 3 no
 
 
 def ring_config(args):
-    from groupcomm.ring import RingConfig
+    from groupcomm.core.ring import RingConfig
 
     return RingConfig(
         mtu=args.mtu, window_size=args.window, max_messages=args.max_messages,
@@ -45,10 +45,10 @@ def ring_config(args):
 async def worker(args) -> None:
     import trio
 
-    from groupcomm.channel import open_channel
+    from groupcomm.io.channel import open_channel
     from groupcomm.errors import QueueFull
     from groupcomm.events import Message
-    from groupcomm.udp import UdpConfig
+    from groupcomm.io.udp import UdpConfig
 
     udp = UdpConfig(mcast_port=args.port, mcast_ttl=0, recv_buffer=32 << 20, send_buffer=32 << 20, pump=args.pump)
     me = args.index

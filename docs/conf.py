@@ -15,7 +15,7 @@ exclude_patterns = ["_build"]
 
 def _write_generated(app):
     """Render the ring's own membership transition table and config defaults."""
-    from groupcomm.ring import RingConfig, transition_table
+    from groupcomm.core.ring import RingConfig, transition_table
 
     out = os.path.join(app.srcdir, "_generated")
     os.makedirs(out, exist_ok=True)

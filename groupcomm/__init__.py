@@ -1,63 +1,70 @@
-"""groupcomm: group communication with total order and Extended Virtual Synchrony."""
+"""groupcomm: group communication with total order and Extended Virtual Synchrony.
 
-from groupcomm.channel import Channel, open_channel
-from groupcomm.errors import (
-    ChannelClosed,
-    ConfigError,
-    DeliveryOverflow,
-    EVSViolation,
-    GroupcommError,
-    LocalProtocolError,
-    MemberUnreachable,
-    NotOperational,
-    PayloadTooLarge,
-    ProtocolError,
-    QueueFull,
-    RemoteProtocolError,
-)
-from groupcomm.events import Configuration, Crashed, Delivery, Direct, Message, RingId, View
-from groupcomm.quorum import QuorumConfig
-from groupcomm.ring import Ring, RingConfig, RingState
-from groupcomm.rpc import ALL, FIRST, MAJORITY, NONE, Mode, Reply
-from groupcomm.space import Request, Space
-from groupcomm.spaces import Merge, SpaceView
+The public names below are importable from ``groupcomm`` directly.  They load
+lazily, so ``import groupcomm.layers`` (the sans-IO protocol layers) or
+``import groupcomm.testing`` never pulls in trio or the socket drivers.
+
+Packages, bottom to top (imports only point down; see docs/architecture.rst):
+``errors``/``events`` (leaf types), ``config`` (stack files, units, the layer
+registry), ``core`` (the C ring and its typed wrapper), ``layers`` (sans-IO
+protocol layers above the ring), ``testing`` (the simulator and EVS checker),
+``io`` (trio drivers and the Channel), ``services``, ``cli``.
+"""
+
+from __future__ import annotations
+
+import importlib
+from typing import TYPE_CHECKING, Any
 
 __version__ = "0.1.0"
 
-__all__ = [
-    "ALL",
-    "FIRST",
-    "MAJORITY",
-    "NONE",
-    "Direct",
-    "Merge",
-    "MemberUnreachable",
-    "Mode",
-    "QuorumConfig",
-    "Reply",
-    "Request",
-    "Space",
-    "SpaceView",
-    "Channel",
-    "ChannelClosed",
-    "DeliveryOverflow",
-    "Message",
-    "View",
-    "open_channel",
-    "ConfigError",
-    "Configuration",
-    "Crashed",
-    "Delivery",
-    "EVSViolation",
-    "GroupcommError",
-    "LocalProtocolError",
-    "NotOperational",
-    "PayloadTooLarge",
-    "ProtocolError",
-    "QueueFull",
-    "RemoteProtocolError",
-    "Ring",
-    "RingConfig",
-    "RingId",
-    "RingState",
-]
+# Public name -> the module that defines it.
+_EXPORTS: dict[str, str] = {
+    **dict.fromkeys(
+        ["ChannelClosed", "ConfigError", "DeliveryOverflow", "EVSViolation", "GroupcommError",
+         "LocalProtocolError", "MemberUnreachable", "NotOperational", "PayloadTooLarge", "ProtocolError",
+         "QueueFull", "RemoteProtocolError"],
+        "groupcomm.errors",
+    ),
+    **dict.fromkeys(["Configuration", "Crashed", "Delivery", "Direct", "Message", "RingId", "View"], "groupcomm.events"),
+    **dict.fromkeys(["Ring", "RingConfig", "RingState"], "groupcomm.core.ring"),
+    **dict.fromkeys(["ALL", "FIRST", "MAJORITY", "NONE", "Mode", "Reply"], "groupcomm.layers.rpc"),
+    **dict.fromkeys(["Merge", "SpaceView"], "groupcomm.layers.spaces"),
+    "QuorumConfig": "groupcomm.layers.quorum",
+    **dict.fromkeys(["Channel", "open_channel"], "groupcomm.io.channel"),
+    **dict.fromkeys(["Request", "Space"], "groupcomm.io.space"),
+    "SimCluster": "groupcomm.testing.sim",
+}
+_SUBPACKAGES = {"blocking", "cli", "config", "core", "errors", "events", "io", "layers", "services", "testing"}
+
+__all__ = sorted(_EXPORTS)
+
+
+def __getattr__(name: str) -> Any:
+    module = _EXPORTS.get(name)
+    if module is not None:
+        value = getattr(importlib.import_module(module), name)
+        globals()[name] = value                       # the next lookup is a plain attribute
+        return value
+    if name in _SUBPACKAGES:
+        return importlib.import_module(f"groupcomm.{name}")
+    raise AttributeError(f"module 'groupcomm' has no attribute {name!r}")
+
+
+def __dir__() -> list[str]:
+    return sorted({*globals(), *_EXPORTS, *_SUBPACKAGES})
+
+
+if TYPE_CHECKING:                                     # what type checkers and IDEs see
+    from groupcomm.core.ring import Ring, RingConfig, RingState
+    from groupcomm.errors import (
+        ChannelClosed, ConfigError, DeliveryOverflow, EVSViolation, GroupcommError, LocalProtocolError,
+        MemberUnreachable, NotOperational, PayloadTooLarge, ProtocolError, QueueFull, RemoteProtocolError,
+    )
+    from groupcomm.events import Configuration, Crashed, Delivery, Direct, Message, RingId, View
+    from groupcomm.io.channel import Channel, open_channel
+    from groupcomm.io.space import Request, Space
+    from groupcomm.layers.quorum import QuorumConfig
+    from groupcomm.layers.rpc import ALL, FIRST, MAJORITY, NONE, Mode, Reply
+    from groupcomm.layers.spaces import Merge, SpaceView
+    from groupcomm.testing.sim import SimCluster

@@ -21,7 +21,7 @@ from typing import Any
 
 import trio
 
-from groupcomm.channel import Channel, open_channel
+from groupcomm.io.channel import Channel, open_channel
 from groupcomm.errors import ChannelClosed
 from groupcomm.events import Message, View
 

@@ -5,7 +5,7 @@ the library cannot do (too large a payload, sending while not in a ring, a bad
 configuration); :class:`RemoteProtocolError` means a *peer* sent something we
 refused.  Remote errors never escape the receive path of a running node: packets
 are counted and dropped.  They are raised only by the low-level
-:meth:`groupcomm.ring.Ring.receive` when asked to (``strict=True``).
+:meth:`groupcomm.core.ring.Ring.receive` when asked to (``strict=True``).
 """
 
 from __future__ import annotations

@@ -59,7 +59,7 @@ Event = Union[Configuration, Delivery, Crashed]
 
 
 class Message(NamedTuple):
-    """An application message delivered by a :class:`~groupcomm.channel.Channel`, in total order."""
+    """An application message delivered by a :class:`~groupcomm.io.channel.Channel`, in total order."""
 
     sender: int
     payload: bytes
@@ -67,12 +67,12 @@ class Message(NamedTuple):
 
 
 class View(NamedTuple):
-    """A membership view delivered by a :class:`~groupcomm.channel.Channel`.
+    """A membership view delivered by a :class:`~groupcomm.io.channel.Channel`.
 
     ``transitional=True`` views come just before the regular view of the same
     ``ring_id`` and list the members that came along from our previous view.
     ``primary``: the view holds a majority of the expected votes (see
-    :mod:`groupcomm.quorum`); services refuse writes when it is False.
+    :mod:`groupcomm.layers.quorum`); services refuse writes when it is False.
     """
 
     members: tuple[int, ...]
@@ -82,7 +82,7 @@ class View(NamedTuple):
 
 
 class Direct(NamedTuple):
-    """A point-to-point message (:meth:`~groupcomm.channel.Channel.send_to`).
+    """A point-to-point message (:meth:`~groupcomm.io.channel.Channel.send_to`).
 
     FIFO and exactly once per sender, but not ordered with the ring's messages.
     """

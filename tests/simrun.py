@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from groupcomm.errors import LocalProtocolError
-from groupcomm.ring import RingConfig
+from groupcomm.core.ring import RingConfig
 from groupcomm.testing import SimCluster
 
 

@@ -8,12 +8,13 @@ import uuid
 import pytest
 import trio
 
-from groupcomm.channel import open_channel, stack_configs
+from groupcomm.config import build_stack
+from groupcomm.io.channel import open_channel
 from groupcomm.config import load_stack, stack_names
 from groupcomm.errors import ChannelClosed, ConfigError, DeliveryOverflow, PayloadTooLarge
 from groupcomm.events import Message, View
-from groupcomm.ring import RingConfig
-from groupcomm.udp import UdpConfig
+from groupcomm.core.ring import RingConfig
+from groupcomm.io.udp import UdpConfig
 
 FAST = RingConfig(token_timeout=0.3, join=0.02, merge=0.05)
 
@@ -128,7 +129,8 @@ async def test_a_consumer_that_falls_behind_leaves_instead_of_stalling_the_ring(
 def test_every_shipped_stack_builds_with_an_empty_environment():
     assert {"udp", "udpu", "loopback", "sim"} <= set(stack_names())
     for name in stack_names():
-        ring, udp, fd, frag = stack_configs(load_stack(name, environ={}), transport_optional=name == "sim")
+        s = build_stack(load_stack(name, environ={}), transport_optional=name == "sim")
+        ring, udp, fd, frag = s.ring, s.transport, s.fd, s.frag
         assert ring.token_timeout > 0 and frag.max_message > 0 and (fd is None or fd.timeout > 0)
 
 
@@ -136,7 +138,7 @@ def test_a_stack_with_an_unknown_layer_is_rejected(tmp_path):
     path = tmp_path / "odd.toml"
     path.write_text('[[layer]]\nname = "UDP"\n[[layer]]\nname = "SEQUENCER"\n[[layer]]\nname = "TOTEM"\n')
     with pytest.raises(ConfigError, match="unknown layer 'SEQUENCER'"):
-        stack_configs(load_stack(str(path)))
+        build_stack(load_stack(str(path)))
 
 
 async def test_large_messages_are_fragmented_and_delivered_in_order():
@@ -166,7 +168,7 @@ async def test_large_messages_are_fragmented_and_delivered_in_order():
 
 
 async def test_unicast_only_stack_with_a_static_host_list_and_with_a_shared_directory(tmp_path):
-    from groupcomm.udp import UdpuConfig
+    from groupcomm.io.udp import UdpuConfig
 
     ports = [free_port() for _ in range(3)]
     hosts = tuple(f"127.0.0.1:{p}" for p in ports)
@@ -198,7 +200,7 @@ async def test_unicast_only_stack_with_a_static_host_list_and_with_a_shared_dire
 
 
 def test_unicast_stack_config_errors_name_the_problem():
-    from groupcomm.udp import UdpuConfig
+    from groupcomm.io.udp import UdpuConfig
 
     with pytest.raises(ConfigError, match="hosts, or give a discovery_dir"):
         UdpuConfig()
@@ -207,7 +209,7 @@ def test_unicast_stack_config_errors_name_the_problem():
 
 
 async def test_ipv6_on_the_unicast_stack():
-    from groupcomm.udp import UdpuConfig
+    from groupcomm.io.udp import UdpuConfig
 
     def free6() -> int:
         with socket.socket(socket.AF_INET6, socket.SOCK_DGRAM) as s:
@@ -231,7 +233,7 @@ async def test_ipv6_on_the_unicast_stack():
 
 def test_the_simulator_stack_cannot_open_a_real_channel():
     with pytest.raises(ConfigError, match="UDP or UDPU"):
-        stack_configs(load_stack("sim"))
+        build_stack(load_stack("sim"))
 
 
 async def test_messages_sent_just_before_leaving_are_still_delivered():

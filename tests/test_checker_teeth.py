@@ -24,7 +24,7 @@ import re
 import pytest
 
 from groupcomm.errors import EVSViolation
-from groupcomm.ring import RingConfig
+from groupcomm.core.ring import RingConfig
 from tests.simrun import run_schedule
 from tests.strategies import Step
 

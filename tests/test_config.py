@@ -25,7 +25,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-import groupcomm.config as config
+import groupcomm.config.loader as config
 from groupcomm.config import (
     Duration,
     LayerSpec,
@@ -611,7 +611,7 @@ def test_shipped_root_falls_back_to_the_checkout_when_the_package_is_not_install
         raise ModuleNotFoundError(f"No module named {package!r}", name=package)
 
     monkeypatch.setattr(importlib.resources, "files", files)
-    checkout = Path(config.__file__).resolve().parent.parent
+    checkout = Path(config.__file__).resolve().parents[2]
     assert config._shipped_root() == checkout / "protocols"
     assert stack_names() == sorted(p.stem for p in (checkout / "protocols").glob("*.toml") if p.is_file())
 

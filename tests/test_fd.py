@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from groupcomm.errors import ConfigError
-from groupcomm.fd import HEARTBEAT, PING, FailureDetector, FdConfig
+from groupcomm.layers.fd import HEARTBEAT, PING, FailureDetector, FdConfig
 
 MS = 1000
 CFG = FdConfig(interval=0.02, timeout=0.08, verify=0.03)

@@ -6,7 +6,7 @@ import pytest
 
 from groupcomm.errors import PayloadTooLarge
 from groupcomm.events import Message
-from groupcomm.frag import Fragmenter
+from groupcomm.layers.frag import Fragmenter
 
 
 def pair(limit: int = 64) -> tuple[Fragmenter, Fragmenter]:

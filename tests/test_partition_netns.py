@@ -15,7 +15,7 @@ import pytest
 
 from groupcomm.events import Configuration, Delivery, RingId
 from groupcomm.testing import SendRecord, check_evs
-from groupcomm.demo import NodeProcess, view_is
+from groupcomm.cli.demo import NodeProcess, view_is
 from tests.netns import Lab
 
 pytestmark = pytest.mark.skipif(

@@ -14,7 +14,7 @@ import time
 import uuid
 from pathlib import Path
 
-from groupcomm.demo import NodeProcess, free_udp_port, view_is
+from groupcomm.cli.demo import NodeProcess, free_udp_port, view_is
 
 ROOT = Path(__file__).resolve().parent.parent
 TOKEN = 0.3
@@ -102,7 +102,7 @@ def test_probe_lists_every_running_member():
 
 
 def test_the_demo_runs_real_processes_and_all_its_checks_pass():
-    from groupcomm.demo import run_demo
+    from groupcomm.cli.demo import run_demo
 
     lines: list[str] = []
     assert run_demo(3, 5, out=lines.append)

@@ -19,18 +19,18 @@ import trio
 import tests.test_blocking as blocking_suite
 import tests.test_channel as channel_suite
 import tests.test_processes as process_suite
-from groupcomm import channel as channel_module
-from groupcomm._native import ffi, lib
-from groupcomm.channel import Channel, cluster_id_for, open_channel
-from groupcomm.config import load_stack
-from groupcomm.demo import view_is
+from groupcomm.io import channel as channel_module
+from groupcomm.core.native import ffi, lib
+from groupcomm.io.channel import Channel, cluster_id_for, open_channel
+from groupcomm.config import build_stack, load_stack
+from groupcomm.cli.demo import view_is
 from groupcomm.errors import ChannelClosed, ConfigError, DeliveryOverflow
 from groupcomm.events import Configuration, Delivery, Message
-from groupcomm.fd import FdConfig
-from groupcomm.probe import probe
-from groupcomm.ring import parse_actions
-from groupcomm.ring import LayerDelivery, Ring, RingConfig
-from groupcomm.udp import UdpConfig, UdpuConfig
+from groupcomm.layers.fd import FdConfig
+from groupcomm.io.probe import probe
+from groupcomm.core.ring import parse_actions
+from groupcomm.core.ring import LayerDelivery, Ring, RingConfig
+from groupcomm.io.udp import UdpConfig, UdpuConfig
 from tests.test_channel import FAST, free_port, unique_cluster, wait_for_view
 
 BIG = bytes(range(256)) * 400                   # 100 KiB: about 75 datagrams at mtu 1400
@@ -219,10 +219,10 @@ ASAN_WORKLOAD = """
 import random, socket, sys, uuid
 import trio
 sys.path.insert(0, sys.argv[1])
-from groupcomm.channel import open_channel
+from groupcomm.io.channel import open_channel
 from groupcomm.events import Message
-from groupcomm.ring import RingConfig
-from groupcomm.udp import UdpConfig
+from groupcomm.core.ring import RingConfig
+from groupcomm.io.udp import UdpConfig
 
 async def main():
     with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
@@ -267,7 +267,7 @@ def test_the_pump_key_is_validated():
         UdpuConfig(hosts=("127.0.0.1:4000",), pump="")
     for name in ("udp", "loopback", "udpu"):
         spec = load_stack(name, environ={"GROUPCOMM_PUMP": "c"})
-        transport = channel_module.stack_configs(spec)[1]
+        transport = build_stack(spec).transport
         assert transport.pump == "c"
 
 

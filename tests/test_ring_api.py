@@ -1,4 +1,4 @@
-"""The public contract of :class:`groupcomm.ring.Ring` and :class:`groupcomm.ring.RingConfig`.
+"""The public contract of :class:`groupcomm.core.ring.Ring` and :class:`groupcomm.core.ring.RingConfig`.
 
 Configuration validation, the local-misuse errors of ``submit``/``start``/``leave``,
 single-member rings, deadlines, sequence-number wrap-around, statistics and
@@ -25,7 +25,7 @@ from groupcomm.errors import (
     RemoteProtocolError,
 )
 from groupcomm.events import Configuration, Delivery
-from groupcomm.ring import LayerDelivery, Ring, RingConfig, RingState
+from groupcomm.core.ring import LayerDelivery, Ring, RingConfig, RingState
 from tests.test_ring_fuzz import FAST, MSG_MCAST, RingCluster, formed_cluster, packet_kind
 
 HEADER_FILE = Path(groupcomm.__file__).with_name("_ring.h")

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from groupcomm.events import Configuration, Crashed, Delivery
-from groupcomm.ring import RingConfig, RingState
+from groupcomm.core.ring import RingConfig, RingState
 from groupcomm.testing import SimCluster
 
 

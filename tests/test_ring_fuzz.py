@@ -1,6 +1,6 @@
 """Fuzzing the receive path of the C ring core (h11's rule for untrusted input).
 
-For ANY bytes fed to :meth:`groupcomm.ring.Ring.receive` of a running member:
+For ANY bytes fed to :meth:`groupcomm.core.ring.Ring.receive` of a running member:
 
 * the call returns 0 (used) or a negative drop code, and with ``strict=True``
   raises nothing but :class:`~groupcomm.errors.RemoteProtocolError`;
@@ -11,7 +11,7 @@ For ANY bytes fed to :meth:`groupcomm.ring.Ring.receive` of a running member:
 * the ring keeps working: afterwards the honest members form one ring again
   and deliver identical, complete message sequences.
 
-The members are real :class:`~groupcomm.ring.Ring` objects driven by
+The members are real :class:`~groupcomm.core.ring.Ring` objects driven by
 :class:`RingCluster`, a tiny FIFO network with a fake microsecond clock (h11's
 ``ConnectionPair`` pattern); no simulator internals are used.
 """
@@ -34,10 +34,10 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from groupcomm._native import lib
+from groupcomm.core.native import lib
 from groupcomm.errors import RemoteProtocolError
 from groupcomm.events import Configuration, Delivery
-from groupcomm.ring import LayerDelivery, Ring, RingConfig, RingState, SendTo, SendToAll
+from groupcomm.core.ring import LayerDelivery, Ring, RingConfig, RingState, SendTo, SendToAll
 
 FAST = RingConfig(token_timeout=0.2, join=0.02, merge=0.05)
 """Short timers keep the virtual time (and the real time) of every example small."""

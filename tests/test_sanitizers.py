@@ -21,8 +21,8 @@ WORKLOAD = textwrap.dedent(
     """
     import random, sys
     sys.path.insert(0, sys.argv[1])
-    from groupcomm._native import lib
-    from groupcomm.ring import Ring, RingConfig
+    from groupcomm.core.native import lib
+    from groupcomm.core.ring import Ring, RingConfig
     from tests.simrun import run_schedule
     from tests.test_checker_teeth import random_plan
     assert "GROUPCOMM_RING_LIBRARY" in __import__("os").environ
@@ -58,9 +58,9 @@ def _build_sanitized(tmp: Path) -> Path:
     code = textwrap.dedent(
         f"""
         import sys
-        sys.path.insert(0, {str(ROOT / 'groupcomm')!r})
-        import _ring_build
-        b = _ring_build.make_builder("_ring_cffi", absolute_paths=True)
+        sys.path.insert(0, {str(ROOT / 'groupcomm' / 'core')!r})
+        import build as ring_build
+        b = ring_build.make_builder("_ring_cffi", absolute_paths=True)
         print(b.compile(tmpdir={str(tmp)!r}))
         """
     )

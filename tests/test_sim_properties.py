@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from hypothesis import given
 
-from groupcomm.ring import RingConfig
+from groupcomm.core.ring import RingConfig
 from tests.simrun import run_schedule
 from tests.strategies import schedules
 

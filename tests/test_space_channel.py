@@ -8,7 +8,7 @@ import pytest
 import trio
 
 import groupcomm
-from groupcomm.channel import open_channel
+from groupcomm.io.channel import open_channel
 from groupcomm.errors import LocalProtocolError
 from groupcomm.events import Message
 from tests.test_channel import FAST, loopback, unique_cluster, wait_for_view

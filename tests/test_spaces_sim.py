@@ -18,9 +18,9 @@ import pytest
 from hypothesis import example, given, settings
 from hypothesis import strategies as st
 
-from groupcomm.quorum import QuorumConfig
-from groupcomm.rpc import ALL, FIRST, MAJORITY, NONE
-from groupcomm.spaces import SpaceView, StateInstalled
+from groupcomm.layers.quorum import QuorumConfig
+from groupcomm.layers.rpc import ALL, FIRST, MAJORITY, NONE
+from groupcomm.layers.spaces import SpaceView, StateInstalled
 from groupcomm.events import Message
 from groupcomm.testing import SimCluster
 

@@ -1,6 +1,6 @@
 """The UNICAST layer, sans-IO: reliable, ordered point-to-point messages.
 
-Real :class:`~groupcomm.unicast.Unicast` objects are driven by :class:`Net`, a
+Real :class:`~groupcomm.layers.unicast.Unicast` objects are driven by :class:`Net`, a
 tiny deterministic network in virtual microseconds (seeded loss, duplication,
 reordering and latency) that calls each node's ``tick`` at its
 ``next_deadline``.  No sockets, no clock.
@@ -19,8 +19,8 @@ from hypothesis import strategies as st
 
 from groupcomm.config import LayerSpec, build_config
 from groupcomm.errors import ConfigError, LocalProtocolError, PayloadTooLarge, QueueFull
-from groupcomm.ring import SendTo
-from groupcomm.unicast import (
+from groupcomm.core.ring import SendTo
+from groupcomm.layers.unicast import (
     ACK,
     DATA,
     LEFT,

@@ -16,9 +16,9 @@ from dataclasses import dataclass
 
 from groupcomm.errors import ConfigError, LocalProtocolError, NotOperational, PayloadTooLarge
 from groupcomm.events import Configuration, Crashed, Delivery, Event, View
-from groupcomm.quorum import QuorumConfig
-from groupcomm.ring import Ring, RingConfig, RingState, SendTo, SendToAll
-from groupcomm.member import Member
+from groupcomm.layers.quorum import QuorumConfig
+from groupcomm.core.ring import Ring, RingConfig, RingState, SendTo, SendToAll
+from groupcomm.layers.member import Member
 from groupcomm.testing.sim_services import ServiceApps
 from groupcomm.testing.evs import SendRecord, check_evs
 
@@ -50,24 +50,24 @@ class NetworkModel:
 
 
 class _StackAsRing:
-    """Presents a :class:`~groupcomm.member.Member` (the production layers) with the Ring interface."""
+    """Presents a :class:`~groupcomm.layers.member.Member` (the production layers) with the Ring interface."""
 
     def __init__(self, member: Member, services: Callable[[object], None]) -> None:
         self.member = member
-        self.stack = member.stack
+        self.multicast = member.multicast
         self._services = services
         self._now = 0
 
     def __getattr__(self, name: str):
-        return getattr(self.stack.ring, name)          # state, ring_seq, stats, debug, members...
+        return getattr(self.multicast.ring, name)          # state, ring_seq, stats, debug, members...
 
     @property
     def max_payload(self) -> int:
-        return self.stack.frag.max_message
+        return self.multicast.frag.max_message
 
     @property
     def pending(self) -> int:
-        return self.stack.pending
+        return self.multicast.pending
 
     def receive(self, now: int, packet: bytes) -> None:
         self._now = now
@@ -147,11 +147,11 @@ class SimCluster:
         if stack is not None:
             # The production layers from a stack file (TOTEM, FRAG, FD); the
             # transport is this simulated network.
-            from groupcomm.channel import stack_configs
-            from groupcomm.config import load_stack
+            from groupcomm.config import build_stack, load_stack
 
-            stack_ring, _, self._fd, self._frag = stack_configs(load_stack(stack), transport_optional=True)
-            config = config or stack_ring
+            settings = build_stack(load_stack(stack), transport_optional=True)
+            self._fd, self._frag = settings.fd, settings.frag
+            config = config or settings.ring
         self._use_stack = stack is not None
         self._quorum = quorum
         self.services = ServiceApps(self)

@@ -19,12 +19,12 @@ from typing import TYPE_CHECKING, Any
 
 from groupcomm.errors import NotOperational
 from groupcomm.events import Direct, View
-from groupcomm.member import DirectDone
-from groupcomm.rpc import ALL, Mode, Reply, RequestDone
-from groupcomm.spaces import Merge, SpaceMessage, SpaceRequest, SpaceView, StateInstalled, StateRequest
+from groupcomm.layers.member import DirectDone
+from groupcomm.layers.rpc import ALL, Mode, Reply, RequestDone
+from groupcomm.layers.spaces import Merge, SpaceMessage, SpaceRequest, SpaceView, StateInstalled, StateRequest
 
 if TYPE_CHECKING:
-    from groupcomm.member import Member
+    from groupcomm.layers.member import Member
     from groupcomm.testing.sim import SimCluster
 
 __all__ = ["ServiceApps", "SimRequest"]

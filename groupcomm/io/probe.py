@@ -14,7 +14,7 @@ from typing import Any
 
 import msgpack
 
-from groupcomm.udp import UdpConfig, open_sockets
+from groupcomm.io.udp import UdpConfig, open_sockets
 
 __all__ = ["MAGIC", "probe", "format_table", "is_probe_request", "probe_response"]
 

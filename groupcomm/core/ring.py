@@ -16,7 +16,7 @@ from functools import partial
 from dataclasses import dataclass, field
 from typing import NamedTuple, Union
 
-from groupcomm._native import ffi, lib
+from groupcomm.core.native import ffi, lib
 from groupcomm.config import Duration, Size
 from groupcomm.errors import (
     ConfigError,

@@ -1,14 +1,16 @@
-"""One member's protocol layers, sans-IO: the Totem ring, fragmentation and
-failure detection, driven by packets, sends and time.
+"""Totally ordered multicast of messages of any size, sans-IO: the Totem ring,
+fragmentation and failure detection (TOTEM + FRAG + FD), driven by packets,
+sends and time.  :class:`~groupcomm.layers.member.Member` composes it with the
+layers above; on its own it is what the EVS schedules exercise.
 
-The trio :class:`~groupcomm.channel.Channel` drives a ``Stack`` over UDP and
+The trio :class:`~groupcomm.io.channel.Channel` drives it (inside a Member) over UDP and
 :class:`~groupcomm.testing.SimCluster` drives the same class over its
 simulated network, so tests exercise the production layers.
 
-Outputs (:meth:`Stack.take`), in order: :class:`~groupcomm.ring.SendToAll`,
-:class:`~groupcomm.ring.SendTo` (to a member id), lists of
+Outputs (:meth:`Multicast.take`), in order: :class:`~groupcomm.core.ring.SendToAll`,
+:class:`~groupcomm.core.ring.SendTo` (to a member id), lists of
 :class:`~groupcomm.events.Message` (runs of application messages),
-:class:`~groupcomm.ring.LayerDelivery` (messages of the layers above) and
+:class:`~groupcomm.core.ring.LayerDelivery` (messages of the layers above) and
 :class:`~groupcomm.events.View`.
 """
 
@@ -18,15 +20,15 @@ from collections import deque
 
 from groupcomm.errors import QueueFull
 from groupcomm.events import Configuration, Message, View
-from groupcomm.fd import MAGIC as FD_MAGIC
-from groupcomm.fd import HEARTBEAT, PING, PONG, FailureDetector, FdConfig
-from groupcomm.frag import FRAGMENT, FragConfig, Fragmenter
-from groupcomm.ring import LayerDelivery, Ring, RingConfig, SendTo, SendToAll
+from groupcomm.layers.fd import MAGIC as FD_MAGIC
+from groupcomm.layers.fd import HEARTBEAT, PING, PONG, FailureDetector, FdConfig
+from groupcomm.layers.frag import FRAGMENT, FragConfig, Fragmenter
+from groupcomm.core.ring import LayerDelivery, Ring, RingConfig, SendTo, SendToAll
 
-__all__ = ["Stack"]
+__all__ = ["Multicast"]
 
 
-class Stack:
+class Multicast:
     """TOTEM + FRAG (+ FD) for one member; time is integer microseconds."""
 
     def __init__(
@@ -73,7 +75,7 @@ class Stack:
 
         ``kind`` 0 is an application message (delivered as
         :class:`~groupcomm.events.Message`); layers above use kinds from 2 up
-        (delivered as :class:`~groupcomm.ring.LayerDelivery`).
+        (delivered as :class:`~groupcomm.core.ring.LayerDelivery`).
 
         Raises :class:`~groupcomm.errors.QueueFull` when the member's queue is
         full (nothing is queued then) and PayloadTooLarge over FRAG's limit.

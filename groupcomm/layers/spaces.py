@@ -33,7 +33,7 @@ installed, which makes it a provider candidate.
 
 After a merge, members that come from a non-primary side re-fetch the state of
 each of their spaces from the side that was primary (see
-:mod:`groupcomm.quorum`); so after a partition heals the minority learns which
+:mod:`groupcomm.layers.quorum`); so after a partition heals the minority learns which
 side was primary (:class:`Merge`) and adopts its state.  If no side was
 primary, the side with the most recent primary view wins (ties: the side with
 the lowest node id).
@@ -49,7 +49,7 @@ import msgpack
 
 from groupcomm.errors import LocalProtocolError
 from groupcomm.events import Message, RingId, View
-from groupcomm.quorum import Quorum
+from groupcomm.layers.quorum import Quorum
 
 __all__ = [
     "SpaceView", "SpaceMessage", "SpaceRequest", "StateRequest", "StateInstalled", "Merge",

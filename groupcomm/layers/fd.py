@@ -3,7 +3,7 @@
 Every member multicasts a heartbeat each ``interval``.  Any packet from a peer
 counts as a sign of life.  A view member silent for ``timeout`` is *verified*
 with a unicast ping; only if nothing arrives within ``verify`` is it reported
-dead (the driver then calls :meth:`groupcomm.ring.Ring.suspect`).  This cuts
+dead (the driver then calls :meth:`groupcomm.core.ring.Ring.suspect`).  This cuts
 fail-over from token timeout + consensus to roughly ``timeout + verify``.
 """
 

@@ -1,7 +1,7 @@
-"""ServiceSpaces and request-reply on trio: the application side of :mod:`groupcomm.spaces`.
+"""ServiceSpaces and request-reply on trio: the application side of :mod:`groupcomm.layers.spaces`.
 
 A :class:`Space` is what :meth:`Channel.join_space
-<groupcomm.channel.Channel.join_space>` returns::
+<groupcomm.io.channel.Channel.join_space>` returns::
 
     space = await ch.join_space("webapp-1")
     await space.send(b"...")                   # totally ordered, only to the space's members
@@ -36,12 +36,12 @@ import trio
 
 from groupcomm.errors import ChannelClosed, DeliveryOverflow, LocalProtocolError, MemberUnreachable
 from groupcomm.events import Message
-from groupcomm.member import DirectDone
-from groupcomm.rpc import ALL, Mode, Reply, RequestDone
-from groupcomm.spaces import SpaceMessage, SpaceRequest, SpaceView, StateInstalled, StateRequest
+from groupcomm.layers.member import DirectDone
+from groupcomm.layers.rpc import ALL, Mode, Reply, RequestDone
+from groupcomm.layers.spaces import SpaceMessage, SpaceRequest, SpaceView, StateInstalled, StateRequest
 
 if TYPE_CHECKING:
-    from groupcomm.channel import Channel
+    from groupcomm.io.channel import Channel
 
 __all__ = ["Space", "Services", "Request", "Handler"]
 

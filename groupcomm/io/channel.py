@@ -7,11 +7,11 @@
         async for event in ch.events():       # Message | View, in the total order
             ...
 
-The ring (:mod:`groupcomm.ring`) is sans-IO; this module only moves bytes and
+The ring (:mod:`groupcomm.core.ring`) is sans-IO; this module only moves bytes and
 time.  The channel owns a nursery with three tasks: one per socket (draining
 every readable datagram per wake-up, regular messages before tokens, then one
 flush) and one timer task sleeping until the ring's next deadline.  With
-``pump = "c"`` in the transport layer, a C thread (:mod:`groupcomm.pump`)
+``pump = "c"`` in the transport layer, a C thread (:mod:`groupcomm.io.pump`)
 serves the sockets and the ring's timers instead, and one task waits for its
 eventfd: deliveries, views and the other layers' packets.
 
@@ -26,7 +26,6 @@ from __future__ import annotations
 
 import hashlib
 import math
-from dataclasses import dataclass
 from pathlib import Path
 import time
 import zlib
@@ -35,23 +34,22 @@ from contextlib import asynccontextmanager
 
 import trio
 
-from groupcomm.config import StackSpec, build_config, load_stack
+from groupcomm.config import build_stack, load_stack
 from groupcomm.errors import ChannelClosed, ConfigError, DeliveryOverflow, NotOperational, QueueFull
 from groupcomm.events import Direct, Message, View
-from groupcomm.frag import FragConfig
-from groupcomm.probe import MAGIC as PROBE_MAGIC
-from groupcomm.probe import is_probe_request, probe_response
-from groupcomm.fd import FdConfig
-from groupcomm.pump import Pump, TargetSet, attach, detach, now_us
-from groupcomm.ring import RingConfig, SendTo, SendToAll
-from groupcomm.member import Member
-from groupcomm.quorum import QuorumConfig
-from groupcomm.rpc import ALL, Mode, Reply
-from groupcomm.space import Handler, Services, Space
-from groupcomm.spaces import Merge
-from groupcomm.stack import Stack
-from groupcomm.unicast import UnicastConfig
-from groupcomm.udp import UdpConfig, UdpSockets, UdpuConfig, open_sockets, open_unicast, parse_host
+from groupcomm.layers.frag import FragConfig
+from groupcomm.io.probe import MAGIC as PROBE_MAGIC
+from groupcomm.io.probe import is_probe_request, probe_response
+from groupcomm.layers.fd import FdConfig
+from groupcomm.io.pump import Pump, TargetSet, attach, detach, now_us
+from groupcomm.core.ring import RingConfig, SendTo, SendToAll
+from groupcomm.layers.member import Member
+from groupcomm.layers.quorum import QuorumConfig
+from groupcomm.layers.rpc import ALL, Mode, Reply
+from groupcomm.io.space import Handler, Services, Space
+from groupcomm.layers.spaces import Merge
+from groupcomm.layers.unicast import UnicastConfig
+from groupcomm.io.udp import UdpConfig, UdpSockets, UdpuConfig, open_sockets, open_unicast, parse_host
 
 __all__ = ["Channel", "open_channel", "node_id_for"]
 
@@ -59,11 +57,6 @@ _US = 1_000_000
 _MAX_DATAGRAM = 65536
 _TOKEN = 1
 _YIELD_EVERY = 64
-
-
-def _ring_layer(layers):
-    """The Stack that owns the ring (a Member keeps it as ``.stack``): where the pump plugs in."""
-    return getattr(layers, "stack", layers)
 
 
 def node_id_for(cluster: str, name: str) -> int:
@@ -109,7 +102,7 @@ class Channel:
         self._services = Services(self)
         self._nursery: trio.Nursery | None = None
         self._max_pending = max_pending_events
-        self._stack: Stack | None = None
+        self._member: Member | None = None
         self._sockets: UdpSockets | None = None
         self._peers: dict[int, tuple] = {}
         self._targets: set[tuple] = set()          # unicast-only transport: everyone we know
@@ -136,7 +129,7 @@ class Channel:
     @property
     def address(self) -> int:
         """This member's node id (what other members see as ``sender``)."""
-        return self._require_stack().node_id
+        return self._require_member().node_id
 
     @property
     def name(self) -> str:
@@ -150,15 +143,15 @@ class Channel:
     @property
     def max_payload(self) -> int:
         """Largest payload :meth:`send` accepts (the FRAG layer's ``max_message``)."""
-        self._require_stack()
+        self._require_member()
         return self._frag_config.max_message
 
     def stats(self) -> dict[str, int]:
         """The ring's counters plus the transport's and the layers'."""
-        stack = self._require_stack()
-        s = stack.ring.stats()
+        member = self._require_member()
+        s = member.ring.stats()
         s["transport_send_drops"] = self.dropped_sends
-        s["fragments_dropped"] = stack.frag.dropped
+        s["fragments_dropped"] = member.frag.dropped
         s["pending_events"] = self._pending_events
         if self._pump is not None:
             pump = self._pump.stats()
@@ -197,10 +190,10 @@ class Channel:
         """
         if type(payload) is not bytes and not isinstance(payload, (bytearray, memoryview)):
             raise TypeError(f"payload must be bytes, not {type(payload).__name__}")
-        stack = self._stack
-        if stack is None or self._closed:
-            self._require_stack()
-        if stack.send(self._now(), payload, safe):
+        member = self._member
+        if member is None or self._closed:
+            self._require_member()
+        if member.send(self._now(), payload, safe):
             self._flush()
 
     async def events(self) -> AsyncIterator[Message | View]:
@@ -219,7 +212,7 @@ class Channel:
         """Leave the group gracefully and stop."""
         self._leave()
 
-    # -- spaces and request-reply (groupcomm.space) ---------------------------------
+    # -- spaces and request-reply (groupcomm.io.space) ---------------------------------
 
     async def join_space(self, name: str) -> Space:
         """Join the ServiceSpace ``name``; returns once this member's join is delivered."""
@@ -242,13 +235,13 @@ class Channel:
 
     async def request(self, payload: bytes, *, to: int | list[int] | tuple[int, ...] | None = None,
                       mode: Mode = ALL, timeout: float = 2.0) -> dict[int, Reply]:
-        """Ask every member of the channel (``to=None``, through the ring) or ``to``; see :mod:`groupcomm.rpc`."""
+        """Ask every member of the channel (``to=None``, through the ring) or ``to``; see :mod:`groupcomm.layers.rpc`."""
         return await self._services.request("", payload, to=to, mode=mode, timeout=timeout)
 
     def _call_layer(self, action, *, quiet: bool = False) -> None:
         """Run ``action(now, member)`` on the sans-IO layers, then act on their outputs."""
         try:
-            member = self._require_stack()
+            member = self._require_member()
             action(self._now(), member)
         except (ChannelClosed, NotOperational):
             if quiet:
@@ -271,7 +264,7 @@ class Channel:
     async def _finish_sends(self) -> None:
         """Before a graceful leave: let the ring order what we already sent (bounded by the token timeout)."""
         with trio.move_on_after(2 * self._ring_config.token_timeout):
-            while not self._closed and self._stack is not None and self._stack.pending:
+            while not self._closed and self._member is not None and self._member.pending:
                 await trio.sleep(0.001)
 
     def _spawn(self, fn, *args) -> None:
@@ -284,10 +277,10 @@ class Channel:
 
     # -- driver ----------------------------------------------------------------
 
-    def _require_stack(self) -> Stack:
-        if self._closed or self._stack is None:
+    def _require_member(self) -> Member:
+        if self._closed or self._member is None:
             raise ChannelClosed(f"channel for cluster {self.cluster!r} is closed")
-        return self._stack
+        return self._member
 
     def _now(self) -> int:
         if self._pump is not None:
@@ -295,7 +288,7 @@ class Channel:
         return int(self._clock.current_time() * _US)
 
     async def run(self, *, task_status=trio.TASK_STATUS_IGNORED) -> None:
-        """Open sockets, start the stack and serve until cancelled (``nursery.start`` protocol)."""
+        """Open sockets, start the member and serve until cancelled (``nursery.start`` protocol)."""
         self._clock = trio.lowlevel.current_clock()
         cfg = self._udp_config
         unicast_only = isinstance(cfg, UdpuConfig)
@@ -307,13 +300,13 @@ class Channel:
         # A new incarnation must never reuse a ring id: start above the wall clock.
         floor = int(time.time() * 1000) * 4
         try:
-            self._stack = Member(node_id, self._ring_config, fd=self._fd_config, frag=self._frag_config,
+            self._member = Member(node_id, self._ring_config, fd=self._fd_config, frag=self._frag_config,
                                  unicast=self._unicast_config, quorum=self._quorum_config,
                                  ring_seq_floor=floor, epoch=floor)
             self._my_id = node_id.to_bytes(4, "big")
             if cfg.pump == "c":
                 self._start_pump(sockets)
-            self._stack.start(self._now())
+            self._member.start(self._now())
             self._probe_mark = (trio.current_time(), 0)
             self._flush()
             async with trio.open_nursery() as nursery:
@@ -339,8 +332,8 @@ class Channel:
 
     def _start_pump(self, sockets: UdpSockets) -> None:
         """Hand the sockets and the ring's hot path to the C pump's thread."""
-        assert self._stack is not None
-        pump = attach(_ring_layer(self._stack), sockets, max_backlog=self._max_pending)
+        assert self._member is not None
+        pump = attach(self._member.multicast, sockets, max_backlog=self._max_pending)
         self._pump = pump
         self._pump_offset = trio.current_time() - now_us() / _US
         if sockets.group is None:
@@ -352,7 +345,7 @@ class Channel:
         drain = self._drain if self._pump is None else self._drain_pump
         while True:
             await trio.lowlevel.wait_readable(sock)
-            if self._stack is None or self._closed:
+            if self._member is None or self._closed:
                 if self._pump is not None:
                     self._pump.stop()             # a closed channel goes silent, as without the pump
                 return
@@ -393,9 +386,9 @@ class Channel:
                 self._sendto(sockets.unicast, packet, addr)
 
     def _drain(self, sock) -> None:
-        """Feed every readable datagram to the stack, messages before tokens, then flush once."""
-        stack = self._stack
-        assert stack is not None
+        """Feed every readable datagram to the member, messages before tokens, then flush once."""
+        member = self._member
+        assert member is not None
         my_id, peers, sockets = self._my_id, self._peers, self._sockets
         assert sockets is not None
         tokens = []
@@ -419,15 +412,15 @@ class Channel:
             if len(data) > 3 and data[3] == _TOKEN and data[:2] == b"GC":
                 tokens.append(data)               # act on the token after the messages it follows
                 continue
-            stack.receive(self._now(), data)
+            member.receive(self._now(), data)
         for data in tokens:
-            stack.receive(self._now(), data)
+            member.receive(self._now(), data)
         self._flush()
 
     def _drain_pump(self, notify_fd: int) -> None:
         """The pump woke us: answer probes, feed the other layers' packets, then flush its deliveries."""
-        pump, stack = self._pump, self._stack
-        assert pump is not None and stack is not None
+        pump, member = self._pump, self._member
+        assert pump is not None and member is not None
         pump.clear_notify()                       # before taking: a later signal wakes us again
         packets = pump.take_packets()
         if packets:
@@ -436,7 +429,7 @@ class Channel:
                 if data[:2] == PROBE_MAGIC:
                     self._answer_probe(data, addr)
                 else:
-                    stack.receive(now, data)      # the other layers' packets; ring packets stay in C
+                    member.receive(now, data)      # the other layers' packets; ring packets stay in C
         self._flush()
 
     async def _timer_loop(self) -> None:
@@ -445,18 +438,18 @@ class Channel:
                 self._timer_scope = scope
                 scope.deadline = self._armed_deadline = self._deadline()
                 await trio.sleep_forever()
-            stack = self._stack
-            if stack is None or self._closed:
+            member = self._member
+            if member is None or self._closed:
                 return
-            if self._pump is not None and stack.fd is not None:
-                self._pump.sync_heard(stack.fd)   # ring packets the pump saw are signs of life
-            stack.tick(self._now())
+            if self._pump is not None and member.fd is not None:
+                self._pump.sync_heard(member.fd)   # ring packets the pump saw are signs of life
+            member.tick(self._now())
             self._flush()
 
     def _answer_probe(self, data: bytes, addr) -> None:
         """`groupcomm probe` asks every member for its view and counters."""
-        stack = self._stack
-        if stack is None or self._sockets is None or not is_probe_request(data, self._ring_config.cluster_id):
+        member = self._member
+        if member is None or self._sockets is None or not is_probe_request(data, self._ring_config.cluster_id):
             return
         now = trio.current_time()
         stats = self.stats()
@@ -465,30 +458,30 @@ class Channel:
         report = {
             "name": self.name,
             "address": self.address,
-            "state": stack.ring.state.name,
+            "state": member.ring.state.name,
             "view": list(self._view.members) if self._view else [],
             "ring": str(self._view.ring_id) if self._view else "",
             "rotations_per_s": round((stats["tokens_received"] - tokens0) / max(now - t0, 1e-6), 1),
-            "debug": stack.ring.debug(),
+            "debug": member.ring.debug(),
             "stats": stats,
         }
         self._sendto(self._sockets.unicast, probe_response(self._ring_config.cluster_id, report), addr)
 
     def _deadline(self) -> float:
-        """The stack's next deadline in trio time (with the pump: only the failure detector's)."""
-        d = self._stack.next_deadline() if self._stack is not None else None
+        """The member's next deadline in trio time (with the pump: only the failure detector's)."""
+        d = self._member.next_deadline() if self._member is not None else None
         if d is None:
             return math.inf
         return d / _US + self._pump_offset
 
     def _flush(self) -> None:
-        stack, sockets = self._stack, self._sockets
-        if stack is None or sockets is None:
+        member, sockets = self._member, self._sockets
+        if member is None or sockets is None:
             return
         uni, peers = sockets.unicast, self._peers
         batch: list = []
         push = batch.append
-        for out in stack.take(self._now()):
+        for out in member.take(self._now()):
             t = type(out)
             if t is list:
                 batch.extend(out)
@@ -515,7 +508,7 @@ class Channel:
         if self._timer_scope is not None and deadline != self._armed_deadline:
             self._armed_deadline = deadline
             self._timer_scope.deadline = deadline
-        if not self._space.is_set() and stack.can_send:
+        if not self._space.is_set() and member.can_send:
             self._space.set()
         if self._pending_events > self._max_pending and not self._overflow:
             self._overflow = True
@@ -528,10 +521,10 @@ class Channel:
             self.dropped_sends += 1
 
     def _leave(self) -> None:
-        if self._closed or self._stack is None:
+        if self._closed or self._member is None:
             return
         try:
-            self._stack.leave(self._now())
+            self._member.leave(self._now())
         except NotOperational:
             pass
         self._flush()
@@ -540,50 +533,6 @@ class Channel:
         self._services.close()                  # spaces' events() end too, requests return
         if self._timer_scope is not None:
             self._timer_scope.cancel()
-
-
-@dataclass(frozen=True)
-class SimTransport:
-    """Marks a stack for the simulator: the network is SimCluster's."""
-
-
-LAYERS: dict[str, type] = {
-    "UDP": UdpConfig, "UDPU": UdpuConfig, "SIM": SimTransport,
-    "FD": FdConfig, "TOTEM": RingConfig, "FRAG": FragConfig,
-    "UNICAST": UnicastConfig, "QUORUM": QuorumConfig,
-}
-_TRANSPORTS = ("UDP", "UDPU", "SIM")
-
-
-def stack_configs(
-    spec: StackSpec, *, transport_optional: bool = False
-) -> tuple[RingConfig, UdpConfig | UdpuConfig | None, FdConfig | None, FragConfig]:
-    """Validate a loaded stack and build each layer's config.
-
-    ``transport_optional``: the simulator supplies its own network, so a stack
-    for it (``protocols/sim.toml``) lists a ``SIM`` transport or none.
-    """
-    names = [layer.name for layer in spec.layers]
-    for layer in spec.layers:
-        if layer.name not in LAYERS:
-            raise ConfigError(f"{layer.source}: unknown layer {layer.name!r} (known: {', '.join(LAYERS)})")
-    if "TOTEM" not in names:
-        raise ConfigError(f"{spec.source}: the stack needs a TOTEM layer")
-    transports = [n for n in names if n in _TRANSPORTS]
-    if transport_optional and (not transports or transports == ["SIM"]):
-        transports = []
-    elif len(transports) != 1 or names[0] != transports[0] or transports == ["SIM"]:
-        raise ConfigError(f"{spec.source}: the bottom (first) layer must be one transport, UDP or UDPU")
-    built = {layer.name: build_config(LAYERS[layer.name], layer) for layer in spec.layers}
-    transport = built[transports[0]] if transports else None
-    return built["TOTEM"], transport, built.get("FD"), built.get("FRAG") or FragConfig()
-
-
-def service_configs(spec: StackSpec) -> tuple[UnicastConfig | None, QuorumConfig | None]:
-    """The UNICAST and QUORUM layers of a loaded stack (None: defaults)."""
-    built = {layer.name: build_config(LAYERS[layer.name], layer) for layer in spec.layers
-             if layer.name in ("UNICAST", "QUORUM")}
-    return built.get("UNICAST"), built.get("QUORUM")
 
 
 _FROM_STACK = object()
@@ -615,12 +564,10 @@ async def open_channel(
     already sent are ordered, then leaves the group gracefully.  Errors from the channel's
     tasks propagate as trio propagates them (an ExceptionGroup when several fail).
     """
-    spec = load_stack(stack, overrides=overrides)
-    stack_ring, stack_udp, stack_fd, stack_frag = stack_configs(spec)
-    stack_unicast, stack_quorum = service_configs(spec)
-    ring = ring or stack_ring
-    udp = udp or stack_udp
-    fd = stack_fd if fd is _FROM_STACK else fd
+    settings = build_stack(load_stack(stack, overrides=overrides))
+    ring = ring or settings.ring
+    udp = udp or settings.transport
+    fd = settings.fd if fd is _FROM_STACK else fd
     ch = Channel(
         cluster=cluster,
         name=name,
@@ -629,9 +576,9 @@ async def open_channel(
         udp=udp,
         max_pending_events=max_pending_events,
         fd=fd,
-        frag=stack_frag,
-        unicast=stack_unicast,
-        quorum=quorum or stack_quorum,
+        frag=settings.frag,
+        unicast=settings.unicast,
+        quorum=quorum or settings.quorum,
     )
     timeout = join_timeout if join_timeout is not None else 10 * (ring.consensus or 1.2 * ring.token_timeout)
     async with trio.open_nursery() as nursery:

@@ -1,7 +1,7 @@
 """Fragmentation and reassembly of large messages, sans-IO.
 
 Every message on the ring carries a ``kind`` (0-127, see
-:meth:`~groupcomm.ring.Ring.submit`) outside its payload: ``0`` is a whole
+:meth:`~groupcomm.core.ring.Ring.submit`) outside its payload: ``0`` is a whole
 application message, :data:`FRAGMENT` a fragment with a header ``(msg_id,
 index, count, inner kind)``, and the layers above use kinds of their own.  A
 message that fits the ring travels as is, with no header and no copy.

@@ -12,7 +12,7 @@ import os
 
 _override = os.environ.get("GROUPCOMM_RING_LIBRARY")
 if _override:
-    _spec = importlib.util.spec_from_file_location("groupcomm._ring_cffi", _override)
+    _spec = importlib.util.spec_from_file_location("groupcomm.core._ring_cffi", _override)
     if _spec is None or _spec.loader is None:
         raise ImportError(f"GROUPCOMM_RING_LIBRARY={_override!r} is not a loadable extension")
     _module = importlib.util.module_from_spec(_spec)
@@ -20,7 +20,7 @@ if _override:
     ffi, lib = _module.ffi, _module.lib
 else:
     try:
-        from groupcomm._ring_cffi import ffi, lib  # type: ignore[import-not-found]
+        from groupcomm.core._ring_cffi import ffi, lib  # type: ignore[import-not-found]
     except ImportError as exc:  # pragma: no cover - only on a broken install
         raise ImportError(
             "groupcomm's C core is not built; install the package with "

@@ -7,11 +7,11 @@ Python only for what Python must see: deliveries, views, and the other layers'
 packets (failure detector, unicast, probe).
 
 The protocol layers stay as they are.  :func:`attach` hands the
-:class:`~groupcomm.stack.Stack` a :class:`LockedRing` in place of its ring:
+:class:`~groupcomm.layers.multicast.Multicast` a :class:`LockedRing` in place of its ring:
 the same interface, but every call holds the pump's lock and reads the pump's
 clock, the thread sends the ring's packets, and :meth:`LockedRing.take`
 returns the deliveries the pump collected (in :meth:`Ring.take`'s format), so
-``Stack.take`` still does reassembly, views and failure detection.
+``Multicast.take`` still does reassembly, views and failure detection.
 """
 
 from __future__ import annotations
@@ -20,11 +20,11 @@ import os
 import socket
 from functools import partial
 
-from groupcomm._native import ffi, lib
+from groupcomm.core.native import ffi, lib
 from groupcomm.errors import ConfigError, QueueFull
 from groupcomm.events import Delivery
-from groupcomm.ring import Ring, parse_actions
-from groupcomm.udp import UdpSockets
+from groupcomm.core.ring import Ring, parse_actions
+from groupcomm.io.udp import UdpSockets
 
 __all__ = ["Pump", "LockedRing", "TargetSet", "attach", "detach", "now_us"]
 
@@ -83,7 +83,7 @@ class Pump:
         self._heard_nodes = ffi.new("uint32_t[]", lib.GC_PUMP_PEERS_MAX)
         self._heard_times = ffi.new("uint64_t[]", lib.GC_PUMP_PEERS_MAX)
         self._heard: dict[int, int] = {}
-        self._stack = None                        # the Stack whose ring it drives (attach)
+        self._multicast = None                      # the Multicast layer whose ring it drives (attach)
 
     # -- lifetime ---------------------------------------------------------------
 
@@ -208,13 +208,13 @@ class TargetSet(set):
 
 
 class LockedRing:
-    """The :class:`~groupcomm.ring.Ring` as a Stack sees it while a pump drives it.
+    """The :class:`~groupcomm.core.ring.Ring` as the Multicast layer sees it while a pump drives it.
 
     Every call holds the pump's lock and gives the ring the pump's clock (the
     ``now`` arguments are ignored); releasing the lock sends what the ring
     produced.  :meth:`submit` never waits for the pump's thread (see
     ``gc_pump_submit``).  Outputs come from :meth:`Pump.take`; timers are the
-    pump's, so :meth:`next_deadline` is None and the Stack's own deadline is
+    pump's, so :meth:`next_deadline` is None and the Multicast layer's own deadline is
     its failure detector's.
     """
 
@@ -309,22 +309,22 @@ class LockedRing:
         return self._read(self.ring.stats)
 
 
-def attach(stack, sockets: UdpSockets, *, max_backlog: int) -> Pump:
-    """Build a pump for ``stack``'s ring and put a :class:`LockedRing` in the stack.
+def attach(multicast, sockets: UdpSockets, *, max_backlog: int) -> Pump:
+    """Build a pump for ``multicast``'s ring and put a :class:`LockedRing` in its place.
 
     :func:`detach` undoes it; the thread starts with :meth:`Pump.start`.
     """
-    ring = stack.ring
+    ring = multicast.ring
     pump = Pump(ring, sockets, max_backlog=max_backlog)
-    stack.ring = LockedRing(ring, pump)
-    pump._stack = stack
+    multicast.ring = LockedRing(ring, pump)
+    pump._multicast = multicast
     return pump
 
 
 def detach(pump: Pump) -> None:
-    """Join the pump's thread, free it, and give its stack the plain ring back."""
+    """Join the pump's thread, free it, and give its Multicast layer the plain ring back."""
     pump.close()
-    stack = pump._stack
-    if stack is not None and isinstance(stack.ring, LockedRing):
-        stack.ring = stack.ring.ring
-    pump._stack = None
+    multicast = pump._multicast
+    if multicast is not None and isinstance(multicast.ring, LockedRing):
+        multicast.ring = multicast.ring.ring
+    pump._multicast = None

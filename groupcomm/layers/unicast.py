@@ -104,7 +104,7 @@ from typing import NamedTuple, Union
 
 from groupcomm.config import Duration, Size
 from groupcomm.errors import ConfigError, LocalProtocolError, PayloadTooLarge, QueueFull
-from groupcomm.ring import SendTo
+from groupcomm.core.ring import SendTo
 
 __all__ = [
     "MAGIC",

@@ -45,10 +45,10 @@ import types
 import typing
 from collections.abc import Mapping
 from dataclasses import dataclass
-from fractions import Fraction
 from pathlib import Path
 from typing import Any
 
+from groupcomm.config.units import Duration, Size, config_error, parse_duration, parse_size
 from groupcomm.errors import ConfigError
 
 __all__ = [
@@ -67,151 +67,6 @@ __all__ = [
 ]
 
 _PACKAGE = "groupcomm.protocols"
-
-
-def _err(where: str, problem: str, value: Any = dataclasses.MISSING) -> ConfigError:
-    message = f"{where}: {problem}" if where else problem
-    if value is not dataclasses.MISSING:
-        message += f" (got {value!r})"
-    return ConfigError(message)
-
-
-# --------------------------------------------------------------------------- durations and sizes
-
-# A plain decimal: no sign (handled separately), no exponent, no underscores.
-_NUMBER = r"(?:\d+(?:\.\d*)?|\.\d+)"
-_QUANTITY = re.compile(rf"\s*([+-]?)({_NUMBER})\s*([^\s\d.+-]*)\s*")
-
-_DURATION_UNITS: dict[str, Fraction] = {
-    "ns": Fraction(1, 1_000_000_000),
-    "us": Fraction(1, 1_000_000),
-    "\u00b5s": Fraction(1, 1_000_000),  # micro sign
-    "\u03bcs": Fraction(1, 1_000_000),  # greek mu
-    "ms": Fraction(1, 1000),
-    "": Fraction(1),
-    "s": Fraction(1),
-    "sec": Fraction(1),
-    "m": Fraction(60),
-    "min": Fraction(60),
-    "h": Fraction(3600),
-}
-
-_SIZE_UNITS: dict[str, int] = {"": 1, "b": 1}
-for _i, _prefix in enumerate("kmgt", start=1):
-    _SIZE_UNITS[_prefix] = _SIZE_UNITS[_prefix + "b"] = 1000**_i
-    _SIZE_UNITS[_prefix + "i"] = _SIZE_UNITS[_prefix + "ib"] = 1024**_i
-del _i, _prefix
-
-
-def parse_duration(value: str | int | float, *, where: str = "") -> float:
-    """Seconds from ``"500ms"``, ``"1s"``, ``"2.5s"``, ``"1m"``, ``"250us"``, ``"1h"`` or a number.
-
-    A bare number (or a numeric string without a unit) is seconds.  Units are
-    ``ns``, ``us`` (or ``µs``), ``ms``, ``s`` (``sec``), ``m`` (``min``) and
-    ``h``; they are case-sensitive (``"1M"`` is refused rather than guessed)
-    and may be separated from the number by spaces.  Negative, NaN, infinite
-    and empty values are refused.  ``where`` prefixes the error message.
-    """
-    if isinstance(value, bool):
-        raise _err(where, "expected a duration such as '500ms' or '1s', not a boolean", value)
-    if isinstance(value, (int, float)):
-        seconds = float(value) if isinstance(value, float) else value
-        if isinstance(seconds, float) and math.isnan(seconds):
-            raise _err(where, "a duration cannot be NaN", value)
-        if seconds < 0:
-            raise _err(where, "a duration cannot be negative", value)
-        try:
-            seconds = float(seconds)
-        except OverflowError:
-            raise _err(where, "duration is too large", value) from None
-        if math.isinf(seconds):
-            raise _err(where, "a duration must be finite", value)
-        return seconds + 0.0  # -0.0 -> 0.0
-    if not isinstance(value, str):
-        raise _err(where, f"expected a duration such as '500ms' or '1s', not {type(value).__name__}", value)
-    if not value.strip():
-        raise _err(where, "empty duration", value)
-    text = value.strip().lower()
-    if text.lstrip("+-") in ("nan", "inf", "infinity"):
-        raise _err(where, "a duration must be a finite number", value)
-    m = _QUANTITY.fullmatch(value)
-    if m is None:
-        raise _err(where, "invalid duration: expected a number and a unit such as '500ms' or '1s'", value)
-    sign, number, unit = m.groups()
-    if unit not in _DURATION_UNITS:
-        raise _err(where, f"unknown duration unit {unit!r} (use ns, us, ms, s, m or h)", value)
-    if sign == "-" and float(number) != 0:
-        raise _err(where, "a duration cannot be negative", value)
-    try:
-        seconds = float(Fraction(number) * _DURATION_UNITS[unit])  # exact, then rounded once
-    except (ValueError, OverflowError):  # more digits than int() converts / beyond float
-        raise _err(where, "duration is too large", value) from None
-    return seconds + 0.0
-
-
-def parse_size(value: str | int, *, where: str = "") -> int:
-    """Bytes from ``"64KiB"``, ``"1MiB"``, ``"60K"``, ``"1.5GB"`` or an integer.
-
-    ``K``/``M``/``G``/``T`` are powers of 1000, ``Ki``/``Mi``/``Gi``/``Ti``
-    powers of 1024; the trailing ``B`` is optional and units are
-    case-insensitive.  A bare integer is bytes.  Negative values, fractions of
-    a byte (``"1.5"``, ``"0.0001K"``) and unknown units are refused.
-    """
-    if isinstance(value, bool):
-        raise _err(where, "expected a size such as '64KiB' or 65536, not a boolean", value)
-    if isinstance(value, int):
-        if value < 0:
-            raise _err(where, "a size cannot be negative", value)
-        return int(value)
-    if isinstance(value, float):
-        if not math.isfinite(value):
-            raise _err(where, "a size must be a finite number of bytes", value)
-        if value < 0:
-            raise _err(where, "a size cannot be negative", value)
-        if not value.is_integer():
-            raise _err(where, "a size must be a whole number of bytes", value)
-        return int(value)
-    if not isinstance(value, str):
-        raise _err(where, f"expected a size such as '64KiB' or 65536, not {type(value).__name__}", value)
-    if not value.strip():
-        raise _err(where, "empty size", value)
-    m = _QUANTITY.fullmatch(value)
-    if m is None:
-        raise _err(where, "invalid size: expected a number and a unit such as '64KiB' or '1MB'", value)
-    sign, number, unit = m.groups()
-    factor = _SIZE_UNITS.get(unit.lower())
-    if factor is None:
-        raise _err(where, f"unknown size unit {unit!r} (use B, K, M, G, T or KiB, MiB, GiB, TiB)", value)
-    try:
-        amount = Fraction(number) * factor
-    except ValueError:  # more digits than int() converts
-        raise _err(where, "size is too large", value) from None
-    if sign == "-" and amount != 0:
-        raise _err(where, "a size cannot be negative", value)
-    if amount.denominator != 1:
-        raise _err(where, "a size must be a whole number of bytes", value)
-    return int(amount)
-
-
-class Duration(float):
-    """Seconds. Annotate dataclass fields with it to get duration parsing.
-
-    ``Duration("50ms") == 0.05``; ``Duration(2) == 2.0``.  It is a float, so a
-    config field typed ``Duration`` can be used wherever seconds are expected.
-    """
-
-    def __new__(cls, value: str | int | float = 0.0) -> Duration:
-        return super().__new__(cls, parse_duration(value))
-
-
-class Size(int):
-    """Bytes. Annotate dataclass fields with it to get size parsing.
-
-    ``Size("64KiB") == 65536``; ``Size("60K") == 60000``.
-    """
-
-    def __new__(cls, value: str | int = 0) -> Size:
-        return super().__new__(cls, parse_size(value))
 
 
 # --------------------------------------------------------------------------- environment
@@ -238,17 +93,17 @@ def substitute_env(value: str, *, where: str = "", environ: Mapping[str, str] | 
             return "${"
         inner = m.group(1)
         if inner is None:
-            raise _err(where, "unterminated '${' (write '$${' for a literal '${')", value)
+            raise config_error(where, "unterminated '${' (write '$${' for a literal '${')", value)
         name, colon, default = inner.partition(":")
         if not _ENV_NAME.fullmatch(name):
-            raise _err(where, f"invalid environment variable name {name!r} in {token!r}", value)
+            raise config_error(where, f"invalid environment variable name {name!r} in {token!r}", value)
         if "${" in default:
-            raise _err(where, f"nested '${{' in the default of {token!r} is not supported", value)
+            raise config_error(where, f"nested '${{' in the default of {token!r} is not supported", value)
         if name in env:
             return env[name]
         if colon:
             return default
-        raise _err(
+        raise config_error(
             where,
             f"environment variable {name!r} is not set and has no default (write '${{{name}:default}}' to give one)",
         )
@@ -322,7 +177,7 @@ def _shipped_root():
     except ModuleNotFoundError as e:
         if e.name not in (_PACKAGE, "groupcomm"):
             raise
-    checkout = Path(__file__).resolve().parent.parent
+    checkout = Path(__file__).resolve().parents[2]
     if (checkout / "pyproject.toml").is_file() and (checkout / "protocols").is_dir():
         return checkout / "protocols"
     return None
@@ -452,7 +307,7 @@ def _load_text(
             )
     description = doc.get("description", "")
     if not isinstance(description, str):
-        raise _err(source, "'description' must be a string", description)
+        raise config_error(source, "'description' must be a string", description)
     if "layer" not in doc:
         raise ConfigError(f"{source}: no [[layer]] tables: a stack lists its layers bottom to top")
     raw_layers = doc["layer"]
@@ -476,9 +331,9 @@ def _load_text(
             raise ConfigError(f"{at(i)}: [[layer]] number {i + 1} has no 'name'")
         name = table["name"]
         if not isinstance(name, str):
-            raise _err(at(i), f"[[layer]] number {i + 1}: 'name' must be a string", name)
+            raise config_error(at(i), f"[[layer]] number {i + 1}: 'name' must be a string", name)
         if not _LAYER_NAME.fullmatch(name):
-            raise _err(
+            raise config_error(
                 at(i),
                 f"[[layer]] number {i + 1}: invalid layer name {name!r}: "
                 "use upper-case letters, digits and '_' (like 'UDP' or 'TOTEM')",
@@ -506,10 +361,10 @@ def _load_text(
                     f"the stack has {', '.join(by_name)}"
                 )
             if not isinstance(changes, Mapping):
-                raise _err(f"{source}: override for layer {layer_name}", "expected a mapping of settings", changes)
+                raise config_error(f"{source}: override for layer {layer_name}", "expected a mapping of settings", changes)
             for key in changes:
                 if not isinstance(key, str) or key == "name":
-                    raise _err(f"{source}: override for layer {layer_name}", "invalid setting name", key)
+                    raise config_error(f"{source}: override for layer {layer_name}", "invalid setting name", key)
             layer = by_name[layer_name]
             by_name[layer_name] = dataclasses.replace(layer, settings={**layer.settings, **changes})
         layers = [by_name[layer.name] for layer in layers]
@@ -557,17 +412,17 @@ def _coerce(hint: Any, value: Any, where: str) -> Any:
             except ConfigError:
                 continue
         expected = " or ".join(_type_name(o) for o in options)
-        raise _err(where, f"expected {expected}" + (" or 'none'" if _NONE_TYPE in args else ""), value)
+        raise config_error(where, f"expected {expected}" + (" or 'none'" if _NONE_TYPE in args else ""), value)
 
     if value is None:
-        raise _err(where, f"expected {_type_name(hint)}, not None", value)
+        raise config_error(where, f"expected {_type_name(hint)}, not None", value)
 
     if origin is typing.Literal:
         choices = typing.get_args(hint)
         for choice in choices:
             if type(choice) is type(value) and choice == value:
                 return choice
-        raise _err(where, f"expected one of {', '.join(repr(c) for c in choices)}", value)
+        raise config_error(where, f"expected one of {', '.join(repr(c) for c in choices)}", value)
 
     if hint is tuple or origin is tuple:
         args = typing.get_args(hint)
@@ -576,7 +431,7 @@ def _coerce(hint: Any, value: Any, where: str) -> Any:
         elif isinstance(value, (list, tuple)):
             items = tuple(value)
         else:
-            raise _err(where, "expected an array or a comma-separated string", value)
+            raise config_error(where, "expected an array or a comma-separated string", value)
         if not args:
             return items
         if len(args) == 2 and args[1] is Ellipsis:
@@ -584,7 +439,7 @@ def _coerce(hint: Any, value: Any, where: str) -> Any:
         if args == ((),):  # tuple[()]
             args = ()
         if len(items) != len(args):
-            raise _err(where, f"expected {len(args)} items, not {len(items)}", value)
+            raise config_error(where, f"expected {len(args)} items, not {len(items)}", value)
         return tuple(_coerce(a, item, f"{where}: item {i}") for i, (a, item) in enumerate(zip(args, items)))
 
     if hint is Duration:
@@ -601,44 +456,44 @@ def _coerce(hint: Any, value: Any, where: str) -> Any:
                 return True
             if word in _FALSE:
                 return False
-        raise _err(where, "expected a boolean (true/false, yes/no, 1/0)", value)
+        raise config_error(where, "expected a boolean (true/false, yes/no, 1/0)", value)
 
     if hint is int:
         if isinstance(value, bool):
-            raise _err(where, "expected an integer, not a boolean", value)
+            raise config_error(where, "expected an integer, not a boolean", value)
         if isinstance(value, int):
             return int(value)
         if isinstance(value, str) and _INT.fullmatch(value.strip()):
             try:
                 return int(value.strip())
             except ValueError:  # beyond int()'s digit limit
-                raise _err(where, "integer is too large", value) from None
-        raise _err(where, "expected an integer", value)
+                raise config_error(where, "integer is too large", value) from None
+        raise config_error(where, "expected an integer", value)
 
     if hint is float:
         if isinstance(value, bool):
-            raise _err(where, "expected a number, not a boolean", value)
+            raise config_error(where, "expected a number, not a boolean", value)
         if isinstance(value, (int, float)):
             number = value
         elif isinstance(value, str):
             try:
                 number = float(value.strip())
             except ValueError:
-                raise _err(where, "expected a number", value) from None
+                raise config_error(where, "expected a number", value) from None
         else:
-            raise _err(where, "expected a number", value)
+            raise config_error(where, "expected a number", value)
         try:
             result = float(number)
         except OverflowError:
-            raise _err(where, "number is too large", value) from None
+            raise config_error(where, "number is too large", value) from None
         if not math.isfinite(result):
-            raise _err(where, "expected a finite number", value)
+            raise config_error(where, "expected a finite number", value)
         return result
 
     if hint is str:
         if isinstance(value, str):
             return value
-        raise _err(where, "expected a string", value)
+        raise config_error(where, "expected a string", value)
 
     raise TypeError(f"build_config: {where}: unsupported field annotation {hint!r}")
 

@@ -36,7 +36,9 @@ class NodeProcess:
     def __init__(self, name: str, cluster: str, args: list[str], prefix: list[str] | None = None) -> None:
         self.name = name
         self.proc = subprocess.Popen(
-            [*(prefix or []), sys.executable, "-m", "groupcomm", "node", "--json", "--cluster", cluster,
+            # -P: never the current directory first on sys.path.  Run from a source
+            # checkout, it would shadow the installed package (and its compiled core).
+            [*(prefix or []), sys.executable, "-P", "-m", "groupcomm", "node", "--json", "--cluster", cluster,
              "--name", name, *args],
             stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
             env={**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [_package_root(), os.environ.get("PYTHONPATH")]))},
@@ -111,7 +113,10 @@ class NodeProcess:
 
 
 def _package_root() -> str:
-    return os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    """The folder that holds the ``groupcomm`` package this process imported."""
+    import groupcomm
+
+    return os.path.dirname(os.path.dirname(os.path.abspath(groupcomm.__file__)))
 
 
 def view_is(members: set[int]) -> Callable[[dict], bool]:

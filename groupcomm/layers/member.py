@@ -2,20 +2,20 @@
 
 :class:`Member` stacks the layers of ARCHITECTURE.md that sit on the ring:
 
-    RPC + SPACES + QUORUM    (groupcomm.rpc, groupcomm.spaces, groupcomm.quorum)
-    FRAG + TOTEM + FD        (groupcomm.stack.Stack)
-    UNICAST                  (groupcomm.unicast), beside the ring
+    RPC + SPACES + QUORUM    (groupcomm.layers.rpc, groupcomm.layers.spaces, groupcomm.layers.quorum)
+    FRAG + TOTEM + FD        (groupcomm.layers.multicast.Multicast)
+    UNICAST                  (groupcomm.layers.unicast), beside the ring
 
 It is fed packets, local calls and time (integer microseconds) and hands out
 everything to act on with :meth:`Member.take`; the trio
-:class:`~groupcomm.channel.Channel` and the simulator both drive it.
+:class:`~groupcomm.io.channel.Channel` and the simulator both drive it.
 
 Outputs, in order: ``SendToAll`` / ``SendTo`` packets; lists of channel
 :class:`~groupcomm.events.Message`; :class:`~groupcomm.events.View` (with
-``primary`` set by the quorum rule); from :mod:`groupcomm.spaces`:
+``primary`` set by the quorum rule); from :mod:`groupcomm.layers.spaces`:
 ``SpaceView``, ``SpaceMessage``, ``SpaceRequest`` (answer with
 :meth:`reply`), ``StateRequest`` (answer with :meth:`provide_state`),
-``StateInstalled``, ``Merge``; and :class:`~groupcomm.rpc.RequestDone`.
+``StateInstalled``, ``Merge``; and :class:`~groupcomm.layers.rpc.RequestDone`.
 """
 
 from __future__ import annotations
@@ -27,12 +27,12 @@ import msgpack
 
 from groupcomm.errors import LocalProtocolError, MemberUnreachable, QueueFull
 from groupcomm.events import Direct, View
-from groupcomm.fd import FdConfig
-from groupcomm.frag import FragConfig
-from groupcomm.quorum import Quorum, QuorumConfig
-from groupcomm.ring import LayerDelivery, RingConfig, SendTo, SendToAll
-from groupcomm.rpc import Mode, Reply, RequestDone, RpcTracker
-from groupcomm.spaces import (
+from groupcomm.layers.fd import FdConfig
+from groupcomm.layers.frag import FragConfig
+from groupcomm.layers.quorum import Quorum, QuorumConfig
+from groupcomm.core.ring import LayerDelivery, RingConfig, SendTo, SendToAll
+from groupcomm.layers.rpc import Mode, Reply, RequestDone, RpcTracker
+from groupcomm.layers.spaces import (
     REQUEST,
     STATE_CHUNK_OP,
     RingSend,
@@ -43,9 +43,9 @@ from groupcomm.spaces import (
     UnicastSend,
     check_space_name,
 )
-from groupcomm.stack import Stack
-from groupcomm.unicast import MAGIC as UNICAST_MAGIC
-from groupcomm.unicast import Unicast, UnicastConfig, UnicastFailed, UnicastMessage, UnicastSent
+from groupcomm.layers.multicast import Multicast
+from groupcomm.layers.unicast import MAGIC as UNICAST_MAGIC
+from groupcomm.layers.unicast import Unicast, UnicastConfig, UnicastFailed, UnicastMessage, UnicastSent
 
 __all__ = ["Member", "SERVICES_KIND"]
 
@@ -65,10 +65,10 @@ class DirectDone(NamedTuple):
 
 
 class Member:
-    """Stack + unicast + spaces + request-reply + quorum for one member.
+    """Multicast + unicast + spaces + request-reply + quorum for one member.
 
-    ``send(now, payload, safe=False)`` (a channel message) is the Stack's own
-    :meth:`~groupcomm.stack.Stack.send`, bound here without a wrapper: it is
+    ``send(now, payload, safe=False)`` (a channel message) is the Multicast layer's own
+    :meth:`~groupcomm.layers.multicast.Multicast.send`, bound here without a wrapper: it is
     the hot path.
     """
 
@@ -85,12 +85,12 @@ class Member:
         epoch: int = 0,
     ) -> None:
         self.node_id = node_id
-        self.stack = Stack(node_id, ring, fd=fd, frag=frag, ring_seq_floor=ring_seq_floor)
+        self.multicast = Multicast(node_id, ring, fd=fd, frag=frag, ring_seq_floor=ring_seq_floor)
         self.unicast = Unicast(node_id, ring.cluster_id, unicast, epoch=epoch or ring_seq_floor)
         self.spaces = SpaceLayer(node_id, Quorum(quorum))
         self.rpc = RpcTracker()
         self.view: View | None = None
-        self.send = self.stack.send          # channel messages go straight to the Stack (hot path)
+        self.send = self.multicast.send          # channel messages go straight to the ring (hot path)
         self._control: deque[tuple[bytes, bool]] = deque()     # ring messages of our layers, waiting for room
         self._my_requests: dict[int, str] = {}                 # multicast req id -> scope
         # Upper-layer unicast, paced per peer.  The tag of each message: a request id
@@ -103,25 +103,25 @@ class Member:
     # -- inputs -----------------------------------------------------------------
 
     def start(self, now: int) -> None:
-        self.stack.start(now)
+        self.multicast.start(now)
 
     def receive(self, now: int, data: bytes) -> None:
         if data[:2] == UNICAST_MAGIC:
             self.unicast.receive(now, data)
         else:
-            self.stack.receive(now, data)
+            self.multicast.receive(now, data)
 
     def tick(self, now: int) -> None:
-        self.stack.tick(now)
+        self.multicast.tick(now)
         self.unicast.tick(now)
         self.rpc.tick(now)
         self._flush_control(now)
 
     def leave(self, now: int) -> None:
-        self.stack.leave(now)
+        self.multicast.leave(now)
 
     def suspect(self, now: int, node: int) -> bool:
-        return self.stack.suspect(now, node)
+        return self.multicast.suspect(now, node)
 
     def join_space(self, now: int, space: str) -> None:
         self.spaces.join(space)
@@ -135,11 +135,11 @@ class Member:
         """A message to the members of ``space``, in total order; QueueFull when full."""
         if space not in self.spaces.requested:
             raise LocalProtocolError(f"member {self.node_id} is not in space {space!r}; join it first")
-        self.stack.send(now, self.spaces.send(space, payload, safe), safe, SERVICES_KIND)
+        self.multicast.send(now, self.spaces.send(space, payload, safe), safe, SERVICES_KIND)
 
     def request(self, now: int, scope: str, payload: bytes, *, to: tuple[int, ...] | None,
                 mode: Mode, timeout_us: int) -> int:
-        """Start a request; its :class:`~groupcomm.rpc.RequestDone` comes out of :meth:`take`.
+        """Start a request; its :class:`~groupcomm.layers.rpc.RequestDone` comes out of :meth:`take`.
 
         ``scope`` is a space name or ``""`` (every member of the channel);
         ``to=None`` multicasts through the ring, a tuple of members sends to
@@ -149,7 +149,7 @@ class Member:
             check_space_name(scope)
         req_id = self.rpc.new_id()
         if to is None:
-            self.stack.send(now, self.spaces.request(scope, req_id, payload), False, SERVICES_KIND)
+            self.multicast.send(now, self.spaces.request(scope, req_id, payload), False, SERVICES_KIND)
             self._my_requests[req_id] = scope
             self.rpc.start(now, req_id, mode, timeout_us, scope, None)
         else:
@@ -160,7 +160,7 @@ class Member:
                     self._out.append(SpaceRequest(scope, member, req_id, bytes(payload)))
                 else:
                     self._unicast(member, message, req_id)
-        self._pump_unicast(now)
+        self._send_queued_unicast(now)
         return req_id
 
     def send_to(self, now: int, dest: int, payload: bytes) -> int:
@@ -172,7 +172,7 @@ class Member:
         self._direct_tokens += 1
         token = self._direct_tokens
         self._unicast(dest, msgpack.packb([DIRECT_OP, bytes(payload)], use_bin_type=True), -token)
-        self._pump_unicast(now)
+        self._send_queued_unicast(now)
         return token
 
     def cancel_request(self, req_id: int) -> None:
@@ -187,7 +187,7 @@ class Member:
             self._collect_rpc()
             return
         self._unicast(request.requester, message, None)
-        self._pump_unicast(now)
+        self._send_queued_unicast(now)
 
     def provide_state(self, now: int, request: StateRequest, state: bytes | None) -> None:
         self.spaces.provide(request, state)
@@ -197,40 +197,40 @@ class Member:
 
     @property
     def ring(self):
-        return self.stack.ring
+        return self.multicast.ring
 
     @ring.setter
     def ring(self, ring) -> None:            # the C pump wraps the ring in a locking proxy
-        self.stack.ring = ring
+        self.multicast.ring = ring
 
     @property
     def frag(self):
-        return self.stack.frag
+        return self.multicast.frag
 
     @property
     def fd(self):
-        return self.stack.fd
+        return self.multicast.fd
 
     @property
     def pending(self) -> int:
-        return self.stack.pending
+        return self.multicast.pending
 
     @property
     def can_send(self) -> bool:
-        return self.stack.can_send
+        return self.multicast.can_send
 
     @property
     def has_output(self) -> bool:
-        return bool(self._out) or self.stack.has_output or self.unicast.has_output
+        return bool(self._out) or self.multicast.has_output or self.unicast.has_output
 
     def next_deadline(self) -> int | None:
-        times = [d for d in (self.stack.next_deadline(), self.unicast.next_deadline(), self.rpc.next_deadline())
+        times = [d for d in (self.multicast.next_deadline(), self.unicast.next_deadline(), self.rpc.next_deadline())
                  if d is not None]
         return min(times) if times else None
 
     def take(self, now: int) -> list:
         out = self._out                  # outputs of the layers above land here, in order
-        for item in self.stack.take(now):
+        for item in self.multicast.take(now):
             t = type(item)
             if t is list or t is SendToAll or t is SendTo:
                 out.append(item)
@@ -296,14 +296,14 @@ class Member:
                     self.rpc.left(item.space, item.left)
                 self._out.append(item)
         self._flush_control(now)
-        self._pump_unicast(now)
+        self._send_queued_unicast(now)
 
     def _flush_control(self, now: int) -> None:
         control = self._control
         while control:
             payload, safe = control[0]
             try:
-                self.stack.send(now, payload, safe, SERVICES_KIND)
+                self.multicast.send(now, payload, safe, SERVICES_KIND)
             except QueueFull:
                 return
             control.popleft()
@@ -311,7 +311,7 @@ class Member:
     def _unicast(self, dest: int, payload: bytes, req_id: int | None) -> None:
         self._uq.setdefault(dest, deque()).append((payload, req_id))
 
-    def _pump_unicast(self, now: int) -> None:
+    def _send_queued_unicast(self, now: int) -> None:
         for dest, queue in list(self._uq.items()):
             inflight = self._u_inflight.setdefault(dest, {})
             while queue and len(inflight) < _UNICAST_WINDOW:
@@ -343,7 +343,7 @@ class Member:
                 self._failed(item.dest, self._u_inflight.get(item.dest, {}).pop(item.msg_id, None), item.reason)
                 again = True
         if again and self._uq:
-            self._pump_unicast(now)
+            self._send_queued_unicast(now)
 
     def _failed(self, dest: int, tag: int | None, reason: str = "left") -> None:
         if tag is None:

@@ -1,7 +1,7 @@
 """cffi builder for the C Totem core and its socket pump (out-of-line API mode).
 
 setuptools runs this at install through ``cffi_modules`` in setup.py; run it
-directly (``python groupcomm/_ring_build.py``) to build in place.
+directly (``python groupcomm/core/build.py``) to build in place.
 
 Build switches (environment variables):
 
@@ -26,7 +26,7 @@ from pathlib import Path
 
 from cffi import FFI
 
-HERE = Path(__file__).resolve().parent
+HERE = Path(__file__).resolve().parent.parent   # groupcomm/: the C sources live there (a fixed path)
 HEADERS = ("_ring.h", "_pump.h")          # the ring's API, then the socket pump's
 SOURCES = ("_ring.c", "_pump.c")
 
@@ -52,7 +52,7 @@ def compile_args() -> list[str]:
     return args
 
 
-def make_builder(module_name: str = "groupcomm._ring_cffi", *, absolute_paths: bool = False) -> FFI:
+def make_builder(module_name: str = "groupcomm.core._ring_cffi", *, absolute_paths: bool = False) -> FFI:
     """A builder for the core; setuptools wants relative paths, ``ffi.compile(tmpdir=...)`` absolute ones."""
     where = (lambda p: str(p)) if absolute_paths else os.path.relpath
     builder = FFI()

@@ -3,7 +3,7 @@ multicasts, so peers learn our unicast address from any packet), one socket
 joined to the multicast group.
 
 Everything here is synchronous socket setup; the trio driver in
-:mod:`groupcomm.channel` does the waiting.
+:mod:`groupcomm.io.channel` does the waiting.
 """
 
 from __future__ import annotations
@@ -18,7 +18,7 @@ from groupcomm.errors import ConfigError
 
 PUMPS = ("trio", "c")
 """Who drives the sockets: ``"trio"`` (Python, one trio wake-up per datagram batch)
-or ``"c"`` (the C socket pump, :mod:`groupcomm.pump`: a thread that runs the ring's
+or ``"c"`` (the C socket pump, :mod:`groupcomm.io.pump`: a thread that runs the ring's
 hot path and wakes Python only for deliveries, views, FD and probe packets)."""
 
 __all__ = ["UdpConfig", "UdpuConfig", "UdpSockets", "open_sockets", "open_unicast", "parse_host"]
