@@ -99,7 +99,8 @@ class RingConfig:
     token_retransmit: Duration | None = None
     """Re-send our last token after this long (default ``token_timeout / 4.2``)."""
     hold: Duration | None = None
-    """Idle ring: the representative parks the token this long (default ``0.8 * token_retransmit - 10 ms``)."""
+    """Idle ring: the representative parks the token this long
+    (default ``max(0.8 * token_retransmit - 10ms, token_retransmit / 2)``)."""
     join: Duration = 0.05
     """Join messages are re-sent this often while gathering."""
     consensus: Duration | None = None

@@ -35,10 +35,13 @@ class UdpConfig:
     mcast_addr: str = "239.192.0.77"
     """IP multicast group shared by the cluster (IPv4 or IPv6)."""
     mcast_port: int = 45588
+    """UDP port of the multicast group; every member of the cluster uses the same one."""
     mcast_ttl: int = 1
     """Multicast hops: 0 keeps traffic on this host, 1 on the LAN."""
     recv_buffer: Size = 4 << 20
+    """Socket receive buffer asked of the kernel (capped by ``net.core.rmem_max`` unless run as root)."""
     send_buffer: Size = 4 << 20
+    """Socket send buffer asked of the kernel (capped by ``net.core.wmem_max`` unless run as root)."""
     pump: Literal["trio", "c"] = "trio"
     """Socket driver: ``"trio"`` (Python) or ``"c"`` (the C socket pump thread)."""
 
@@ -149,6 +152,7 @@ class UdpuConfig:
     """
 
     bind_addr: str = "127.0.0.1"
+    """Local address of our socket (IPv4 or IPv6)."""
     port: int = 45600
     """Our port; fixed, so that the others can list it."""
     hosts: tuple[str, ...] = ()
@@ -158,7 +162,9 @@ class UdpuConfig:
     rescan: Duration = 1.0
     """How often the discovery directory is read again."""
     recv_buffer: Size = 4 << 20
+    """Socket receive buffer asked of the kernel (capped by ``net.core.rmem_max`` unless run as root)."""
     send_buffer: Size = 4 << 20
+    """Socket send buffer asked of the kernel (capped by ``net.core.wmem_max`` unless run as root)."""
     pump: Literal["trio", "c"] = "trio"
     """Socket driver: ``"trio"`` (Python) or ``"c"`` (the C socket pump thread)."""
 

@@ -34,6 +34,7 @@ class FragConfig:
     """The FRAG layer: messages up to ``max_message`` bytes, split to fit the ring."""
 
     max_message: Size = 64 << 20
+    """Largest application message; bigger ones are refused with PayloadTooLarge."""
 
     def __post_init__(self) -> None:
         if self.max_message < 1:
