@@ -29,7 +29,7 @@ import math
 from pathlib import Path
 import time
 import zlib
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
 
 import trio
@@ -44,6 +44,7 @@ from groupcomm.layers.fd import FdConfig
 from groupcomm.io.pump import Pump, TargetSet, attach, detach, now_us
 from groupcomm.core.ring import RingConfig, SendTo, SendToAll
 from groupcomm.layers.member import Member
+from groupcomm.layers.router import Router
 from groupcomm.layers.quorum import QuorumConfig
 from groupcomm.layers.rpc import ALL, Mode, Reply
 from groupcomm.io.space import Handler, Services, Space
@@ -100,6 +101,13 @@ class Channel:
         self._unicast_config = unicast
         self._quorum_config = quorum
         self._services = Services(self)
+        self._router = Router(
+            {SendToAll: self._send_to_all, SendTo: self._send_to, list: self._deliver_run,
+             View: self._deliver_view, Merge: self._deliver_event, Direct: self._deliver_event},
+            self._services.routes(),
+        )
+        self._batch: list = []               # events of the flush under way, handed to events() in one go
+        self._flushing = self._flush_again = False
         self._nursery: trio.Nursery | None = None
         self._max_pending = max_pending_events
         self._member: Member | None = None
@@ -238,8 +246,12 @@ class Channel:
         """Ask every member of the channel (``to=None``, through the ring) or ``to``; see :mod:`groupcomm.layers.rpc`."""
         return await self._services.request("", payload, to=to, mode=mode, timeout=timeout)
 
-    def _call_layer(self, action, *, quiet: bool = False) -> None:
-        """Run ``action(now, member)`` on the sans-IO layers, then act on their outputs."""
+    # -- the surface the layers' trio faces use (groupcomm.io.space) ------------------
+
+    def call_member(self, action: Callable[[int, Member], object], *, quiet: bool = False) -> None:
+        """Run ``action(now, member)`` on this channel's sans-IO :class:`~groupcomm.layers.member.Member`,
+        then act on its outputs.  ``quiet``: on a closed channel do nothing instead of raising
+        :class:`~groupcomm.errors.ChannelClosed`."""
         try:
             member = self._require_member()
             action(self._now(), member)
@@ -250,30 +262,49 @@ class Channel:
         if member.has_output:
             self._flush()
 
-    async def _send_layer(self, action) -> None:
-        """Like :meth:`_call_layer`, waiting while the send queue is full (as :meth:`send`)."""
+    async def call_member_when_room(self, action: Callable[[int, Member], object]) -> None:
+        """Like :meth:`call_member`, waiting while the send queue is full (as :meth:`send` does)."""
         while True:
             try:
-                self._call_layer(action)
+                self.call_member(action)
                 break
             except QueueFull:
                 self._space = trio.Event() if self._space.is_set() else self._space
                 await self._space.wait()
         await trio.lowlevel.checkpoint()
 
+    def start_soon(self, fn: Callable[..., Awaitable[object]], *args: object) -> None:
+        """Run ``fn(*args)`` as a task of this channel (it is cancelled when the channel closes)."""
+        if self._nursery is not None and not self._closed:
+            self._nursery.start_soon(fn, *args)
+
+    @property
+    def join_timeout(self) -> float:
+        """How long joining (the group, or a space) may take before it is given up: 10 x consensus."""
+        c = self._ring_config
+        return 10 * (c.consensus or 1.2 * c.token_timeout)
+
+    @property
+    def max_pending_events(self) -> int:
+        """Undelivered events (per stream) past which this member leaves the group (slow consumer)."""
+        return self._max_pending
+
+    @property
+    def overflowed(self) -> bool:
+        """True once this member left the group because a consumer fell too far behind."""
+        return self._overflow
+
+    def leave_on_overflow(self) -> None:
+        """A consumer fell more than :attr:`max_pending_events` behind: leave so the others go on."""
+        if not self._overflow:
+            self._overflow = True
+            self._leave()
+
     async def _finish_sends(self) -> None:
         """Before a graceful leave: let the ring order what we already sent (bounded by the token timeout)."""
         with trio.move_on_after(2 * self._ring_config.token_timeout):
             while not self._closed and self._member is not None and self._member.pending:
                 await trio.sleep(0.001)
-
-    def _spawn(self, fn, *args) -> None:
-        if self._nursery is not None and not self._closed:
-            self._nursery.start_soon(fn, *args)
-
-    def _join_wait(self) -> float:
-        c = self._ring_config
-        return 10 * (c.consensus or 1.2 * c.token_timeout)
 
     # -- driver ----------------------------------------------------------------
 
@@ -475,32 +506,28 @@ class Channel:
         return d / _US + self._pump_offset
 
     def _flush(self) -> None:
-        member, sockets = self._member, self._sockets
-        if member is None or sockets is None:
+        """Act on everything the Member has to hand out, in order, then re-arm the timer.
+
+        An output's handler may call the Member again (a state provider's
+        snapshot, a reply); the outputs that produces are taken after the
+        current ones (never in the middle of them), so nothing overtakes.
+        """
+        member = self._member
+        if member is None or self._sockets is None:
             return
-        uni, peers = sockets.unicast, self._peers
-        batch: list = []
-        push = batch.append
-        for out in member.take(self._now()):
-            t = type(out)
-            if t is list:
-                batch.extend(out)
-            elif t is SendToAll:
-                self._broadcast(out.packet)
-            elif t is SendTo:
-                if self._pump is not None:
-                    self._pump.send_to(out.node, out.packet)
-                elif (addr := peers.get(out.node)) is not None:
-                    self._sendto(uni, out.packet, addr)
-            elif t is View:
-                if not out.transitional:
-                    self._view = out
-                    self._joined.set()
-                push(out)
-            elif t is Direct or t is Merge:
-                push(out)
-            else:
-                self._services.output(out)               # spaces, requests, state transfer
+        if self._flushing:
+            self._flush_again = True
+            return
+        self._flushing = True
+        self._batch = batch = []
+        try:
+            while True:
+                self._flush_again = False
+                self._router.route(member.take(self._now()))
+                if not self._flush_again:
+                    break
+        finally:
+            self._flushing = False
         if batch and not self._closed:
             self._pending_events += len(batch)
             self._events_send.send_nowait(batch)
@@ -510,9 +537,31 @@ class Channel:
             self._timer_scope.deadline = deadline
         if not self._space.is_set() and member.can_send:
             self._space.set()
-        if self._pending_events > self._max_pending and not self._overflow:
-            self._overflow = True
-            self._leave()
+        if self._pending_events > self._max_pending:
+            self.leave_on_overflow()
+
+    # -- the Member's outputs this driver acts on (see groupcomm.layers.router) ----------
+
+    def _send_to_all(self, out: SendToAll) -> None:
+        self._broadcast(out.packet)
+
+    def _send_to(self, out: SendTo) -> None:
+        if self._pump is not None:
+            self._pump.send_to(out.node, out.packet)
+        elif (addr := self._peers.get(out.node)) is not None:
+            self._sendto(self._sockets.unicast, out.packet, addr)
+
+    def _deliver_run(self, run: list) -> None:
+        self._batch.extend(run)
+
+    def _deliver_view(self, view: View) -> None:
+        if not view.transitional:
+            self._view = view
+            self._joined.set()
+        self._batch.append(view)
+
+    def _deliver_event(self, event: Merge | Direct) -> None:
+        self._batch.append(event)
 
     def _sendto(self, sock, packet: bytes, addr) -> None:
         try:

@@ -30,20 +30,36 @@ from __future__ import annotations
 import inspect
 import math
 from collections.abc import AsyncIterator, Awaitable, Callable
-from typing import TYPE_CHECKING, Any
+from typing import Any, Protocol
 
 import trio
 
 from groupcomm.errors import ChannelClosed, DeliveryOverflow, LocalProtocolError, MemberUnreachable
 from groupcomm.events import Message
-from groupcomm.layers.member import DirectDone
-from groupcomm.layers.rpc import ALL, Mode, Reply, RequestDone
+from groupcomm.layers.member import DirectDone, Member
+from groupcomm.layers.rpc import ALL, Mode, Reply, RequestDone, no_handler, reply_failed, reply_with
 from groupcomm.layers.spaces import SpaceMessage, SpaceRequest, SpaceView, StateInstalled, StateRequest
 
-if TYPE_CHECKING:
-    from groupcomm.io.channel import Channel
 
-__all__ = ["Space", "Services", "Request", "Handler"]
+
+class ChannelSurface(Protocol):
+    """What spaces and requests need of the channel that drives the Member
+    (:class:`~groupcomm.io.channel.Channel` provides it)."""
+
+    @property
+    def address(self) -> int: ...
+    @property
+    def join_timeout(self) -> float: ...
+    @property
+    def max_pending_events(self) -> int: ...
+    @property
+    def overflowed(self) -> bool: ...
+    def call_member(self, action: Callable[[int, Member], object], *, quiet: bool = False) -> None: ...
+    async def call_member_when_room(self, action: Callable[[int, Member], object]) -> None: ...
+    def start_soon(self, fn: Callable[..., Awaitable[object]], *args: object) -> None: ...
+    def leave_on_overflow(self) -> None: ...
+
+__all__ = ["ChannelSurface", "Space", "Services", "Request", "Handler"]
 
 Request = SpaceRequest
 """What a request handler receives: ``space``, ``requester``, ``req_id``, ``payload``."""
@@ -55,6 +71,7 @@ class Space:
 
     def __init__(self, services: Services, name: str) -> None:
         self._services = services
+        self._channel = services.channel
         self.name = name
         self.view: SpaceView | None = None
         """The latest view of the space (members oldest first)."""
@@ -73,7 +90,7 @@ class Space:
     async def send(self, payload: bytes, *, safe: bool = False) -> None:
         """Multicast ``payload`` to the members of this space, in the total order."""
         self._check()
-        await self._services.channel._send_layer(lambda now, member: member.space_send(now, self.name, payload, safe))
+        await self._channel.call_member_when_room(lambda now, member: member.space_send(now, self.name, payload, safe))
 
     async def events(self) -> AsyncIterator[Message | SpaceView]:
         """Messages and space views, in the total order, until this member leaves the space."""
@@ -82,35 +99,25 @@ class Space:
             self._pending -= 1
             t = type(item)
             if t is StateRequest:
-                self._services._provide(self, item)
+                self._provide(item)
             elif t is StateInstalled:
                 if self._receiver is not None:
                     self._receiver(item.state)
             else:
                 yield item
-        if self._services.channel._overflow:
+        if self._channel.overflowed:
             raise DeliveryOverflow(
-                f"space {self.name!r}: more than {self._services.channel._max_pending} undelivered events; "
+                f"space {self.name!r}: more than {self._channel.max_pending_events} undelivered events; "
                 "the member left the group so the others are not held up"
             )
-
-    def _put(self, item: Any) -> None:
-        """Queue an event for :meth:`events`; past ``max_pending_events`` the channel's overflow policy applies."""
-        self._pending += 1
-        self._send.send_nowait(item)
-        channel = self._services.channel
-        if self._pending > channel._max_pending and not channel._overflow:
-            channel._overflow = True
-            channel._leave()
 
     async def leave(self) -> None:
         """Leave the space; returns once the leave is delivered (this member's last view)."""
         self._check()
-        services = self._services
-        services.channel._call_layer(lambda now, member: member.leave_space(now, self.name))
-        with trio.move_on_after(services.channel._join_wait()):
+        self._channel.call_member(lambda now, member: member.leave_space(now, self.name))
+        with trio.move_on_after(self._channel.join_timeout):
             while not self.left:
-                await services._changed.wait()
+                await self._services.changed()
 
     def on_request(self, handler: Handler) -> None:
         """``async def handler(request) -> bytes`` answers requests to this space."""
@@ -128,15 +135,51 @@ class Space:
         self._check()
         return await self._services.request(self.name, payload, to=to, mode=mode, timeout=timeout)
 
+    # -- fed by Services, in the order the Member hands outputs out ------------------------
+
+    def _put(self, item: Any) -> None:
+        """Queue an event for :meth:`events`; past ``max_pending_events`` the channel's overflow policy applies."""
+        self._pending += 1
+        self._send.send_nowait(item)
+        if self._pending > self._channel.max_pending_events:
+            self._channel.leave_on_overflow()
+
+    def _view(self, view: SpaceView, me: int) -> None:
+        if me in view.joined:
+            self._joined.set()
+        self.view = view
+        self._put(view)
+        if me in view.left:
+            self._close()
+
+    def _close(self) -> None:
+        self.left = True
+        self._send.close()
+
+    def _state_request(self, request: StateRequest) -> None:
+        if self._iterating:
+            self._put(request)                  # answered from events(), at its place in the order
+        else:
+            self._provide(request)
+
+    def _state_installed(self, installed: StateInstalled) -> None:
+        if self._iterating or self._receiver is None:
+            self._put(installed)
+        else:
+            self._receiver(installed.state)
+
+    def _provide(self, request: StateRequest) -> None:
+        self._services.provide(request, self._provider() if self._provider is not None else None)
+
     def _check(self) -> None:
         if self.left:
             raise LocalProtocolError(f"this member left space {self.name!r}")
 
 
 class Services:
-    """Routes the Member's space and request outputs to Space objects and handlers (owned by a Channel)."""
+    """The application side of a Channel's spaces and requests: Space objects, handlers, waiting callers."""
 
-    def __init__(self, channel: Channel) -> None:
+    def __init__(self, channel: ChannelSurface) -> None:
         self.channel = channel
         self.spaces: dict[str, Space] = {}
         self.handlers: dict[str, Handler] = {}
@@ -151,11 +194,11 @@ class Services:
         space = Space(self, name)
         self.spaces[name] = space
         try:
-            self.channel._call_layer(lambda now, member: member.join_space(now, name))
+            self.channel.call_member(lambda now, member: member.join_space(now, name))
         except BaseException:
             del self.spaces[name]
             raise
-        with trio.fail_after(self.channel._join_wait()):
+        with trio.fail_after(self.channel.join_timeout):
             await space._joined.wait()
         return space
 
@@ -177,14 +220,14 @@ class Services:
             req_id = member.request(now, scope, bytes(payload), to=targets, mode=mode, timeout_us=int(timeout * 1e6))
             self._waiting[req_id] = (done, box)
 
-        await channel._send_layer(start)
+        await channel.call_member_when_room(start)
         try:
             with trio.move_on_after(timeout + 0.5):      # the layer's own deadline fires first
                 await done.wait()
         finally:
             self._waiting.pop(req_id, None)
             if not box:
-                channel._call_layer(lambda now, member: member.cancel_request(req_id), quiet=True)
+                channel.call_member(lambda now, member: member.cancel_request(req_id), quiet=True)
         if not box:
             if self.closed:
                 raise ChannelClosed("the channel closed before the request completed")
@@ -197,62 +240,79 @@ class Services:
         def start(now: int, member) -> None:
             self._direct[member.send_to(now, dest, payload)] = (done, box)
 
-        await self.channel._send_layer(start)
+        await self.channel.call_member_when_room(start)
         await done.wait()
         if not box:
             raise ChannelClosed("channel closed before the message was acknowledged")
         if box[0] is not None:
             raise MemberUnreachable(f"send_to member {dest}: {box[0]}")
 
-    # -- outputs of the Member, in order --------------------------------------------------
+    def provide(self, request: StateRequest, state: bytes | None) -> None:
+        """Hand a snapshot (or None) to the Member for the joiner ``request`` names."""
+        self.channel.call_member(lambda now, member: member.provide_state(now, request, state), quiet=True)
 
-    def output(self, item: Any) -> None:
+    async def changed(self) -> None:
+        """Wait until a space view changes."""
+        await self._changed.wait()
+
+    # -- the Member's space and request outputs (see groupcomm.layers.router) ----------------
+
+    def routes(self) -> dict[type, Callable[[Any], None]]:
+        """Handlers for the Member outputs this object acts on, for a :class:`~groupcomm.layers.router.Router`."""
+        return {
+            SpaceView: self._space_view,
+            SpaceMessage: self._space_message,
+            SpaceRequest: self._request,
+            StateRequest: self._state_request,
+            StateInstalled: self._state_installed,
+            DirectDone: self._direct_done,
+            RequestDone: self._request_done,
+        }
+
+    def _space_view(self, view: SpaceView) -> None:
+        space = self.spaces.get(view.space)
+        if self.closed or space is None:
+            return
+        space._view(view, self.channel.address)
+        if space.left:
+            del self.spaces[view.space]
+        self._changed.set()
+        self._changed = trio.Event()
+
+    def _space_message(self, item: SpaceMessage) -> None:
+        space = self.spaces.get(item.space)
+        if space is not None and not self.closed:
+            space._put(item.message)
+
+    def _request(self, request: SpaceRequest) -> None:
+        if not self.closed:
+            self.channel.start_soon(self._serve, request)
+
+    def _state_request(self, request: StateRequest) -> None:
         if self.closed:
-            return                                  # the member left: nobody reads any more
-        t = type(item)
-        if t is SpaceView:
-            space = self.spaces.get(item.space)
-            if space is None:
-                return
-            me = self.channel.address
-            if me in item.joined and not space._joined.is_set():
-                space._joined.set()
-            space.view = item
-            space._put(item)
-            if me in item.left:
-                space.left = True
-                space._send.close()
-                del self.spaces[item.space]
-            self._wake()
-        elif t is SpaceMessage:
-            space = self.spaces.get(item.space)
-            if space is not None:
-                space._put(item.message)
-        elif t is SpaceRequest:
-            self.channel._spawn(self._serve, item)
-        elif t is StateRequest:
-            space = self.spaces.get(item.space)
-            if space is None or not space._iterating:
-                self._provide(space, item)
-            else:
-                space._put(item)
-        elif t is StateInstalled:
-            space = self.spaces.get(item.space)
-            if space is not None:
-                if space._iterating or space._receiver is None:
-                    space._put(item)
-                else:
-                    space._receiver(item.state)
-        elif t is DirectDone:
-            waiting = self._direct.pop(item.token, None)
-            if waiting is not None:
-                waiting[1].append(item.error)
-                waiting[0].set()
-        elif t is RequestDone:
-            waiting = self._waiting.get(item.req_id)
-            if waiting is not None:
-                waiting[1].append(item.replies)
-                waiting[0].set()
+            return
+        space = self.spaces.get(request.space)
+        if space is None:
+            self.provide(request, None)
+        else:
+            space._state_request(request)
+
+    def _state_installed(self, installed: StateInstalled) -> None:
+        space = self.spaces.get(installed.space)
+        if space is not None and not self.closed:
+            space._state_installed(installed)
+
+    def _direct_done(self, done: DirectDone) -> None:
+        waiting = self._direct.pop(done.token, None)
+        if waiting is not None and not self.closed:
+            waiting[1].append(done.error)
+            waiting[0].set()
+
+    def _request_done(self, done: RequestDone) -> None:
+        waiting = self._waiting.get(done.req_id)
+        if waiting is not None and not self.closed:
+            waiting[1].append(done.replies)
+            waiting[0].set()
 
     def close(self) -> None:
         self.closed = True
@@ -260,33 +320,18 @@ class Services:
             space._send.close()
         for done, _ in [*self._waiting.values(), *self._direct.values()]:
             done.set()
-        self._wake()
-
-    def _wake(self) -> None:
         self._changed.set()
-        self._changed = trio.Event()
-
-    def _provide(self, space: Space | None, request: StateRequest) -> None:
-        state = None
-        if space is not None and space._provider is not None:
-            state = space._provider()
-        self.channel._call_layer(lambda now, member: member.provide_state(now, request, state), quiet=True)
 
     async def _serve(self, request: Request) -> None:
         handler = self.handlers.get(request.space)
         if handler is None:
-            reply = Reply(False, None, f"LookupError: no request handler for space {request.space!r}", "error")
+            reply = no_handler(request.space)
         else:
             try:
                 value = handler(request)
                 if inspect.isawaitable(value):                # plain functions work too
                     value = await value
-                if not isinstance(value, (bytes, bytearray, memoryview)):
-                    raise TypeError(f"request handler returned {type(value).__name__}, not bytes")
-                reply = Reply(True, bytes(value), None, "ok")
+                reply = reply_with(value)
             except Exception as exc:                     # travels back: type and message
-                reply = Reply(False, None, f"{type(exc).__name__}: {exc}", "error")
-        try:
-            self.channel._call_layer(lambda now, member: member.reply(now, request, reply))
-        except ChannelClosed:
-            pass
+                reply = reply_failed(exc)
+        self.channel.call_member(lambda now, member: member.reply(now, request, reply), quiet=True)

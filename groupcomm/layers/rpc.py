@@ -28,7 +28,10 @@ from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import NamedTuple
 
-__all__ = ["Mode", "ALL", "FIRST", "MAJORITY", "NONE", "Reply", "RequestDone", "RpcTracker"]
+__all__ = [
+    "Mode", "ALL", "FIRST", "MAJORITY", "NONE", "Reply", "RequestDone", "RpcTracker",
+    "no_handler", "reply_failed", "reply_with",
+]
 
 
 class Mode(enum.Enum):
@@ -54,6 +57,23 @@ class Reply(NamedTuple):
 
 LEFT = Reply(False, None, "the member left before answering", "left")
 TIMEOUT = Reply(False, None, "no answer before the timeout", "timeout")
+
+
+def no_handler(scope: str) -> Reply:
+    """The reply of a member that has no handler for ``scope`` (a space name, "" = the channel)."""
+    return Reply(False, None, f"LookupError: no request handler for space {scope!r}", "error")
+
+
+def reply_with(value: object) -> Reply:
+    """The reply carrying a handler's return value; raises TypeError unless it is bytes-like."""
+    if not isinstance(value, (bytes, bytearray, memoryview)):
+        raise TypeError(f"request handler returned {type(value).__name__}, not bytes")
+    return Reply(True, bytes(value), None, "ok")
+
+
+def reply_failed(exc: Exception) -> Reply:
+    """The reply for a handler that raised: the requester gets the type and the message."""
+    return Reply(False, None, f"{type(exc).__name__}: {exc}", "error")
 
 
 class RequestDone(NamedTuple):

@@ -12,6 +12,7 @@ import heapq
 import random
 import struct
 from collections.abc import Callable, Iterable
+from typing import Any
 from dataclasses import dataclass
 
 from groupcomm.errors import ConfigError, LocalProtocolError, NotOperational, PayloadTooLarge
@@ -19,6 +20,7 @@ from groupcomm.events import Configuration, Crashed, Delivery, Event, View
 from groupcomm.layers.quorum import QuorumConfig
 from groupcomm.core.ring import Ring, RingConfig, RingState, SendTo, SendToAll
 from groupcomm.layers.member import Member
+from groupcomm.layers.router import Router
 from groupcomm.testing.sim_services import ServiceApps
 from groupcomm.testing.evs import SendRecord, check_evs
 
@@ -52,11 +54,21 @@ class NetworkModel:
 class _StackAsRing:
     """Presents a :class:`~groupcomm.layers.member.Member` (the production layers) with the Ring interface."""
 
-    def __init__(self, member: Member, services: Callable[[object], None]) -> None:
+    def __init__(self, member: Member, routes: dict[type, Callable[[Any], None]]) -> None:
         self.member = member
         self.multicast = member.multicast
-        self._services = services
         self._now = 0
+        self._out: list = []
+        on_view = routes[View]
+
+        def view(item: View) -> None:
+            self._out.append(Configuration(item.ring_id, item.members, item.transitional))
+            on_view(item)
+
+        self._router = Router(routes, {
+            list: lambda run: self._out.extend(Delivery(m.sender, m.payload, m.safe) for m in run),
+            View: view, SendTo: self._packet, SendToAll: self._packet,
+        })
 
     def __getattr__(self, name: str):
         return getattr(self.multicast.ring, name)          # state, ring_seq, stats, debug, members...
@@ -91,21 +103,14 @@ class _StackAsRing:
     def suspect(self, now: int, node: int) -> bool:
         return self.member.suspect(now, node)
 
+    def _packet(self, packet: SendTo | SendToAll) -> None:
+        self._out.append(packet)
+
     def take(self) -> list:
-        out: list = []
+        self._out = out = []
         items = self.member.take(self._now)
         while items:
-            for item in items:
-                t = type(item)
-                if t is list:
-                    out.extend(Delivery(m.sender, m.payload, m.safe) for m in item)
-                elif t is View:
-                    out.append(Configuration(item.ring_id, item.members, item.transitional))
-                    self._services(item)
-                elif t is SendTo or t is SendToAll:
-                    out.append(item)
-                else:
-                    self._services(item)
+            self._router.route(items)
             # The application's answers (a reply, a snapshot) produce outputs of their own now.
             items = self.member.take(self._now) if self.member.has_output else []
         return out
@@ -191,6 +196,33 @@ class SimCluster:
         """Virtual time in seconds."""
         return self._now / _US
 
+    @property
+    def now_us(self) -> int:
+        """Virtual time in integer microseconds (the layers' clock)."""
+        return self._now
+
+    def layers(self, node: int) -> Member:
+        """The production layers (:class:`~groupcomm.layers.member.Member`) of running ``node``.
+
+        Only with ``stack=``; raises :class:`NotOperational` if ``node`` is crashed.
+        Call them through :meth:`act`, which delivers what they hand out.
+        """
+        m = self._member(node)
+        if m.ring is None:
+            raise NotOperational(f"node {node} is crashed")
+        if not isinstance(m.ring, _StackAsRing):
+            raise LocalProtocolError("SimCluster.layers needs a cluster built with stack=... (e.g. stack='sim')")
+        return m.ring.member
+
+    def act(self, node: int, action: Callable[[Member, int], object]) -> None:
+        """Run ``action(member, now_us)`` on ``node``'s layers (see :meth:`layers`) and deliver their outputs.
+
+        Counts as activity: :meth:`converged` waits for the network to settle after it.
+        """
+        action(self.layers(node), self._now)
+        self._quiet_since = self._now
+        self._flush(self._member(node))
+
     def _member(self, node: int) -> _Member:
         try:
             return self._members[node]
@@ -205,7 +237,7 @@ class SimCluster:
             member = Member(node, self.config, fd=self._fd, frag=self._frag, quorum=self._quorum,
                             ring_seq_floor=floor, epoch=m.incarnation + 1)
             member.start(self._now)
-            m.ring = _StackAsRing(member, lambda item, node=node: self.services.output(node, item))  # type: ignore[assignment]
+            m.ring = _StackAsRing(member, self.services.routes(node))  # type: ignore[assignment]
         else:
             m.ring = Ring(node, self.config, ring_seq_floor=floor)
             m.ring.start(self._now)

@@ -15,19 +15,25 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any
+from typing import Any, Protocol
 
-from groupcomm.errors import NotOperational
 from groupcomm.events import Direct, View
-from groupcomm.layers.member import DirectDone
-from groupcomm.layers.rpc import ALL, Mode, Reply, RequestDone
+from groupcomm.layers.member import DirectDone, Member
+from groupcomm.layers.rpc import ALL, Mode, Reply, RequestDone, no_handler, reply_failed, reply_with
 from groupcomm.layers.spaces import Merge, SpaceMessage, SpaceRequest, SpaceView, StateInstalled, StateRequest
 
-if TYPE_CHECKING:
-    from groupcomm.layers.member import Member
-    from groupcomm.testing.sim import SimCluster
+__all__ = ["ServiceApps", "SimRequest", "SimDriver"]
 
-__all__ = ["ServiceApps", "SimRequest"]
+
+class SimDriver(Protocol):
+    """What the simulated applications need of :class:`~groupcomm.testing.SimCluster`."""
+
+    @property
+    def now(self) -> float: ...
+    @property
+    def now_us(self) -> int: ...
+    def layers(self, node: int) -> Member: ...
+    def act(self, node: int, action: Callable[[Member, int], object]) -> None: ...
 
 _US = 1_000_000
 
@@ -68,7 +74,7 @@ class _App:
 class ServiceApps:
     """The application side of every simulated member."""
 
-    def __init__(self, sim: SimCluster) -> None:
+    def __init__(self, sim: SimDriver) -> None:
         self._sim = sim
         self._apps: dict[int, _App] = {}
         self._observers: list[Callable[[int, Any], None]] = []
@@ -117,7 +123,6 @@ class ServiceApps:
 
         self._act(node, start)
         self.requests.append(handle)
-        self._sim._flush(self._sim._member(node))   # NONE completes at once
         return handle
 
     def send_to(self, node: int, dest: int, payload: bytes) -> list:
@@ -148,13 +153,7 @@ class ServiceApps:
     # -- driven by the simulator ----------------------------------------------------------
 
     def _act(self, node: int, action: Callable[[Member, int], None]) -> None:
-        sim = self._sim
-        m = sim._member(node)
-        if m.ring is None:
-            raise NotOperational(f"node {node} is crashed")
-        action(m.ring.member, sim._now)  # type: ignore[union-attr]
-        sim._quiet_since = sim._now
-        sim._flush(m)
+        self._sim.act(node, action)
 
     def crashed(self, node: int) -> None:
         app = self._app(node)
@@ -163,50 +162,70 @@ class ServiceApps:
             handle.abandoned = True
         app.pending.clear()
 
-    def output(self, node: int, item: Any) -> None:
-        """One output of ``node``'s Member other than packets and channel messages."""
+    def routes(self, node: int) -> dict[type, Callable[[Any], None]]:
+        """Handlers for ``node``'s Member outputs other than packets and channel messages
+        (for a :class:`~groupcomm.layers.router.Router`); each also tells the observers."""
         app = self._app(node)
-        t = type(item)
-        member = self._sim._member(node).ring.member  # type: ignore[union-attr]
-        now = self._sim._now
-        if t is SpaceView:
+        sim = self._sim
+
+        def space_view(item: SpaceView) -> None:
             app.views.append(item)
             if node in item.members or node in item.left:
                 app.events.setdefault(item.space, []).append(item)
-        elif t is SpaceMessage:
+
+        def space_message(item: SpaceMessage) -> None:
             app.events.setdefault(item.space, []).append(item.message)
-        elif t is SpaceRequest:
-            member.reply(now, item, self._answer(app, item))
-        elif t is StateRequest:
+
+        def request(item: SpaceRequest) -> None:
+            sim.layers(node).reply(sim.now_us, item, self._answer(app, item))
+
+        def state_request(item: StateRequest) -> None:
             provider = app.providers.get(item.space)
-            member.provide_state(now, item, provider() if provider else None)
-        elif t is StateInstalled:
+            sim.layers(node).provide_state(sim.now_us, item, provider() if provider else None)
+
+        def state_installed(item: StateInstalled) -> None:
             app.events.setdefault(item.space, []).append(item)
             receiver = app.receivers.get(item.space)
             if receiver is not None:
                 receiver(item.state)
-        elif t is RequestDone:
+
+        def request_done(item: RequestDone) -> None:
             handle = app.pending.pop(item.req_id, None)
             if handle is not None:
                 handle.replies = item.replies
-                handle.finished = self._sim.now
-        elif t is Direct:
-            app.direct.append(item)
-        elif t is DirectDone:
+                handle.finished = sim.now
+
+        def direct_done(item: DirectDone) -> None:
             box = app.sends.pop(item.token, None)
             if box is not None:
                 box[1] = item.error or "ok"
-        elif t not in (View, Merge):
-            raise AssertionError(f"unexpected output {item!r}")
-        for observe in self._observers:
-            observe(node, item)
+
+        handlers: dict[type, Callable[[Any], None]] = {
+            SpaceView: space_view, SpaceMessage: space_message, SpaceRequest: request,
+            StateRequest: state_request, StateInstalled: state_installed, RequestDone: request_done,
+            Direct: app.direct.append, DirectDone: direct_done, View: _ignore, Merge: _ignore,
+        }
+        return {t: self._observed(node, handle) for t, handle in handlers.items()}
+
+    def _observed(self, node: int, handle: Callable[[Any], None]) -> Callable[[Any], None]:
+        observers = self._observers
+
+        def run(item: Any) -> None:
+            handle(item)
+            for observe in observers:
+                observe(node, item)
+        return run
 
     @staticmethod
     def _answer(app: _App, request: SpaceRequest) -> Reply:
         handler = app.handlers.get(request.space)
         if handler is None:
-            return Reply(False, None, f"LookupError: no request handler for space {request.space!r}", "error")
+            return no_handler(request.space)
         try:
-            return Reply(True, bytes(handler(request.payload, request.requester)), None, "ok")
+            return reply_with(handler(request.payload, request.requester))
         except Exception as exc:                      # the requester gets the type and message
-            return Reply(False, None, f"{type(exc).__name__}: {exc}", "error")
+            return reply_failed(exc)
+
+
+def _ignore(item: Any) -> None:
+    """Views and merges: only the observers see them."""
