@@ -21,9 +21,10 @@ from typing import Any
 
 import trio
 
-from groupcomm.io.channel import Channel, open_channel
 from groupcomm.errors import ChannelClosed
-from groupcomm.events import Message, View
+from groupcomm.events import Direct, Message, View
+from groupcomm.io.channel import Channel, open_channel
+from groupcomm.layers.spaces import Merge
 
 __all__ = ["BlockingChannel", "connect"]
 
@@ -72,7 +73,7 @@ class BlockingChannel:
         try:
             trio.run(main)
         except BaseException as exc:
-            self._error = exc
+            self._error = _sole_error(exc)
         finally:
             self._ready.set()
             self._events.put(_END)
@@ -89,8 +90,11 @@ class BlockingChannel:
         """Send in total order; blocks while the send queue is full."""
         self._call(self._require().send, payload, safe=safe)
 
-    def events(self, timeout: float | None = None) -> Iterator[Message | View]:
-        """Events as they come; stops after ``timeout`` seconds without one, or at close."""
+    def events(self, timeout: float | None = None) -> Iterator[Message | View | Merge | Direct]:
+        """The channel's events (as :meth:`Channel.events <groupcomm.Channel.events>`) as they come.
+
+        Stops after ``timeout`` seconds without one, or at close.
+        """
         while True:
             try:
                 event = self._events.get(timeout=timeout)
@@ -131,6 +135,20 @@ class BlockingChannel:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+
+def _sole_error(exc: BaseException) -> BaseException:
+    """The one error inside trio's exception groups (cancellations aside), so that a
+    blocking caller catches e.g. ConfigError for an unbindable address; else ``exc``."""
+    found: list[BaseException] = []
+    pending = [exc]
+    while pending:
+        e = pending.pop()
+        if isinstance(e, BaseExceptionGroup):
+            pending.extend(e.exceptions)
+        elif not isinstance(e, trio.Cancelled):
+            found.append(e)
+    return found[0] if len(found) == 1 else exc
 
 
 def connect(stack: str = "udp", **kwargs: Any) -> BlockingChannel:

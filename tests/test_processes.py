@@ -82,19 +82,15 @@ def test_probe_lists_every_running_member():
         ids = {m.address() for m in members}
         for m in members:
             m.wait(view_is(ids), 15)
-        out = subprocess.run(
-            [sys.executable, "-m", "groupcomm", "probe", "--cluster", cluster, "--mcast-port", str(port), "--json"],
-            cwd=ROOT, capture_output=True, text=True, timeout=30,
-        )
+        probe = [sys.executable, "-P", "-m", "groupcomm", "probe", "--cluster", cluster, "--mcast-port", str(port)]
+        out = subprocess.run([*probe, "--json"], check=False, cwd=ROOT, capture_output=True, text=True, timeout=30)
         assert out.returncode == 0, out.stderr
+        assert f"probing cluster {cluster!r} on stack 'udp'" in out.stderr
         reports = json.loads(out.stdout)
         assert {r["address"] for r in reports} == ids
         assert all(r["state"] == "OPERATIONAL" and set(r["view"]) == ids for r in reports)
         assert all("drop_malformed" in r["stats"] for r in reports)
-        table = subprocess.run(
-            [sys.executable, "-m", "groupcomm", "probe", "--cluster", cluster, "--mcast-port", str(port)],
-            cwd=ROOT, capture_output=True, text=True, timeout=30,
-        ).stdout
+        table = subprocess.run(probe, check=False, cwd=ROOT, capture_output=True, text=True, timeout=30).stdout
         assert "rotations/s" in table and "q1" in table and "q2" in table
     finally:
         for m in members:

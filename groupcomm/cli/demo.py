@@ -9,6 +9,7 @@ and shows the merge, then shuts everything down.  Multicast stays on this host
 
 from __future__ import annotations
 
+import argparse
 import json
 import os
 import queue
@@ -20,8 +21,33 @@ import threading
 import time
 import uuid
 from collections.abc import Callable
+from typing import Any
 
-__all__ = ["NodeProcess", "run_demo", "free_udp_port"]
+from groupcomm.cli.errors import EXIT_FAILED, EXIT_OK, CliError, UsageError
+
+__all__ = ["NodeProcess", "add_parser", "free_udp_port", "run", "run_demo"]
+
+
+def add_parser(commands: Any) -> None:
+    p = commands.add_parser(
+        "demo", help="a local cluster of real member processes on loopback, narrated",
+        description="Start member processes on this host (stack 'loopback'), show the view forming, "
+                    "a totally ordered stream, kill -9 of one member, its restart and the merge.",
+    )
+    p.add_argument("--members", type=int, default=3, help="member processes (2..8, default 3)")
+    p.add_argument("--messages", type=int, default=10, help="messages each member sends (default 10)")
+    p.set_defaults(run=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    if not 2 <= args.members <= 8:
+        raise UsageError("--members must be in 2..8")
+    if args.messages < 1:
+        raise UsageError("--messages must be at least 1")
+    try:
+        return EXIT_OK if run_demo(args.members, args.messages) else EXIT_FAILED
+    except TimeoutError as exc:
+        raise CliError(f"demo: {exc}") from exc
 
 
 def free_udp_port(host: str = "127.0.0.1") -> int:

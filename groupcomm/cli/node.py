@@ -1,0 +1,234 @@
+"""``groupcomm node``: one member on real sockets; prints events, sends each stdin line.
+
+The settings are loaded and checked before any socket opens, so a bad stack
+file, key or value is reported at once.  Ctrl-C (SIGINT) or SIGTERM leaves the
+group gracefully and exits with status 128 + the signal number (130, 143),
+printing nothing more.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import signal
+import threading
+from dataclasses import dataclass
+from typing import Any
+
+from groupcomm.cli.errors import JoinTimedOut, UsageError, contains
+from groupcomm.config import build_stack, load_stack, parse_duration
+from groupcomm.errors import ConfigError
+
+__all__ = ["MIN_TOKEN_TIMEOUT", "add_parser", "event_line", "run"]
+
+MIN_TOKEN_TIMEOUT = 0.01
+"""Seconds; a shorter token-loss timeout fires between two ordinary token visits."""
+
+_FD_CHOICES = ("lan", "loopback", "off")
+
+
+def duration(text: str) -> float:
+    """An argparse type: ``"300ms"``, ``"1.5s"`` or plain seconds."""
+    try:
+        return parse_duration(text)
+    except ConfigError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+
+
+def add_parser(commands: Any) -> None:
+    p = commands.add_parser(
+        "node", help="run one member: print its events, send each stdin line",
+        description="Run one member of a cluster: print its events (views, messages, merges), "
+                    "send each line read from stdin. Ctrl-C leaves the group gracefully.",
+    )
+    p.add_argument("--cluster", required=True, help="cluster name (members of one cluster share it)")
+    p.add_argument("--stack", default="udp", help="a shipped stack (udp, udpu, loopback) or a .toml path (default: udp)")
+    p.add_argument("--name", default=None, help="member name (the node id derives from it)")
+    p.add_argument("--bind", default=None, metavar="ADDR", help="local address (overrides the transport's bind_addr)")
+    p.add_argument("--mcast-addr", default=None, metavar="ADDR", help="multicast group (UDP stacks)")
+    p.add_argument("--mcast-port", type=int, default=None, metavar="PORT", help="multicast port (UDP stacks)")
+    p.add_argument("--ttl", type=int, default=None, help="multicast TTL (0 = this host only)")
+    p.add_argument("--token-timeout", type=duration, default=None, metavar="DURATION",
+                   help=f"token-loss timeout, e.g. 300ms (at least {MIN_TOKEN_TIMEOUT * 1000:g}ms; "
+                        "overrides TOTEM token_timeout and scales join and merge with it)")
+    p.add_argument("--join-timeout", type=duration, default=None, metavar="DURATION",
+                   help="give up when no view formed within this long (default: the stack's "
+                        "startup_wait + 10 x consensus)")
+    p.add_argument("--fd", choices=_FD_CHOICES, default=None, help="failure detector tuning (default: the stack's)")
+    p.add_argument("--safe", action="store_true", help="send stdin lines as safe messages")
+    p.add_argument("--json", action="store_true", help="one JSON object per line")
+    p.add_argument("--no-stdin", action="store_true", help="do not read stdin")
+    p.set_defaults(run=run)
+
+
+@dataclass(frozen=True)
+class NodeSettings:
+    """What ``open_channel`` gets, checked before anything runs."""
+
+    stack: str
+    overrides: dict[str, dict[str, Any]]
+    fd: dict[str, Any]
+    join_timeout: float
+    token_timeout: float
+
+
+def settings_from(args: argparse.Namespace) -> NodeSettings:
+    """Load the stack with the options applied and check it; raises ConfigError or UsageError."""
+    transport = load_stack(args.stack).layers[0].name     # UDP or UDPU (build_stack checks)
+    overrides: dict[str, dict[str, Any]] = {transport: {}, "TOTEM": {}}
+    if args.bind is not None:
+        overrides[transport]["bind_addr"] = args.bind
+    for flag, key in (("mcast_addr", "mcast_addr"), ("mcast_port", "mcast_port"), ("ttl", "mcast_ttl")):
+        value = getattr(args, flag)
+        if value is None:
+            continue
+        if transport != "UDP":
+            raise UsageError(f"--{flag.replace('_', '-')} needs a multicast (UDP) stack; "
+                             f"stack {args.stack!r} uses {transport}")
+        overrides[transport][key] = value
+    if args.token_timeout is not None:
+        tt = args.token_timeout
+        overrides["TOTEM"].update(token_timeout=tt, join=tt / 15, merge=tt / 5)
+    overrides = {layer: values for layer, values in overrides.items() if values}
+    stack = build_stack(load_stack(args.stack, overrides=overrides))
+    ring = stack.ring
+    try:
+        ring.to_c(node_id=1)                            # the ring's own checks (mtu, timer order...)
+    except ConfigError as exc:
+        raise ConfigError(f"stack {args.stack}: TOTEM: {exc}") from None
+    if ring.token_timeout < MIN_TOKEN_TIMEOUT:
+        raise UsageError(f"token timeout {ring.token_timeout:g} s is too short: use at least "
+                         f"{MIN_TOKEN_TIMEOUT:g} s (e.g. --token-timeout 300ms)")
+    if args.join_timeout is not None and args.join_timeout <= 0:
+        raise UsageError("--join-timeout must be more than 0 s")
+    consensus = ring.consensus or 1.2 * ring.token_timeout
+    startup = ring.startup_wait if ring.startup_wait is not None else 4 * ring.join
+    if args.fd is None:
+        fd: dict[str, Any] = {}
+    else:
+        from groupcomm.layers.fd import FdConfig
+
+        fd = {"fd": {"lan": FdConfig(), "loopback": FdConfig.loopback(), "off": None}[args.fd]}
+    return NodeSettings(
+        stack=args.stack, overrides=overrides, fd=fd, token_timeout=ring.token_timeout,
+        join_timeout=args.join_timeout if args.join_timeout is not None else startup + 10 * consensus,
+    )
+
+
+def event_line(event: Any, as_json: bool) -> str:
+    """One line for a channel event (View, Merge, Direct or Message), plain or JSON."""
+    from groupcomm.events import Direct, Message, View
+    from groupcomm.layers.spaces import Merge
+
+    if isinstance(event, View):
+        if as_json:
+            return json.dumps({"view": list(event.members), "ring": str(event.ring_id), "transitional": event.transitional})
+        kind = "transitional view" if event.transitional else "view"
+        return f"{kind} {event.ring_id}: {list(event.members)}"
+    if isinstance(event, Merge):
+        if as_json:
+            return json.dumps({"merge": str(event.ring_id), "components": [list(c) for c in event.components],
+                               "primary": list(event.primary), "was_primary": event.was_primary})
+        return (f"merge {event.ring_id}: components {[list(c) for c in event.components]}, "
+                f"{'primary' if event.was_primary else 'winning'} side {list(event.primary)}")
+    if isinstance(event, Direct):
+        if as_json:
+            return json.dumps({"direct_from": event.sender, "msg": event.payload.decode(errors="replace")})
+        return f"{event.sender} (direct): {event.payload.decode(errors='replace')}"
+    assert isinstance(event, Message), event
+    if as_json:
+        return json.dumps({"from": event.sender, "msg": event.payload.decode(errors="replace"), "safe": event.safe})
+    return f"{event.sender}: {event.payload.decode(errors='replace')}"
+
+
+@dataclass
+class _RunState:
+    joined: bool = False
+    signal: int | None = None              # the first signal that asked us to leave
+    stop: Any = None                       # the trio.CancelScope a signal cancels
+
+
+def run(args: argparse.Namespace) -> int:
+    """Run one member until its events end or a signal asks it to leave."""
+    import trio
+
+    settings = settings_from(args)
+    state = _RunState()
+
+    async def member() -> None:
+        from groupcomm.io.channel import open_channel
+
+        async with open_channel(settings.stack, cluster=args.cluster, name=args.name, overrides=settings.overrides,
+                                join_timeout=settings.join_timeout, **settings.fd) as ch:
+            state.joined = True
+            print(json.dumps({"address": ch.address}) if args.json else f"joined as {ch.address}", flush=True)
+            # A signal cancels only this work: the block then ends normally,
+            # and open_channel leaves gracefully while the channel still runs.
+            with trio.CancelScope() as state.stop:
+                async with trio.open_nursery() as nursery:
+                    if not args.no_stdin:
+                        nursery.start_soon(_send_stdin_lines, ch, args.safe)
+                    async for event in ch.events():
+                        print(event_line(event, args.json), flush=True)
+                    nursery.cancel_scope.cancel()
+
+    async def main() -> None:
+        with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
+            async with trio.open_nursery() as nursery:
+                state.stop = nursery.cancel_scope           # before the first view: just stop
+
+                async def leave_on_signal() -> None:
+                    async for signum in signals:
+                        if state.signal is not None:       # a second signal: stop now, leave or not
+                            nursery.cancel_scope.cancel()
+                        state.signal = signum
+                        state.stop.cancel()
+
+                nursery.start_soon(leave_on_signal)
+                await member()
+                nursery.cancel_scope.cancel()
+
+    try:
+        trio.run(main)
+    except BaseException as exc:
+        if not state.joined and contains(exc, trio.TooSlowError):
+            raise JoinTimedOut(
+                f"could not join cluster {args.cluster!r} on stack {args.stack!r}: no view formed within "
+                f"{settings.join_timeout:g} s (see --join-timeout); check that the members can reach each other"
+            ) from exc
+        raise
+    return 0 if state.signal is None else 128 + state.signal
+
+
+async def _send_stdin_lines(ch: Any, safe: bool) -> None:
+    """Send every line of stdin; a thread reads it, so a signal never waits for a line."""
+    import trio
+
+    lines_in, lines_out = trio.open_memory_channel[bytes](16)
+    token = trio.lowlevel.current_trio_token()
+    threading.Thread(target=_read_lines, args=(lines_in, token), name="stdin", daemon=True).start()
+    async with lines_out:
+        async for line in lines_out:
+            await ch.send(line, safe=safe)
+
+
+def _read_lines(lines_in: Any, token: Any) -> None:
+    """Thread: split fd 0 into lines and hand them to trio; ends at EOF or when trio is gone.
+
+    It reads the raw descriptor (no ``sys.stdin`` buffer lock), so the daemon
+    thread still blocked in ``read`` at exit cannot hold up interpreter shutdown.
+    """
+    import trio
+
+    pending = b""
+    try:
+        while chunk := os.read(0, 65536):
+            *lines, pending = (pending + chunk).split(b"\n")
+            for line in lines:
+                trio.from_thread.run(lines_in.send, line, trio_token=token)
+        if pending:
+            trio.from_thread.run(lines_in.send, pending, trio_token=token)
+        trio.from_thread.run_sync(lines_in.close, trio_token=token)
+    except (trio.RunFinishedError, trio.Cancelled, trio.BrokenResourceError, trio.ClosedResourceError, OSError, ValueError):
+        return
