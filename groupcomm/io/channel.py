@@ -38,8 +38,9 @@ from groupcomm.config import build_stack, load_stack
 from groupcomm.errors import ChannelClosed, ConfigError, DeliveryOverflow, NotOperational, QueueFull
 from groupcomm.events import Direct, Message, View
 from groupcomm.layers.frag import FragConfig
-from groupcomm.io.probe import MAGIC as PROBE_MAGIC
 from groupcomm.io.probe import is_probe_request, probe_response
+from groupcomm.layers.wire import HEADER_SIZE, PROBE_MAGIC, PROTOCOL_VERSION, RING_MAGIC, RING_TOKEN, SENDER, TYPE_OFFSET
+from groupcomm.layers.wire import datagram_version
 from groupcomm.layers.fd import FdConfig
 from groupcomm.io.pump import Pump, TargetSet, attach, detach, now_us
 from groupcomm.core.ring import RingConfig, SendTo, SendToAll
@@ -56,7 +57,6 @@ __all__ = ["Channel", "open_channel", "node_id_for"]
 
 _US = 1_000_000
 _MAX_DATAGRAM = 65536
-_TOKEN = 1
 _YIELD_EVERY = 64
 
 
@@ -160,6 +160,7 @@ class Channel:
         s = member.ring.stats()
         s["transport_send_drops"] = self.dropped_sends
         s["fragments_dropped"] = member.frag.dropped
+        s.update((f"frames_dropped_{layer}", n) for layer, n in member.dropped_frames.items())
         s["pending_events"] = self._pending_events
         if self._pump is not None:
             pump = self._pump.stats()
@@ -431,16 +432,16 @@ class Channel:
             if data[:2] == PROBE_MAGIC:
                 self._answer_probe(data, addr)
                 continue
-            sender = data[8:12]
+            sender = data[SENDER]
             if sender == my_id:
                 continue                          # our own multicast looped back
-            if len(data) >= 12:
+            if len(data) >= HEADER_SIZE:
                 node = int.from_bytes(sender, "big")
                 if peers.get(node) != addr:
                     peers[node] = addr
                     if sockets.group is None:
                         self._targets.add(addr[:2])    # (host, port): IPv6 adds flow info and scope
-            if len(data) > 3 and data[3] == _TOKEN and data[:2] == b"GC":
+            if len(data) > TYPE_OFFSET and data[TYPE_OFFSET] == RING_TOKEN and data[:2] == RING_MAGIC:
                 tokens.append(data)               # act on the token after the messages it follows
                 continue
             member.receive(self._now(), data)
@@ -480,7 +481,13 @@ class Channel:
     def _answer_probe(self, data: bytes, addr) -> None:
         """`groupcomm probe` asks every member for its view and counters."""
         member = self._member
-        if member is None or self._sockets is None or not is_probe_request(data, self._ring_config.cluster_id):
+        if member is None or self._sockets is None:
+            return
+        version = datagram_version(data)
+        if version is not None and version != PROTOCOL_VERSION:
+            member.wrong_version("probe", addr[:2], version)      # counted, logged once per address
+            return
+        if not is_probe_request(data, self._ring_config.cluster_id):
             return
         now = trio.current_time()
         stats = self.stats()

@@ -8,32 +8,34 @@ other clusters on the same group are ignored.
 from __future__ import annotations
 
 import socket
-import struct
 import time
 from typing import Any
 
 import msgpack
 
 from groupcomm.io.udp import UdpConfig, open_sockets
+from groupcomm.layers.wire import PROBE_HEADER, PROBE_MAGIC, PROBE_REQUEST, PROBE_RESPONSE, PROTOCOL_VERSION
 
 __all__ = ["MAGIC", "probe", "format_table", "is_probe_request", "probe_response"]
 
-MAGIC = b"GP"
-_HEADER = struct.Struct(">2sBBI")        # magic, version, kind, cluster id
-_REQUEST, _RESPONSE = 1, 2
+# The layout (groupcomm.layers.wire.PROBE_HEADER) and kinds live in the wire module.
+MAGIC = PROBE_MAGIC
+_HEADER = PROBE_HEADER
+_REQUEST, _RESPONSE = PROBE_REQUEST, PROBE_RESPONSE
 _MAX_REPORT = 60000
 
 
 def is_probe_request(data: bytes, cluster_id: int) -> bool:
+    """Whether ``data`` is a probe request of this protocol version for ``cluster_id``."""
     if len(data) != _HEADER.size:
         return False
     magic, version, kind, cluster = _HEADER.unpack(data)
-    return version == 1 and kind == _REQUEST and cluster == cluster_id
+    return magic == MAGIC and version == PROTOCOL_VERSION and kind == _REQUEST and cluster == cluster_id
 
 
 def probe_response(cluster_id: int, report: dict) -> bytes:
     body = msgpack.packb(report, use_bin_type=True)
-    return _HEADER.pack(MAGIC, 1, _RESPONSE, cluster_id) + body[:_MAX_REPORT]
+    return _HEADER.pack(MAGIC, PROTOCOL_VERSION, _RESPONSE, cluster_id) + body[:_MAX_REPORT]
 
 
 def probe(cluster_id: int, udp: UdpConfig, timeout: float = 1.0) -> list[dict[str, Any]]:
@@ -41,7 +43,7 @@ def probe(cluster_id: int, udp: UdpConfig, timeout: float = 1.0) -> list[dict[st
     sockets = open_sockets(UdpConfig(**{**udp.__dict__, "port": 0}))
     try:
         sock = sockets.unicast
-        sock.sendto(_HEADER.pack(MAGIC, 1, _REQUEST, cluster_id), sockets.group)
+        sock.sendto(_HEADER.pack(MAGIC, PROTOCOL_VERSION, _REQUEST, cluster_id), sockets.group)
         answers: dict[int, dict] = {}
         deadline = time.monotonic() + timeout
         sock.setblocking(True)
@@ -54,8 +56,8 @@ def probe(cluster_id: int, udp: UdpConfig, timeout: float = 1.0) -> list[dict[st
             if len(data) <= _HEADER.size or data[:2] != MAGIC:
                 continue
             _, version, kind, cluster = _HEADER.unpack_from(data)
-            if version != 1 or kind != _RESPONSE or cluster != cluster_id:
-                continue
+            if version != PROTOCOL_VERSION or kind != _RESPONSE or cluster != cluster_id:
+                continue                              # another protocol version's answer cannot be read
             try:
                 report = msgpack.unpackb(data[_HEADER.size :], raw=False)
             except Exception:

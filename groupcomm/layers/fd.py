@@ -9,17 +9,27 @@ fail-over from token timeout + consensus to roughly ``timeout + verify``.
 
 from __future__ import annotations
 
-import struct
 from dataclasses import dataclass
 
 from groupcomm.config import Duration
 from groupcomm.errors import ConfigError
+from groupcomm.layers.wire import (
+    FD_HEARTBEAT,
+    FD_MAGIC,
+    FD_PING,
+    FD_PONG,
+    HEADER,
+    PROTOCOL_VERSION,
+    VERSION_OFFSET,
+    VersionLog,
+    datagram_sender,
+)
 
 __all__ = ["FdConfig", "FailureDetector", "MAGIC"]
 
-MAGIC = b"GF"
-_HEADER = struct.Struct(">2sBBII")       # magic, version, kind, cluster id, sender
-HEARTBEAT, PING, PONG = 1, 2, 3
+# The packet layout (groupcomm.layers.wire.HEADER) and types live in the wire module.
+MAGIC = FD_MAGIC
+HEARTBEAT, PING, PONG = FD_HEARTBEAT, FD_PING, FD_PONG
 _US = 1_000_000
 
 
@@ -61,9 +71,12 @@ class FailureDetector:
         self._members: tuple[int, ...] = ()
         self._next_beat = 0
         self._reported: set[int] = set()
+        self.drops: dict[str, int] = {}
+        """Dropped packets by reason: ``malformed``, ``version``, ``cluster`` (another cluster's), ``self``."""
+        self.versions = VersionLog(me)
 
     def packet(self, kind: int) -> bytes:
-        return _HEADER.pack(MAGIC, 1, kind, self._cluster, self.me)
+        return HEADER.pack(MAGIC, PROTOCOL_VERSION, kind, self._cluster, self.me)
 
     def set_members(self, members: tuple[int, ...], now: int) -> None:
         """A new view: watch its members, starting from now."""
@@ -81,14 +94,28 @@ class FailureDetector:
         self._reported.discard(node)
 
     def receive(self, data: bytes, now: int) -> int | None:
-        """Handle an FD packet; returns a node to answer with PONG, if any."""
-        if len(data) != _HEADER.size:
-            return None
-        magic, version, kind, cluster, sender = _HEADER.unpack(data)
-        if version != 1 or cluster != self._cluster or sender in (0, self.me):
-            return None
+        """Handle an FD packet; returns a node to answer with PONG, if any.
+
+        Bad packets are counted in :attr:`drops` and ignored; this never raises.
+        """
+        version = data[VERSION_OFFSET] if len(data) > VERSION_OFFSET else None
+        if version != PROTOCOL_VERSION and data[:2] == MAGIC and version is not None:
+            self.versions("fd", datagram_sender(data), version)
+            return self._drop("version")
+        if len(data) != HEADER.size:
+            return self._drop("malformed")
+        magic, version, kind, cluster, sender = HEADER.unpack(data)
+        if magic != MAGIC or kind not in (HEARTBEAT, PING, PONG) or sender == 0:
+            return self._drop("malformed")
+        if cluster != self._cluster:
+            return self._drop("cluster")
+        if sender == self.me:
+            return self._drop("self")
         self.heard(sender, now)
         return sender if kind == PING else None
+
+    def _drop(self, reason: str) -> None:
+        self.drops[reason] = self.drops.get(reason, 0) + 1
 
     def next_deadline(self) -> int:
         d = self._next_beat

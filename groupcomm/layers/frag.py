@@ -20,11 +20,11 @@ they delivered the same fragments), so nobody delivers a message twice.
 
 from __future__ import annotations
 
-import struct
 from dataclasses import dataclass
 
 from groupcomm.config import Size
 from groupcomm.errors import ConfigError, PayloadTooLarge
+from groupcomm.layers.wire import FRAG_HEADER, KIND_FRAGMENT
 
 __all__ = ["FragConfig", "Fragmenter", "FRAGMENT"]
 
@@ -40,9 +40,9 @@ class FragConfig:
         if self.max_message < 1:
             raise ConfigError("FRAG: max_message must be at least 1 byte")
 
-FRAGMENT = 1
+FRAGMENT = KIND_FRAGMENT
 """The ring kind of a fragment."""
-_FRAG = struct.Struct(">IIIB")          # msg_id, index, count, kind of the whole message
+_FRAG = FRAG_HEADER                     # msg_id, index, count, kind of the whole message
 
 
 @dataclass

@@ -1,6 +1,6 @@
 """One member's whole protocol stack, sans-IO.
 
-:class:`Member` stacks the layers of ARCHITECTURE.md that sit on the ring:
+:class:`Member` stacks the layers that sit on the ring (docs/architecture.rst):
 
     RPC + SPACES + QUORUM    (groupcomm.layers.rpc, groupcomm.layers.spaces, groupcomm.layers.quorum)
     FRAG + TOTEM + FD        (groupcomm.layers.multicast.Multicast)
@@ -23,8 +23,6 @@ from __future__ import annotations
 from collections import deque
 from typing import NamedTuple
 
-import msgpack
-
 from groupcomm.errors import LocalProtocolError, MemberUnreachable, QueueFull
 from groupcomm.events import Direct, View
 from groupcomm.layers.fd import FdConfig
@@ -33,25 +31,37 @@ from groupcomm.layers.quorum import Quorum, QuorumConfig
 from groupcomm.core.ring import LayerDelivery, RingConfig, SendTo, SendToAll
 from groupcomm.layers.rpc import Mode, Reply, RequestDone, RpcTracker
 from groupcomm.layers.spaces import (
-    REQUEST,
-    STATE_CHUNK_OP,
     RingSend,
     SpaceLayer,
     SpaceRequest,
     SpaceView,
     StateRequest,
     UnicastSend,
-    check_space_name,
 )
 from groupcomm.layers.multicast import Multicast
-from groupcomm.layers.unicast import MAGIC as UNICAST_MAGIC
 from groupcomm.layers.unicast import Unicast, UnicastConfig, UnicastFailed, UnicastMessage, UnicastSent
+from groupcomm.layers.wire import (
+    KIND_SERVICES,
+    PROTOCOL_VERSION,
+    RING_MAGIC,
+    UNICAST_MAGIC,
+    VERSION_OFFSET,
+    DirectFrame,
+    MalformedFrame,
+    P2PRequestFrame,
+    ReplyFrame,
+    RequestFrame,
+    VersionLog,
+    check_space_name,
+    datagram_sender,
+    decode_unicast,
+    encode,
+)
 
 __all__ = ["Member", "SERVICES_KIND"]
 
-SERVICES_KIND = 2
-"""Ring kind of every message of the layers above FRAG."""
-REPLY_OP, P2P_REQUEST_OP, DIRECT_OP = 17, 18, 19
+SERVICES_KIND = KIND_SERVICES
+"""Ring kind of every message of the layers above FRAG (their frames: :mod:`groupcomm.layers.wire`)."""
 _UNICAST_WINDOW = 4
 """Upper-layer unicast messages in flight per peer (state chunks are 256 KiB)."""
 
@@ -99,6 +109,11 @@ class Member:
         self._u_inflight: dict[int, dict[int, int | None]] = {}     # per peer: msg id -> tag
         self._direct_tokens = 0
         self._out: list = []
+        self.unicast_frames_dropped = 0
+        """Upper-layer frames that arrived over UNICAST malformed (see :mod:`groupcomm.layers.wire`)."""
+        self.versions = VersionLog(node_id)
+        """Logs ring and probe datagrams of another protocol version once per peer."""
+        self._probes_dropped = 0
 
     # -- inputs -----------------------------------------------------------------
 
@@ -106,10 +121,41 @@ class Member:
         self.multicast.start(now)
 
     def receive(self, now: int, data: bytes) -> None:
+        """A datagram from the network (ring, FD or UNICAST); bad ones are counted and dropped."""
         if data[:2] == UNICAST_MAGIC:
             self.unicast.receive(now, data)
-        else:
-            self.multicast.receive(now, data)
+            return
+        self.multicast.receive(now, data)
+        if data[VERSION_OFFSET:VERSION_OFFSET + 1] != _VERSION_BYTE and data[:2] == RING_MAGIC:
+            # Counted by the C core (drop_bad_version); logged here, once per peer and version.
+            self.versions("ring", datagram_sender(data), data[VERSION_OFFSET] if len(data) > VERSION_OFFSET else None)
+
+    def wrong_version(self, layer: str, peer: object, version: int | None) -> None:
+        """A driver dropped a datagram of another protocol version (a probe): count it, log it once."""
+        if layer == "probe":
+            self._probes_dropped += 1
+        self.versions(layer, peer, version)
+
+    @property
+    def dropped_frames(self) -> dict[str, int]:
+        """Frames and datagrams dropped, per layer: malformed, of another version, foreign, stale.
+
+        ``spaces``: ring frames of the spaces layer and snapshot chunks out of place;
+        ``unicast_frames``: upper-layer frames over UNICAST; ``unicast``: UNICAST
+        datagrams (any reason, see ``Unicast.drops``); ``fd``: failure-detector
+        datagrams; ``frag``: fragments (malformed, or cut by a view change);
+        ``probe``: probe requests of another version.  The ring's own drops are
+        in its stats (``drop_*``).
+        """
+        fd = self.multicast.fd
+        return {
+            "spaces": self.spaces.dropped,
+            "unicast_frames": self.unicast_frames_dropped,
+            "unicast": sum(self.unicast.drops.values()),
+            "fd": sum(fd.drops.values()) if fd is not None else 0,
+            "frag": self.multicast.frag.dropped,
+            "probe": self._probes_dropped,
+        }
 
     def tick(self, now: int) -> None:
         self.multicast.tick(now)
@@ -154,7 +200,7 @@ class Member:
             self.rpc.start(now, req_id, mode, timeout_us, scope, None)
         else:
             self.rpc.start(now, req_id, mode, timeout_us, scope, to)
-            message = msgpack.packb([P2P_REQUEST_OP, scope, req_id, bytes(payload)], use_bin_type=True)
+            message = encode(P2PRequestFrame(scope, req_id, bytes(payload)))
             for member in to:
                 if member == self.node_id:
                     self._out.append(SpaceRequest(scope, member, req_id, bytes(payload)))
@@ -171,7 +217,7 @@ class Member:
             raise MemberUnreachable(f"member {dest} is not in the current view")
         self._direct_tokens += 1
         token = self._direct_tokens
-        self._unicast(dest, msgpack.packb([DIRECT_OP, bytes(payload)], use_bin_type=True), -token)
+        self._unicast(dest, encode(DirectFrame(bytes(payload))), -token)
         self._send_queued_unicast(now)
         return token
 
@@ -181,12 +227,12 @@ class Member:
 
     def reply(self, now: int, request: SpaceRequest, reply: Reply) -> None:
         """Answer ``request`` (sent back to the requester over unicast)."""
-        message = msgpack.packb([REPLY_OP, request.req_id, reply.ok, reply.value, reply.error], use_bin_type=True)
         if request.requester == self.node_id:
             self.rpc.reply(request.req_id, self.node_id, reply)
             self._collect_rpc()
             return
-        self._unicast(request.requester, message, None)
+        value = None if reply.value is None else bytes(reply.value)
+        self._unicast(request.requester, encode(ReplyFrame(request.req_id, bool(reply.ok), value, reply.error)), None)
         self._send_queued_unicast(now)
 
     def provide_state(self, now: int, request: StateRequest, state: bytes | None) -> None:
@@ -266,23 +312,17 @@ class Member:
         self._after_spaces(now)
 
     def _deliver(self, item: LayerDelivery) -> None:
-        if item.sender == self.node_id:
-            self._own_request(item.payload)
-        self.spaces.deliver(item.sender, item.payload, item.safe)
+        frame = self.spaces.deliver(item.sender, item.payload, item.safe)
+        if type(frame) is RequestFrame and item.sender == self.node_id:
+            self._own_request(frame)
 
-    def _own_request(self, payload: bytes) -> None:
+    def _own_request(self, frame: RequestFrame) -> None:
         """Our multicast request reached this point: its repliers are who is in scope here."""
-        try:
-            item = msgpack.unpackb(payload, raw=False)
-        except ValueError:
-            return
-        if not (isinstance(item, list) and len(item) == 4 and item[0] == REQUEST):
-            return
-        scope = self._my_requests.pop(item[2], None)
-        if scope is None:
+        scope = self._my_requests.pop(frame.req_id, None)
+        if scope is None or scope != frame.scope:
             return
         members = self.spaces.spaces.get(scope, []) if scope else (self.view.members if self.view else ())
-        self.rpc.fix_targets(item[2], list(members))
+        self.rpc.fix_targets(frame.req_id, list(members))
 
     def _after_spaces(self, now: int) -> None:
         for item in self.spaces.take():
@@ -355,27 +395,21 @@ class Member:
 
     def _unicast_message(self, now: int, message: UnicastMessage) -> None:
         try:
-            item = msgpack.unpackb(message.payload, raw=False)
-            op = item[0]
-        except (ValueError, TypeError, IndexError, msgpack.ExtraData, msgpack.FormatError, msgpack.StackError):
-            self.spaces.dropped += 1
+            frame = decode_unicast(message.payload)
+        except MalformedFrame:
+            self.unicast_frames_dropped += 1
             return
-        try:
-            if op == REPLY_OP:
-                _, req_id, ok, value, error = item
-                self.rpc.reply(req_id, message.sender, Reply(bool(ok), value, error, "ok" if ok else "error"))
-            elif op == P2P_REQUEST_OP:
-                _, scope, req_id, payload = item
-                self._out.append(SpaceRequest(scope, message.sender, req_id, payload))
-            elif op == DIRECT_OP:
-                self._out.append(Direct(message.sender, item[1]))
-            elif op == STATE_CHUNK_OP:
-                self.spaces.unicast(message.sender, message.payload)
-                self._after_spaces(now)
-            else:
-                self.spaces.dropped += 1
-        except (ValueError, TypeError):
-            self.spaces.dropped += 1
+        t = type(frame)
+        if t is ReplyFrame:
+            status = "ok" if frame.ok else "error"
+            self.rpc.reply(frame.req_id, message.sender, Reply(frame.ok, frame.value, frame.error, status))
+        elif t is P2PRequestFrame:
+            self._out.append(SpaceRequest(frame.scope, message.sender, frame.req_id, frame.payload))
+        elif t is DirectFrame:
+            self._out.append(Direct(message.sender, frame.payload))
+        else:                                                    # StateChunkFrame
+            self.spaces.state_chunk(message.sender, frame)
+            self._after_spaces(now)
 
     def _collect_rpc(self) -> None:
         done: list[RequestDone] = self.rpc.take()
@@ -383,3 +417,4 @@ class Member:
 
 
 _LEFT = Reply(False, None, "the member left before answering", "left")
+_VERSION_BYTE = bytes([PROTOCOL_VERSION])

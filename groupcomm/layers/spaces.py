@@ -43,23 +43,34 @@ from __future__ import annotations
 
 from collections.abc import Iterable
 from dataclasses import dataclass, field
-from typing import Any, NamedTuple
-
-import msgpack
+from typing import NamedTuple
 
 from groupcomm.errors import LocalProtocolError
 from groupcomm.events import Message, RingId, View
 from groupcomm.layers.quorum import Quorum
+from groupcomm.layers.wire import (
+    DataFrame,
+    JoinFrame,
+    LeaveFrame,
+    MalformedFrame,
+    RequestFrame,
+    RingFrame,
+    StateChunkFrame,
+    StateDoneFrame,
+    StateReqFrame,
+    SyncFrame,
+    check_space_name,
+    decode_ring,
+    encode,
+)
 
 __all__ = [
     "SpaceView", "SpaceMessage", "SpaceRequest", "StateRequest", "StateInstalled", "Merge",
-    "RingSend", "UnicastSend", "SpaceLayer", "STATE_CHUNK",
+    "RingSend", "UnicastSend", "SpaceLayer", "STATE_CHUNK", "check_space_name",
 ]
 
-# Ring ops (one msgpack array per message, first item the op).
-JOIN, LEAVE, SYNC, DATA, STATE_REQ, STATE_DONE, REQUEST = range(1, 8)
-# Unicast ops carried for this layer.
-STATE_CHUNK_OP = 16
+# The frames of this layer (JOIN, LEAVE, SYNC, DATA, STATE_REQ, STATE_DONE and
+# REQUEST on the ring; STATE_CHUNK over UNICAST) are declared in groupcomm.layers.wire.
 _MAX_EARLY = 1024
 """Snapshot chunks kept for points this member has not reached yet."""
 STATE_CHUNK = 256 << 10
@@ -167,10 +178,6 @@ class _Sync:
     origin: dict[int, tuple] = field(default_factory=dict)   # member -> (prev ring, prev primary, last primary seq)
 
 
-def _pack(*items: Any) -> bytes:
-    return msgpack.packb(items, use_bin_type=True)
-
-
 class SpaceLayer:
     """All spaces as one member sees them."""
 
@@ -208,33 +215,33 @@ class SpaceLayer:
         if space in self.requested:
             raise LocalProtocolError(f"already in space {space!r} (or joining it)")
         self.requested.add(space)
-        self._out.append(RingSend(_pack(JOIN, space), False))
+        self._out.append(RingSend(encode(JoinFrame(space)), False))
 
     def leave(self, space: str) -> None:
         if space not in self.requested:
             raise LocalProtocolError(f"not in space {space!r}")
         self.requested.discard(space)
-        self._out.append(RingSend(_pack(LEAVE, space), False))
+        self._out.append(RingSend(encode(LeaveFrame(space)), False))
 
     def send(self, space: str, payload: bytes, safe: bool = False) -> bytes:
         """The ring message that carries ``payload`` to ``space`` (the caller submits it)."""
-        return _pack(DATA, space, bytes(payload))
+        return encode(DataFrame(space, bytes(payload)))
 
     def request(self, space: str, req_id: int, payload: bytes) -> bytes:
         """The ring message of a request to every member of ``space`` ("" = the channel)."""
-        return _pack(REQUEST, space, req_id, bytes(payload))
+        return encode(RequestFrame(space, req_id, bytes(payload)))
 
     def provide(self, request: StateRequest, state: bytes | None) -> None:
         """Answer a :class:`StateRequest`: stream ``state`` to the joiner in chunks."""
         space, joiner, point = request
         if state is None:
-            self._out.append(UnicastSend(joiner, _pack(STATE_CHUNK_OP, space, list(point), 0, True, None)))
+            self._out.append(UnicastSend(joiner, encode(StateChunkFrame(space, point, 0, True, None))))
             return
         view = memoryview(bytes(state))
         count = max(1, -(-len(view) // STATE_CHUNK))
         for i in range(count):
             chunk = bytes(view[i * STATE_CHUNK : (i + 1) * STATE_CHUNK])
-            self._out.append(UnicastSend(joiner, _pack(STATE_CHUNK_OP, space, list(point), i, i == count - 1, chunk)))
+            self._out.append(UnicastSend(joiner, encode(StateChunkFrame(space, point, i, i == count - 1, chunk))))
 
     def take(self) -> list:
         out, self._out = self._out, []
@@ -267,9 +274,9 @@ class SpaceLayer:
             self._remove(gone)
         if merged:
             self._sync = _Sync({view.ring_id}, set(view.members))
-            spaces = sorted([name, name in self.ready and self.me in self.ready[name]] for name in self.requested)
-            self._out.append(RingSend(_pack(SYNC, list(view.ring_id), spaces, list(self.stable_ring),
-                                            self.stable_primary, self.last_primary_seq), False))
+            spaces = sorted((name, name in self.ready and self.me in self.ready[name]) for name in self.requested)
+            self._out.append(RingSend(encode(SyncFrame(tuple(view.ring_id), spaces, tuple(self.stable_ring),
+                                                       self.stable_primary, self.last_primary_seq)), False))
         elif sync is not None:
             sync.ring_ids.add(view.ring_id)             # the same members go on with the same round
             sync.waiting -= gone
@@ -287,56 +294,50 @@ class SpaceLayer:
         if self.primary:
             self.last_primary_seq = self.ring_id.seq
 
-    def deliver(self, sender: int, payload: bytes, safe: bool) -> None:
-        """A ring message of this layer, in total order."""
+    def deliver(self, sender: int, payload: bytes, safe: bool) -> RingFrame | None:
+        """A ring message of this layer, in total order; returns its frame (None: malformed, counted
+        in :attr:`dropped` and ignored, identically at every member)."""
         self._n += 1
         try:
-            item = msgpack.unpackb(payload, raw=False)
-            op = item[0]
-            if op == DATA:
-                self._data(sender, item[1], item[2], safe)
-            elif op == REQUEST:
-                self._space_event(item[1], SpaceRequest(item[1], sender, item[2], item[3]), always=item[1] == "")
-            elif op == JOIN:
-                self._join(sender, item[1])
-            elif op == LEAVE:
-                self._leave(sender, item[1])
-            elif op == SYNC:
-                self._sync_claim(sender, RingId(*item[1]), item[2], RingId(*item[3]), item[4], item[5])
-            elif op == STATE_REQ:
-                self._state_req(sender, item[1])
-            elif op == STATE_DONE:
-                if sender in self.spaces.get(item[1], ()):
-                    self.ready.setdefault(item[1], set()).add(sender)
-            else:
-                self.dropped += 1
-        except (ValueError, TypeError, IndexError, KeyError, msgpack.ExtraData, msgpack.FormatError, msgpack.StackError):
+            frame = decode_ring(payload)
+        except MalformedFrame:
             self.dropped += 1
+            return None
+        t = type(frame)
+        if t is DataFrame:
+            self._space_event(frame.space, SpaceMessage(frame.space, Message(sender, frame.payload, safe)))
+        elif t is RequestFrame:
+            scope = frame.scope
+            self._space_event(scope, SpaceRequest(scope, sender, frame.req_id, frame.payload), always=scope == "")
+        elif t is JoinFrame:
+            self._join(sender, frame.space)
+        elif t is LeaveFrame:
+            self._leave(sender, frame.space)
+        elif t is SyncFrame:
+            self._sync_claim(sender, RingId(*frame.ring_id), frame.spaces, RingId(*frame.stable_ring),
+                             frame.stable_primary, frame.last_primary_seq)
+        elif t is StateReqFrame:
+            self._state_req(sender, frame.space)
+        else:                                                # StateDoneFrame
+            if sender in self.spaces.get(frame.space, ()):
+                self.ready.setdefault(frame.space, set()).add(sender)
+        return frame
 
-    def unicast(self, sender: int, payload: bytes) -> bool:
-        """A unicast message; returns False if it is not this layer's."""
-        try:
-            item = msgpack.unpackb(payload, raw=False)
-            if item[0] != STATE_CHUNK_OP:
-                return False
-            _, space, point, index, last, chunk = item
-            point = tuple(point)
-            incoming = self._incoming.get(space)
-        except (ValueError, TypeError, IndexError, msgpack.ExtraData, msgpack.FormatError, msgpack.StackError):
-            self.dropped += 1
-            return True
+    def state_chunk(self, sender: int, frame: StateChunkFrame) -> None:
+        """A snapshot chunk that arrived over unicast (decoded by the member's unicast decoder)."""
+        space, point, index, last, chunk = frame.space, frame.point, frame.index, frame.last, frame.chunk
+        incoming = self._incoming.get(space)
         if incoming is None or point not in incoming.cuts:
             # The provider may reach the point before we do (unicast overtakes
             # the ring): keep the chunk until we get there, or drop it as late.
             if point[1] >= self.ring_id.seq and len(self._early) < _MAX_EARLY:
                 self._early.setdefault((space, point), []).append((index, last, chunk))
-            return True
+            return
         self._chunk(space, incoming, point, index, last, chunk)
-        return True
 
     def _chunk(self, space: str, incoming: _Incoming, point: Point, index: int, last: bool, chunk) -> None:
         parts = incoming.chunks.setdefault(point, [])
-        if index != len(parts) or (chunk is None and not (index == 0 and last)):
+        if index != len(parts):
             self.dropped += 1
             return
         parts.append(chunk)
@@ -530,7 +531,7 @@ class SpaceLayer:
         for space, incoming in self._incoming.items():
             if incoming.provider != -1 and incoming.provider not in self.spaces.get(space, []):
                 incoming.provider = -1
-                self._out.append(RingSend(_pack(STATE_REQ, space), False))
+                self._out.append(RingSend(encode(StateReqFrame(space)), False))
 
     def _install(self, space: str, incoming: _Incoming, point: Point) -> None:
         parts = incoming.chunks[point]
@@ -542,16 +543,13 @@ class SpaceLayer:
         # requests: those still reach the application, ahead of the state.
         self._out.extend(e for e in incoming.buffer[:cut] if type(e) is not SpaceMessage)
         self._finish(space, state, incoming.buffer[cut:])
-        self._out.append(RingSend(_pack(STATE_DONE, space), False))
+        self._out.append(RingSend(encode(StateDoneFrame(space)), False))
 
     def _finish(self, space: str, state: bytes | None, later: list) -> None:
         self._out.append(StateInstalled(space, state))
         self._out.extend(later)
 
-    # -- data ------------------------------------------------------------------------
-
-    def _data(self, sender: int, space: str, payload: bytes, safe: bool) -> None:
-        self._space_event(space, SpaceMessage(space, Message(sender, payload, safe)))
+    # -- space events ------------------------------------------------------------------
 
     def _space_event(self, space: str, event, *, always: bool = False) -> None:
         if space not in self.mine and not always:
@@ -578,9 +576,3 @@ def _rank_components(origin: dict[int, tuple]) -> list[list[int]]:
         last = max(origin[m][2] for m in members)
         return (not was_primary, -last, min(members))
     return sorted((sorted(g) for g in groups.values()), key=score)
-
-
-def check_space_name(space: str) -> None:
-    """Raise ValueError unless ``space`` is a usable space name."""
-    if not isinstance(space, str) or not space or len(space.encode()) > 255:
-        raise ValueError(f"space name must be a non-empty string of at most 255 bytes, not {space!r}")

@@ -75,7 +75,7 @@ Failures
     or no view yet), :data:`LEFT`, :data:`RESTARTED`.
 
 Packet format (big-endian; bytes 8..12 are always the sender, as the
-transport expects)::
+transport expects; the structs are declared in :mod:`groupcomm.layers.wire`)::
 
     common  magic "GU" | version u8 | type u8 | cluster u32 | sender u32 | dest u32
             | sender epoch u64 | dest epoch u64 (0: unknown)                  32 bytes
@@ -89,14 +89,14 @@ transport expects)::
             messages as "left" and starts a new stream.                     46
 
 Malformed, foreign, misaddressed, stale and duplicate packets are counted in
-:attr:`Unicast.drops` by reason and dropped; :meth:`Unicast.receive` never
+:attr:`Unicast.drops` by reason and dropped; so are packets of another protocol
+version (``drops["version"]``, logged once per peer and version); :meth:`Unicast.receive` never
 raises.  Every packet is parsed and bounds-checked in full before it changes any
 state.  Sequence numbers are 64-bit and never wrap.
 """
 
 from __future__ import annotations
 
-import struct
 from collections import deque
 from collections.abc import Iterable
 from dataclasses import dataclass
@@ -105,6 +105,20 @@ from typing import NamedTuple, Union
 from groupcomm.config import Duration, Size
 from groupcomm.errors import ConfigError, LocalProtocolError, PayloadTooLarge, QueueFull
 from groupcomm.core.ring import SendTo
+from groupcomm.layers.wire import (
+    PROTOCOL_VERSION,
+    UNICAST_ACK,
+    UNICAST_ACK_HEADER,
+    UNICAST_ACK_NOW,
+    UNICAST_COMMON,
+    UNICAST_DATA,
+    UNICAST_DATA_HEADER,
+    UNICAST_MAGIC,
+    UNICAST_RESET,
+    VERSION_OFFSET,
+    VersionLog,
+    datagram_sender,
+)
 
 __all__ = [
     "MAGIC",
@@ -120,15 +134,14 @@ __all__ = [
     "UnicastSent",
 ]
 
-MAGIC = b"GU"
-VERSION = 1
-DATA, ACK, RESET = 1, 2, 3
-ACK_NOW = 0x01                                       # DATA flag: acknowledge this packet at once
+# The layouts live in groupcomm.layers.wire; the short names are this module's.
+MAGIC = UNICAST_MAGIC
+VERSION = PROTOCOL_VERSION
+DATA, ACK, RESET = UNICAST_DATA, UNICAST_ACK, UNICAST_RESET
+ACK_NOW = UNICAST_ACK_NOW
 _KNOWN_FLAGS = ACK_NOW
 
-_COMMON = struct.Struct(">2sBBIIIQQ")                # magic, version, type, cluster, sender, dest, epochs
-_DATA = struct.Struct(">2sBBIIIQQIQIIIBB")           # common + stream, seq, msg id, index, count, kind, flags
-_ACK = struct.Struct(">2sBBIIIQQIQH")                # common + stream, next expected, bitmap length
+_COMMON, _DATA, _ACK = UNICAST_COMMON, UNICAST_DATA_HEADER, UNICAST_ACK_HEADER
 _COMMON_SIZE, _DATA_SIZE, _ACK_SIZE = _COMMON.size, _DATA.size, _ACK.size
 
 MAX_WINDOW = 4096
@@ -136,6 +149,7 @@ MAX_WINDOW = 4096
 _MAX_BITMAP = MAX_WINDOW // 8
 _MIN_MTU = 64
 _MAX_MTU = 65507                                     # largest UDP payload over IPv4
+_VERSION_BYTE = bytes([VERSION])
 _U32 = 0xFFFFFFFF
 _U64 = (1 << 64) - 1
 _US = 1_000_000
@@ -277,6 +291,8 @@ class Unicast:
         self._out: list = []
         self.drops: dict[str, int] = {}
         """Dropped packets by reason."""
+        self.versions = VersionLog(me)
+        """Logs packets of another protocol version once per peer (counted as ``drops["version"]``)."""
         self.sent = self.retransmitted = self.acks_sent = 0
         self.received = self.acks_received = self.delivered = self.discarded = 0
         self.completed = self.failed = 0
@@ -324,6 +340,11 @@ class Unicast:
 
     def receive(self, now: int, packet: bytes) -> None:
         """A packet starting with :data:`MAGIC`. Bad packets are counted in :attr:`drops`."""
+        if packet[VERSION_OFFSET:VERSION_OFFSET + 1] != _VERSION_BYTE:
+            if packet[:2] != MAGIC or len(packet) <= VERSION_OFFSET:
+                return self._drop("malformed")
+            self.versions("unicast", datagram_sender(packet), packet[VERSION_OFFSET])
+            return self._drop("version")             # another layout, perhaps: look no further
         if len(packet) < _COMMON_SIZE:
             return self._drop("malformed")
         ptype = packet[3]
@@ -337,8 +358,8 @@ class Unicast:
             fields = _ACK.unpack_from(packet)
         else:
             return self._drop("malformed")
-        magic, version, _, cluster, sender, dest, s_epoch, d_epoch = fields[:8]
-        if magic != MAGIC or version != VERSION:
+        magic, _, _, cluster, sender, dest, s_epoch, d_epoch = fields[:8]
+        if magic != MAGIC:
             return self._drop("malformed")
         if cluster != self._cluster:
             return self._drop("cluster")
