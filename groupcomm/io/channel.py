@@ -206,7 +206,35 @@ class Channel:
             self._flush()
 
     async def events(self) -> AsyncIterator[Message | View]:
-        """Messages and views in delivery order, until the channel closes."""
+        """Everything the group hands this member, in delivery order, until the channel closes.
+
+        It yields four types (dispatch on ``type(event)`` or ``match``):
+
+        * :class:`~groupcomm.events.Message` ``(sender, payload, safe)``: a
+          multicast (:meth:`send`), in the total order every member sees;
+          ``safe`` is the guarantee its sender asked for.
+        * :class:`~groupcomm.events.View` ``(members, ring_id, transitional,
+          primary)``: the membership changed.  A transitional view lists the
+          members that came along from this member's previous view; it comes
+          just before the regular view with the same ``ring_id``, and the
+          messages between the two were delivered with the transitional
+          configuration's weaker guarantee.  ``primary``: the view holds a
+          majority of the expected votes (:mod:`groupcomm.layers.quorum`).
+        * :class:`~groupcomm.layers.spaces.Merge` ``(ring_id, components,
+          primary, was_primary)``: after the regular view of a ring that joined
+          members whose state differed (a healed partition), the sides and the
+          one that was primary; members of the other sides re-fetch their
+          spaces' state from it.
+        * :class:`~groupcomm.events.Direct` ``(sender, payload)``: a
+          point-to-point message (:meth:`send_to`), FIFO per sender, not
+          ordered with the multicasts.
+
+        Space messages and space views go to each space's own
+        :meth:`Space.events <groupcomm.io.space.Space.events>`.  A member more
+        than ``max_pending_events`` events behind leaves the group; this
+        then hands out the events already queued and raises
+        :class:`~groupcomm.errors.DeliveryOverflow`.
+        """
         async for batch in self._events_recv:
             self._pending_events -= len(batch)
             for event in batch:
