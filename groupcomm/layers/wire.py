@@ -5,18 +5,25 @@ Two levels of wire format meet here.
 **Datagrams.**  Every UDP datagram a member sends starts with a two-byte magic
 that names the layer it belongs to, then a one-byte protocol version:
 
-========  ===========================================  ==============================
-magic     layer                                         header (big-endian)
-========  ===========================================  ==============================
-``GC``    TOTEM ring (built in C, ``groupcomm/_ring.c``)  magic, version u8, type u8,
-                                                        cluster u32, sender u32
-``GF``    failure detector (:mod:`~groupcomm.layers.fd`)  same 12 bytes; type is
-                                                        HEARTBEAT/PING/PONG
-``GU``    UNICAST (:mod:`~groupcomm.layers.unicast`)      same 12 bytes, then dest u32
-                                                        and epochs (see that module)
-``GP``    probe (:mod:`~groupcomm.io.probe`)              magic, version u8, kind u8,
-                                                        cluster u32 (no sender)
-========  ===========================================  ==============================
+.. list-table::
+   :header-rows: 1
+   :widths: 10 40 50
+
+   * - magic
+     - layer
+     - header (big-endian)
+   * - ``GC``
+     - TOTEM ring (built in C, ``groupcomm/_ring.c``)
+     - magic, version u8, type u8, cluster u32, sender u32 (:data:`HEADER`)
+   * - ``GF``
+     - failure detector (:mod:`~groupcomm.layers.fd`)
+     - :data:`HEADER` only; the type is HEARTBEAT, PING or PONG
+   * - ``GU``
+     - UNICAST (:mod:`~groupcomm.layers.unicast`)
+     - :data:`HEADER`, then dest u32 and the epochs (:data:`UNICAST_COMMON`)
+   * - ``GP``
+     - probe (:mod:`~groupcomm.io.probe`)
+     - magic, version u8, kind u8, cluster u32; no sender (:data:`PROBE_HEADER`)
 
 So in every datagram but a probe, bytes 8..12 are the sender's node id and
 byte 3 is the packet type; the drivers use :data:`SENDER`, :data:`TYPE_OFFSET`
@@ -397,7 +404,7 @@ def frame_table() -> str:
             hints = get_type_hints(cls, include_extras=True)
             fields = ", ".join(f"``{f.name}``: {_type_name(hints[f.name])}" for f in info.fields)
             summary = (cls.__doc__ or "").strip().split("\n")[0]
-            rows.append(f"   * - {channel}\n     - {cls.__struct_config__.tag}\n     - :class:`{cls.__name__}`"
+            rows.append(f"   * - {channel}\n     - {cls.__struct_config__.tag}\n     - ``{cls.__name__}``"
                         f"\n     - {fields}\n\n       {summary}")
     return ".. list-table::\n   :header-rows: 1\n   :widths: 8 4 20 68\n\n" + "\n".join(rows) + "\n"
 
