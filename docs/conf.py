@@ -1,40 +1,26 @@
-"""Sphinx configuration for groupcomm."""
+"""Sphinx configuration for groupcomm (``python -m sphinx -W -b html docs <out>``)."""
 
 import os
 import sys
 
-sys.path.insert(0, os.path.abspath(".."))
+DOCS = os.path.dirname(os.path.abspath(__file__))
+sys.path.insert(0, os.path.dirname(DOCS))     # the repository: groupcomm itself
+sys.path.insert(0, DOCS)                      # generated.py
+
+import generated
 
 project = "groupcomm"
 author = "the groupcomm authors"
 extensions = ["sphinx.ext.autodoc", "sphinx.ext.napoleon"]
 autodoc_member_order = "bysource"
 html_theme = "alabaster"
-exclude_patterns = ["_build"]
+# _generated/ and examples/ hold pieces that pages include; they are not pages.
+exclude_patterns = ["_build", "_generated", "examples"]
 
 
 def _write_generated(app):
-    """Render the ring's own membership transition table and config defaults."""
-    from groupcomm.core.ring import RingConfig, transition_table
-
-    out = os.path.join(app.srcdir, "_generated")
-    os.makedirs(out, exist_ok=True)
-    rows = transition_table()
-    with open(os.path.join(out, "transitions.rst"), "w") as f:
-        f.write(".. list-table::\n   :header-rows: 1\n\n   * - state\n     - input\n     - next\n")
-        for state, inp, action in rows:
-            f.write(f"   * - {state}\n     - {inp}\n     - {action}\n")
-    with open(os.path.join(out, "transitions.dot"), "w") as f:
-        f.write("digraph membership {\n  rankdir=LR;\n")
-        for state, inp, action in rows:
-            target = action.split(" ")[0]
-            f.write(f'  "{state}" -> "{target}" [label="{inp}"];\n')
-        f.write("}\n")
-    with open(os.path.join(out, "config.rst"), "w") as f:
-        f.write(".. list-table::\n   :header-rows: 1\n\n   * - setting\n     - default\n")
-        for name, field in RingConfig.__dataclass_fields__.items():
-            if field.repr:
-                f.write(f"   * - ``{name}``\n     - ``{field.default!r}``\n")
+    """Regenerate the reference pieces from the code before anything is read."""
+    generated.write_all(os.path.join(app.srcdir, "_generated"))
 
 
 def setup(app):

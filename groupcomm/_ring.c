@@ -8,7 +8,7 @@
  *   - L. E. Moser, Y. Amir, P. M. Melliar-Smith, D. A. Agarwal,
  *     "Extended virtual synchrony", ICDCS 1994.
  *   - Corosync's exec/totemsrp.c, whose timers, defaults and hard-won fixes we
- *     follow (see ../shared/TOTEM-NOTES.md in the project docs).
+ *     follow (docs/design.rst lists each mechanism and the trap it avoids).
  *
  * Shape
  *   No sockets, clocks, threads or callbacks.  Inputs: gc_ring_receive (a

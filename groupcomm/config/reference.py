@@ -27,7 +27,7 @@ from typing import Any
 from groupcomm.config.registry import LAYERS, layer_settings
 from groupcomm.config.units import Duration, Size
 
-__all__ = ["Setting", "LayerReference", "attribute_docstrings", "layer_reference", "references", "reference_rst"]
+__all__ = ["LayerReference", "Setting", "attribute_docstrings", "layer_reference", "reference_rst", "references"]
 
 _DERIVED = re.compile(r"\(default ``(?P<expr>.+?)``\)")
 _NONE_TYPE = type(None)
