@@ -83,7 +83,8 @@ class Pump:
         self._heard_nodes = ffi.new("uint32_t[]", lib.GC_PUMP_PEERS_MAX)
         self._heard_times = ffi.new("uint64_t[]", lib.GC_PUMP_PEERS_MAX)
         self._heard: dict[int, int] = {}
-        self._multicast = None                      # the Multicast layer whose ring it drives (attach)
+        self.multicast = None
+        """The Multicast layer whose ring this pump drives (set by :func:`attach`)."""
 
     # -- lifetime ---------------------------------------------------------------
 
@@ -99,6 +100,11 @@ class Pump:
     @property
     def closed(self) -> bool:
         return self._p is None
+
+    @property
+    def handle(self):
+        """The ``gc_pump_t *`` (None once closed)."""
+        return self._p
 
     def close(self) -> None:
         """Join the thread and free the pump (idempotent)."""
@@ -224,7 +230,7 @@ class LockedRing:
         self.config = ring.config
         self.max_payload = ring.max_payload
         self._pump = pump
-        self._p = pump._p
+        self._p = pump.handle
 
     # -- inputs -------------------------------------------------------------------
 
@@ -317,14 +323,14 @@ def attach(multicast, sockets: UdpSockets, *, max_backlog: int) -> Pump:
     ring = multicast.ring
     pump = Pump(ring, sockets, max_backlog=max_backlog)
     multicast.ring = LockedRing(ring, pump)
-    pump._multicast = multicast
+    pump.multicast = multicast
     return pump
 
 
 def detach(pump: Pump) -> None:
     """Join the pump's thread, free it, and give its Multicast layer the plain ring back."""
     pump.close()
-    multicast = pump._multicast
+    multicast = pump.multicast
     if multicast is not None and isinstance(multicast.ring, LockedRing):
         multicast.ring = multicast.ring.ring
-    pump._multicast = None
+    pump.multicast = None
