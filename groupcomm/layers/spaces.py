@@ -66,14 +66,14 @@ from groupcomm.layers.wire import (
 
 __all__ = [
     "SpaceView", "SpaceMessage", "SpaceRequest", "StateRequest", "StateInstalled", "Merge",
-    "RingSend", "UnicastSend", "SpaceLayer", "STATE_CHUNK", "check_space_name",
+    "RingSend", "UnicastSend", "SpaceLayer", "STATE_CHUNK_SIZE", "check_space_name",
 ]
 
 # The frames of this layer (JOIN, LEAVE, SYNC, DATA, STATE_REQ, STATE_DONE and
 # REQUEST on the ring; STATE_CHUNK over UNICAST) are declared in groupcomm.layers.wire.
 _MAX_EARLY = 1024
 """Snapshot chunks kept for points this member has not reached yet."""
-STATE_CHUNK = 256 << 10
+STATE_CHUNK_SIZE = 256 << 10
 """Bytes of snapshot per unicast message; the driver paces chunks."""
 
 
@@ -238,9 +238,9 @@ class SpaceLayer:
             self._out.append(UnicastSend(joiner, encode(StateChunkFrame(space, point, 0, True, None))))
             return
         view = memoryview(bytes(state))
-        count = max(1, -(-len(view) // STATE_CHUNK))
+        count = max(1, -(-len(view) // STATE_CHUNK_SIZE))
         for i in range(count):
-            chunk = bytes(view[i * STATE_CHUNK : (i + 1) * STATE_CHUNK])
+            chunk = bytes(view[i * STATE_CHUNK_SIZE : (i + 1) * STATE_CHUNK_SIZE])
             self._out.append(UnicastSend(joiner, encode(StateChunkFrame(space, point, i, i == count - 1, chunk))))
 
     def take(self) -> list:
