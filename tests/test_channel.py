@@ -85,6 +85,27 @@ async def test_leaving_member_is_dropped_from_the_view_quickly():
             assert trio.current_time() - t0 < FAST.token_timeout   # no timeout: a graceful leave
 
 
+async def test_a_member_whose_block_is_cancelled_from_outside_still_leaves_gracefully():
+    udp, cluster = loopback(), unique_cluster()
+    with trio.fail_after(20):
+        async with open_channel(cluster=cluster, name="stay", udp=udp, ring=FAST, fd=None) as stay:
+            leaver: list[int] = []
+
+            async def go() -> None:
+                async with open_channel(cluster=cluster, name="go", udp=udp, ring=FAST, fd=None) as ch:
+                    leaver.append(ch.address)
+                    await trio.sleep_forever()
+
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(go)
+                await wait_for_view(stay, 2)
+                nursery.cancel_scope.cancel()           # cancels the whole open_channel block
+            t0 = trio.current_time()
+            await wait_for_view(stay, 1)
+            assert leaver[0] not in stay.view.members
+            assert trio.current_time() - t0 < FAST.token_timeout   # a leave, not a token-loss timeout
+
+
 async def test_misuse_gives_clear_errors():
     udp, cluster = loopback(), unique_cluster()
     with pytest.raises(ConfigError, match="nope"):

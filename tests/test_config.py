@@ -663,7 +663,7 @@ class Required:
 
 @dataclass(frozen=True)
 class Unsupported:
-    table: dict[str, int] = field(default_factory=dict)
+    table: frozenset[int] = frozenset()
     n: int = 0
 
 
@@ -842,7 +842,7 @@ def test_build_config_requires_a_dataclass():
 def test_unsupported_annotation_is_a_programming_error_only_when_set():
     assert build_config(Unsupported, layer({"n": "3"})) == Unsupported(n=3)
     with pytest.raises(TypeError, match="unsupported field annotation"):
-        build_config(Unsupported, layer({"table": {"a": 1}}))
+        build_config(Unsupported, layer({"table": (1, 2)}))
 
 
 def test_config_error_is_a_value_error():
@@ -896,3 +896,38 @@ token_timeout = "1s"
 def test_describe_minimal():
     spec = StackSpec(name="x", source="<stack 'x'>", layers=(LayerSpec("A", {}, "<stack 'x'>", 0),))
     assert describe(spec) == "# stack 'x' from <stack 'x'>: A (bottom to top)\n\n[[layer]]  # 0\nname = \"A\"\n"
+
+
+# --------------------------------------------------------------------------- tables (dict fields)
+
+
+def test_quorum_votes_come_from_a_toml_table(tmp_path):
+    from groupcomm.config import build_stack
+    from groupcomm.layers.quorum import QuorumConfig
+
+    path = tmp_path / "votes.toml"
+    path.write_text(
+        '[[layer]]\nname = "UDP"\n[[layer]]\nname = "TOTEM"\n'
+        '[[layer]]\nname = "QUORUM"\nexpected_votes = 5\nvotes = { 11 = 3, 12 = "1" }\ntie_breaker = "none"\n'
+    )
+    quorum = build_stack(load_stack(str(path))).quorum
+    assert quorum == QuorumConfig(expected_votes=5, votes={11: 3, 12: 1}, tie_breaker="none")
+
+
+@pytest.mark.parametrize(
+    ("line", "complaint"),
+    [
+        ('votes = { node = 3 }', "key 'node': expected an integer"),
+        ('votes = { 11 = "many" }', "value of '11': expected an integer"),
+        ('votes = 3', "expected a table"),
+        ('tie_breaker = "highest"', "expected one of 'lowest', 'none'"),
+    ],
+)
+def test_a_bad_quorum_table_names_the_key(tmp_path, line, complaint):
+    from groupcomm.config import build_stack
+
+    path = tmp_path / "votes.toml"
+    path.write_text(f'[[layer]]\nname = "UDP"\n[[layer]]\nname = "TOTEM"\n[[layer]]\nname = "QUORUM"\n{line}\n')
+    with pytest.raises(ConfigError, match=re.escape(complaint)) as info:
+        build_stack(load_stack(str(path)))
+    assert "QUORUM" in str(info.value)

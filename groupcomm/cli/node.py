@@ -102,8 +102,6 @@ def settings_from(args: argparse.Namespace) -> NodeSettings:
                          f"{MIN_TOKEN_TIMEOUT:g} s (e.g. --token-timeout 300ms)")
     if args.join_timeout is not None and args.join_timeout <= 0:
         raise UsageError("--join-timeout must be more than 0 s")
-    consensus = ring.consensus or 1.2 * ring.token_timeout
-    startup = ring.startup_wait if ring.startup_wait is not None else 4 * ring.join
     if args.fd is None:
         fd: dict[str, Any] = {}
     else:
@@ -112,7 +110,7 @@ def settings_from(args: argparse.Namespace) -> NodeSettings:
         fd = {"fd": {"lan": FdConfig(), "loopback": FdConfig.loopback(), "off": None}[args.fd]}
     return NodeSettings(
         stack=args.stack, overrides=overrides, fd=fd, token_timeout=ring.token_timeout,
-        join_timeout=args.join_timeout if args.join_timeout is not None else startup + 10 * consensus,
+        join_timeout=args.join_timeout if args.join_timeout is not None else ring.join_timeout,
     )
 
 

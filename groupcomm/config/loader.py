@@ -442,6 +442,17 @@ def _coerce(hint: Any, value: Any, where: str) -> Any:
             raise config_error(where, f"expected {len(args)} items, not {len(items)}", value)
         return tuple(_coerce(a, item, f"{where}: item {i}") for i, (a, item) in enumerate(zip(args, items)))
 
+    if hint is dict or origin is dict:
+        # A TOML table ({ 1 = 2, 7 = 1 } or a [layer.key] section); keys arrive as
+        # strings and are converted by the key type like any value.
+        if not isinstance(value, Mapping):
+            raise config_error(where, "expected a table (e.g. { 1 = 2, 3 = 1 })", value)
+        key_hint, value_hint = typing.get_args(hint) or (Any, Any)
+        return {
+            _coerce(key_hint, k, f"{where}: key {k!r}"): _coerce(value_hint, v, f"{where}: value of {k!r}")
+            for k, v in value.items()
+        }
+
     if hint is Duration:
         return Duration(parse_duration(value, where=where))
     if hint is Size:
@@ -504,7 +515,7 @@ def build_config(cls: type, layer: LayerSpec) -> Any:
     Each setting must be an init field of ``cls`` (a misspelt key gets a
     suggestion) and is converted by the field's annotation: :class:`Duration`,
     :class:`Size`, ``int``, ``float``, ``bool``, ``str``, ``tuple[X, ...]``
-    (an array or a comma-separated string), ``Literal[...]``, ``X | None``
+    (an array or a comma-separated string), ``dict[K, V]`` (a table), ``Literal[...]``, ``X | None``
     (``"none"`` or ``""`` give None) and ``Any``.  Fields not set keep their
     defaults.  Errors from the dataclass's ``__post_init__`` (ValueError or
     TypeError) come back as ConfigError naming the source and layer.

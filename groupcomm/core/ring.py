@@ -139,6 +139,13 @@ class RingConfig:
     mutation: int = field(default=0, repr=False)
     """Test knob: a deliberate bug, for proving the EVS checker catches it. Never set in production."""
 
+    @property
+    def join_timeout(self) -> float:
+        """How long forming or joining a ring may take before a caller gives up (seconds):
+        ``startup_wait + 10 * consensus``, derived values included."""
+        consensus = _derived(self.consensus, 1.2 * self.token_timeout)
+        return _derived(self.startup_wait, 4 * self.join) + 10 * consensus
+
     def to_c(self, node_id: int, ring_seq_floor: int = 0):
         """Build and validate the C config struct; raises ConfigError naming the bad field."""
         token_retransmit = _derived(self.token_retransmit, self.token_timeout / 4.2)

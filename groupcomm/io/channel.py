@@ -24,6 +24,7 @@ carry on without waiting for it) and ``events()`` raises
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import math
 from pathlib import Path
@@ -205,7 +206,7 @@ class Channel:
         if member.send(self._now(), payload, safe):
             self._flush()
 
-    async def events(self) -> AsyncIterator[Message | View]:
+    async def events(self) -> AsyncIterator[Message | View | Merge | Direct]:
         """Everything the group hands this member, in delivery order, until the channel closes.
 
         It yields four types (dispatch on ``type(event)`` or ``match``):
@@ -309,9 +310,9 @@ class Channel:
 
     @property
     def join_timeout(self) -> float:
-        """How long joining (the group, or a space) may take before it is given up: 10 x consensus."""
-        c = self._ring_config
-        return 10 * (c.consensus or 1.2 * c.token_timeout)
+        """How long joining (the group, or a space) may take before it is given up (see
+        :attr:`RingConfig.join_timeout <groupcomm.core.ring.RingConfig.join_timeout>`)."""
+        return self._ring_config.join_timeout
 
     @property
     def max_pending_events(self) -> int:
@@ -327,6 +328,18 @@ class Channel:
         """A consumer fell more than :attr:`max_pending_events` behind: leave so the others go on."""
         if not self._overflow:
             self._overflow = True
+            self._leave()
+
+    @asynccontextmanager
+    async def _joined_group(self, timeout: float) -> AsyncIterator[None]:
+        """Wait for the first view (trio.TooSlowError after ``timeout``); on the way out,
+        let what was sent be ordered, then leave gracefully, whatever ended the block."""
+        try:
+            with trio.fail_after(timeout):
+                await self._joined.wait()
+            yield
+            await self._finish_sends()
+        finally:
             self._leave()
 
     async def _finish_sends(self) -> None:
@@ -347,8 +360,13 @@ class Channel:
             return now_us()                       # the ring's clock is the pump thread's
         return int(self._clock.current_time() * _US)
 
-    async def run(self, *, task_status=trio.TASK_STATUS_IGNORED) -> None:
-        """Open sockets, start the member and serve until cancelled (``nursery.start`` protocol)."""
+    async def run(self, *, leave_on_exit: bool = False, task_status=trio.TASK_STATUS_IGNORED) -> None:
+        """Open sockets, start the member and serve until cancelled (``nursery.start`` protocol).
+
+        ``leave_on_exit``: when cancelled, leave the group gracefully (what
+        :func:`open_channel` asks for); otherwise the member just goes silent,
+        as if its process died, and the others exclude it by timeout.
+        """
         self._clock = trio.lowlevel.current_clock()
         cfg = self._udp_config
         unicast_only = isinstance(cfg, UdpuConfig)
@@ -382,6 +400,8 @@ class Channel:
                 nursery.start_soon(self._timer_loop)
                 task_status.started(self)
         finally:
+            if leave_on_exit:
+                self._leave()                     # even when cancelled from outside the block
             self._closed = True
             self._events_send.close()
             self._services.close()
@@ -664,14 +684,8 @@ async def open_channel(
         unicast=settings.unicast,
         quorum=quorum or settings.quorum,
     )
-    timeout = join_timeout if join_timeout is not None else 10 * (ring.consensus or 1.2 * ring.token_timeout)
     async with trio.open_nursery() as nursery:
-        await nursery.start(ch.run)
-        try:
-            with trio.fail_after(timeout):
-                await ch._joined.wait()
+        await nursery.start(functools.partial(ch.run, leave_on_exit=True))
+        async with ch._joined_group(join_timeout if join_timeout is not None else ring.join_timeout):
             yield ch
-            await ch._finish_sends()
-        finally:
-            ch._leave()
-            nursery.cancel_scope.cancel()
+        nursery.cancel_scope.cancel()

@@ -26,6 +26,7 @@ from __future__ import annotations
 
 from collections.abc import Iterable
 from dataclasses import dataclass, field
+from typing import Literal
 
 from groupcomm.errors import ConfigError
 
@@ -42,7 +43,7 @@ class QuorumConfig:
     """Votes per node id; members not listed have 1."""
     expected_members: tuple[int, ...] = ()
     """Node ids of the full cluster; needed only by the tie breaker."""
-    tie_breaker: str = "lowest"
+    tie_breaker: Literal["lowest", "none"] = "lowest"
     """``"lowest"`` or ``"none"``: who wins an exact half/half split."""
 
     def __post_init__(self) -> None:
