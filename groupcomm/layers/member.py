@@ -1,4 +1,4 @@
-"""One member's whole protocol stack, sans-IO.
+"""One member's protocol layers composed, sans-IO: multicast, unicast, spaces, request-reply, quorum.
 
 :class:`Member` stacks the layers that sit on the ring (docs/architecture.rst):
 
@@ -29,7 +29,7 @@ from groupcomm.layers.fd import FdConfig
 from groupcomm.layers.frag import FragConfig
 from groupcomm.layers.quorum import Quorum, QuorumConfig
 from groupcomm.core.ring import LayerDelivery, RingConfig, SendTo, SendToAll
-from groupcomm.layers.rpc import Mode, Reply, RequestDone, RpcTracker
+from groupcomm.layers.rpc import LEFT, Mode, Reply, RequestDone, RpcTracker
 from groupcomm.layers.spaces import (
     RingSend,
     SpaceLayer,
@@ -389,7 +389,7 @@ class Member:
         if tag is None:
             return
         if tag > 0:
-            self.rpc.reply(tag, dest, _LEFT)
+            self.rpc.reply(tag, dest, LEFT)
         else:
             self._out.append(DirectDone(-tag, dest, reason))
 
@@ -416,5 +416,4 @@ class Member:
         self._out.extend(done)
 
 
-_LEFT = Reply(False, None, "the member left before answering", "left")
 _VERSION_BYTE = bytes([PROTOCOL_VERSION])

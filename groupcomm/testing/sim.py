@@ -51,7 +51,7 @@ class NetworkModel:
         return self.loss == 0 and self.duplicate == 0
 
 
-class _StackAsRing:
+class _LayersAsRing:
     """Presents a :class:`~groupcomm.layers.member.Member` (the production layers) with the Ring interface."""
 
     def __init__(self, member: Member, routes: dict[type, Callable[[Any], None]]) -> None:
@@ -157,7 +157,7 @@ class SimCluster:
             settings = build_stack(load_stack(stack), transport_optional=True)
             self._fd, self._frag = settings.fd, settings.frag
             config = config or settings.ring
-        self._use_stack = stack is not None
+        self._production_layers = stack is not None
         self._quorum = quorum
         self.services = ServiceApps(self)
         """Spaces, request-reply and state transfer on the simulated members (``stack`` only)."""
@@ -210,7 +210,7 @@ class SimCluster:
         m = self._member(node)
         if m.ring is None:
             raise NotOperational(f"node {node} is crashed")
-        if not isinstance(m.ring, _StackAsRing):
+        if not isinstance(m.ring, _LayersAsRing):
             raise LocalProtocolError("SimCluster.layers needs a cluster built with stack=... (e.g. stack='sim')")
         return m.ring.member
 
@@ -233,11 +233,11 @@ class SimCluster:
         m = self._members[node]
         m.incarnation += 1
         floor = m.ring_seq + 1 if m.incarnation > 0 else 0
-        if self._use_stack:
+        if self._production_layers:
             member = Member(node, self.config, fd=self._fd, frag=self._frag, quorum=self._quorum,
                             ring_seq_floor=floor, epoch=m.incarnation + 1)
             member.start(self._now)
-            m.ring = _StackAsRing(member, self.services.routes(node))  # type: ignore[assignment]
+            m.ring = _LayersAsRing(member, self.services.routes(node))  # type: ignore[assignment]
         else:
             m.ring = Ring(node, self.config, ring_seq_floor=floor)
             m.ring.start(self._now)
