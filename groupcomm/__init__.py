@@ -37,7 +37,14 @@ _EXPORTS: dict[str, str] = {
 }
 _SUBPACKAGES = {"blocking", "cli", "config", "core", "errors", "events", "io", "layers", "services", "testing"}
 
-__all__ = sorted(_EXPORTS)
+__all__ = [
+    "ALL", "Channel", "ChannelClosed", "ConfigError", "Configuration", "Crashed", "Delivery",
+    "DeliveryOverflow", "Direct", "EVSViolation", "FIRST", "GroupcommError", "LocalProtocolError",
+    "MAJORITY", "MemberUnreachable", "Merge", "Message", "Mode", "NONE", "NotOperational",
+    "PayloadTooLarge", "ProtocolError", "QueueFull", "QuorumConfig", "RemoteProtocolError",
+    "Reply", "Request", "Ring", "RingConfig", "RingId", "RingState", "SimCluster", "Space",
+    "SpaceView", "View", "open_channel",
+]
 
 
 def __getattr__(name: str) -> Any:

@@ -135,6 +135,7 @@ def test_importing_a_package_loads_only_what_is_below_it(package, must_not_load)
 def test_the_public_names_stay_importable_from_the_top():
     import groupcomm
 
+    assert sorted(groupcomm.__all__) == sorted(groupcomm._EXPORTS)     # the lazy table and __all__ agree
     for name in groupcomm.__all__:
         assert getattr(groupcomm, name) is not None, name
     from groupcomm import ALL, Channel, Ring, SimCluster, Space, View, open_channel  # noqa: F401

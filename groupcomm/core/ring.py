@@ -28,9 +28,17 @@ from groupcomm.errors import (
 )
 from groupcomm.events import Configuration, Delivery, RingId
 
-__all__ = ["Ring", "RingConfig", "RingState", "SendToAll", "SendTo", "LayerDelivery", "Output", "MAX_MEMBERS", "parse_actions"]
+__all__ = [
+    "Ring", "RingConfig", "RingState", "SendToAll", "SendTo", "LayerDelivery", "Output", "MAX_MEMBERS",
+    "parse_actions", "BAD_VERSION", "FROM_A_LIVE_PEER",
+]
 
 MAX_MEMBERS: int = lib.GC_MAX_MEMBERS
+BAD_VERSION: int = lib.GC_EBADVERSION
+""":meth:`Ring.receive`'s result for a packet of another protocol version."""
+FROM_A_LIVE_PEER = frozenset({lib.GC_OK, lib.GC_ESTALE, lib.GC_EIGNORED})
+""":meth:`Ring.receive` results of a well-formed packet of this cluster from a peer:
+a sign of life for a failure detector, even when the ring had no use for it."""
 _ACTION = struct.Struct("=BBHIQII")
 assert ffi.sizeof("gc_action_t") == _ACTION.size == 24
 assert array("I").itemsize == 4

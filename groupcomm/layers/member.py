@@ -28,7 +28,7 @@ from groupcomm.events import Direct, View
 from groupcomm.layers.fd import FdConfig
 from groupcomm.layers.frag import FragConfig
 from groupcomm.layers.quorum import Quorum, QuorumConfig
-from groupcomm.core.ring import LayerDelivery, RingConfig, SendTo, SendToAll
+from groupcomm.core.ring import BAD_VERSION, LayerDelivery, RingConfig, SendTo, SendToAll
 from groupcomm.layers.rpc import LEFT, Mode, Reply, RequestDone, RpcTracker
 from groupcomm.layers.spaces import (
     RingSend,
@@ -42,10 +42,7 @@ from groupcomm.layers.multicast import Multicast
 from groupcomm.layers.unicast import Unicast, UnicastConfig, UnicastFailed, UnicastMessage, UnicastSent
 from groupcomm.layers.wire import (
     KIND_SERVICES,
-    PROTOCOL_VERSION,
-    RING_MAGIC,
     UNICAST_MAGIC,
-    VERSION_OFFSET,
     DirectFrame,
     MalformedFrame,
     P2PRequestFrame,
@@ -54,6 +51,7 @@ from groupcomm.layers.wire import (
     VersionLog,
     check_space_name,
     datagram_sender,
+    datagram_version,
     decode_unicast,
     encode,
 )
@@ -125,10 +123,9 @@ class Member:
         if data[:2] == UNICAST_MAGIC:
             self.unicast.receive(now, data)
             return
-        self.multicast.receive(now, data)
-        if data[VERSION_OFFSET:VERSION_OFFSET + 1] != _VERSION_BYTE and data[:2] == RING_MAGIC:
+        if self.multicast.receive(now, data) == BAD_VERSION:
             # Counted by the C core (drop_bad_version); logged here, once per peer and version.
-            self.versions("ring", datagram_sender(data), data[VERSION_OFFSET] if len(data) > VERSION_OFFSET else None)
+            self.versions("ring", datagram_sender(data), datagram_version(data))
 
     def wrong_version(self, layer: str, peer: object, version: int | None) -> None:
         """A driver dropped a datagram of another protocol version (a probe): count it, log it once."""
@@ -414,6 +411,3 @@ class Member:
     def _collect_rpc(self) -> None:
         done: list[RequestDone] = self.rpc.take()
         self._out.extend(done)
-
-
-_VERSION_BYTE = bytes([PROTOCOL_VERSION])

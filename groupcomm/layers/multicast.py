@@ -23,7 +23,8 @@ from groupcomm.events import Configuration, Message, View
 from groupcomm.layers.fd import MAGIC as FD_MAGIC
 from groupcomm.layers.fd import HEARTBEAT, PING, PONG, FailureDetector, FdConfig
 from groupcomm.layers.frag import FRAGMENT, FragConfig, Fragmenter
-from groupcomm.core.ring import LayerDelivery, Ring, RingConfig, SendTo, SendToAll
+from groupcomm.core.ring import FROM_A_LIVE_PEER, LayerDelivery, Ring, RingConfig, SendTo, SendToAll
+from groupcomm.layers.wire import datagram_sender
 
 __all__ = ["Multicast"]
 
@@ -57,18 +58,23 @@ class Multicast:
     def start(self, now: int) -> None:
         self.ring.start(now)
 
-    def receive(self, now: int, data: bytes) -> None:
-        """A packet from the network (ring or failure-detector packet)."""
+    def receive(self, now: int, data: bytes) -> int:
+        """A packet from the network (ring or failure-detector packet).
+
+        Returns the ring's verdict (0: used; a negative drop reason, see
+        :meth:`Ring.receive <groupcomm.core.ring.Ring.receive>`); 0 for FD packets.
+        """
         if data[:2] == FD_MAGIC:
             fd = self.fd
             if fd is not None:
                 reply_to = fd.receive(data, now)
                 if reply_to is not None:
                     self._out.append(SendTo(reply_to, fd.packet(PONG)))
-            return
-        if self.fd is not None and len(data) >= 12:
-            self.fd.heard(int.from_bytes(data[8:12], "big"), now)
-        self.ring.receive(now, data)
+            return 0
+        rc = self.ring.receive(now, data)
+        if self.fd is not None and rc in FROM_A_LIVE_PEER:      # garbage is no sign of life
+            self.fd.heard(datagram_sender(data), now)
+        return rc
 
     def send(self, now: int, payload: bytes, safe: bool = False, kind: int = 0) -> bool:
         """Queue ``payload`` for total-order delivery; fragments it if it is large.
