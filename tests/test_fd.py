@@ -66,3 +66,32 @@ def test_a_new_view_restarts_watching():
 def test_bad_timers_are_config_errors(kwargs):
     with pytest.raises(ConfigError, match="FD"):
         FdConfig(**kwargs)
+
+
+def test_only_well_formed_packets_of_the_cluster_are_signs_of_life():
+    from groupcomm.core.ring import Ring, RingConfig
+    from groupcomm.layers.multicast import Multicast
+    from groupcomm.layers.wire import HEADER, PROTOCOL_VERSION, RING_MAGIC
+
+    ring_config = RingConfig(cluster_id=7)
+    layer = Multicast(1, ring_config, fd=CFG)
+    layer.start(0)
+    layer.fd.set_members((1, 2), now=0)
+    peer = Ring(2, ring_config)
+    peer.start(0)
+    genuine = next(a.packet for a in peer.take() if hasattr(a, "packet"))     # node 2's join
+    forged = [
+        HEADER.pack(RING_MAGIC, PROTOCOL_VERSION, 99, 7, 2) + b"junk",        # no such packet type
+        HEADER.pack(RING_MAGIC, PROTOCOL_VERSION + 1, 1, 7, 2),              # another version
+        HEADER.pack(RING_MAGIC, PROTOCOL_VERSION, 1, 8, 2),                  # another cluster
+        HEADER.pack(RING_MAGIC, PROTOCOL_VERSION, 1, 7, 2)[:11],             # truncated
+    ]
+    for packet in forged:
+        layer.receive(70 * MS, packet)
+    assert 2 in layer.fd.tick(80 * MS)[1], "garbage naming node 2 must not keep it alive"
+
+    layer = Multicast(1, ring_config, fd=CFG)
+    layer.start(0)
+    layer.fd.set_members((1, 2), now=0)
+    layer.receive(70 * MS, genuine)
+    assert 2 not in layer.fd.tick(80 * MS)[1]
