@@ -264,6 +264,29 @@ def test_a_large_state_streams_in_chunks() -> None:
     assert json.loads(got[0]) == big
 
 
+@pytest.mark.parametrize("gap", [0.0, 0.1])
+def test_a_member_restarted_faster_than_detection_still_gets_the_state(gap: float) -> None:
+    # The provider talked to node 3's previous life over unicast; node 3 comes back
+    # before anyone noticed it was gone, so it never leaves the ring view.  Its new
+    # life must not inherit that stream (the snapshot would be lost and the join hang).
+    sim = cluster(3)
+    got: list = []
+    sim.services.state_provider(1, "kv", lambda: b"the state")
+    sim.services.state_receiver(3, "kv", lambda state: got.append(state))
+    box = sim.services.send_to(1, 3, b"to the first life")
+    assert sim.run_until(lambda: box[1] is not None, timeout=5) and box[1] == "ok"
+    sim.crash(3)
+    sim.run(gap)
+    sim.restart(3)
+    assert sim.run_until(sim.converged, timeout=10)
+    sim.services.join(1, "kv")
+    sim.run(0.2)
+    sim.services.join(3, "kv")
+    assert sim.run_until(lambda: got, timeout=10), "the restarted member never received the state"
+    assert got == [b"the state"]
+    check_views_agree(sim)
+
+
 def test_the_provider_crashing_mid_transfer_hands_over_to_the_next_member() -> None:
     sim = cluster(4)
     kv = ReplicatedDict(sim)

@@ -98,6 +98,7 @@ class Member:
         self.spaces = SpaceLayer(node_id, Quorum(quorum))
         self.rpc = RpcTracker()
         self.view: View | None = None
+        self._transitional: frozenset[int] | None = None     # who moved with us into the coming view
         self.send = self.multicast.send          # channel messages go straight to the ring (hot path)
         self._control: deque[tuple[bytes, bool]] = deque()     # ring messages of our layers, waiting for room
         self._my_requests: dict[int, str] = {}                 # multicast req id -> scope
@@ -295,12 +296,24 @@ class Member:
         primary = self.spaces.primary if not view.transitional else self.spaces.quorum.is_primary(view.members)
         view = view._replace(primary=primary)
         self._out.append(view)
-        if not view.transitional:
-            gone = set(self.view.members) - set(view.members) if self.view else set()
+        if view.transitional:
+            self._transitional = frozenset(view.members)
+        else:
+            members = set(view.members)
+            gone = set(self.view.members) - members if self.view else set()
+            # A member of our last view and of this one that did not move with us
+            # (not in the transitional configuration) went through a configuration of
+            # its own, e.g. it restarted faster than it was detected: what we had in
+            # flight with it belongs to its previous life.  Treat it as gone and back.
+            if self.view is not None and self._transitional is not None:
+                gone |= (set(self.view.members) & members) - self._transitional - {self.node_id}
+            self._transitional = None
             self.view = view
+            if gone & members:
+                self.unicast.set_members(members - gone, now)
             self.unicast.set_members(view.members, now)
             for peer in list(set(self._uq) | set(self._u_inflight)):
-                if peer not in view.members:
+                if peer in gone or peer not in members:
                     queued = [tag for _, tag in self._uq.pop(peer, ())]
                     for tag in [*self._u_inflight.pop(peer, {}).values(), *queued]:
                         self._failed(peer, tag)
