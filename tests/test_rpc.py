@@ -133,6 +133,24 @@ def test_leaving_another_scope_or_the_cluster():
     assert LEFT.ok is False and LEFT.status == "left"
 
 
+def test_a_departure_reaches_every_request_whatever_comes_before_it_in_the_table():
+    rpc = RpcTracker()
+    other, undelivered, mine = rpc.new_id(), rpc.new_id(), rpc.new_id()
+    rpc.start(0, other, ALL, 100 * MS, "b", (1, 2))      # another space
+    rpc.start(0, undelivered, ALL, 100 * MS, "a", None)  # targets not known yet
+    rpc.start(0, mine, ALL, 100 * MS, "a", (1, 2))
+    rpc.left("a", [1, 2])
+    assert rpc.take() == [RequestDone(mine, {1: LEFT, 2: LEFT})]
+    assert rpc.in_flight == 2
+
+
+def test_cancelling_an_unknown_or_finished_request_is_harmless():
+    rpc, req = started(NONE)
+    rpc.cancel(req)
+    rpc.cancel(req + 99)
+    assert rpc.in_flight == 0
+
+
 def test_a_cancelled_request_never_completes():
     rpc, req = started(ALL, timeout_ms=10)
     rpc.cancel(req)
@@ -157,7 +175,8 @@ def test_reply_helpers():
         reply_with("x")
     failed = reply_failed(KeyError("k"))
     assert failed.ok is False and failed.status == "error" and failed.error.startswith("KeyError")
-    assert no_handler("kv").status == "error" and "'kv'" in no_handler("kv").error
+    missing = no_handler("kv")
+    assert missing.ok is False and missing.status == "error" and "'kv'" in missing.error
 
 
 # -- against a model ----------------------------------------------------------------------
