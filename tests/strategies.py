@@ -20,13 +20,13 @@ def _nodes(n: int):
     return st.integers(1, n)
 
 
-def steps(n: int):
-    """One step of a schedule over members 1..n."""
+def _send(n: int):
+    return st.builds(lambda a, k, safe: Step("send", (a, k, safe)), _nodes(n), st.integers(1, 12), st.booleans())
+
+
+def _action(n: int):
     node = _nodes(n)
-    send = st.builds(lambda a, k, safe: Step("send", (a, k, safe)), node, st.integers(1, 12), st.booleans())
     return st.one_of(
-        send,
-        send,                                   # listed twice: traffic is the most common step
         st.builds(lambda t: Step("run", (t,)), st.sampled_from([0.0005, 0.002, 0.01, 0.05, 0.3, 1.0, 2.5])),
         st.builds(lambda a: Step("crash", (a,)), node),
         st.builds(lambda a: Step("restart", (a,)), node),
@@ -45,9 +45,22 @@ def steps(n: int):
     )
 
 
+def steps(n: int):
+    """One action over members 1..n, usually followed by traffic (so faults meet messages)."""
+    return st.builds(
+        lambda action, send: (action,) if send is None else (action, send),
+        _action(n),
+        st.one_of(st.none(), _send(n), _send(n), _send(n)),
+    )
+
+
 @st.composite
 def schedules(draw, min_nodes: int = 2, max_nodes: int = 8, max_steps: int = 25):
+    """``(n, seed, plan)``; most plans start once the first ring has formed, so
+    their sends are accepted (a member refuses sends before it has a ring)."""
     n = draw(st.integers(min_nodes, max_nodes))
     seed = draw(st.integers(0, 2**16))
-    plan = draw(st.lists(steps(n), min_size=1, max_size=max_steps))
-    return n, seed, plan
+    warm = draw(st.sampled_from([True, True, True, False]))
+    first = draw(st.lists(_send(n), max_size=2))
+    plan = [step for pair in draw(st.lists(steps(n), min_size=2, max_size=max(2, max_steps // 2))) for step in pair]
+    return n, seed, ([Step("warm", ())] if warm else []) + first + plan
