@@ -128,6 +128,10 @@ class RingConfig:
     """Ring messages one member may send per token visit."""
     send_queue_max: int = 10000
     """Application messages a member may queue before ``submit`` raises QueueFull."""
+    send_queue_bytes: Size = 64 << 20
+    """Bytes of its own messages a member may hold not yet ordered (queued for the ring,
+    or a large message being fragmented) before a send raises QueueFull (``await
+    ch.send`` waits); a message is always taken when nothing is queued."""
     sort_queue_size: int = 4096
     """Sequence numbers in flight (a power of two, at least 4 * window_size)."""
     fail_recv_const: int = 2500
@@ -159,6 +163,8 @@ class RingConfig:
         token_retransmit = _derived(self.token_retransmit, self.token_timeout / 4.2)
         hold = _derived(self.hold, max(token_retransmit * 0.8 - 0.010, token_retransmit * 0.5))
         consensus = _derived(self.consensus, 1.2 * self.token_timeout)
+        if not isinstance(self.send_queue_bytes, int) or self.send_queue_bytes < 1:
+            raise ConfigError(f"ring config: send_queue_bytes must be at least 1 byte, not {self.send_queue_bytes!r}")
         cfg = ffi.new("gc_ring_config_t *")
         lib.gc_ring_config_default(cfg)
         values = {

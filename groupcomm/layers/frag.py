@@ -20,25 +20,44 @@ they delivered the same fragments), so nobody delivers a message twice.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 from groupcomm.config import Size
 from groupcomm.errors import ConfigError, PayloadTooLarge
 from groupcomm.layers.wire import FRAG_HEADER, KIND_FRAGMENT
 
-__all__ = ["FragConfig", "Fragmenter", "FRAGMENT"]
+__all__ = ["FragConfig", "Fragmenter", "Fragments", "FRAGMENT"]
 
 
 @dataclass(frozen=True)
 class FragConfig:
-    """The FRAG layer: messages up to ``max_message`` bytes, split to fit the ring."""
+    """The FRAG layer: messages up to ``max_message`` bytes, split to fit the ring, and the
+    receivers' reassembly limits.  Every member must use the same values."""
 
     max_message: Size = 64 << 20
-    """Largest application message; bigger ones are refused with PayloadTooLarge."""
+    """Largest application message; bigger ones are refused with PayloadTooLarge, and a
+    receiver drops (and counts) a message whose fragments add up to more."""
+    partial_messages: int = 2
+    """Messages a receiver reassembles at once per sender; a new one past this drops the
+    oldest (counted).  A sender has one fragmented message in flight at a time."""
+    partial_bytes: Size | None = None
+    """Bytes a receiver holds in partial messages per sender; the message that would pass it
+    is dropped (counted) (default ``max_message``; at least ``max_message``)."""
 
     def __post_init__(self) -> None:
         if self.max_message < 1:
             raise ConfigError("FRAG: max_message must be at least 1 byte")
+        if self.partial_messages < 1:
+            raise ConfigError("FRAG: partial_messages must be at least 1")
+        if self.partial_bytes is not None and self.partial_bytes < self.max_message:
+            raise ConfigError("FRAG: partial_bytes must be at least max_message (or a message of "
+                              "max_message bytes could never be reassembled)")
+
+    @property
+    def reassembly_bytes(self) -> int:
+        """``partial_bytes`` with its default applied."""
+        return self.max_message if self.partial_bytes is None else self.partial_bytes
 
 FRAGMENT = KIND_FRAGMENT
 """The ring kind of a fragment."""
@@ -51,41 +70,86 @@ class _Partial:
     safe: bool
     kind: int
     parts: list
+    size: int
+
+
+class Fragments(Sequence):
+    """The fragments of one message, in order, each cut when it is asked for (the
+    message is not copied up front: a queued 64 MiB message costs 64 MiB, not twice that)."""
+
+    __slots__ = ("msg_id", "safe", "size", "_payload", "_chunk", "_kind", "_count")
+
+    def __init__(self, msg_id: int, payload: bytes, safe: bool, kind: int, chunk: int) -> None:
+        self.msg_id = msg_id
+        self.safe = safe
+        self.size = len(payload)
+        self._payload = memoryview(payload)
+        self._chunk = chunk
+        self._kind = kind
+        self._count = -(-self.size // chunk)
+
+    def __len__(self) -> int:
+        return self._count
+
+    def __getitem__(self, index):
+        if isinstance(index, slice):
+            return [self[i] for i in range(*index.indices(self._count))]
+        if index < 0:
+            index += self._count
+        if not 0 <= index < self._count:
+            raise IndexError("fragment index out of range")
+        chunk = self._chunk
+        return _FRAG.pack(self.msg_id, index, self._count, self._kind) + self._payload[index * chunk : (index + 1) * chunk]
 
 
 class Fragmenter:
-    """Splits outgoing payloads to fit the ring and reassembles deliveries."""
+    """Splits outgoing payloads to fit the ring and reassembles deliveries.
 
-    def __init__(self, me: int, ring_max_payload: int, max_message: int) -> None:
+    A receiver reassembles at most ``partial_messages`` messages and
+    ``partial_bytes`` bytes per sender, and no message over ``max_message``;
+    a message past a limit is dropped and counted in :attr:`refused` (its
+    fragments in :attr:`dropped`).  Members with the same limits drop the
+    same messages: they see the same fragments in the same order.
+    """
+
+    def __init__(self, me: int, ring_max_payload: int, max_message: int, *,
+                 partial_messages: int = 2, partial_bytes: int | None = None) -> None:
         if ring_max_payload <= _FRAG.size:
             raise ValueError("ring payload limit too small for fragment headers")
         self.me = me
         self.max_message = max_message
+        self.partial_messages = partial_messages
+        self.partial_bytes = max_message if partial_bytes is None else max(partial_bytes, max_message)
         self._ring_max = ring_max_payload
         self._chunk = ring_max_payload - _FRAG.size
         self._next_id = 0
         self._outgoing: dict[int, tuple[bytes, bool, int]] = {}
         self._partial: dict[tuple[int, int], _Partial] = {}
+        self._held: dict[int, list[int]] = {}        # sender -> [partial messages, bytes], while it has any
         self._to_resend: list[tuple[bytes, bool, int]] = []
         self.dropped = 0
+        """Fragments dropped: malformed, cut by a view change, or of a refused message."""
+        self.refused = 0
+        """Messages dropped by a reassembly limit (``max_message``, ``partial_messages``, ``partial_bytes``)."""
 
-    def split(self, payload: bytes, safe: bool, kind: int = 0) -> list[bytes] | None:
-        """``None`` if ``payload`` fits the ring whole; else its fragments, in order."""
-        size = len(payload)
+    def check(self, size: int) -> None:
+        """Raise PayloadTooLarge if a message of ``size`` bytes is over ``max_message``."""
         if size > self.max_message:
             raise PayloadTooLarge(
                 f"payload of {size} bytes is over the limit of {self.max_message} bytes per message "
                 "(FRAG max_message); send it in parts or raise the limit"
             )
+
+    def split(self, payload: bytes, safe: bool, kind: int = 0) -> Fragments | None:
+        """``None`` if ``payload`` fits the ring whole; else its fragments, in order."""
+        size = len(payload)
+        self.check(size)
         if size <= self._ring_max:
             return None
         self._next_id = (self._next_id + 1) & 0xFFFFFFFF
         msg_id = self._next_id
         self._outgoing[msg_id] = (payload, safe, kind)
-        chunk = self._chunk
-        count = -(-size // chunk)
-        view = memoryview(payload)
-        return [_FRAG.pack(msg_id, i, count, kind) + view[i * chunk : (i + 1) * chunk] for i in range(count)]
+        return Fragments(msg_id, payload, safe, kind, self._chunk)
 
     def deliver(self, sender: int, data: bytes, safe: bool) -> tuple[bytes, int] | None:
         """A delivered fragment; returns ``(payload, kind)`` once the message is whole."""
@@ -95,19 +159,34 @@ class Fragmenter:
         msg_id, index, count, kind = _FRAG.unpack_from(data)
         key = (sender, msg_id)
         chunk = data[_FRAG.size :]
+        size = len(chunk)
         if index == 0 and count >= 1:
             if key in self._partial:
                 self._lost(key)
-            partial = self._partial[key] = _Partial(count, safe, kind, [chunk])
+            # Every fragment but the last is as long as the first: the declared size is known.
+            if (count - 1) * size >= self.max_message or size > self.max_message:
+                self._refuse(key)
+                return None
+            if self._held.get(sender, (0,))[0] >= self.partial_messages:
+                self._refuse(next(k for k in self._partial if k[0] == sender))    # the sender's oldest
+            held = self._held.setdefault(sender, [0, 0])
+            partial = self._partial[key] = _Partial(count, safe, kind, [], 0)
+            held[0] += 1
         else:
             partial = self._partial.get(key)
             if partial is None or index != len(partial.parts) or count != partial.count or kind != partial.kind:
                 self._lost(key)               # a tail whose head fell in another configuration
                 return None
-            partial.parts.append(chunk)
+            held = self._held[sender]
+        if partial.size + size > self.max_message or held[1] + size > self.partial_bytes:
+            self._refuse(key)
+            return None
+        partial.parts.append(chunk)
+        partial.size += size
+        held[1] += size
         if len(partial.parts) < partial.count:
             return None
-        del self._partial[key]
+        self._forget(key)
         if sender == self.me:
             self._outgoing.pop(msg_id, None)
         return b"".join(partial.parts), kind
@@ -116,6 +195,11 @@ class Fragmenter:
     def last_id(self) -> int:
         """The msg id of the most recent message :meth:`split` fragmented."""
         return self._next_id
+
+    @property
+    def partial(self) -> int:
+        """Bytes held in partial messages, all senders."""
+        return sum(held[1] for held in self._held.values())
 
     def in_flight(self, msg_id: int) -> bool:
         """Whether our fragmented message ``msg_id`` is neither delivered nor cut."""
@@ -131,9 +215,28 @@ class Fragmenter:
         out, self._to_resend = self._to_resend, []
         return out
 
+    def _forget(self, key: tuple[int, int]) -> _Partial | None:
+        partial = self._partial.pop(key, None)
+        if partial is not None:
+            held = self._held[key[0]]
+            held[0] -= 1
+            held[1] -= partial.size
+            if not held[0]:
+                del self._held[key[0]]
+        return partial
+
     def _lost(self, key: tuple[int, int]) -> None:
-        self._partial.pop(key, None)
+        self._forget(key)
         self.dropped += 1
         sender, msg_id = key
         if sender == self.me and msg_id in self._outgoing:
             self._to_resend.append(self._outgoing.pop(msg_id))
+
+    def _refuse(self, key: tuple[int, int]) -> None:
+        """Drop a message over a reassembly limit; its later fragments are dropped as tails.
+        Never re-sent: our own messages are within the limits (the config guarantees it)."""
+        partial = self._forget(key)
+        self.refused += 1
+        self.dropped += 1 if partial is None else len(partial.parts) + 1
+        if key[0] == self.me:
+            self._outgoing.pop(key[1], None)

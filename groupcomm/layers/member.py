@@ -23,7 +23,7 @@ from __future__ import annotations
 from collections import deque
 from typing import NamedTuple
 
-from groupcomm.errors import LocalProtocolError, MemberUnreachable, QueueFull
+from groupcomm.errors import LocalProtocolError, MemberUnreachable, PayloadTooLarge, QueueFull
 from groupcomm.events import Direct, View
 from groupcomm.layers.fd import FdConfig
 from groupcomm.layers.frag import FragConfig
@@ -34,6 +34,7 @@ from groupcomm.layers.spaces import (
     RingSend,
     SpaceLayer,
     SpaceRequest,
+    SpacesConfig,
     SpaceView,
     StateRequest,
     UnicastSend,
@@ -56,12 +57,17 @@ from groupcomm.layers.wire import (
     encode,
 )
 
-__all__ = ["Member", "SERVICES_KIND"]
+__all__ = ["Member", "SERVICES_KIND", "REPLY_OVERHEAD", "MAX_ERROR_TEXT"]
 
 SERVICES_KIND = KIND_SERVICES
 """Ring kind of every message of the layers above FRAG (their frames: :mod:`groupcomm.layers.wire`)."""
 _UNICAST_WINDOW = 4
 """Upper-layer unicast messages in flight per peer (state chunks are 256 KiB)."""
+REPLY_OVERHEAD = 32
+"""Bytes a reply frame adds to its value, at most (a reply value may be UNICAST
+``max_message`` less this)."""
+MAX_ERROR_TEXT = 4096
+"""Characters of an error reply's text that travel (a longer one is cut)."""
 
 
 class DirectDone(NamedTuple):
@@ -89,13 +95,14 @@ class Member:
         frag: FragConfig | None = None,
         unicast: UnicastConfig | None = None,
         quorum: QuorumConfig | None = None,
+        spaces: SpacesConfig | None = None,
         ring_seq_floor: int = 0,
         epoch: int = 0,
     ) -> None:
         self.node_id = node_id
         self.multicast = Multicast(node_id, ring, fd=fd, frag=frag, ring_seq_floor=ring_seq_floor)
         self.unicast = Unicast(node_id, ring.cluster_id, unicast, epoch=epoch or ring_seq_floor)
-        self.spaces = SpaceLayer(node_id, Quorum(quorum))
+        self.spaces = SpaceLayer(node_id, Quorum(quorum), spaces)
         self.rpc = RpcTracker()
         self.view: View | None = None
         self._transitional: frozenset[int] | None = None     # who moved with us into the coming view
@@ -106,10 +113,13 @@ class Member:
         # (int > 0: its slot fails if the message does), a send_to token (int < 0) or None.
         self._uq: dict[int, deque[tuple[bytes, int | None]]] = {}
         self._u_inflight: dict[int, dict[int, int | None]] = {}     # per peer: msg id -> tag
+        self._uq_bytes: dict[int, int] = {}                         # per peer: bytes in its _uq deque
         self._direct_tokens = 0
         self._out: list = []
         self.unicast_frames_dropped = 0
         """Upper-layer frames that arrived over UNICAST malformed (see :mod:`groupcomm.layers.wire`)."""
+        self.unicast_refused = 0
+        """Messages of the layers (snapshot chunks, replies) UNICAST refused as too large."""
         self.versions = VersionLog(node_id)
         """Logs ring and probe datagrams of another protocol version once per peer."""
         self._probes_dropped = 0
@@ -159,7 +169,7 @@ class Member:
         self.multicast.tick(now)
         self.unicast.tick(now)
         self.rpc.tick(now)
-        self._flush_control(now)
+        self._after_spaces(now)               # state-transfer timeouts; then what waits for room
 
     def leave(self, now: int) -> None:
         self.multicast.leave(now)
@@ -176,7 +186,12 @@ class Member:
         self._after_spaces(now)
 
     def space_send(self, now: int, space: str, payload: bytes, safe: bool = False) -> None:
-        """A message to the members of ``space``, in total order; QueueFull when full."""
+        """A message to the members of ``space``, in total order; QueueFull when full.
+
+        Raises TypeError unless ``payload`` is bytes-like (an int would make zero bytes).
+        """
+        if not isinstance(payload, (bytes, bytearray, memoryview)):
+            raise TypeError(f"payload must be bytes, not {type(payload).__name__}")
         if space not in self.spaces.requested:
             raise LocalProtocolError(f"member {self.node_id} is not in space {space!r}; join it first")
         self.multicast.send(now, self.spaces.send(space, payload, safe), safe, SERVICES_KIND)
@@ -197,8 +212,11 @@ class Member:
             self._my_requests[req_id] = scope
             self.rpc.start(now, req_id, mode, timeout_us, scope, None)
         else:
-            self.rpc.start(now, req_id, mode, timeout_us, scope, to)
             message = encode(P2PRequestFrame(scope, req_id, bytes(payload)))
+            for member in to:
+                if member != self.node_id:
+                    self._check_unicast(member, len(message), "request")    # before anything is queued
+            self.rpc.start(now, req_id, mode, timeout_us, scope, to)
             for member in to:
                 if member == self.node_id:
                     self._out.append(SpaceRequest(scope, member, req_id, bytes(payload)))
@@ -208,14 +226,23 @@ class Member:
         return req_id
 
     def send_to(self, now: int, dest: int, payload: bytes) -> int:
-        """A point-to-point message over UNICAST; a :class:`DirectDone` with the returned token follows."""
+        """A point-to-point message over UNICAST; a :class:`DirectDone` with the returned token follows.
+
+        Raises (and then queues nothing) :class:`PayloadTooLarge` over UNICAST's
+        ``max_message``, :class:`QueueFull` past ``send_queue_bytes`` queued for
+        ``dest``, :class:`MemberUnreachable` if ``dest`` is not in the view.
+        """
+        if not isinstance(payload, (bytes, bytearray, memoryview)):
+            raise TypeError(f"payload must be bytes, not {type(payload).__name__}")
         if dest == self.node_id:
             raise LocalProtocolError("send_to: a member cannot send to itself; use the payload directly")
         if self.view is None or dest not in self.view.members:
             raise MemberUnreachable(f"member {dest} is not in the current view")
+        frame = encode(DirectFrame(bytes(payload)))
+        self._check_unicast(dest, len(frame), "send_to")
         self._direct_tokens += 1
         token = self._direct_tokens
-        self._unicast(dest, encode(DirectFrame(bytes(payload))), -token)
+        self._unicast(dest, frame, -token)
         self._send_queued_unicast(now)
         return token
 
@@ -224,7 +251,14 @@ class Member:
         self._my_requests.pop(req_id, None)
 
     def reply(self, now: int, request: SpaceRequest, reply: Reply) -> None:
-        """Answer ``request`` (sent back to the requester over unicast)."""
+        """Answer ``request`` (sent back to the requester over unicast).
+
+        A value too large for one UNICAST message (``max_message`` less
+        :data:`REPLY_OVERHEAD`) is replaced by an error reply saying so,
+        whoever the requester is; an error text is cut to
+        :data:`MAX_ERROR_TEXT` characters.
+        """
+        reply = self._sendable(reply)
         if request.requester == self.node_id:
             self.rpc.reply(request.req_id, self.node_id, reply)
             self._collect_rpc()
@@ -232,6 +266,29 @@ class Member:
         value = None if reply.value is None else bytes(reply.value)
         self._unicast(request.requester, encode(ReplyFrame(request.req_id, bool(reply.ok), value, reply.error)), None)
         self._send_queued_unicast(now)
+
+    def _sendable(self, reply: Reply) -> Reply:
+        limit = self.unicast.config.max_message - REPLY_OVERHEAD
+        if reply.value is not None and len(reply.value) > limit:
+            return Reply(False, None, f"PayloadTooLarge: the reply of {len(reply.value)} bytes is over the limit of "
+                                      f"{max(limit, 0)} bytes (UNICAST max_message less {REPLY_OVERHEAD})", "error")
+        if reply.error is not None and len(reply.error) > MAX_ERROR_TEXT:
+            return reply._replace(error=reply.error[:MAX_ERROR_TEXT] + "...")
+        return reply
+
+    def _check_unicast(self, dest: int, size: int, what: str) -> None:
+        """Refuse an application's unicast message to ``dest`` that is too large, or finds its queue full."""
+        limit = self.unicast.config.max_message
+        if size > limit:
+            raise PayloadTooLarge(
+                f"{what}: a message of {size} bytes (payload and frame) is over the limit of {limit} bytes "
+                "(UNICAST max_message); send it in parts or raise the limit"
+            )
+        queued = (self._uq_bytes[dest] if dest in self._uq else 0) + self.unicast.queued_bytes(dest)
+        most = self.unicast.config.send_queue_bytes
+        if queued and queued + size > most:
+            raise QueueFull(f"{what}: {queued} bytes are queued for member {dest} and this message has {size}, "
+                            f"over send_queue_bytes={most}; wait and retry")
 
     def provide_state(self, now: int, request: StateRequest, state: bytes | None) -> None:
         self.spaces.provide(request, state)
@@ -268,8 +325,8 @@ class Member:
         return bool(self._out) or self.multicast.has_output or self.unicast.has_output
 
     def next_deadline(self) -> int | None:
-        times = [d for d in (self.multicast.next_deadline(), self.unicast.next_deadline(), self.rpc.next_deadline())
-                 if d is not None]
+        times = [d for d in (self.multicast.next_deadline(), self.unicast.next_deadline(), self.rpc.next_deadline(),
+                             self.spaces.next_deadline()) if d is not None]
         return min(times) if times else None
 
     def take(self, now: int) -> list:
@@ -335,6 +392,7 @@ class Member:
         self.rpc.fix_targets(frame.req_id, list(members))
 
     def _after_spaces(self, now: int) -> None:
+        self.spaces.tick(now)
         for item in self.spaces.take():
             t = type(item)
             if t is RingSend:
@@ -359,7 +417,12 @@ class Member:
             control.popleft()
 
     def _unicast(self, dest: int, payload: bytes, req_id: int | None) -> None:
-        self._uq.setdefault(dest, deque()).append((payload, req_id))
+        queue = self._uq.get(dest)
+        if queue is None:
+            queue = self._uq[dest] = deque()
+            self._uq_bytes[dest] = 0
+        queue.append((payload, req_id))
+        self._uq_bytes[dest] += len(payload)
 
     def _send_queued_unicast(self, now: int) -> None:
         for dest, queue in list(self._uq.items()):
@@ -370,11 +433,26 @@ class Member:
                     msg_id = self.unicast.send(now, dest, payload)
                 except QueueFull:
                     break
+                except LocalProtocolError as exc:          # too large for UNICAST: fails alone, raises nowhere
+                    queue.popleft()
+                    self._uq_bytes[dest] -= len(payload)
+                    self._refused(dest, req_id, str(exc))
+                    continue
                 queue.popleft()
+                self._uq_bytes[dest] -= len(payload)
                 inflight[msg_id] = req_id
             if not queue:
                 del self._uq[dest]
+                self._uq_bytes.pop(dest, None)
         self._take_unicast(now)
+
+    def _refused(self, dest: int, tag: int | None, error: str) -> None:
+        if tag is not None and tag > 0:
+            self.rpc.reply(tag, dest, Reply(False, None, error, "error"))
+        elif tag is not None:
+            self._out.append(DirectDone(-tag, dest, error))
+        else:
+            self.unicast_refused += 1
 
     def _take_unicast(self, now: int) -> None:
         again = False

@@ -22,7 +22,7 @@ from groupcomm.errors import QueueFull
 from groupcomm.events import Configuration, Message, View
 from groupcomm.layers.fd import MAGIC as FD_MAGIC
 from groupcomm.layers.fd import HEARTBEAT, PING, PONG, FailureDetector, FdConfig
-from groupcomm.layers.frag import FRAGMENT, FragConfig, Fragmenter
+from groupcomm.layers.frag import FRAGMENT, FragConfig, Fragmenter, Fragments
 from groupcomm.core.ring import FROM_A_LIVE_PEER, LayerDelivery, Ring, RingConfig, SendTo, SendToAll
 from groupcomm.layers.wire import datagram_sender
 
@@ -43,13 +43,25 @@ class Multicast:
     ) -> None:
         self.node_id = node_id
         self.ring = Ring(node_id, ring, ring_seq_floor=ring_seq_floor)
-        self.frag = Fragmenter(node_id, self.ring.max_payload, (frag or FragConfig()).max_message)
+        frag = frag or FragConfig()
+        self.frag = Fragmenter(node_id, self.ring.max_payload, frag.max_message,
+                               partial_messages=frag.partial_messages, partial_bytes=frag.partial_bytes)
         self._ring_max = min(self.ring.max_payload, self.frag.max_message)
         self.fd = FailureDetector(node_id, ring.cluster_id, fd) if fd is not None else None
         self._fd_deadline = 0
-        self._fragments: deque[tuple[bytes, bool]] = deque()    # of the message in flight, not yet in the ring
+        self._queue_max = ring.send_queue_max
+        self._queue_bytes = ring.send_queue_bytes
+        self._cut: Fragments | None = None                     # the fragmented message in flight
+        self._next_fragment = 0                                # its first fragment not yet in the ring
         self._inflight: int | None = None                      # msg id of our fragmented message
+        self._inflight_bytes = 0
         self._waiting: deque[tuple[bytes, bool, int]] = deque()    # messages queued behind it
+        self._waiting_bytes = 0
+        # Sizes of our messages in the ring's own send queue, oldest first.  The ring
+        # counts them; it sends them in order, so the newest ``ring.pending`` of these
+        # are still there (fragments count 0: the message in flight counts whole).
+        self._ring_sizes: deque[int] = deque()
+        self._ring_bytes = 0
         self._out: list = []
         self.view: View | None = None
 
@@ -84,48 +96,83 @@ class Multicast:
         (delivered as :class:`~groupcomm.core.ring.LayerDelivery`).
 
         Raises :class:`~groupcomm.errors.QueueFull` when the member's queue is
-        full (nothing is queued then) and PayloadTooLarge over FRAG's limit.
-        Messages behind a fragmented one wait until it is delivered, so a
-        message a view change cut is re-sent before them (per-sender FIFO).
-        Returns :attr:`has_output`.
+        full (``send_queue_max`` messages or ``send_queue_bytes`` bytes; a
+        message is always taken when nothing is queued) and PayloadTooLarge
+        over FRAG's limit; nothing is queued then.  Messages behind a
+        fragmented one wait until it is delivered, so a message a view change
+        cut is re-sent before them (per-sender FIFO).  Returns :attr:`has_output`.
         """
         if kind == FRAGMENT:
             raise ValueError(f"kind {FRAGMENT} is FRAG's own")
+        size = len(payload)
+        if self._inflight is None and not self._waiting and size <= self._ring_max:
+            # The common case, without a call into FRAG.
+            if self._ring_bytes + size > self._queue_bytes:
+                self._check_room(size)
+            has_output = self.ring.submit(now, payload, safe=safe, kind=kind)     # may raise QueueFull
+            self._queued_in_ring(size)
+            return has_output or bool(self._out)
+        self.frag.check(size)
+        self._check_room(size)
+        payload = bytes(payload)                              # a snapshot: it waits, or is cut lazily
         if self._inflight is None and not self._waiting:
-            if len(payload) <= self._ring_max:                 # the common case, without a call into FRAG
-                return self.ring.submit(now, payload, safe=safe, kind=kind) or bool(self._out)
             fragments = self.frag.split(payload, safe, kind)
             if fragments is None:
-                return self.ring.submit(now, payload, safe=safe, kind=kind) or bool(self._out)  # may raise QueueFull
-            self._start(fragments, safe)
+                self.ring.submit(now, payload, safe=safe, kind=kind)
+                self._queued_in_ring(size)
+                return self.has_output
+            self._start(fragments)
         else:
-            if len(payload) > self.frag.max_message:
-                self.frag.split(payload, safe)                 # raises PayloadTooLarge
-            if len(self._waiting) >= self.ring.config.send_queue_max:
+            if len(self._waiting) >= self._queue_max:
                 raise QueueFull(f"member {self.node_id}: send queue is full; wait for deliveries and retry")
-            self._waiting.append((bytes(payload), safe, kind))
+            self._waiting.append((payload, safe, kind))
+            self._waiting_bytes += size
         self._feed(now)
         return self.has_output
 
-    def _start(self, fragments: list[bytes], safe: bool) -> None:
-        self._inflight = self.frag.last_id
-        self._fragments = deque((f, safe) for f in fragments)
+    def _check_room(self, size: int) -> None:
+        queued = self.queued_bytes
+        if queued and queued + size > self._queue_bytes:
+            raise QueueFull(
+                f"member {self.node_id}: send queue holds {queued} bytes and this message has {size}, over "
+                f"send_queue_bytes={self._queue_bytes}; wait for deliveries and retry"
+            )
+
+    def _queued_in_ring(self, size: int) -> None:
+        self._ring_sizes.append(size)
+        self._ring_bytes += size
+        if len(self._ring_sizes) > self._queue_max:
+            self._trim()
+
+    def _trim(self) -> None:
+        """Forget the sizes of messages the ring has sent."""
+        sizes, pending = self._ring_sizes, self.ring.pending
+        while len(sizes) > pending:
+            self._ring_bytes -= sizes.popleft()
+
+    def _start(self, fragments: Fragments) -> None:
+        self._inflight = fragments.msg_id
+        self._inflight_bytes = fragments.size
+        self._cut = fragments
+        self._next_fragment = 0
 
     def _feed(self, now: int) -> None:
         """Move fragments, then waiting messages, into the ring while it has room."""
         ring = self.ring
         while True:
-            fragments = self._fragments
-            while fragments:
-                packet, safe = fragments[0]
-                try:
-                    ring.submit(now, packet, safe=safe, kind=FRAGMENT)
-                except QueueFull:
-                    return
-                fragments.popleft()
+            cut = self._cut
+            if cut is not None:
+                count = len(cut)
+                while self._next_fragment < count:
+                    try:
+                        ring.submit(now, cut[self._next_fragment], safe=cut.safe, kind=FRAGMENT)
+                    except QueueFull:
+                        return
+                    self._queued_in_ring(0)
+                    self._next_fragment += 1
             if self._inflight is not None and self.frag.in_flight(self._inflight):
                 return                                     # wait until it is delivered (or cut)
-            self._inflight = None
+            self._inflight, self._inflight_bytes, self._cut = None, 0, None
             if not self._waiting:
                 return
             payload, safe, kind = self._waiting[0]
@@ -135,10 +182,11 @@ class Multicast:
                     ring.submit(now, payload, safe=safe, kind=kind)
                 except QueueFull:
                     return
-                self._waiting.popleft()
+                self._queued_in_ring(len(payload))
             else:
-                self._waiting.popleft()
-                self._start(split, safe)
+                self._start(split)
+            self._waiting.popleft()
+            self._waiting_bytes -= len(payload)
 
     def suspect(self, now: int, node: int) -> bool:
         return self.ring.suspect(now, node)
@@ -165,12 +213,21 @@ class Multicast:
     @property
     def can_send(self) -> bool:
         """False while the member's queues are full (wait before sending more)."""
-        return len(self._waiting) < self.ring.config.send_queue_max and self.ring.pending < self.ring.config.send_queue_max
+        return (len(self._waiting) < self._queue_max and self.ring.pending < self._queue_max
+                and self.queued_bytes < self._queue_bytes)
 
     @property
     def pending(self) -> int:
         """Messages queued here or in the ring, not yet ordered."""
-        return self.ring.pending + len(self._waiting) + len(self._fragments)
+        remaining = len(self._cut) - self._next_fragment if self._cut is not None else 0
+        return self.ring.pending + len(self._waiting) + remaining
+
+    @property
+    def queued_bytes(self) -> int:
+        """Bytes of our messages not yet ordered: in the ring's send queue, waiting here, and
+        the fragmented message in flight (whole, until it is delivered)."""
+        self._trim()
+        return self._ring_bytes + self._waiting_bytes + self._inflight_bytes
 
     @property
     def has_output(self) -> bool:
@@ -212,15 +269,15 @@ class Multicast:
                     frag.view()
                     resent = frag.take_resends()
                     if resent:                             # our cut message goes first again
-                        self._fragments.clear()
-                        self._inflight = None
+                        self._inflight, self._inflight_bytes, self._cut = None, 0, None
                         self._waiting.extendleft(reversed(resent))
+                        self._waiting_bytes += sum(len(payload) for payload, _, _ in resent)
                     if fd is not None:
                         fd.set_members(item.members, now)
                         self._fd_deadline = fd.next_deadline()
             else:
                 out.append(item)
-        if self._fragments or self._waiting:
+        if self._cut is not None or self._waiting:
             self._feed(now)
             if self.ring.has_output:
                 out.extend(self.take(now))

@@ -45,7 +45,8 @@ from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import NamedTuple
 
-from groupcomm.errors import LocalProtocolError
+from groupcomm.config import Duration, Size
+from groupcomm.errors import ConfigError, LocalProtocolError
 from groupcomm.events import Message, RingId, View
 from groupcomm.layers.quorum import Quorum
 from groupcomm.layers.wire import (
@@ -66,15 +67,43 @@ from groupcomm.layers.wire import (
 
 __all__ = [
     "SpaceView", "SpaceMessage", "SpaceRequest", "StateRequest", "StateInstalled", "Merge",
-    "RingSend", "UnicastSend", "SpaceLayer", "STATE_CHUNK_SIZE", "check_space_name",
+    "RingSend", "UnicastSend", "SpaceLayer", "SpacesConfig", "STATE_CHUNK_SIZE", "check_space_name",
 ]
 
 # The frames of this layer (JOIN, LEAVE, SYNC, DATA, STATE_REQ, STATE_DONE and
 # REQUEST on the ring; STATE_CHUNK over UNICAST) are declared in groupcomm.layers.wire.
-_MAX_EARLY = 1024
-"""Snapshot chunks kept for points this member has not reached yet."""
 STATE_CHUNK_SIZE = 256 << 10
 """Bytes of snapshot per unicast message; the driver paces chunks."""
+_US = 1_000_000
+
+
+@dataclass(frozen=True)
+class SpacesConfig:
+    """The SPACES layer: how long and how much a joiner waits for its snapshot."""
+
+    state_transfer_timeout: Duration = 10.0
+    """A joiner that gets no chunk of its snapshot for this long asks another member of the
+    space for it (a ``STATE_REQ`` ring message, as when its provider leaves)."""
+    snapshot_buffer_bytes: Size = 64 << 20
+    """Payload bytes of the space's events a joiner holds while it waits for its snapshot;
+    past this it gives that snapshot up, drops the messages the next one will cover, and
+    asks another member."""
+    snapshot_buffer_events: int = 100_000
+    """Events a joiner holds while it waits for its snapshot; past this, as for
+    ``snapshot_buffer_bytes``."""
+    early_chunks: int = 1024
+    """Snapshot chunks kept that arrived before this member reached the point of the order
+    they were taken at; more are dropped (counted) and the transfer is asked again after
+    ``state_transfer_timeout``."""
+    early_chunk_bytes: Size = 64 << 20
+    """Bytes of such early snapshot chunks kept, at most."""
+
+    def __post_init__(self) -> None:
+        if not self.state_transfer_timeout > 0:
+            raise ConfigError("SPACES: state_transfer_timeout must be > 0")
+        for name in ("snapshot_buffer_bytes", "snapshot_buffer_events", "early_chunks", "early_chunk_bytes"):
+            if getattr(self, name) < 1:
+                raise ConfigError(f"SPACES: {name} must be at least 1")
 
 
 class SpaceView(NamedTuple):
@@ -165,6 +194,8 @@ class _Incoming:
     cuts: dict[Point, int] = field(default_factory=dict)     # snapshot point -> buffer index there
     buffer: list = field(default_factory=list)
     chunks: dict[Point, list] = field(default_factory=dict)
+    held: int = 0                                            # payload bytes in ``buffer``
+    deadline: int | None = None                              # ask again then (None: arm at the next tick)
 
 
 @dataclass
@@ -181,9 +212,11 @@ class _Sync:
 class SpaceLayer:
     """All spaces as one member sees them."""
 
-    def __init__(self, me: int, quorum: Quorum | None = None) -> None:
+    def __init__(self, me: int, quorum: Quorum | None = None, config: SpacesConfig | None = None) -> None:
         self.me = me
         self.quorum = quorum or Quorum()
+        self.config = config = config or SpacesConfig()
+        self._timeout = max(1, round(config.state_transfer_timeout * _US))
         self.spaces: dict[str, list[int]] = {}
         self.ready: dict[str, set[int]] = {}
         self.mine: set[str] = set()              # spaces this member is in (its own JOIN delivered)
@@ -205,8 +238,12 @@ class SpaceLayer:
         self._sync: _Sync | None = None
         self._incoming: dict[str, _Incoming] = {}
         self._early: dict[tuple[str, Point], list] = {}        # snapshot chunks that beat their point
+        self._early_count = self._early_bytes = 0
+        self._tried: dict[tuple[str, int], set[int]] = {}      # (space, joiner) -> providers asked, in agreement
         self._out: list = []
         self.dropped = 0
+        self.transfers_retried = 0
+        """Snapshots this member asked for again (no chunk for ``state_transfer_timeout``, or its buffer was full)."""
 
     # -- local calls ------------------------------------------------------------
 
@@ -247,6 +284,18 @@ class SpaceLayer:
         out, self._out = self._out, []
         return out
 
+    def tick(self, now: int) -> None:
+        """Arm the state-transfer timers started since the last call; ask again where one is due."""
+        for space, incoming in self._incoming.items():
+            if incoming.deadline is not None and now >= incoming.deadline:
+                self._ask_again(space, incoming, drop=False)
+            if incoming.deadline is None:
+                incoming.deadline = now + self._timeout
+
+    def next_deadline(self) -> int | None:
+        """When :meth:`tick` must next be called (None: no transfer is waiting)."""
+        return min((i.deadline for i in self._incoming.values() if i.deadline is not None), default=None)
+
     # -- inputs in total order ---------------------------------------------------------
 
     def view(self, view: View) -> None:
@@ -265,7 +314,7 @@ class SpaceLayer:
         self.members, self.ring_id = tuple(view.members), view.ring_id
         self.primary = self.quorum.is_primary(view.members)
         self._n = 0
-        self._early = {key: chunks for key, chunks in self._early.items() if key[1][1] >= view.ring_id.seq}
+        self._forget_before(view)
         sync = self._sync
         if gone and not merged and sync is None:
             # After a merge (or during a SYNC round a merge started) the sides'
@@ -319,6 +368,7 @@ class SpaceLayer:
         elif t is StateReqFrame:
             self._state_req(sender, frame.space)
         else:                                                # StateDoneFrame
+            self._tried.pop((frame.space, sender), None)
             if sender in self.spaces.get(frame.space, ()):
                 self.ready.setdefault(frame.space, set()).add(sender)
         return frame
@@ -330,8 +380,15 @@ class SpaceLayer:
         if incoming is None or point not in incoming.cuts:
             # The provider may reach the point before we do (unicast overtakes
             # the ring): keep the chunk until we get there, or drop it as late.
-            if point[1] >= self.ring_id.seq and len(self._early) < _MAX_EARLY:
+            size = len(chunk) if chunk is not None else 0
+            config = self.config
+            if (point[1] >= self.ring_id.seq and self._early_count < config.early_chunks
+                    and self._early_bytes + size <= config.early_chunk_bytes):
                 self._early.setdefault((space, point), []).append((index, last, chunk))
+                self._early_count += 1
+                self._early_bytes += size
+            else:
+                self.dropped += 1
             return
         self._chunk(space, incoming, point, index, last, chunk)
 
@@ -341,15 +398,28 @@ class SpaceLayer:
             self.dropped += 1
             return
         parts.append(chunk)
+        incoming.deadline = None                             # progress: the timeout starts again
         if last:
             self._install(space, incoming, point)
 
     def _expect(self, space: str, incoming: _Incoming, point: Point, cut: int) -> None:
         """The snapshot taken at ``point`` covers the buffer up to ``cut``; it may be here already."""
         incoming.cuts[point] = cut
-        for index, last, chunk in self._early.pop((space, point), ()):
+        early = self._early.pop((space, point), ())
+        self._early_count -= len(early)
+        self._early_bytes -= sum(len(chunk) for _, _, chunk in early if chunk is not None)
+        for index, last, chunk in early:
             if self._incoming.get(space) is incoming:
                 self._chunk(space, incoming, point, index, last, chunk)
+
+    def _forget_before(self, view: View) -> None:
+        """A regular view: drop early chunks of older rings and the providers tried for joiners that left."""
+        seq = view.ring_id.seq
+        self._early = {key: chunks for key, chunks in self._early.items() if key[1][1] >= seq}
+        self._early_count = sum(len(chunks) for chunks in self._early.values())
+        self._early_bytes = sum(len(c) for chunks in self._early.values() for _, _, c in chunks if c is not None)
+        members = set(view.members)
+        self._tried = {key: tried for key, tried in self._tried.items() if key[1] in members}
 
     # -- membership ---------------------------------------------------------------
 
@@ -392,6 +462,7 @@ class SpaceLayer:
             return
         members.remove(sender)
         self.ready.get(space, set()).discard(sender)
+        self._tried.pop((space, sender), None)
         if sender == self.me:
             self._incoming.pop(space, None)
         self._emit_view(space, members, (), (sender,))
@@ -495,7 +566,7 @@ class SpaceLayer:
 
     def _start_transfer(self, space: str, joiner: int) -> None:
         """At this point of the order ``joiner`` needs the state of ``space``."""
-        provider = self._provider(space, joiner)
+        provider = self._choose_provider(space, joiner, again=False)
         if provider is None:                                 # nobody has state: start from nothing
             self.ready.setdefault(space, set()).add(joiner)
             if joiner == self.me:
@@ -511,7 +582,7 @@ class SpaceLayer:
         """``sender`` lost its provider: the next one snapshots here."""
         if sender in self.ready.get(space, set()) or sender not in self.spaces.get(space, []):
             return
-        provider = self._provider(space, sender)
+        provider = self._choose_provider(space, sender, again=True)
         if provider is None:                                 # the state is lost in this component
             self.ready.setdefault(space, set()).add(sender)
             incoming = self._incoming.pop(space, None) if sender == self.me else None
@@ -525,6 +596,47 @@ class SpaceLayer:
                 self._expect(space, incoming, self._point(), len(incoming.buffer))
         elif provider == self.me:
             self._out.append(StateRequest(space, sender, self._point()))
+
+    def _choose_provider(self, space: str, joiner: int, *, again: bool) -> int | None:
+        """The provider for ``joiner`` (:meth:`_provider`); ``again``: not one asked before for this
+        transfer, unless all were.  Every member computes the same: it only depends on the order."""
+        key = (space, joiner)
+        tried = self._tried.get(key, set()) if again else set()
+        provider = self._untried_provider(space, joiner, tried)
+        if provider is None and tried:                   # every one was asked: start over
+            tried = set()
+            provider = self._provider(space, joiner)
+        if provider is None:
+            self._tried.pop(key, None)
+        else:
+            self._tried[key] = tried | {provider}
+        return provider
+
+    def _untried_provider(self, space: str, joiner: int, tried: set[int]) -> int | None:
+        """What :meth:`_provider` picks when the members in ``tried`` do not count as ready."""
+        ready = self.ready.get(space)
+        hidden = ready & tried if ready else set()
+        if not hidden:
+            return self._provider(space, joiner)
+        ready -= hidden
+        try:
+            return self._provider(space, joiner)
+        finally:
+            ready |= hidden
+
+    def _ask_again(self, space: str, incoming: _Incoming, *, drop: bool) -> None:
+        """Ask for the snapshot again (everyone picks a provider not tried yet where the request is
+        delivered).  ``drop``: give up the snapshots asked so far, and with them the buffered
+        messages (the new snapshot covers them); until the request is delivered, none are kept."""
+        self.transfers_retried += 1
+        incoming.provider = -1
+        incoming.deadline = None
+        if drop:
+            incoming.cuts.clear()
+            incoming.chunks.clear()
+            incoming.buffer = [e for e in incoming.buffer if type(e) is not SpaceMessage]
+            incoming.held = sum(map(_payload_size, incoming.buffer))
+        self._out.append(RingSend(encode(StateReqFrame(space)), False))
 
     def _check_providers(self) -> None:
         """A joiner whose provider is gone asks again (a ring message, so everyone agrees where)."""
@@ -555,10 +667,27 @@ class SpaceLayer:
         if space not in self.mine and not always:
             return
         incoming = self._incoming.get(space)
-        if incoming is not None:
-            incoming.buffer.append(event)
-        else:
+        if incoming is None:
             self._out.append(event)
+            return
+        if not incoming.cuts and type(event) is SpaceMessage:
+            return                                           # the snapshot we asked for will cover it
+        incoming.buffer.append(event)
+        incoming.held += _payload_size(event)
+        config = self.config
+        if incoming.cuts and (incoming.held > config.snapshot_buffer_bytes
+                              or len(incoming.buffer) > config.snapshot_buffer_events):
+            self._ask_again(space, incoming, drop=True)
+
+
+def _payload_size(event) -> int:
+    """Bytes an event buffered for a joiner holds (its payload)."""
+    t = type(event)
+    if t is SpaceMessage:
+        return len(event.message.payload)
+    if t is SpaceRequest:
+        return len(event.payload)
+    return 0
 
 
 def _rank_components(origin: dict[int, tuple]) -> list[list[int]]:

@@ -13,9 +13,10 @@ Streams
     an append; the bytes are joined once, when the last fragment arrives.
     Streams are numbered by the sender (one counter per instance).  A
     receiver keeps, per sender, the highest ``(sender epoch, stream)`` it
-    has accepted, even after the sender leaves the view, and accepts a new
-    stream only above it, so a late packet of a finished stream can never
-    be taken for the start of a new one.  A sender starts a new stream to a
+    has accepted, even after the sender leaves the view (for the last
+    ``remembered_peers`` peers to leave), and accepts a new stream only
+    above it, so a late packet of a finished stream can never be taken for
+    the start of a new one.  A sender starts a new stream to a
     peer after the peer left the view and came back, and after it restarted.
 
 Acknowledgements
@@ -179,6 +180,14 @@ class UnicastConfig:
     """Packets queued per peer beyond the window before ``send`` raises QueueFull.
     A message is always accepted when nothing is queued for that peer, so a
     message of ``max_message`` bytes can be sent even if it is more packets."""
+    send_queue_bytes: Size = 64 << 20
+    """Bytes queued per peer (not yet sent, and for ``send_to`` and requests to chosen
+    members also waiting above this layer) before a send raises QueueFull (``await
+    ch.send_to`` waits); a message is always accepted when nothing is queued for that peer."""
+    remembered_peers: int = 1024
+    """Peers that left the view whose last incarnation and stream are remembered (so a late
+    packet of a finished stream is never taken for a new one); past this the one that left
+    longest ago is forgotten."""
 
     def __post_init__(self) -> None:
         if not 1 <= self.window <= MAX_WINDOW:
@@ -195,6 +204,10 @@ class UnicastConfig:
             raise ConfigError("UNICAST: max_message must be >= 0 and fit in 2**32 - 1 fragments")
         if self.send_queue_max < 1:
             raise ConfigError("UNICAST: send_queue_max must be >= 1")
+        if self.send_queue_bytes < 1:
+            raise ConfigError("UNICAST: send_queue_bytes must be at least 1 byte")
+        if self.remembered_peers < 0:
+            raise ConfigError("UNICAST: remembered_peers must be >= 0")
 
 
 class UnicastMessage(NamedTuple):
@@ -286,6 +299,7 @@ class Unicast:
         self._ins: dict[int, _In] = {}
         self._epochs: dict[int, int] = {}                  # highest epoch seen per peer (kept after it leaves)
         self._accepted: dict[int, tuple[int, int]] = {}    # highest (epoch, stream) accepted per peer (kept too)
+        self._departed: dict[int, None] = {}               # peers out of the view with entries above, oldest first
         self._streams = 0
         self._msg_ids = 0
         self._out: list = []
@@ -393,6 +407,21 @@ class Unicast:
         for sender in [s for s in self._ins if s not in new]:
             del self._ins[sender]
         self._members = new
+        self._forget_departed(new)
+
+    def _forget_departed(self, members: frozenset[int]) -> None:
+        """Keep the epochs and streams of at most ``remembered_peers`` peers outside the view."""
+        departed = self._departed
+        for peer in [p for p in departed if p in members]:
+            del departed[peer]
+        for peer in self._epochs.keys() | self._accepted.keys():
+            if peer not in members and peer not in departed:
+                departed[peer] = None
+        while len(departed) > self.config.remembered_peers:
+            peer = next(iter(departed))
+            del departed[peer]
+            self._epochs.pop(peer, None)
+            self._accepted.pop(peer, None)
 
     # -- outputs ------------------------------------------------------------------
 
@@ -424,13 +453,19 @@ class Unicast:
         """Packets not yet acknowledged (in flight or queued), all peers."""
         return sum(out.next_seq - out.base + out.queued for out in self._outs.values())
 
+    def queued_bytes(self, dest: int) -> int:
+        """Bytes queued for ``dest`` and not yet sent (counted in whole packets)."""
+        out = self._outs.get(dest)
+        return 0 if out is None else out.queued * self._chunk
+
     def in_flight(self, dest: int) -> int:
         """Packets sent to ``dest`` and not yet cumulatively acknowledged (at most ``window``)."""
         out = self._outs.get(dest)
         return 0 if out is None else out.next_seq - out.base
 
     def stats(self) -> dict[str, int]:
-        """Counters: packets sent/retransmitted/received, acks, messages, drops (total and ``drops_<reason>``)."""
+        """Counters: packets sent/retransmitted/received, acks, messages, peers whose incarnation is
+        remembered, drops (total and ``drops_<reason>``)."""
         counters = {
             "sent": self.sent,
             "retransmitted": self.retransmitted,
@@ -443,6 +478,7 @@ class Unicast:
             "failed": self.failed,
             "resets_received": self.resets_received,
             "pending": self.pending,
+            "peers_remembered": len(self._epochs.keys() | self._accepted.keys()),
             "drops": sum(self.drops.values()),
         }
         counters.update((f"drops_{reason}", n) for reason, n in sorted(self.drops.items()))
@@ -459,11 +495,16 @@ class Unicast:
     def _check_queue(self, dest: int, out: _Out, count: int) -> None:
         room = 0 if out.queue else max(0, out.base + self._window - out.next_seq)
         extra = max(0, count - room)
-        limit = self.config.send_queue_max
+        limit, limit_bytes = self.config.send_queue_max, self.config.send_queue_bytes
         if out.queued and out.queued + extra > limit:
             raise QueueFull(
                 f"UNICAST: {out.queued} packets already queued for node {dest} and this message needs {extra} more, "
                 f"over send_queue_max={limit}; wait for UnicastSent/UnicastFailed and retry"
+            )
+        if out.queued and (out.queued + extra) * self._chunk > limit_bytes:
+            raise QueueFull(
+                f"UNICAST: {out.queued * self._chunk} bytes already queued for node {dest} and this message needs "
+                f"{extra * self._chunk} more, over send_queue_bytes={limit_bytes}; wait for UnicastSent/UnicastFailed and retry"
             )
 
     def _fill(self, now: int, dest: int, out: _Out) -> None:
