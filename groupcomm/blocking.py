@@ -8,14 +8,17 @@
             print(event)
 
 A background thread runs trio and the channel; calls cross over with
-``trio.from_thread``.  Events wait in an unbounded queue for the caller; the
-channel's own ``max_pending_events`` policy still applies.
+``trio.from_thread``.  Events stay in the channel's own queue until
+:meth:`BlockingChannel.events` asks for them (one batch at a time), so the
+channel's slow-consumer limits (``max_pending_events``, ``max_pending_bytes``)
+apply to the blocking caller as they do to a trio one.
 """
 
 from __future__ import annotations
 
-import queue
+import math
 import threading
+from collections import deque
 from collections.abc import Iterator
 from typing import Any
 
@@ -28,14 +31,12 @@ from groupcomm.layers.spaces import Merge
 
 __all__ = ["BlockingChannel", "connect"]
 
-_END = object()
-
 
 class BlockingChannel:
     """A channel served by a background trio thread. Create it with :func:`connect`."""
 
     def __init__(self, stack: str = "udp", **kwargs: Any) -> None:
-        self._events: queue.Queue = queue.Queue()
+        self._batch: deque = deque()                # taken from the channel, not yet handed out
         self._ready = threading.Event()
         self._error: BaseException | None = None
         self._channel: Channel | None = None
@@ -54,21 +55,7 @@ class BlockingChannel:
             async with open_channel(stack, **kwargs) as ch:
                 self._channel = ch
                 self._ready.set()
-                async with trio.open_nursery() as nursery:
-
-                    async def pump() -> None:
-                        try:
-                            async for event in ch.events():
-                                self._events.put(event)
-                        except BaseException as exc:  # DeliveryOverflow reaches the caller
-                            self._events.put(exc)
-                            raise
-                        finally:
-                            self._events.put(_END)
-
-                    nursery.start_soon(pump)
-                    await self._stop.wait()
-                    nursery.cancel_scope.cancel()
+                await self._stop.wait()
 
         try:
             trio.run(main)
@@ -76,13 +63,15 @@ class BlockingChannel:
             self._error = _sole_error(exc)
         finally:
             self._ready.set()
-            self._events.put(_END)
 
     def _call(self, fn, *args, **kwargs):
+        return self._call_async(lambda: fn(*args, **kwargs))
+
+    def _call_async(self, fn, *args):
         if self._token is None or self._channel is None or not self._thread.is_alive():
             raise ChannelClosed("the blocking channel is closed")
         try:
-            return trio.from_thread.run(lambda: fn(*args, **kwargs), trio_token=self._token)
+            return trio.from_thread.run(fn, *args, trio_token=self._token)
         except trio.RunFinishedError:
             raise ChannelClosed("the blocking channel is closed") from None
 
@@ -93,19 +82,25 @@ class BlockingChannel:
     def events(self, timeout: float | None = None) -> Iterator[Message | View | Merge | Direct]:
         """The channel's events (as :meth:`Channel.events <groupcomm.Channel.events>`) as they come.
 
-        Stops after ``timeout`` seconds without one, or at close.
+        Stops after ``timeout`` seconds without one, or at close; raises
+        :class:`~groupcomm.errors.DeliveryOverflow` if the member left the group
+        because this caller fell too far behind.
         """
+        batch = self._batch
         while True:
-            try:
-                event = self._events.get(timeout=timeout)
-            except queue.Empty:
-                return
-            if event is _END:
-                self._events.put(_END)
-                return
-            if isinstance(event, BaseException):
-                raise event
-            yield event
+            if not batch:
+                try:
+                    batch.extend(self._call_async(self._next_batch, timeout))
+                except ChannelClosed:
+                    return
+                if not batch:
+                    return                        # the timeout passed, or the channel closed
+            yield batch.popleft()
+
+    async def _next_batch(self, timeout: float | None) -> list:
+        with trio.move_on_after(math.inf if timeout is None else timeout):
+            return await self._require().receive_batch()
+        return []
 
     @property
     def view(self) -> View | None:

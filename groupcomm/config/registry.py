@@ -37,6 +37,8 @@ LAYERS: dict[str, str] = {
     "FRAG": "groupcomm.layers.frag:FragConfig",
     "UNICAST": "groupcomm.layers.unicast:UnicastConfig",
     "QUORUM": "groupcomm.layers.quorum:QuorumConfig",
+    "SPACES": "groupcomm.layers.spaces:SpacesConfig",
+    "CHANNEL": "groupcomm.io.channel:ChannelConfig",
 }
 """Layer name in a stack file -> ``module:Class`` of the settings it takes, in stack order."""
 
@@ -66,6 +68,10 @@ class StackConfig:
     """Always set: a stack without FRAG gets the defaults."""
     unicast: Any
     quorum: Any
+    spaces: Any = None
+    """:class:`~groupcomm.layers.spaces.SpacesConfig` (SPACES)."""
+    channel: Any = None
+    """:class:`~groupcomm.io.channel.ChannelConfig` (CHANNEL): the application's queues."""
 
 
 def build_stack(spec: StackSpec, *, transport_optional: bool = False) -> StackConfig:
@@ -93,4 +99,6 @@ def build_stack(spec: StackSpec, *, transport_optional: bool = False) -> StackCo
         frag=built.get("FRAG") or layer_settings("FRAG")(),
         unicast=built.get("UNICAST"),
         quorum=built.get("QUORUM"),
+        spaces=built.get("SPACES"),
+        channel=built.get("CHANNEL"),
     )

@@ -16,10 +16,12 @@ serves the sockets and the ring's timers instead, and one task waits for its
 eventfd: deliveries, views and the other layers' packets.
 
 Slow consumers: deliveries queue without blocking the ring, up to
-``max_pending_events``.  Past that the member leaves the group (the others
-carry on without waiting for it) and ``events()`` raises
-:class:`~groupcomm.errors.DeliveryOverflow`.  Senders get backpressure:
-``send`` waits while the ring's own send queue is full.
+``max_pending_events`` events and ``max_pending_bytes`` bytes of payload
+(:class:`ChannelConfig`, the ``CHANNEL`` layer of a stack file).  Past either
+the member leaves the group (the others carry on without waiting for it) and
+``events()`` raises :class:`~groupcomm.errors.DeliveryOverflow`.  Senders get
+backpressure: ``send`` waits while the send queue is full (``send_queue_max``
+messages or ``send_queue_bytes`` bytes in ``TOTEM``).
 """
 
 from __future__ import annotations
@@ -27,6 +29,8 @@ from __future__ import annotations
 import functools
 import hashlib
 import math
+from dataclasses import dataclass
+from operator import itemgetter
 from pathlib import Path
 import time
 import zlib
@@ -35,7 +39,7 @@ from contextlib import asynccontextmanager
 
 import trio
 
-from groupcomm.config import build_stack, load_stack
+from groupcomm.config import Size, build_stack, load_stack
 from groupcomm.errors import ChannelClosed, ConfigError, DeliveryOverflow, NotOperational, QueueFull
 from groupcomm.events import Direct, Message, View
 from groupcomm.layers.frag import FragConfig
@@ -50,15 +54,41 @@ from groupcomm.layers.router import Router
 from groupcomm.layers.quorum import QuorumConfig
 from groupcomm.layers.rpc import ALL, Mode, Reply
 from groupcomm.io.space import Handler, Services, Space
-from groupcomm.layers.spaces import Merge
+from groupcomm.layers.spaces import Merge, SpacesConfig
 from groupcomm.layers.unicast import UnicastConfig
 from groupcomm.io.udp import UdpConfig, UdpSockets, UdpuConfig, open_sockets, open_unicast, parse_host
 
-__all__ = ["Channel", "open_channel", "node_id_for"]
+__all__ = ["Channel", "ChannelConfig", "open_channel", "node_id_for"]
 
 _US = 1_000_000
 _MAX_DATAGRAM = 65536
 _YIELD_EVERY = 64
+_PAYLOAD = itemgetter(1)                 # of a Message (sender, payload, safe)
+_MIN_PEER_TABLE = 256
+"""Addresses of senders kept per channel before those outside the view are forgotten
+(at least this, or four times the ring's ``max_members``)."""
+
+
+@dataclass(frozen=True)
+class ChannelConfig:
+    """The application side of a channel: how far its consumers may fall behind.
+
+    A member whose undelivered events pass either limit, in
+    :meth:`Channel.events` or in one space's :meth:`Space.events
+    <groupcomm.io.space.Space.events>`, leaves the group so the ring never
+    waits for it (see "A slow consumer" in the guarantees).
+    """
+
+    max_pending_events: int = 100_000
+    """Events queued for the application, per stream (the channel's, each space's)."""
+    max_pending_bytes: Size = 64 << 20
+    """Payload bytes queued for the application, per stream (the channel's, each space's)."""
+
+    def __post_init__(self) -> None:
+        if self.max_pending_events < 1:
+            raise ConfigError("CHANNEL: max_pending_events must be >= 1")
+        if self.max_pending_bytes < 1:
+            raise ConfigError("CHANNEL: max_pending_bytes must be at least 1 byte")
 
 
 def node_id_for(cluster: str, name: str) -> int:
@@ -83,15 +113,19 @@ class Channel:
         ring: RingConfig,
         udp: UdpConfig | UdpuConfig,
         max_pending_events: int,
+        max_pending_bytes: int = ChannelConfig.max_pending_bytes,
         fd: FdConfig | None = None,
         frag: FragConfig | None = None,
         unicast: UnicastConfig | None = None,
         quorum: QuorumConfig | None = None,
+        spaces: SpacesConfig | None = None,
     ) -> None:
         if not cluster:
             raise ConfigError("open_channel: cluster name must not be empty")
         if max_pending_events < 1:
             raise ConfigError("open_channel: max_pending_events must be >= 1")
+        if max_pending_bytes < 1:
+            raise ConfigError("open_channel: max_pending_bytes must be at least 1 byte")
         self.cluster = cluster
         self._name = name
         self._node_id = node_id
@@ -101,6 +135,7 @@ class Channel:
         self._frag_config = frag or FragConfig()
         self._unicast_config = unicast
         self._quorum_config = quorum
+        self._spaces_config = spaces
         self._services = Services(self)
         self._router = Router(
             {SendToAll: self._send_to_all, SendTo: self._send_to, list: self._deliver_run,
@@ -108,16 +143,22 @@ class Channel:
             self._services.routes(),
         )
         self._batch: list = []               # events of the flush under way, handed to events() in one go
+        self._batch_bytes = 0
         self._flushing = self._flush_again = False
         self._nursery: trio.Nursery | None = None
         self._max_pending = max_pending_events
+        self._max_pending_bytes = max_pending_bytes
         self._member: Member | None = None
         self._sockets: UdpSockets | None = None
         self._peers: dict[int, tuple] = {}
         self._targets: set[tuple] = set()          # unicast-only transport: everyone we know
-        # Events travel in one list per flush: one checkpoint per batch, not per message.
-        self._events_send, self._events_recv = trio.open_memory_channel[list](math.inf)
+        self._fixed_targets: frozenset[tuple] = frozenset()    # ... of which the configured hosts
+        # Events travel in one list per flush (with its payload bytes): one checkpoint per
+        # batch, not per message.  Unbounded here; the counts below bound it.
+        self._events_send, self._events_recv = trio.open_memory_channel[tuple[list, int]](math.inf)
         self._pending_events = 0
+        self._pending_bytes = 0
+        self._peer_table_max = max(_MIN_PEER_TABLE, 4 * ring.max_members)
         self._view: View | None = None
         self._joined = trio.Event()
         self._space = trio.Event()
@@ -125,6 +166,7 @@ class Channel:
         self._armed_deadline = math.inf
         self._closed = False
         self._overflow = False
+        self._overflow_reason = ""
         self._sends_since_yield = 0
         self._probe_mark = (0.0, 0)
         self._my_id = b""
@@ -161,8 +203,12 @@ class Channel:
         s = member.ring.stats()
         s["transport_send_drops"] = self.dropped_sends
         s["fragments_dropped"] = member.frag.dropped
+        s["reassembly_refused"] = member.frag.refused
         s.update((f"frames_dropped_{layer}", n) for layer, n in member.dropped_frames.items())
         s["pending_events"] = self._pending_events
+        s["pending_bytes"] = self._pending_bytes
+        s["send_queue_bytes"] = member.multicast.queued_bytes
+        s["state_transfers_retried"] = member.spaces.transfers_retried
         if self._pump is not None:
             pump = self._pump.stats()
             s.update(pump)
@@ -232,19 +278,33 @@ class Channel:
 
         Space messages and space views go to each space's own
         :meth:`Space.events <groupcomm.io.space.Space.events>`.  A member more
-        than ``max_pending_events`` events behind leaves the group; this
-        then hands out the events already queued and raises
-        :class:`~groupcomm.errors.DeliveryOverflow`.
+        than ``max_pending_events`` events or ``max_pending_bytes`` bytes of
+        payload behind leaves the group; this then hands out the events
+        already queued and raises :class:`~groupcomm.errors.DeliveryOverflow`.
         """
-        async for batch in self._events_recv:
-            self._pending_events -= len(batch)
+        while batch := await self.receive_batch():
             for event in batch:
                 yield event
-        if self._overflow:
-            raise DeliveryOverflow(
-                f"member {self.name}: more than {self._max_pending} undelivered events; "
-                "the member left the group so the others are not held up"
-            )
+
+    async def receive_batch(self) -> list[Message | View | Merge | Direct]:
+        """The next events for this member, as :meth:`events` yields them, in one list (all
+        one flush delivered); waits for one.  ``[]`` once the channel closed; raises
+        :class:`~groupcomm.errors.DeliveryOverflow` then if the member left as a slow consumer.
+
+        The events count as delivered (no longer pending) once returned.
+        """
+        try:
+            batch, size = await self._events_recv.receive()
+        except trio.EndOfChannel:
+            if self._overflow:
+                raise DeliveryOverflow(
+                    f"member {self.name}: {self._overflow_reason}; "
+                    "the member left the group so the others are not held up"
+                ) from None
+            return []
+        self._pending_events -= len(batch)
+        self._pending_bytes -= size
+        return batch
 
     async def aclose(self) -> None:
         """Leave the group gracefully and stop."""
@@ -320,14 +380,25 @@ class Channel:
         return self._max_pending
 
     @property
+    def max_pending_bytes(self) -> int:
+        """Undelivered payload bytes (per stream) past which this member leaves the group (slow consumer)."""
+        return self._max_pending_bytes
+
+    @property
     def overflowed(self) -> bool:
         """True once this member left the group because a consumer fell too far behind."""
         return self._overflow
 
-    def leave_on_overflow(self) -> None:
-        """A consumer fell more than :attr:`max_pending_events` behind: leave so the others go on."""
+    @property
+    def overflow_reason(self) -> str:
+        """Which limit a consumer passed (empty unless :attr:`overflowed`)."""
+        return self._overflow_reason
+
+    def leave_on_overflow(self, reason: str = "a consumer fell too far behind") -> None:
+        """A consumer passed :attr:`max_pending_events` or :attr:`max_pending_bytes`: leave so the others go on."""
         if not self._overflow:
             self._overflow = True
+            self._overflow_reason = reason
             self._leave()
 
     @asynccontextmanager
@@ -374,13 +445,14 @@ class Channel:
         self._sockets = sockets
         if unicast_only:
             self._targets = {parse_host(h) for h in cfg.hosts} - {sockets.address[:2]}
+            self._fixed_targets = frozenset(self._targets)
         node_id = self._node_id or node_id_for(self.cluster, self._name or repr(sockets.address))
         # A new incarnation must never reuse a ring id: start above the wall clock.
         floor = int(time.time() * 1000) * 4
         try:
             self._member = Member(node_id, self._ring_config, fd=self._fd_config, frag=self._frag_config,
                                  unicast=self._unicast_config, quorum=self._quorum_config,
-                                 ring_seq_floor=floor, epoch=floor)
+                                 spaces=self._spaces_config, ring_seq_floor=floor, epoch=floor)
             self._my_id = node_id.to_bytes(4, "big")
             if cfg.pump == "c":
                 self._start_pump(sockets)
@@ -575,6 +647,7 @@ class Channel:
             return
         self._flushing = True
         self._batch = batch = []
+        self._batch_bytes = 0
         try:
             while True:
                 self._flush_again = False
@@ -585,7 +658,8 @@ class Channel:
             self._flushing = False
         if batch and not self._closed:
             self._pending_events += len(batch)
-            self._events_send.send_nowait(batch)
+            self._pending_bytes += self._batch_bytes
+            self._events_send.send_nowait((batch, self._batch_bytes))
         deadline = self._deadline()
         if self._timer_scope is not None and deadline != self._armed_deadline:
             self._armed_deadline = deadline
@@ -593,7 +667,10 @@ class Channel:
         if not self._space.is_set() and member.can_send:
             self._space.set()
         if self._pending_events > self._max_pending:
-            self.leave_on_overflow()
+            self.leave_on_overflow(f"more than {self._max_pending} undelivered events (max_pending_events)")
+        elif self._pending_bytes > self._max_pending_bytes:
+            self.leave_on_overflow(
+                f"more than {self._max_pending_bytes} bytes of undelivered messages (max_pending_bytes)")
 
     # -- the Member's outputs this driver acts on (see groupcomm.layers.router) ----------
 
@@ -608,15 +685,28 @@ class Channel:
 
     def _deliver_run(self, run: list) -> None:
         self._batch.extend(run)
+        self._batch_bytes += sum(map(len, map(_PAYLOAD, run)))
 
     def _deliver_view(self, view: View) -> None:
         if not view.transitional:
             self._view = view
             self._joined.set()
+            if len(self._peers) > self._peer_table_max:
+                self._forget_strangers(view)
         self._batch.append(view)
 
     def _deliver_event(self, event: Merge | Direct) -> None:
         self._batch.append(event)
+        if type(event) is Direct:
+            self._batch_bytes += len(event.payload)
+
+    def _forget_strangers(self, view: View) -> None:
+        """Bound the tables of addresses learned from datagrams: keep the view's members
+        (a sender outside it is learned again from its next datagram)."""
+        members = set(view.members)
+        self._peers = {node: addr for node, addr in self._peers.items() if node in members}
+        if self._pump is None and self._sockets is not None and self._sockets.group is None:
+            self._targets = self._fixed_targets | {addr[:2] for addr in self._peers.values()}
 
     def _sendto(self, sock, packet: bytes, addr) -> None:
         try:
@@ -654,7 +744,8 @@ async def open_channel(
     udp: UdpConfig | UdpuConfig | None = None,
     fd=_FROM_STACK,
     join_timeout: float | None = None,
-    max_pending_events: int = 100_000,
+    max_pending_events: int | None = None,
+    max_pending_bytes: int | None = None,
     quorum: QuorumConfig | None = None,
 ) -> AsyncIterator[Channel]:
     """Join ``cluster`` and yield a :class:`Channel` once the first view is installed.
@@ -663,6 +754,8 @@ async def open_channel(
     to one; ``overrides`` (``{"TOTEM": {"token_timeout": "300ms"}}``) change its
     settings, and ``ring`` / ``udp`` / ``fd`` objects replace a layer's config
     outright (``fd=None`` turns failure detection off).
+    ``max_pending_events`` / ``max_pending_bytes`` replace the stack's
+    ``CHANNEL`` settings (:class:`ChannelConfig`: 100 000 events, 64 MiB).
 
     Leaving the block waits (up to twice the token timeout) until the messages
     already sent are ordered, then leaves the group gracefully.  Errors from the channel's
@@ -672,17 +765,20 @@ async def open_channel(
     ring = ring or settings.ring
     udp = udp or settings.transport
     fd = settings.fd if fd is _FROM_STACK else fd
+    limits = settings.channel or ChannelConfig()
     ch = Channel(
         cluster=cluster,
         name=name,
         node_id=node_id,
         ring=ring,
         udp=udp,
-        max_pending_events=max_pending_events,
+        max_pending_events=limits.max_pending_events if max_pending_events is None else max_pending_events,
+        max_pending_bytes=limits.max_pending_bytes if max_pending_bytes is None else max_pending_bytes,
         fd=fd,
         frag=settings.frag,
         unicast=settings.unicast,
         quorum=quorum or settings.quorum,
+        spaces=settings.spaces,
     )
     async with trio.open_nursery() as nursery:
         await nursery.start(functools.partial(ch.run, leave_on_exit=True))

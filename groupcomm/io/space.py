@@ -20,9 +20,10 @@ state).  A member that never iterates :meth:`Space.events` is asked for its
 snapshot at delivery time instead.
 
 A space's events share the channel's slow-consumer policy: past
-``max_pending_events`` undelivered events in one space the member leaves the
-group, and :meth:`Space.events` raises
-:class:`~groupcomm.errors.DeliveryOverflow` once it has handed out the rest.
+``max_pending_events`` undelivered events or ``max_pending_bytes`` bytes of
+payload in one space the member leaves the group, and :meth:`Space.events`
+raises :class:`~groupcomm.errors.DeliveryOverflow` once it has handed out the
+rest.
 """
 
 from __future__ import annotations
@@ -53,11 +54,15 @@ class ChannelSurface(Protocol):
     @property
     def max_pending_events(self) -> int: ...
     @property
+    def max_pending_bytes(self) -> int: ...
+    @property
     def overflowed(self) -> bool: ...
+    @property
+    def overflow_reason(self) -> str: ...
     def call_member(self, action: Callable[[int, Member], object], *, quiet: bool = False) -> None: ...
     async def call_member_when_room(self, action: Callable[[int, Member], object]) -> None: ...
     def start_soon(self, fn: Callable[..., Awaitable[object]], *args: object) -> None: ...
-    def leave_on_overflow(self) -> None: ...
+    def leave_on_overflow(self, reason: str = ...) -> None: ...
 
 __all__ = ["ChannelSurface", "Space", "Services", "Request", "Handler"]
 
@@ -79,6 +84,7 @@ class Space:
         self._joined = trio.Event()
         self._iterating = False
         self._pending = 0
+        self._pending_bytes = 0
         self._provider: Callable[[], bytes | None] | None = None
         self._receiver: Callable[[bytes | None], None] | None = None
         self.left = False
@@ -88,8 +94,15 @@ class Space:
         return self.view.members if self.view else ()
 
     async def send(self, payload: bytes, *, safe: bool = False) -> None:
-        """Multicast ``payload`` to the members of this space, in the total order."""
+        """Multicast ``payload`` to the members of this space, in the total order.
+
+        Waits while the send queue is full; raises TypeError unless ``payload`` is
+        bytes-like and PayloadTooLarge over FRAG's ``max_message`` (as ``Channel.send``).
+        """
+        if not isinstance(payload, (bytes, bytearray, memoryview)):
+            raise TypeError(f"payload must be bytes, not {type(payload).__name__}")
         self._check()
+        payload = bytes(payload)
         await self._channel.call_member_when_room(lambda now, member: member.space_send(now, self.name, payload, safe))
 
     async def events(self) -> AsyncIterator[Message | SpaceView]:
@@ -98,7 +111,10 @@ class Space:
         async for item in self._recv:
             self._pending -= 1
             t = type(item)
-            if t is StateRequest:
+            if t is Message:
+                self._pending_bytes -= len(item.payload)
+                yield item
+            elif t is StateRequest:
                 self._provide(item)
             elif t is StateInstalled:
                 if self._receiver is not None:
@@ -107,7 +123,7 @@ class Space:
                 yield item
         if self._channel.overflowed:
             raise DeliveryOverflow(
-                f"space {self.name!r}: more than {self._channel.max_pending_events} undelivered events; "
+                f"space {self.name!r}: {self._channel.overflow_reason}; "
                 "the member left the group so the others are not held up"
             )
 
@@ -138,11 +154,19 @@ class Space:
     # -- fed by Services, in the order the Member hands outputs out ------------------------
 
     def _put(self, item: Any) -> None:
-        """Queue an event for :meth:`events`; past ``max_pending_events`` the channel's overflow policy applies."""
+        """Queue an event for :meth:`events`; past ``max_pending_events`` or ``max_pending_bytes``
+        the channel's overflow policy applies (a snapshot to install does not count: it is the state)."""
         self._pending += 1
+        if type(item) is Message:
+            self._pending_bytes += len(item.payload)
         self._send.send_nowait(item)
-        if self._pending > self._channel.max_pending_events:
-            self._channel.leave_on_overflow()
+        channel = self._channel
+        if self._pending > channel.max_pending_events:
+            channel.leave_on_overflow(f"more than {channel.max_pending_events} undelivered events in space "
+                                      f"{self.name!r} (max_pending_events)")
+        elif self._pending_bytes > channel.max_pending_bytes:
+            channel.leave_on_overflow(f"more than {channel.max_pending_bytes} bytes of undelivered messages in "
+                                      f"space {self.name!r} (max_pending_bytes)")
 
     def _view(self, view: SpaceView, me: int) -> None:
         if me in view.joined:
