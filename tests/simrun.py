@@ -56,9 +56,15 @@ def apply(sim: SimCluster, plan, big_every: int = 0) -> None:
             sim.partition(groups.values())
             if len(groups) > 1:
                 faults.add("partition")
+        elif kind == "cut":
+            src, dest, multicast_only = args
+            if src != dest:
+                sim.cut(src, dest, multicast_only=multicast_only)
+                faults.add("one-way link")
         elif kind == "heal":
             sim.heal()
             faults.discard("partition")
+            faults.discard("one-way link")
         elif kind == "network":
             loss, dup, reorder = args
             sim.set_network(loss=loss, duplicate=dup, reorder=reorder)
@@ -71,7 +77,7 @@ def apply(sim: SimCluster, plan, big_every: int = 0) -> None:
         event(f"sends accepted: {'none' if not accepted else '1-9' if accepted < 10 else '10+'}")
         if big_every:
             event(f"fragmented messages: {'none' if not big else 'some'}")
-        for fault in ("partition", "crash", "loss"):
+        for fault in ("partition", "one-way link", "crash", "loss"):
             event(f"traffic during {fault}: {'yes' if fault in traffic_in_fault else 'no'}")
 
 

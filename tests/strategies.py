@@ -35,6 +35,7 @@ def _action(n: int):
             lambda assign: Step("partition", (tuple(assign),)),
             st.lists(st.integers(0, 2), min_size=n, max_size=n),
         ),
+        st.builds(lambda a, b, multicast_only: Step("cut", (a, b, multicast_only)), node, node, st.booleans()),
         st.just(Step("heal", ())),
         st.builds(
             lambda loss, dup, reorder: Step("network", (loss, dup, reorder)),

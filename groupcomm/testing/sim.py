@@ -169,6 +169,7 @@ class SimCluster:
         self._order = 0
         self._link_clock: dict[tuple[int, int], int] = {}
         self._groups: dict[int, int] | None = None             # node -> partition group
+        self._cuts: dict[tuple[int, int], bool] = {}            # (src, dest) -> multicast only
         self._members = {n: _Member(n) for n in ids}
         self._histories: dict[int, list[Event]] = {n: [] for n in ids}
         self._tagged: dict[int, list[Event]] = {n: [] for n in ids}   # what the checker sees
@@ -326,18 +327,36 @@ class SimCluster:
         self._groups = assignment
         self._quiet_since = self._now
 
-    def heal(self) -> None:
-        """Remove every partition."""
-        self._groups = None
+    def cut(self, src: int, dest: int, *, multicast_only: bool = False) -> None:
+        """Lose every packet from ``src`` to ``dest``, one way only (``dest`` still reaches ``src``).
+
+        ``multicast_only``: lose only what ``src`` sends to everyone; its
+        packets to ``dest`` alone (the token, a unicast) still arrive, a member
+        that is partly deaf.  :meth:`heal` repairs cuts too.
+        """
+        self._member(src), self._member(dest)
+        if src == dest:
+            raise ConfigError("cut: a link joins two different nodes")
+        self._cuts[(src, dest)] = multicast_only
         self._quiet_since = self._now
 
-    def _connected(self, a: int, b: int) -> bool:
-        return self._groups is None or self._groups[a] == self._groups[b]
+    def heal(self) -> None:
+        """Remove every partition and every cut link."""
+        self._groups = None
+        self._cuts.clear()
+        self._quiet_since = self._now
 
-    def _transmit(self, src: int, dest: int, packet: bytes) -> None:
+    def _connected(self, a: int, b: int, multicast: bool = False) -> bool:
+        """Whether a packet from ``a`` reaches ``b`` now (checked when sent, and again on arrival)."""
+        if self._groups is not None and self._groups[a] != self._groups[b]:
+            return False
+        cut = self._cuts.get((a, b))
+        return cut is None or (cut and not multicast)
+
+    def _transmit(self, src: int, dest: int, packet: bytes, multicast: bool) -> None:
         net = self.network
         rng = self._rng
-        if not self._connected(src, dest) or (net.loss and rng.random() < net.loss):
+        if not self._connected(src, dest, multicast) or (net.loss and rng.random() < net.loss):
             return
         copies = 2 if net.duplicate and rng.random() < net.duplicate else 1
         lo, hi = (int(net.latency[0] * _US), int(net.latency[1] * _US))
@@ -363,10 +382,10 @@ class SimCluster:
             if t is SendToAll:
                 for dest in self._members:
                     if dest != node:
-                        self._transmit(node, dest, out.packet)
+                        self._transmit(node, dest, out.packet, True)
             elif t is SendTo:
                 if out.node in self._members and out.node != node:
-                    self._transmit(node, out.node, out.packet)
+                    self._transmit(node, out.node, out.packet, False)
             elif t is Delivery:
                 self._tagged[node].append(out)
                 self._record(node, Delivery(out.sender, out.payload[_TAG.size :], out.safe))
@@ -511,6 +530,7 @@ class SimCluster:
         """The network is clean and nothing changed for :attr:`settle_time`."""
         return (
             self._groups is None
+            and not self._cuts
             and self.network.clean
             and (self._now - self._quiet_since) >= self.settle_time * _US
         )
