@@ -177,6 +177,9 @@ class SimCluster:
         self._user_sends: list[SendRecord] = []
         self._quiet_since = 0                                   # last fault change or send
         self._observers: list[Callable[[int, Event], None]] = []
+        self._packet_observers: list[Callable[[int, bytes], None]] = []
+        self._paused: dict[int, int] = {}                      # node -> virtual time it resumes
+        self._held: dict[int, list[bytes]] = {}                 # packets waiting for a paused node
         for n in ids:
             self._boot(n)
         self._max_payload: int = self._members[ids[0]].ring.max_payload - _TAG.size  # type: ignore[union-attr]
@@ -254,6 +257,8 @@ class SimCluster:
         self._crashed(node)
 
     def _crashed(self, node: int) -> None:
+        self._paused.pop(node, None)
+        self._held.pop(node, None)
         self.services.crashed(node)
         self._tagged[node].append(Crashed())
         self._record(node, Crashed())
@@ -272,6 +277,8 @@ class SimCluster:
         m = self._member(node)
         if m.ring is None:
             raise LocalProtocolError(f"node {node} is not running")
+        if node in self._paused:
+            raise NotOperational(f"node {node} is paused")
         m.ring.leave(self._now)
         self._flush(m)
         m.ring_seq = max(m.ring_seq, m.ring.ring_seq)
@@ -280,13 +287,53 @@ class SimCluster:
 
     def suspect(self, node: int, suspected: int) -> bool:
         """``node``'s failure detector reports ``suspected`` dead (see :meth:`Ring.suspect`)."""
-        m = self._member(node)
-        if m.ring is None:
-            raise NotOperational(f"node {node} is crashed")
-        acted = m.ring.suspect(self._now, suspected)
+        m = self._running(node)
+        acted = m.ring.suspect(self._now, suspected)  # type: ignore[union-attr]
         self._quiet_since = self._now
         self._flush(m)
         return acted
+
+    def pause(self, node: int, seconds: float) -> None:
+        """Stop ``node`` for ``seconds`` of virtual time, as SIGSTOP, a long GC or a VM stall would.
+
+        Its timers do not fire and the packets that reach it wait, as in a socket
+        buffer.  On resume its overdue timers fire first, then it reads the
+        waiting packets in arrival order, all at the resume time.
+        """
+        m = self._running(node)
+        if not (isinstance(seconds, (int, float)) and 0 < seconds < float("inf")):
+            raise ConfigError(f"pause: seconds must be a positive number, got {seconds!r}")
+        self._paused[m.node] = self._now + int(round(seconds * _US))
+        self._quiet_since = self._now
+
+    def inject(self, node: int, packet: bytes) -> None:
+        """Hand ``packet`` to ``node`` now as if the network delivered it (a late or
+        replayed copy, a forged or corrupted packet), and deliver its outputs."""
+        m = self._running(node)
+        m.ring.receive(self._now, bytes(packet))  # type: ignore[union-attr]
+        self._quiet_since = self._now
+        self._flush(m)
+
+    def _running(self, node: int) -> _Member:
+        """``node``'s member, if it can act now (not crashed, not paused)."""
+        m = self._member(node)
+        if m.ring is None:
+            raise NotOperational(f"node {node} is crashed")
+        if node in self._paused:
+            raise NotOperational(f"node {node} is paused")
+        return m
+
+    def _resume(self, m: _Member) -> None:
+        ring = m.ring
+        del self._paused[m.node]
+        assert ring is not None
+        deadline = ring.next_deadline()
+        if deadline is not None and deadline <= self._now:
+            ring.tick(self._now)
+            self._flush(m)
+        for packet in self._held.pop(m.node, []):
+            ring.receive(self._now, packet)
+            self._flush(m)
 
     # -- the network ------------------------------------------------------------
 
@@ -379,6 +426,9 @@ class SimCluster:
         node = m.node
         for out in ring.take():
             t = type(out)
+            if self._packet_observers and (t is SendToAll or t is SendTo):
+                for see in self._packet_observers:
+                    see(node, out.packet)
             if t is SendToAll:
                 for dest in self._members:
                     if dest != node:
@@ -408,6 +458,8 @@ class SimCluster:
         m = self._member(node)
         if m.ring is None:
             raise NotOperational(f"node {node} is crashed; restart it before sending")
+        if node in self._paused:
+            raise NotOperational(f"node {node} is paused")
         if len(payload) > self.max_payload:
             raise PayloadTooLarge(
                 f"payload of {len(payload)} bytes is over the simulated ring's limit of "
@@ -429,7 +481,7 @@ class SimCluster:
         best = None
         for m in self._members.values():
             if m.ring is not None:
-                d = m.ring.next_deadline()
+                d = self._paused[m.node] if m.node in self._paused else m.ring.next_deadline()
                 if d is not None and (best is None or d < best):
                     best = d
         return best
@@ -461,12 +513,19 @@ class SimCluster:
                 m = members[dest]
                 if m.ring is None or not self._connected(_src, dest):
                     continue
+                if dest in self._paused:
+                    self._held.setdefault(dest, []).append(packet)
+                    continue
                 m.ring.receive(at, packet)
                 self._flush(m)
             elif timer is not None and timer <= end:
                 self._now = max(self._now, timer)
                 for m in members.values():
                     if m.ring is not None:
+                        if m.node in self._paused:
+                            if self._paused[m.node] <= self._now:
+                                self._resume(m)
+                            continue
                         d = m.ring.next_deadline()
                         if d is not None and d <= self._now:
                             m.ring.tick(self._now)
@@ -518,6 +577,10 @@ class SimCluster:
     def add_observer(self, observe: Callable[[int, Event], None]) -> None:
         """Call ``observe(node, event)`` for every event as it is delivered."""
         self._observers.append(observe)
+
+    def add_packet_observer(self, observe: Callable[[int, bytes], None]) -> None:
+        """Call ``observe(node, packet)`` for every packet a member sends (to capture traffic)."""
+        self._packet_observers.append(observe)
 
     @property
     def settle_time(self) -> float:
