@@ -45,6 +45,10 @@
  *     is ourselves (singleton ring) is queued and processed at the next tick.
  *   - Restart: ring ids are (rep, 64-bit seq) and a new incarnation starts
  *     above `ring_seq_floor`, which the driver persists (corosync PR #495).
+ *   - A failed round leaves my_ring_id naming the aborted ring; the regular
+ *     queue still belongs to the last installed ring (my_old_ring_id), so each
+ *     queue takes messages of its own ring only, and recovery messages of any
+ *     other ring are dropped in every state.
  *   - A fresh member has no previous configuration, so its first installation
  *     delivers only the regular configuration.
  *   - Every packet is decoded with explicit bounds checks into a parsed value
@@ -1475,10 +1479,28 @@ static void recovery_consume(gc_ring_t *r)
     }
 }
 
+/* The ring whose messages the queue we store into holds: the recovery queue
+   belongs to the ring being formed, the regular queue to the last installed
+   ring.  They differ from my_ring_id after an aborted round, which leaves
+   my_ring_id naming the aborted ring: its late messages (a recovery wrapper at
+   seq 1, say) must not land in the installed ring's queue at the same seq,
+   where the genuine message would later be refused as a duplicate (see
+   docs/design.rst, 'Aborted rounds'). */
+static ring_id_t queue_ring_id(const gc_ring_t *r)
+{
+    return r->state == GC_STATE_RECOVERY ? r->my_ring_id : r->my_old_ring_id;
+}
+
 static int handle_mcast(gc_ring_t *r, uint64_t now, uint32_t sender, const mcast_t *m,
                         const uint8_t *pkt, size_t len)
 {
-    if (!ring_id_eq(m->ring_id, r->my_ring_id)) return foreign_seen(r, now, sender, m->ring_id);
+    if (!ring_id_eq(m->ring_id, queue_ring_id(r))) {
+        /* A recovery wrapper of another ring is never news: its sender is
+           forming that ring and will announce it (messages, merge detects)
+           once installed.  Late copies of one must change nothing. */
+        if (m->flags & MCAST_FLAG_ENCAP) { r->stats.drop_stale++; return GC_ESTALE; }
+        return foreign_seen(r, now, sender, m->ring_id);
+    }
     sortq_t *q;
     switch (r->state) {
     case GC_STATE_OPERATIONAL:

@@ -1,0 +1,139 @@
+"""Faults the ring core must survive (issue 9): aborted membership rounds and the
+late packets they leave behind, ring seqs a commit could not use, joins during
+commit and recovery, and a member that was paused (SIGSTOP, a long GC, a VM
+stall).
+
+Members are real :class:`~groupcomm.core.ring.Ring` objects, driven either by the
+fuzz suite's :class:`~tests.test_ring_fuzz.RingCluster` (packet-level control:
+hold, drop, capture and inject packets) or by :class:`~groupcomm.testing.SimCluster`
+(EVS checker, crashes, restarts, pauses); one test stops a real process.
+"""
+
+from __future__ import annotations
+
+import random
+import struct
+
+import pytest
+
+from groupcomm.core.ring import RingState
+from groupcomm.events import Configuration
+from groupcomm.testing import SimCluster
+from tests.test_ring_fuzz import (
+    FAST,
+    MSG_MCAST,
+    RingCluster,
+    formed_cluster,
+    packet_kind,
+)
+
+MCAST_RING_ID = struct.Struct(">IQI")  # after the 12-byte header: ring rep, ring seq, message seq
+
+
+def states(cluster: RingCluster) -> dict[int, RingState]:
+    return {n: r.state for n, r in cluster.rings.items()}
+
+
+def payloads(cluster: RingCluster, node: int) -> list[bytes]:
+    return [d.payload for d in cluster.deliveries[node]]
+
+
+def regular_views_since(sim: SimCluster, node: int, mark: int) -> list[tuple[int, ...]]:
+    return [e.members for e in sim.history(node)[mark:] if isinstance(e, Configuration) and not e.transitional]
+
+
+# ---------------------------------------------------------------------------
+# 1. Late packets of an aborted recovery
+# ---------------------------------------------------------------------------
+
+
+def test_a_late_recovery_message_of_an_aborted_ring_does_not_hide_an_old_ring_message():
+    """Members 1, 2, 3 in ring R1; member 3 misses R1's messages 1..5.  A new ring R2
+    starts recovery: member 1 re-sends R1's messages 1..5 wrapped as R2's messages
+    1..5, which member 3 does not get either.  R2's recovery is aborted (member 3 is
+    cut off, the token is lost) and member 3, gathering again, receives a late copy of
+    R2's message 1.  Then all three form R3, where member 3 finally gets R1's messages.
+
+    Every member must deliver all five R1 messages: they moved together from R1.
+    Regression: gathering member 3 still had R2 as its ring id, took the late R2
+    message into R1's queue at seq 1, then refused the genuine R1 message 1 in R3's
+    recovery as a duplicate and skipped it (an EVS violation).
+    """
+    cluster = formed_cluster((1, 2, 3))
+    sent = [b"m%d" % k + b"." * 1000 for k in range(5)]          # one datagram each
+    cluster.drop_if = lambda src, dest, packet: packet[3] == MSG_MCAST and dest == 3
+    for payload in sent:
+        cluster.submit(1, payload)
+    cluster.run(0.005)
+    assert (len(payloads(cluster, 1)), len(payloads(cluster, 3))) == (5, 0)
+
+    cluster.cut_off = {3}                                           # token loss: a new round
+    assert cluster.run_until(lambda: set(states(cluster).values()) == {RingState.GATHER}, 2.0, step=0.0005)
+    cluster.cut_off = set()
+    mark = len(cluster.wire)
+
+    def wrapped() -> list[bytes]:
+        return [p for _, _, p in cluster.wire[mark:] if packet_kind(p) == "mcast_encap"]
+
+    assert cluster.run_until(lambda: bool(wrapped()), 2.0, step=0.0002)
+    late = wrapped()[0]
+    _, r2_seq, seq = MCAST_RING_ID.unpack_from(late, 12)
+    assert seq == 1 and cluster.rings[3].state == RingState.RECOVERY
+
+    cluster.cut_off = {3}                                           # R2's recovery is aborted
+    assert cluster.run_until(lambda: cluster.rings[3].state == RingState.GATHER, 2.0, step=0.0002)
+    cluster.receive(3, late)                                        # the late copy
+    cluster.cut_off = set()
+    cluster.drop_if = None
+    assert cluster.run_until(cluster.formed, 5.0), cluster.describe()
+    assert cluster.view(3).ring_id.seq > r2_seq
+    cluster.run(0.5)
+    assert payloads(cluster, 1) == payloads(cluster, 2) == payloads(cluster, 3) == sent
+
+
+def _late_copy_schedule(seed: int, inject: bool) -> SimCluster:
+    """Faults that abort recoveries (partitions and loss during traffic); with
+    ``inject``, late copies of every recovery message sent so far are fed to members
+    that are gathering, committing or operational at random moments."""
+    rng = random.Random(seed)
+    sim = SimCluster(nodes=4, seed=seed, config=FAST)
+    wrapped: list[bytes] = []
+    sim.add_packet_observer(
+        lambda node, packet: wrapped.append(packet) if packet_kind(packet) == "mcast_encap" else None)
+    sim.run(0.5)
+    counter = 0
+    for _ in range(40):
+        step = rng.random()
+        if step < 0.4:
+            for _ in range(rng.randint(1, 6)):
+                counter += 1
+                sim.send(rng.choice(sim.nodes), b"s%d" % counter, safe=rng.random() < 0.3)
+        elif step < 0.55:
+            groups: dict[int, list[int]] = {}
+            for node in sim.nodes:
+                groups.setdefault(rng.randint(0, 1), []).append(node)
+            sim.partition(groups.values())
+        elif step < 0.7:
+            sim.heal()
+        elif step < 0.8:
+            sim.set_network(loss=rng.choice([0.0, 0.05, 0.2]))
+        sim.run(rng.choice([0.0005, 0.002, 0.01, 0.05, 0.2]))
+        if wrapped:
+            for node in sim.nodes:
+                packet = rng.choice(wrapped)           # drawn even when not injected: same RNG use
+                if inject and sim.ring(node).state != RingState.RECOVERY:
+                    sim.inject(node, packet)
+    sim.heal()
+    sim.set_network()
+    sim.run(sim.settle_time)
+    sim.check(settled=True)
+    return sim
+
+
+@pytest.mark.parametrize("seed", range(12))
+def test_late_copies_of_recovery_messages_change_nothing(seed):
+    """A late copy of any ring's recovery message, fed to a member in any state but
+    the recovery that may still need it, is dropped: the run delivers exactly what
+    the same run without the copies delivers, and EVS holds."""
+    with_copies = _late_copy_schedule(seed, inject=True)
+    assert with_copies.histories() == _late_copy_schedule(seed, inject=False).histories()
