@@ -45,6 +45,8 @@
  *     is ourselves (singleton ring) is queued and processed at the next tick.
  *   - Restart: ring ids are (rep, 64-bit seq) and a new incarnation starts
  *     above `ring_seq_floor`, which the driver persists (corosync PR #495).
+ *     Ring seqs end at 2^62; a join may carry only a seq its commit token can
+ *     use (2^62 - 4), or one corrupt join would wedge membership for good.
  *   - A failed round leaves my_ring_id naming the aborted ring; the regular
  *     queue still belongs to the last installed ring (my_old_ring_id), so each
  *     queue takes messages of its own ring only, and recovery messages of any
@@ -92,9 +94,15 @@ enum msg_type {
 #define TOKEN_BASE_LEN (HDR_LEN + RINGID_LEN + 6u * 4u + 2u)
 #define COMMIT_LEN(n) (HDR_LEN + RINGID_LEN + 2u + 2u + (n) * (4u + COMMIT_ENTRY_LEN))
 #define MAX_PACKET 65507u                 /* largest UDP payload over IPv4 */
-/* Ring seqs grow by 4 per membership round; anything above 2^62 is forged
-   and would wrap our "+4" arithmetic. */
+/* A new ring's seq is the highest ring seq seen plus RING_SEQ_STEP (corosync:
+   4).  Honest rings never come near 2^62 (2^60 membership rounds); a higher
+   seq is forged or corrupt.  Every seq a join may carry (and a restart may
+   start from) must leave room for the commit token it leads to, or that token
+   is refused everywhere and membership wedges for good; joins above
+   JOIN_RING_SEQ_MAX are counted (drop_malformed) and dropped. */
+#define RING_SEQ_STEP 4u
 #define RING_SEQ_MAX (UINT64_C(1) << 62)
+#define JOIN_RING_SEQ_MAX (RING_SEQ_MAX - RING_SEQ_STEP)
 #define CONTROL_BUF_LEN 4096u             /* joins and tokens: bounded by GC_MAX_MEMBERS */
 
 #define TIMER_TOKEN_LOSS 0
@@ -882,7 +890,7 @@ static int decode_join(gc_ring_t *r, reader_t *rd, uint32_t sender, join_t *j)
 {
     j->ring_seq = r_u64(rd);
     j->flags = r_u8(rd);
-    if (rd->bad || j->flags > JOIN_FLAG_LEAVE || j->ring_seq > RING_SEQ_MAX) return malformed(r, rd);
+    if (rd->bad || j->flags > JOIN_FLAG_LEAVE || j->ring_seq > JOIN_RING_SEQ_MAX) return malformed(r, rd);
     if (r_nodeset(rd, &j->proc) < 0 || r_nodeset(rd, &j->fail) < 0) return malformed(r, rd);
     if (rd->left != 0) return malformed(r, rd);
     if (j->flags & JOIN_FLAG_LEAVE) {
@@ -972,7 +980,7 @@ static void commit_create(gc_ring_t *r, uint64_t now)
     memset(&c, 0, sizeof(c));
     set_subtract(&c.memb, &r->my_proc, &r->my_fail);
     c.ring_id.rep = r->me;
-    c.ring_id.seq = r->ring_seq_max + 4;       /* corosync: +4, restarts use +1 */
+    c.ring_id.seq = r->ring_seq_max + RING_SEQ_STEP;   /* restarts use +1 */
     c.memb_index = 0;
     commit_enter(r, now, &c);
 }
@@ -2035,7 +2043,7 @@ int gc_ring_config_check(const gc_ring_config_t *c, const char **errmsg)
     else if (c->fail_recv_const < 1 || c->seqno_unchanged_const < 1 || c->miss_count_const < 1)
         msg = "fail_recv_const, seqno_unchanged_const and miss_count_const must be >= 1";
     else if (c->token_retransmits_max < 1) msg = "token_retransmits_max must be >= 1";
-    else if (c->ring_seq_floor > (UINT64_C(1) << 61)) msg = "ring_seq_floor is too large (max 2**61)";
+    else if (c->ring_seq_floor > JOIN_RING_SEQ_MAX) msg = "ring_seq_floor is too large (max 2**62 - 4)";
     if (errmsg) *errmsg = msg;
     return msg ? GC_EINVAL : GC_OK;
 }

@@ -73,7 +73,7 @@ typedef struct {
 typedef struct {
     uint32_t node_id;              /* this member, 1..0xfffffffe */
     uint32_t cluster_id;           /* packets of other clusters are dropped */
-    uint64_t ring_seq_floor;       /* ring ids this incarnation creates are > this;
+    uint64_t ring_seq_floor;       /* ring ids this incarnation creates are > this (<= 2^62 - 4);
                                       restart with (highest ring seq ever used) + 1 */
     uint32_t mtu;                  /* largest datagram the ring sends (bytes) */
     uint32_t window_size;          /* messages per token rotation, all members */

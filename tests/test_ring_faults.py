@@ -16,7 +16,8 @@ import struct
 
 import pytest
 
-from groupcomm.core.ring import RingState
+from groupcomm.core.ring import Ring, RingState
+from groupcomm.errors import ConfigError
 from groupcomm.events import Configuration
 from groupcomm.testing import SimCluster
 from tests.test_ring_fuzz import (
@@ -24,6 +25,7 @@ from tests.test_ring_fuzz import (
     MSG_MCAST,
     RingCluster,
     formed_cluster,
+    join_packet,
     packet_kind,
 )
 
@@ -137,3 +139,48 @@ def test_late_copies_of_recovery_messages_change_nothing(seed):
     the same run without the copies delivers, and EVS holds."""
     with_copies = _late_copy_schedule(seed, inject=True)
     assert with_copies.histories() == _late_copy_schedule(seed, inject=False).histories()
+
+
+# ---------------------------------------------------------------------------
+# 2. Ring seqs a commit could not use
+# ---------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("ring_seq", [2**62, 2**62 - 3, 2**63, 2**64 - 1])
+def test_a_join_whose_ring_seq_no_commit_can_use_is_counted_and_dropped(ring_seq):
+    """A join (here forged, as member 2) carrying a ring seq the next commit token could
+    not use (that token's seq, ring seq + 4, would be above 2**62) must be dropped and
+    counted; the ring stays operational and a restarted member rejoins.
+
+    Regression: a join at 2**62 was accepted, every member adopted it, and the commit
+    tokens made from it were refused as malformed: every member sat in COMMIT for good
+    and a restarted member could not even start (its ring seq floor was out of range).
+    """
+    sim = SimCluster(nodes=3, seed=11)
+    sim.run(1.0)
+    assert sim.converged()
+    before = sim.ring(1).stats()["drop_malformed"]
+    sim.inject(1, join_packet(2, ring_seq, [1, 2, 3], []))
+    assert sim.ring(1).stats()["drop_malformed"] == before + 1
+    sim.run(5.0)
+    assert sim.converged(), [sim.ring(n).debug() for n in sim.nodes]
+    sim.crash(3)
+    sim.run(3.0)
+    sim.restart(3)
+    assert sim.run_until(sim.converged, 10.0), [sim.ring(n).debug() for n in sim.nodes]
+    sim.send(3, b"after")
+    sim.run(sim.settle_time)
+    sim.check(settled=True)
+
+
+def test_the_highest_ring_seq_a_join_may_carry_leads_to_a_usable_commit():
+    sim = SimCluster(nodes=3, seed=12)
+    sim.run(1.0)
+    sim.inject(1, join_packet(2, 2**62 - 4, [1, 2, 3], []))
+    assert sim.run_until(lambda: sim.converged() and sim.view(1).ring_id.seq == 2**62, 5.0)
+
+
+def test_a_restart_may_start_from_any_ring_seq_a_join_may_carry():
+    assert Ring(1, ring_seq_floor=2**62 - 4).ring_seq == 2**62 - 4
+    with pytest.raises(ConfigError, match="ring_seq_floor"):
+        Ring(1, ring_seq_floor=2**62 - 3)
