@@ -50,7 +50,8 @@
  *   - A failed round leaves my_ring_id naming the aborted ring; the regular
  *     queue still belongs to the last installed ring (my_old_ring_id), so each
  *     queue takes messages of its own ring only, and recovery messages of any
- *     other ring are dropped in every state.
+ *     other ring are dropped in every state.  A join that ends a round in
+ *     COMMIT or RECOVERY starts a fresh one (no votes carried over).
  *   - A fresh member has no previous configuration, so its first installation
  *     delivers only the regular configuration.
  *   - Every packet is decoded with explicit bounds checks into a parsed value
@@ -1159,10 +1160,12 @@ static int handle_join(gc_ring_t *r, uint64_t now, uint32_t sender, const join_t
             r->stats.drop_ignored++;
             return GC_EIGNORED;
         }
+        /* A new round: gather afresh (the last round's votes must not count,
+           or they make an early commit token), then treat the join as any
+           gathering member would. */
         if (r->state == GC_STATE_RECOVERY) recovery_abort(r);
-        r->state = GC_STATE_GATHER;
+        gather_enter(r, now);
         join_process(r, now, sender, j);
-        if (r->state == GC_STATE_GATHER) gather_enter(r, now);
         return GC_OK;
     default:
         r->stats.drop_ignored++;

@@ -22,7 +22,10 @@ from groupcomm.events import Configuration
 from groupcomm.testing import SimCluster
 from tests.test_ring_fuzz import (
     FAST,
+    MSG_COMMIT,
+    MSG_JOIN,
     MSG_MCAST,
+    MSG_TOKEN,
     RingCluster,
     formed_cluster,
     join_packet,
@@ -184,3 +187,72 @@ def test_a_restart_may_start_from_any_ring_seq_a_join_may_carry():
     assert Ring(1, ring_seq_floor=2**62 - 4).ring_seq == 2**62 - 4
     with pytest.raises(ConfigError, match="ring_seq_floor"):
         Ring(1, ring_seq_floor=2**62 - 3)
+
+
+# ---------------------------------------------------------------------------
+# 4. A join during commit or recovery starts a fresh round
+# ---------------------------------------------------------------------------
+
+
+def _all_in(cluster: RingCluster, state: RingState) -> bool:
+    return set(states(cluster).values()) == {state}
+
+
+def _new_round(cluster: RingCluster) -> None:
+    """Members 1, 2, 3 (formed) start a membership round with the same members."""
+    cluster.cut_off = {3}
+    assert cluster.run_until(lambda: _all_in(cluster, RingState.GATHER), 2.0, step=0.0005)
+    cluster.cut_off = set()
+
+
+def test_a_join_during_recovery_starts_a_fresh_round():
+    """All three members are in recovery of a new ring whose first token is lost.
+    Member 2 times out first and gathers again; its join reaches representative 1
+    while member 3 is still in recovery.  Member 1 must gather afresh and wait for
+    member 3's join of the new round.
+
+    Regression: member 1 returned to GATHER keeping the last round's votes (1, 2
+    and 3 agreed), so 2's join completed a stale consensus and 1 sent a commit
+    token at once, which member 3 (still in recovery) dropped: a wasted round.
+    """
+    cluster = formed_cluster((1, 2, 3))
+    _new_round(cluster)
+    assert cluster.run_until(lambda: _all_in(cluster, RingState.RECOVERY), 2.0, step=0.0001)
+    held: list[bytes] = []
+
+    def hold(src: int, dest: int, packet: bytes) -> bool:
+        if packet[3] == MSG_JOIN and (src, dest) == (2, 1) and not held:
+            held.append(packet)
+            return True
+        return packet[3] == MSG_TOKEN                   # the new ring's token is lost
+
+    cluster.drop_if = hold
+    assert cluster.run_until(lambda: bool(held), 2.0, step=0.0001)
+    assert states(cluster) == {1: RingState.RECOVERY, 2: RingState.GATHER, 3: RingState.RECOVERY}
+    commits = cluster.rings[1].stats()["commit_entered"]
+    cluster.cut_off = {3}                               # member 3 casts no vote for now
+    cluster.receive(1, held[0])
+    assert cluster.rings[1].state == RingState.GATHER, cluster.rings[1].debug()
+    assert cluster.rings[1].stats()["commit_entered"] == commits
+    cluster.cut_off = set()
+    cluster.drop_if = None
+    assert cluster.run_until(cluster.formed, 5.0), cluster.describe()
+
+
+def test_a_join_during_commit_starts_a_fresh_round():
+    """Representative 1 is in COMMIT, waiting for the commit token's second pass,
+    when a join of member 2 for the ring being formed (2 lost that round) arrives.
+    As in recovery, 1 must not count the last round's votes."""
+    cluster = formed_cluster((1, 2, 3))
+    cluster.drop_if = lambda src, dest, packet: packet[3] == MSG_COMMIT and (src, dest) == (3, 1)
+    _new_round(cluster)
+    assert cluster.run_until(lambda: _all_in(cluster, RingState.COMMIT), 2.0, step=0.0001)
+    forming = cluster.rings[1].ring_seq
+    commits = cluster.rings[1].stats()["commit_entered"]
+    cluster.cut_off = {2, 3}
+    cluster.receive(1, join_packet(2, forming, [1, 2, 3], []))
+    assert cluster.rings[1].state == RingState.GATHER, cluster.rings[1].debug()
+    assert cluster.rings[1].stats()["commit_entered"] == commits
+    cluster.cut_off = set()
+    cluster.drop_if = None
+    assert cluster.run_until(cluster.formed, 5.0), cluster.describe()
