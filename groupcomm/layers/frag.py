@@ -16,6 +16,12 @@ dropped, by every member alike, *including the sender's own reassembly*; the
 sender then re-sends, as a new message, exactly the messages its own
 reassembly dropped.  Members that moved together dropped the same ones (EVS:
 they delivered the same fragments), so nobody delivers a message twice.
+
+Memory is bounded at both ends: a message waiting to be sent is cut into
+fragments one at a time, as the ring takes them (:class:`Fragments`), and a
+receiver reassembles at most ``partial_messages`` messages and
+``partial_bytes`` bytes per sender, none over ``max_message``
+(:class:`FragConfig`); a message past a limit is dropped and counted.
 """
 
 from __future__ import annotations
