@@ -52,6 +52,10 @@
  *     queue takes messages of its own ring only, and recovery messages of any
  *     other ring are dropped in every state.  A join that ends a round in
  *     COMMIT or RECOVERY starts a fresh one (no votes carried over).
+ *   - Pause detection (corosync's pause timestamp and receive-queue flush, in
+ *     sans-IO form): a call pause_us or more past our earliest deadline means
+ *     this process was stopped; token-loss and consensus timers restart from
+ *     now and joins read within the next join period are dropped as stale.
  *   - A fresh member has no previous configuration, so its first installation
  *     delivers only the regular configuration.
  *   - Every packet is decoded with explicit bounds checks into a parsed value
@@ -448,6 +452,7 @@ struct gc_ring {
 
     /* timers */
     uint64_t deadline[TIMER_COUNT];
+    uint64_t pause_flush_until;        /* after a pause: joins before this queued up during it */
     uint64_t startup_until;            /* a fresh member forms no ring before this */
 
     /* buffers */
@@ -696,6 +701,34 @@ static int timer_armed(const gc_ring_t *r, int t) { return r->deadline[t] != NEV
 static void timer_after(gc_ring_t *r, int t, uint64_t now, uint64_t us)
 {
     r->deadline[t] = (now > NEVER - us) ? NEVER - 1 : now + us;
+}
+
+static uint64_t earliest_deadline(const gc_ring_t *r)
+{
+    uint64_t d = NEVER;
+    for (int t = 0; t < TIMER_COUNT; t++)
+        if (r->deadline[t] < d) d = r->deadline[t];
+    return d;
+}
+
+/* Pause detection (docs/design.rst, 'Pauses').  The driver calls us no later
+   than our next deadline; a call pause_us or more past it means this process
+   was stopped (SIGSTOP, a long GC, a VM stall), not that the others went
+   quiet: what they sent meanwhile is still queued, unread.  So the timers that
+   would blame them -- token loss and consensus -- restart from now, giving the
+   queued packets (the token, perhaps) a chance first; and the joins we read in
+   the next join period are dropped: they queued up during the pause and tell
+   of rounds that are over (the others gave up on us; adopting that would make
+   us give up on them), while the live ones are re-sent every join period.
+   Corosync flushes its receive queue for the same reason. */
+static void pause_check(gc_ring_t *r, uint64_t now)
+{
+    uint64_t due = earliest_deadline(r);
+    if (due == NEVER || now < due || now - due < r->cfg.pause_us) return;
+    r->stats.pauses_detected++;
+    if (timer_armed(r, TIMER_TOKEN_LOSS)) timer_after(r, TIMER_TOKEN_LOSS, now, r->cfg.token_timeout_us);
+    if (timer_armed(r, TIMER_CONSENSUS)) timer_after(r, TIMER_CONSENSUS, now, r->cfg.consensus_us);
+    r->pause_flush_until = now + r->cfg.join_us;
 }
 
 /* ------------------------------------------------------------------ */
@@ -1141,6 +1174,10 @@ static int handle_join(gc_ring_t *r, uint64_t now, uint32_t sender, const join_t
 {
     if (j->ring_seq > r->ring_seq_max) r->ring_seq_max = j->ring_seq;
     if (j->flags & JOIN_FLAG_LEAVE) return handle_leave(r, now, sender);
+    if (now < r->pause_flush_until) {
+        r->stats.drop_stale++;              /* queued while we were paused (pause_check) */
+        return GC_ESTALE;
+    }
     switch (r->state) {
     case GC_STATE_OPERATIONAL:
         /* corosync ignore_join_under_operational: it excluded us, or it is stale */
@@ -2017,6 +2054,7 @@ void gc_ring_config_default(gc_ring_config_t *c)
     c->seqno_unchanged_const = 30;
     c->miss_count_const = 5;
     c->token_retransmits_max = 4;
+    c->pause_us = 500000;                /* token / 2, as corosync */
     c->initial_seq = 0;
     c->initial_token_seq = 0;
     c->mutation = 0;
@@ -2046,6 +2084,7 @@ int gc_ring_config_check(const gc_ring_config_t *c, const char **errmsg)
     else if (c->fail_recv_const < 1 || c->seqno_unchanged_const < 1 || c->miss_count_const < 1)
         msg = "fail_recv_const, seqno_unchanged_const and miss_count_const must be >= 1";
     else if (c->token_retransmits_max < 1) msg = "token_retransmits_max must be >= 1";
+    else if (c->pause_us == 0) msg = "pause (pause_fraction * token timeout) must be > 0";
     else if (c->ring_seq_floor > JOIN_RING_SEQ_MAX) msg = "ring_seq_floor is too large (max 2**62 - 4)";
     if (errmsg) *errmsg = msg;
     return msg ? GC_EINVAL : GC_OK;
@@ -2131,6 +2170,7 @@ int gc_ring_receive(gc_ring_t *r, uint64_t now, const uint8_t *buf, size_t len)
     if (!r || (!buf && len)) return GC_EINVAL;
     if (!running(r)) return GC_ENOTRUNNING;
     outputs_begin(r);
+    pause_check(r, now);
     r->stats.packets_received++;
     r->stats.bytes_received += len;
     if (len > MAX_PACKET) { r->stats.drop_malformed++; return GC_EMALFORMED; }
@@ -2144,6 +2184,7 @@ int gc_ring_submit(gc_ring_t *r, uint64_t now, const uint8_t *payload, size_t le
     if (len > r->max_payload) return GC_ETOOBIG;
     if (r->appq.count >= r->cfg.send_queue_max) return GC_EQUEUEFULL;
     outputs_begin(r);
+    pause_check(r, now);
     if (appq_push(&r->appq, payload, len, (unsigned)flags) < 0) return GC_ENOMEM;
     r->stats.messages_sent++;
     if (r->state == GC_STATE_OPERATIONAL) {
@@ -2164,6 +2205,7 @@ int gc_ring_tick(gc_ring_t *r, uint64_t now)
     if (!r) return GC_EINVAL;
     if (!running(r)) return GC_OK;
     outputs_begin(r);
+    pause_check(r, now);
     for (int n = 0; n < TICK_FIRE_MAX; n++) {
         int next = -1;
         for (int t = 0; t < TIMER_COUNT; t++)
@@ -2210,11 +2252,8 @@ int gc_ring_suspect(gc_ring_t *r, uint64_t now, uint32_t node)
 
 uint64_t gc_ring_next_deadline(const gc_ring_t *r)
 {
-    uint64_t d = NEVER;
-    if (!r || !running(r)) return d;
-    for (int t = 0; t < TIMER_COUNT; t++)
-        if (r->deadline[t] < d) d = r->deadline[t];
-    return d;
+    if (!r || !running(r)) return NEVER;
+    return earliest_deadline(r);
 }
 
 size_t gc_ring_output_count(const gc_ring_t *r)

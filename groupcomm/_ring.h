@@ -15,6 +15,8 @@
  *   - Buffers returned by gc_ring_take() stay valid until the next call that
  *     takes `now`; copy them before that.
  *   - The driver calls gc_ring_tick() no later than gc_ring_next_deadline().
+ *     A call much later than that (pause_us) is taken as a pause of this
+ *     process (SIGSTOP, a GC, a VM stall), not as silence of the others.
  */
 #ifndef GROUPCOMM_RING_H
 #define GROUPCOMM_RING_H
@@ -92,6 +94,7 @@ typedef struct {
     uint32_t seqno_unchanged_const;/* idle rotations before the token is held */
     uint32_t miss_count_const;     /* visits a hole must persist before it is requested */
     uint32_t token_retransmits_max;/* re-sends of one token before waiting for loss */
+    uint64_t pause_us;             /* a call this late past our deadline: we were paused */
     uint32_t initial_seq;          /* test knob: first message seq of each ring - 1 */
     uint32_t initial_token_seq;    /* test knob: token seq of each new ring */
     uint32_t mutation;             /* test knob: deliberate bug for checker tests (0 = none) */
@@ -130,6 +133,7 @@ typedef struct {
     uint64_t failed_to_receive;    /* times we excluded ourselves (stuck aru) */
     uint64_t suspicions;           /* members excluded on the failure detector's word */
     uint64_t continuous_gathers;   /* current run of consensus timeouts without a ring */
+    uint64_t pauses_detected;      /* times we were called pause_us or more past our deadline */
 } gc_ring_stats_t;
 
 typedef struct gc_ring gc_ring_t;

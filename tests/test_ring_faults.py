@@ -12,12 +12,16 @@ hold, drop, capture and inject packets) or by :class:`~groupcomm.testing.SimClus
 from __future__ import annotations
 
 import random
+import signal
 import struct
+import time
+import uuid
 
 import pytest
 
-from groupcomm.core.ring import Ring, RingState
-from groupcomm.errors import ConfigError
+from groupcomm.cli.demo import NodeProcess, free_udp_port, view_is
+from groupcomm.core.ring import Ring, RingConfig, RingState
+from groupcomm.errors import ConfigError, NotOperational
 from groupcomm.events import Configuration
 from groupcomm.testing import SimCluster
 from tests.test_ring_fuzz import (
@@ -256,3 +260,122 @@ def test_a_join_during_commit_starts_a_fresh_round():
     cluster.cut_off = set()
     cluster.drop_if = None
     assert cluster.run_until(cluster.formed, 5.0), cluster.describe()
+
+
+# ---------------------------------------------------------------------------
+# 5. Pause detection
+# ---------------------------------------------------------------------------
+
+
+def test_a_call_long_past_the_deadline_is_a_pause_not_a_token_loss():
+    cluster = formed_cluster((1, 2))
+    ring = cluster.rings[2]
+    late = ring.next_deadline() + int(FAST.token_timeout * 1_000_000 * 5)
+    ring.tick(late)
+    ring.take()
+    assert ring.state == RingState.OPERATIONAL
+    assert ring.stats()["pauses_detected"] == 1
+    assert ring.next_deadline() > late                     # the token-loss timer restarted from now
+    # a join that queued up during the pause is dropped
+    before = ring.stats()["drop_stale"]
+    assert ring.receive(late, join_packet(1, 4, [1], [2])) < 0
+    assert ring.stats()["drop_stale"] == before + 1
+    # on time again: no pause
+    ring.tick(ring.next_deadline())
+    assert ring.stats()["pauses_detected"] == 1
+
+
+@pytest.mark.parametrize("fraction", [0, -0.5, float("nan"), float("inf"), "0.5", True, None])
+def test_pause_fraction_must_be_a_positive_number(fraction):
+    with pytest.raises(ConfigError, match="pause_fraction"):
+        Ring(1, RingConfig(pause_fraction=fraction))  # type: ignore[arg-type]
+
+
+def test_a_paused_node_cannot_act_until_it_resumes():
+    sim = SimCluster(nodes=2, seed=1)
+    sim.run(1.0)
+    sim.pause(2, 0.5)
+    for act in (lambda: sim.send(2, b"x"), lambda: sim.inject(2, b"x"), lambda: sim.suspect(2, 1),
+                lambda: sim.leave(2), lambda: sim.pause(2, 1.0)):
+        with pytest.raises(NotOperational, match="paused"):
+            act()
+    with pytest.raises(ConfigError):
+        sim.pause(1, 0)
+    sim.run(0.6)
+    sim.send(2, b"resumed")
+    sim.run(1.0)
+    sim.check(settled=False)
+
+
+
+
+@pytest.mark.parametrize("stack", [None, "sim"])
+@pytest.mark.parametrize("pause", [1.2, 3.0, 6.0])
+@pytest.mark.parametrize("seed", range(4))
+def test_a_paused_member_rejoins_with_one_membership_change(seed, pause, stack):
+    """Member ``victim`` stops for longer than the token timeout (the others may
+    exclude it).  On resume it must not blame the others: it installs exactly one
+    regular configuration (everybody) and the others at most two (without it, then
+    with it), with no repeated reformations.
+
+    Regression: on resume its overdue token-loss timer fired at once and the joins
+    that had queued up during the pause (the others' rounds that excluded it) made
+    it exclude them in turn: it formed a ring of its own first, and the others
+    re-formed an extra time.
+    """
+    sim = SimCluster(nodes=4, seed=seed, stack=stack)
+    sim.run(1.0 + 0.013 * seed)
+    for node in sim.nodes:
+        sim.send(node, b"before %d" % node)
+    sim.run(0.0003 * seed)
+    victim = 1 + seed % 4
+    marks = {n: len(sim.history(n)) for n in sim.nodes}
+    sim.pause(victim, pause)
+    sim.run(pause + 10.0)
+    views = {n: regular_views_since(sim, n, marks[n]) for n in sim.nodes}
+    assert sim.converged(), views
+    assert views[victim] == [tuple(sim.nodes)], views
+    assert all(len(v) <= 2 for v in views.values()), views
+    assert sim.ring(victim).stats()["pauses_detected"] == 1
+    sim.check(settled=True)
+
+
+def test_a_stall_shorter_than_the_token_timeout_changes_nothing():
+    sim = SimCluster(nodes=4, seed=5)
+    sim.run(1.0)
+    marks = {n: len(sim.history(n)) for n in sim.nodes}
+    sim.pause(3, 0.6)
+    sim.run(5.0)
+    assert all(regular_views_since(sim, n, marks[n]) == [] for n in sim.nodes)
+
+
+def test_a_stopped_process_rejoins_with_one_membership_change():
+    """SIGSTOP a real member (loopback stack, token timeout 300 ms) for 2 s, then
+    SIGCONT: the survivors exclude it; on resume it installs one view (everybody),
+    and the view then stays put."""
+    cluster, port = f"pause-{uuid.uuid4().hex[:8]}", free_udp_port()
+    args = ["--stack", "loopback", "--mcast-port", str(port)]
+    members = [NodeProcess(f"z{i}", cluster, args) for i in range(3)]
+    try:
+        everyone = {m.address() for m in members}
+        for m in members:
+            m.wait(view_is(everyone), 20)
+        marks = [m.mark() for m in members]
+        victim = members[2]
+        victim.proc.send_signal(signal.SIGSTOP)
+        try:
+            time.sleep(2.0)
+        finally:
+            victim.proc.send_signal(signal.SIGCONT)
+        for m, mark in zip(members, marks):
+            m.wait(view_is(everyone), 20, since=mark)
+        time.sleep(2.0)                                  # no reformation follows
+        views = []
+        for m, mark in zip(members, marks):
+            m.drain()
+            views.append([set(e["view"]) for e in m.log[mark:] if "view" in e and not e["transitional"]])
+        assert views[2] == [everyone], views
+        assert all(len(v) <= 2 and v[-1] == everyone for v in views), views
+    finally:
+        for m in members:
+            m.stop()

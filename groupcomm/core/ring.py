@@ -142,6 +142,12 @@ class RingConfig:
     """Token visits a missing message must stay missing before we request it."""
     token_retransmits_max: int = 4
     """Re-sends of one token before waiting for the token-loss timeout."""
+    pause_fraction: float = 0.5
+    """Pause detection: called this fraction of ``token_timeout`` or more past its
+    next deadline, a member concludes that *it* was stopped (SIGSTOP, a long GC, a VM
+    stall): instead of blaming the others at once, it restarts its token-loss and
+    consensus timers and ignores the joins that queued up meanwhile (Corosync also
+    uses half the token timeout)."""
     cluster_id: int = 0
     """Packets carrying another cluster id are dropped."""
     initial_seq: int = 0
@@ -188,6 +194,7 @@ class RingConfig:
             "seqno_unchanged_const": self.seqno_unchanged_const,
             "miss_count_const": self.miss_count_const,
             "token_retransmits_max": self.token_retransmits_max,
+            "pause_us": _pause_us(self.pause_fraction, self.token_timeout),
             "initial_seq": self.initial_seq,
             "initial_token_seq": self.initial_token_seq,
             "mutation": self.mutation,
@@ -203,6 +210,13 @@ class RingConfig:
         if lib.gc_ring_config_check(cfg, ffi.cast("const char **", err)) != lib.GC_OK:
             raise ConfigError(f"ring config: {ffi.string(err[0]).decode()}")
         return cfg
+
+
+def _pause_us(fraction: float, token_timeout: float) -> int:
+    if (not isinstance(fraction, (int, float)) or isinstance(fraction, bool) or not math.isfinite(fraction)
+            or fraction <= 0):
+        raise ConfigError(f"ring config: pause_fraction must be a positive fraction of token_timeout, not {fraction!r}")
+    return max(1, int(_to_us("token_timeout", token_timeout) * fraction))
 
 
 def _to_us(name: str, seconds: float) -> int:
