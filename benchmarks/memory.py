@@ -40,8 +40,8 @@ from workers import add_worker_arguments, free_port, run_if_worker, run_workers 
 MiB = 1 << 20
 SCENARIOS = {
     # name: (members, limit text for the report)
-    "slow": (2, "CHANNEL max_pending_bytes = 64 MiB queued for the slow consumer, "
-                "TOTEM send_queue_bytes = 64 MiB at the sender"),
+    "slow": (2, ("CHANNEL max_pending_bytes = 64 MiB queued for the slow consumer, "
+                 "TOTEM send_queue_bytes = 64 MiB at the sender")),
     "flood": (2, "TOTEM send_queue_bytes = 64 MiB queued at the sender"),
     "big": (3, "FRAG partial_bytes = 64 MiB per sender being reassembled (2 senders), plus the joined messages"),
 }

@@ -37,7 +37,14 @@ from groupcomm.layers.spaces import (
     UnicastSend,
 )
 from groupcomm.layers.unicast import Unicast, UnicastConfig, UnicastMessage
-from groupcomm.layers.wire import FRAG_HEADER, JOIN, DataFrame, StateChunkFrame, decode_unicast, encode
+from groupcomm.layers.wire import (
+    FRAG_HEADER,
+    JOIN,
+    DataFrame,
+    StateChunkFrame,
+    decode_unicast,
+    encode,
+)
 from groupcomm.testing import SimCluster
 from tests.test_channel import FAST, loopback, unique_cluster, wait_for_view
 from tests.test_unicast import CLUSTER, data_packet
@@ -50,8 +57,8 @@ KiB, MiB = 1 << 10, 1 << 20
 # ---------------------------------------------------------------------------
 
 
-def started(config: RingConfig = RingConfig(), frag: FragConfig = FragConfig()) -> Multicast:
-    m = Multicast(1, config, frag=frag)
+def started(config: RingConfig | None = None) -> Multicast:
+    m = Multicast(1, config or RingConfig(), frag=FragConfig())
     m.start(0)
     return m
 
@@ -160,13 +167,11 @@ def test_partial_messages_per_sender_are_capped_in_number():
 
 def test_partial_bytes_per_sender_are_capped():
     receiver = Fragmenter(2, 64, 1000, partial_messages=4, partial_bytes=1000)
-    a, b = Fragmenter(1, 64, 1000).split(bytes(900), False), None
-    for p in a[:15]:                                          # 765 bytes of a held
+    sender = Fragmenter(1, 64, 1000)
+    first, second = sender.split(bytes(900), False), sender.split(bytes(900), False)
+    for p in first[:15]:                                      # 765 bytes of the first held
         receiver.deliver(1, p, False)
-    b = Fragmenter(1, 64, 1000)
-    b._next_id = 100                                          # another msg id from the same sender
-    second = b.split(bytes(900), False)
-    for p in second[:6]:
+    for p in second[:6]:                                      # the second passes 1000 bytes for sender 1
         receiver.deliver(1, p, False)
     assert receiver.partial <= 1000 and receiver.refused == 1
 
