@@ -95,3 +95,13 @@ def test_only_well_formed_packets_of_the_cluster_are_signs_of_life():
     layer.fd.set_members((1, 2), now=0)
     layer.receive(70 * MS, genuine)
     assert 2 not in layer.fd.tick(80 * MS)[1]
+
+
+def test_the_detector_tracks_only_view_members():
+    fd = detector()
+    for stranger in range(100, 1100):
+        fd.heard(stranger, 10 * MS)                 # packets from nodes outside the view
+    fd.set_members((1, 2), now=20 * MS)             # 3 left the view
+    assert len(fd._heard) == 1
+    fd.heard(2, 70 * MS)
+    assert fd.tick(90 * MS)[1] == []                # 2 was heard recently: no ping

@@ -81,14 +81,15 @@ class FailureDetector:
     def set_members(self, members: tuple[int, ...], now: int) -> None:
         """A new view: watch its members, starting from now."""
         self._members = tuple(m for m in members if m != self.me)
-        for m in self._members:
-            self._heard.setdefault(m, now)
-            self._heard[m] = max(self._heard[m], now)
+        # Only view members are tracked: the table never grows with other senders.
+        self._heard = {m: max(self._heard.get(m, now), now) for m in self._members}
         self._pinged.clear()
         self._reported &= set(self._members)
 
     def heard(self, node: int, now: int) -> None:
-        """Any packet from ``node``."""
+        """Any packet from ``node`` (ignored unless it is in the view: the next view starts its clock)."""
+        if node not in self._heard:
+            return
         self._heard[node] = now
         self._pinged.pop(node, None)
         self._reported.discard(node)
