@@ -310,9 +310,10 @@ class SpaceLayer:
             return
         gone = set(self.members) - set(view.members)
         merged = self._trans is None or tuple(self._trans) != tuple(view.members)
+        came_with_me = self._trans if self._trans is not None else (self.me,)
         self._trans = None
         self.members, self.ring_id = tuple(view.members), view.ring_id
-        self.primary = self.quorum.is_primary(view.members)
+        self.primary = self.quorum.view(view.members, came_with_me)
         self._n = 0
         self._forget_before(view)
         sync = self._sync

@@ -17,7 +17,7 @@ from dataclasses import dataclass
 
 from groupcomm.errors import ConfigError, LocalProtocolError, NotOperational, PayloadTooLarge
 from groupcomm.events import Configuration, Crashed, Delivery, Event, View
-from groupcomm.layers.quorum import QuorumConfig
+from groupcomm.layers.quorum import MemoryStore, QuorumConfig
 from groupcomm.core.ring import Ring, RingConfig, RingState, SendTo, SendToAll
 from groupcomm.layers.member import Member
 from groupcomm.layers.router import Router
@@ -117,13 +117,14 @@ class _LayersAsRing:
 
 
 class _Member:
-    __slots__ = ("node", "ring", "incarnation", "ring_seq")
+    __slots__ = ("node", "ring", "incarnation", "ring_seq", "state")
 
     def __init__(self, node: int) -> None:
         self.node = node
         self.ring: Ring | None = None
         self.incarnation = -1
         self.ring_seq = 0        # "stable storage": highest ring seq ever used
+        self.state = MemoryStore()    # the member's state directory (what the quorum rule remembers)
 
 
 class SimCluster:
@@ -240,6 +241,7 @@ class SimCluster:
         if self._production_layers:
             member = Member(node, self.config, fd=self._fd, frag=self._frag, quorum=self._quorum,
                             ring_seq_floor=floor, epoch=m.incarnation + 1)
+            member.spaces.quorum.use(m.state, clock=lambda: self._now)
             member.start(self._now)
             m.ring = _LayersAsRing(member, self.services.routes(node))  # type: ignore[assignment]
         else:
@@ -264,11 +266,17 @@ class SimCluster:
         self._record(node, Crashed())
         self._quiet_since = self._now
 
-    def restart(self, node: int) -> None:
-        """Start a crashed ``node`` again: same id, new incarnation, empty state."""
+    def restart(self, node: int, *, keep_state_dir: bool = True) -> None:
+        """Start a crashed ``node`` again: same id, new incarnation, empty state.
+
+        Its state directory (what its quorum rule remembers) survives, as on a
+        real host; ``keep_state_dir=False`` starts it with a new, empty one.
+        """
         m = self._member(node)
         if m.ring is not None:
             raise LocalProtocolError(f"node {node} is running; crash it before restarting")
+        if not keep_state_dir:
+            m.state = MemoryStore()
         self._quiet_since = self._now
         self._boot(node)
 
