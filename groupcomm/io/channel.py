@@ -29,6 +29,7 @@ from __future__ import annotations
 import functools
 import hashlib
 import math
+import os
 from dataclasses import dataclass
 from operator import itemgetter
 from pathlib import Path
@@ -54,6 +55,7 @@ from groupcomm.layers.router import Router
 from groupcomm.layers.quorum import QuorumConfig
 from groupcomm.layers.rpc import ALL, Mode, Reply
 from groupcomm.io.space import Handler, Services, Space
+from groupcomm.io.state_dir import MemberState, open_member_state
 from groupcomm.layers.spaces import Merge, SpacesConfig
 from groupcomm.layers.unicast import UnicastConfig
 from groupcomm.io.udp import UdpConfig, UdpSockets, UdpuConfig, open_sockets, open_unicast, parse_host
@@ -119,6 +121,7 @@ class Channel:
         unicast: UnicastConfig | None = None,
         quorum: QuorumConfig | None = None,
         spaces: SpacesConfig | None = None,
+        state_dir: str | os.PathLike | None = None,
     ) -> None:
         if not cluster:
             raise ConfigError("open_channel: cluster name must not be empty")
@@ -136,6 +139,9 @@ class Channel:
         self._unicast_config = unicast
         self._quorum_config = quorum
         self._spaces_config = spaces
+        # Root of the members' state directories (groupcomm.io.state_dir); "" or None: the default.
+        self._state_root = state_dir if state_dir is not None else (quorum.state_dir if quorum else "")
+        self._state: MemberState | None = None
         self._services = Services(self)
         self._router = Router(
             {SendToAll: self._send_to_all, SendTo: self._send_to, list: self._deliver_run,
@@ -447,15 +453,20 @@ class Channel:
             self._targets = {parse_host(h) for h in cfg.hosts} - {sockets.address[:2]}
             self._fixed_targets = frozenset(self._targets)
         node_id = self._node_id or node_id_for(self.cluster, self._name or repr(sockets.address))
-        # A new incarnation must never reuse a ring id: start above the wall clock.
-        floor = int(time.time() * 1000) * 4
         try:
+            # A new incarnation must never reuse a ring id: its ring seqs start above every
+            # one reserved in its state directory, and are reserved there before use.
+            self._state = state = open_member_state(self._state_root, self.cluster,
+                                                    self._state_name(node_id, cfg), clock=time.time)
+            floor = state.floor
             self._member = Member(node_id, self._ring_config, fd=self._fd_config, frag=self._frag_config,
                                  unicast=self._unicast_config, quorum=self._quorum_config,
                                  spaces=self._spaces_config, ring_seq_floor=floor, epoch=floor)
+            self._member.spaces.quorum.use(state.quorum, clock=self._now)
             self._my_id = node_id.to_bytes(4, "big")
             if cfg.pump == "c":
                 self._start_pump(sockets)
+            self._member.ring = state.lease(self._member.ring)
             self._member.start(self._now())
             self._probe_mark = (trio.current_time(), 0)
             self._flush()
@@ -481,6 +492,15 @@ class Channel:
                 trio.lowlevel.notify_closing(self._pump.notify_fd)
                 detach(self._pump)                # joins the thread while the sockets are still open
             sockets.close()
+            if self._state is not None:
+                self._state.close()
+
+    def _state_name(self, node_id: int, cfg: UdpConfig | UdpuConfig) -> str | None:
+        """The key of this member's state directory; None for an identity that dies with the
+        process (no name, no node id, an address the OS picked: nothing to keep)."""
+        if self._name:
+            return self._name
+        return f"node-{node_id}" if self._node_id or cfg.port else None
 
     def _start_pump(self, sockets: UdpSockets) -> None:
         """Hand the sockets and the ring's hot path to the C pump's thread."""
@@ -747,6 +767,7 @@ async def open_channel(
     max_pending_events: int | None = None,
     max_pending_bytes: int | None = None,
     quorum: QuorumConfig | None = None,
+    state_dir: str | os.PathLike | None = None,
 ) -> AsyncIterator[Channel]:
     """Join ``cluster`` and yield a :class:`Channel` once the first view is installed.
 
@@ -756,6 +777,8 @@ async def open_channel(
     outright (``fd=None`` turns failure detection off).
     ``max_pending_events`` / ``max_pending_bytes`` replace the stack's
     ``CHANNEL`` settings (:class:`ChannelConfig`: 100 000 events, 64 MiB).
+    ``state_dir`` replaces the ``QUORUM`` layer's: the root of the members' durable
+    state, each in ``<state_dir>/<cluster>/<name>`` (:mod:`groupcomm.io.state_dir`).
 
     Leaving the block waits (up to twice the token timeout) until the messages
     already sent are ordered, then leaves the group gracefully.  Errors from the channel's
@@ -779,6 +802,8 @@ async def open_channel(
         unicast=settings.unicast,
         quorum=quorum or settings.quorum,
         spaces=settings.spaces,
+        state_dir=state_dir if state_dir is not None else
+        (quorum.state_dir if quorum else "") or (settings.quorum.state_dir if settings.quorum else ""),
     )
     async with trio.open_nursery() as nursery:
         await nursery.start(functools.partial(ch.run, leave_on_exit=True))

@@ -88,6 +88,10 @@ class QuorumConfig:
     ``last_man_standing_window`` (needs a fixed total; see docs/guarantees.rst)."""
     last_man_standing_window: Duration = 10.0
     """How long a primary view must have been installed before the expected votes come down to it."""
+    state_dir: str = ""
+    """Root of the members' durable state (the highest ring seq a member may use, what this
+    layer remembers); each member uses ``<state_dir>/<cluster>/<name>``.  Empty:
+    ``$XDG_STATE_HOME/groupcomm``, or ``~/.local/state/groupcomm``."""
 
     def __post_init__(self) -> None:
         if self.expected_votes < 0:
