@@ -5,9 +5,20 @@ long; run it with ``HYPOTHESIS_PROFILE=soak python -m pytest tests/test_sim_prop
 and turn every failure it finds into an ``@example`` or a seeded regression test.
 """
 
+import atexit
 import os
+import shutil
+import tempfile
 
 from hypothesis import HealthCheck, settings
+
+# Members keep durable state (ring seqs, quorum memory) in a state directory;
+# tests, and the member processes they start, keep theirs in a temporary one,
+# never in the user's home.
+_state = tempfile.mkdtemp(prefix="groupcomm-test-state-")
+atexit.register(shutil.rmtree, _state, ignore_errors=True)
+os.environ["GROUPCOMM_STATE_DIR"] = _state
+os.environ["XDG_STATE_HOME"] = _state
 
 _common = dict(deadline=None, suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
 settings.register_profile("ci", derandomize=True, max_examples=200, print_blob=True, **_common)
