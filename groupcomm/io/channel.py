@@ -215,6 +215,7 @@ class Channel:
         s["pending_bytes"] = self._pending_bytes
         s["send_queue_bytes"] = member.multicast.queued_bytes
         s["state_transfers_retried"] = member.spaces.transfers_retried
+        s["callback_failures"] = self._services.callback_failures
         if self._pump is not None:
             pump = self._pump.stats()
             s.update(pump)
@@ -346,7 +347,8 @@ class Channel:
 
     def call_member(self, action: Callable[[int, Member], object], *, quiet: bool = False) -> None:
         """Run ``action(now, member)`` on this channel's sans-IO :class:`~groupcomm.layers.member.Member`,
-        then act on its outputs.  ``quiet``: on a closed channel do nothing instead of raising
+        then act on its outputs (called while the channel acts on outputs, after those).
+        ``quiet``: on a closed channel do nothing instead of raising
         :class:`~groupcomm.errors.ChannelClosed`."""
         try:
             member = self._require_member()
@@ -356,7 +358,7 @@ class Channel:
                 return
             raise
         if member.has_output:
-            self._flush()
+            self._outputs_ready()
 
     async def call_member_when_room(self, action: Callable[[int, Member], object]) -> None:
         """Like :meth:`call_member`, waiting while the send queue is full (as :meth:`send` does)."""
@@ -652,19 +654,27 @@ class Channel:
             return math.inf
         return d / _US + self._pump_offset
 
+    def _outputs_ready(self) -> None:
+        """The Member has new outputs: act on them now, or, when an output's handler called
+        the Member (:meth:`call_member`, a leave on overflow), once the flush under way is
+        through the current ones."""
+        if self._flushing:
+            self._flush_again = True
+        else:
+            self._flush()
+
     def _flush(self) -> None:
         """Act on everything the Member has to hand out, in order, then re-arm the timer.
 
-        An output's handler may call the Member again (a state provider's
-        snapshot, a reply); the outputs that produces are taken after the
-        current ones (never in the middle of them), so nothing overtakes.
+        Never re-entered: output handlers that call the Member go through
+        :meth:`_outputs_ready`, and the loop below takes what they produced
+        after the current outputs (never in the middle of them), so nothing
+        overtakes.  User callbacks never run here (:mod:`groupcomm.io.space`).
         """
         member = self._member
         if member is None or self._sockets is None:
             return
-        if self._flushing:
-            self._flush_again = True
-            return
+        assert not self._flushing, "Channel._flush re-entered"
         self._flushing = True
         self._batch = batch = []
         self._batch_bytes = 0
@@ -741,7 +751,7 @@ class Channel:
             self._member.leave(self._now())
         except NotOperational:
             pass
-        self._flush()
+        self._outputs_ready()
         self._closed = True
         self._events_send.close()
         self._services.close()                  # spaces' events() end too, requests return

@@ -17,7 +17,15 @@ registers ``fn(state: bytes | None)``, called on the joiner before
 :meth:`Space.events` yields anything that came after the snapshot (and again
 after a merge, when this member's side was not primary: replace the local
 state).  A member that never iterates :meth:`Space.events` is asked for its
-snapshot at delivery time instead.
+snapshot soon after the join is delivered instead, in a task of the channel.
+
+User callbacks never run inside the channel's receive task (see
+:func:`run_callback`): async ones run as tasks, plain functions in a worker
+thread (``trio.to_thread``), so a slow one does not hold up the ring.  One
+that raises is logged (logger ``groupcomm.spaces``) and counted
+(``Channel.stats()["callback_failures"]``); a request handler's error also
+goes back to the requester as an error reply.  A provider that fails does not
+answer: after ``state_transfer_timeout`` the joiner asks another member.
 
 A space's events share the channel's slow-consumer policy: past
 ``max_pending_events`` undelivered events or ``max_pending_bytes`` bytes of
@@ -28,8 +36,11 @@ rest.
 
 from __future__ import annotations
 
+import functools
 import inspect
+import logging
 import math
+from collections import deque
 from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any, Protocol
 
@@ -64,11 +75,36 @@ class ChannelSurface(Protocol):
     def start_soon(self, fn: Callable[..., Awaitable[object]], *args: object) -> None: ...
     def leave_on_overflow(self, reason: str = ...) -> None: ...
 
-__all__ = ["ChannelSurface", "Space", "Services", "Request", "Handler"]
+__all__ = ["ChannelSurface", "Space", "Services", "Request", "Handler", "run_callback"]
+
+logger = logging.getLogger("groupcomm.spaces")
 
 Request = SpaceRequest
 """What a request handler receives: ``space``, ``requester``, ``req_id``, ``payload``."""
-Handler = Callable[[Request], Awaitable[bytes]]
+Handler = Callable[[Request], Awaitable[bytes]] | Callable[[Request], bytes]
+
+
+async def run_callback(fn: Callable[..., Any], *args: Any) -> Any:
+    """Call a user callback off the event loop and return its result.
+
+    An ``async def`` function is awaited in the calling task; a plain function
+    runs in a worker thread (``trio.to_thread.run_sync``), so a slow one (a
+    large state being serialised, a blocking call) does not stall the ring.  A
+    plain function runs while the caller waits and must not call the channel
+    (use an async callback for that).  An awaitable a plain function returns is
+    awaited too.
+    """
+    if _is_async(fn):
+        return await fn(*args)
+    value = await trio.to_thread.run_sync(functools.partial(fn, *args))
+    if inspect.isawaitable(value):
+        value = await value
+    return value
+
+
+def _is_async(fn: Callable[..., Any]) -> bool:
+    """An ``async def`` function (or partial of one), or an object with an ``async def __call__``."""
+    return inspect.iscoroutinefunction(fn) or inspect.iscoroutinefunction(type(fn).__call__)
 
 
 class Space:
@@ -87,6 +123,9 @@ class Space:
         self._pending_bytes = 0
         self._provider: Callable[[], bytes | None] | None = None
         self._receiver: Callable[[bytes | None], None] | None = None
+        # Callbacks of a member that does not iterate events(): run in order by one task.
+        self._later: deque[Callable[[], Awaitable[None]]] = deque()
+        self._later_done: trio.Event | None = None      # set when the task ran them all
         self.left = False
 
     @property
@@ -106,8 +145,14 @@ class Space:
         await self._channel.call_member_when_room(lambda now, member: member.space_send(now, self.name, payload, safe))
 
     async def events(self) -> AsyncIterator[Message | SpaceView]:
-        """Messages and space views, in the total order, until this member leaves the space."""
+        """Messages and space views, in the total order, until this member leaves the space.
+
+        The state provider and receiver run from here (see :meth:`state_provider`):
+        while one runs, this iterator hands out nothing later.
+        """
         self._iterating = True
+        if self._later_done is not None:          # callbacks started before anyone iterated come first
+            await self._later_done.wait()
         async for item in self._recv:
             self._pending -= 1
             t = type(item)
@@ -115,10 +160,9 @@ class Space:
                 self._pending_bytes -= len(item.payload)
                 yield item
             elif t is StateRequest:
-                self._provide(item)
+                await self._provide(item)
             elif t is StateInstalled:
-                if self._receiver is not None:
-                    self._receiver(item.state)
+                await self._install(item)
             else:
                 yield item
         if self._channel.overflowed:
@@ -136,13 +180,29 @@ class Space:
                 await self._services.changed()
 
     def on_request(self, handler: Handler) -> None:
-        """``async def handler(request) -> bytes`` answers requests to this space."""
+        """``async def handler(request) -> bytes`` answers requests to this space, each in a task
+        of its own (a plain function runs in a worker thread, see :func:`run_callback`).  If it
+        raises, the requester gets an error reply and the failure is counted."""
         self._services.handlers[self.name] = handler
 
-    def state_provider(self, fn: Callable[[], bytes | None]) -> None:
+    def state_provider(self, fn: Callable[[], bytes | None] | Callable[[], Awaitable[bytes | None]]) -> None:
+        """``fn() -> bytes`` returns this member's state for a joiner (see :func:`run_callback`).
+
+        It is called from :meth:`events` when the iteration reaches the joiner's join: the
+        application has handled exactly the events before it, and :meth:`events` hands out
+        nothing later until ``fn`` returned.  It must read the state the application builds from
+        :meth:`events`, and nothing else may change that state meanwhile (a plain ``fn`` runs in
+        a worker thread while other tasks go on).  A member that does not iterate :meth:`events`
+        is asked soon after the join is delivered, in a task, so its snapshot may be later than
+        the join.  If ``fn`` raises, nothing is sent: the failure is logged and counted, and the
+        joiner asks another member after ``state_transfer_timeout``.
+        """
         self._provider = fn
 
-    def state_receiver(self, fn: Callable[[bytes | None], None]) -> None:
+    def state_receiver(self, fn: Callable[[bytes | None], None] | Callable[[bytes | None], Awaitable[None]]) -> None:
+        """``fn(state)`` replaces this member's state (``None``: nobody had any), from :meth:`events`
+        before anything later is handed out.  If it raises, the failure is logged and counted and
+        the space goes on: what state the application keeps then is its own affair."""
         self._receiver = fn
 
     async def request(self, payload: bytes, *, to: int | list[int] | tuple[int, ...] | None = None,
@@ -180,20 +240,64 @@ class Space:
         self.left = True
         self._send.close()
 
+    def _shut(self) -> None:
+        """The channel closed: end :meth:`events`, without waiting for callbacks still queued."""
+        self._send.close()
+        if self._later_done is not None:
+            self._later_done.set()
+
     def _state_request(self, request: StateRequest) -> None:
         if self._iterating:
             self._put(request)                  # answered from events(), at its place in the order
         else:
-            self._provide(request)
+            self._run_later(functools.partial(self._provide, request))
 
     def _state_installed(self, installed: StateInstalled) -> None:
         if self._iterating or self._receiver is None:
             self._put(installed)
         else:
-            self._receiver(installed.state)
+            self._run_later(functools.partial(self._install, installed))
 
-    def _provide(self, request: StateRequest) -> None:
-        self._services.provide(request, self._provider() if self._provider is not None else None)
+    async def _provide(self, request: StateRequest) -> None:
+        state = None
+        if self._provider is not None:
+            try:
+                state = await run_callback(self._provider)
+                if state is not None and not isinstance(state, (bytes, bytearray, memoryview)):
+                    raise TypeError(f"state provider returned {type(state).__name__}, not bytes")
+            except Exception as exc:
+                # No answer: "None" would tell the joiner nobody had state.  Its
+                # state-transfer timeout asks another member instead.
+                self._services.callback_failed(f"state provider of space {self.name!r}", exc)
+                return
+        self._services.provide(request, state)
+
+    async def _install(self, installed: StateInstalled) -> None:
+        if self._receiver is None:
+            return
+        try:
+            await run_callback(self._receiver, installed.state)
+        except Exception as exc:
+            self._services.callback_failed(f"state receiver of space {self.name!r}", exc)
+
+    def _run_later(self, callback: Callable[[], Awaitable[None]]) -> None:
+        """Run ``callback`` in a task of the channel, after the ones queued before it."""
+        if self._services.closed:
+            return
+        self._later.append(callback)
+        if self._later_done is None:
+            self._later_done = trio.Event()
+            self._channel.start_soon(self._run_queued)
+
+    async def _run_queued(self) -> None:
+        try:
+            while self._later:
+                await self._later.popleft()()
+        finally:
+            self._later.clear()
+            done, self._later_done = self._later_done, None
+            if done is not None:
+                done.set()
 
     def _check(self) -> None:
         if self.left:
@@ -210,6 +314,8 @@ class Services:
         self._waiting: dict[int, tuple[trio.Event, list]] = {}
         self._direct: dict[int, tuple[trio.Event, list]] = {}
         self.closed = False
+        self.callback_failures = 0
+        """User callbacks (handlers, state providers and receivers) that raised."""
         self._changed = trio.Event()
 
     async def join(self, name: str) -> Space:
@@ -279,6 +385,13 @@ class Services:
         """Wait until a space view changes."""
         await self._changed.wait()
 
+    def callback_failed(self, what: str, exc: Exception, *, answered: bool = False) -> None:
+        """Count and log a user callback that raised (``answered``: the requester was told, so
+        only at debug level)."""
+        self.callback_failures += 1
+        level = logging.DEBUG if answered else logging.ERROR
+        logger.log(level, "%s raised %s: %s", what, type(exc).__name__, exc, exc_info=exc)
+
     # -- the Member's space and request outputs (see groupcomm.layers.router) ----------------
 
     def routes(self) -> dict[type, Callable[[Any], None]]:
@@ -341,7 +454,7 @@ class Services:
     def close(self) -> None:
         self.closed = True
         for space in self.spaces.values():
-            space._send.close()
+            space._shut()
         for done, _ in [*self._waiting.values(), *self._direct.values()]:
             done.set()
         self._changed.set()
@@ -352,10 +465,9 @@ class Services:
             reply = no_handler(request.space)
         else:
             try:
-                value = handler(request)
-                if inspect.isawaitable(value):                # plain functions work too
-                    value = await value
-                reply = reply_with(value)
+                reply = reply_with(await run_callback(handler, request))
             except Exception as exc:                     # travels back: type and message
+                scope = f"space {request.space!r}" if request.space else "the channel"
+                self.callback_failed(f"request handler of {scope}", exc, answered=True)
                 reply = reply_failed(exc)
         self.channel.call_member(lambda now, member: member.reply(now, request, reply), quiet=True)
