@@ -19,6 +19,7 @@ from groupcomm.io.channel import open_channel
 from groupcomm.io.state_dir import (
     DB_NAME,
     RING_SEQ_BLOCK,
+    MemberState,
     RingSeqLease,
     StateDir,
     StateDirInUse,
@@ -145,6 +146,7 @@ def test_a_ring_seq_is_on_disk_before_the_outputs_that_use_it_are_handed_out(tmp
     assert [seq <= reserved for seq, reserved in ring.seen] == [True, True, True]
     assert ring.seen[-1] == (10**12, 10**12 + 64) and lease.reserved == 10**12 + 64
     assert lease.ring_seq == 10**12 and lease.receive == ring.receive
+    assert MemberState.unlease(lease) is ring and MemberState.unlease(ring) is ring
     state.close()
 
 

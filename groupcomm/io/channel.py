@@ -490,6 +490,8 @@ class Channel:
             self._closed = True
             self._events_send.close()
             self._services.close()
+            if self._state is not None and self._member is not None:
+                self._member.ring = self._state.unlease(self._member.ring)
             if self._pump is not None:
                 trio.lowlevel.notify_closing(self._pump.notify_fd)
                 detach(self._pump)                # joins the thread while the sockets are still open

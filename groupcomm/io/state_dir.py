@@ -230,6 +230,11 @@ class MemberState:
             return ring
         return RingSeqLease(ring, self.state, self.state.ring_seq_reserved or self.floor)
 
+    @staticmethod
+    def unlease(ring):
+        """The ring :meth:`lease` wrapped (what the C pump's detach expects back)."""
+        return ring.ring if isinstance(ring, RingSeqLease) else ring
+
     def close(self) -> None:
         if self.state is not None:
             self.state.close()
