@@ -5,6 +5,12 @@ counts as a sign of life.  A view member silent for ``timeout`` is *verified*
 with a unicast ping; only if nothing arrives within ``verify`` is it reported
 dead (the driver then calls :meth:`groupcomm.core.ring.Ring.suspect`).  This cuts
 fail-over from token timeout + consensus to roughly ``timeout + verify``.
+
+A member's own silence is not enough: while the ring's token still comes round
+(the driver calls :meth:`FailureDetector.token`), every member of the ring
+forwarded it, so a peer whose heartbeats and pong replies are lost on the way
+to us only (a one-way link) is alive and is not reported.  The ring's own
+failure-to-receive rule decides about such a link.
 """
 
 from __future__ import annotations
@@ -71,6 +77,7 @@ class FailureDetector:
         self._members: tuple[int, ...] = ()
         self._next_beat = 0
         self._reported: set[int] = set()
+        self._token_at: int | None = None
         self.drops: dict[str, int] = {}
         """Dropped packets by reason: ``malformed``, ``version``, ``cluster`` (another cluster's), ``self``."""
         self.versions = VersionLog(me)
@@ -93,6 +100,10 @@ class FailureDetector:
         self._heard[node] = now
         self._pinged.pop(node, None)
         self._reported.discard(node)
+
+    def token(self, now: int) -> None:
+        """The ring's token came round (an accepted regular token): every ring member forwarded it."""
+        self._token_at = now
 
     def receive(self, data: bytes, now: int) -> int | None:
         """Handle an FD packet; returns a node to answer with PONG, if any.
@@ -137,6 +148,12 @@ class FailureDetector:
                 continue
             if m in self._pinged:
                 if now >= self._pinged[m] + self._verify:
+                    token_at = self._token_at
+                    if token_at is not None and now - token_at < self._timeout:
+                        # The ring still turns through m: only our link from m is bad.
+                        self._heard[m] = token_at
+                        del self._pinged[m]
+                        continue
                     dead.append(m)
                     self._reported.add(m)
             elif now >= self._heard.get(m, now) + self._timeout:

@@ -23,8 +23,8 @@ from groupcomm.events import Configuration, Message, View
 from groupcomm.layers.fd import MAGIC as FD_MAGIC
 from groupcomm.layers.fd import HEARTBEAT, PING, PONG, FailureDetector, FdConfig
 from groupcomm.layers.frag import FRAGMENT, FragConfig, Fragmenter, Fragments
-from groupcomm.core.ring import FROM_A_LIVE_PEER, LayerDelivery, Ring, RingConfig, SendTo, SendToAll
-from groupcomm.layers.wire import datagram_sender
+from groupcomm.core.ring import FROM_A_LIVE_PEER, LayerDelivery, Ring, RingConfig, RingState, SendTo, SendToAll
+from groupcomm.layers.wire import datagram_sender, is_token
 
 __all__ = ["Multicast"]
 
@@ -86,6 +86,8 @@ class Multicast:
         rc = self.ring.receive(now, data)
         if self.fd is not None and rc in FROM_A_LIVE_PEER:      # garbage is no sign of life
             self.fd.heard(datagram_sender(data), now)
+            if rc == 0 and is_token(data) and self.ring.state is RingState.OPERATIONAL:
+                self.fd.token(now)
         return rc
 
     def send(self, now: int, payload: bytes, safe: bool = False, kind: int = 0) -> bool:
