@@ -22,12 +22,17 @@ above it, and :class:`RingSeqLease` checks the ring's highest seq before the
 driver acts on the ring's outputs (so before a packet carrying a new ring seq
 is sent or a view delivered) and reserves a new block, fsynced, when the
 ring has used half of the current one.  The wall clock plays no part, so a
-clock that steps back changes nothing.  (With the C socket pump the ring's
-packets leave from the pump's thread; the check then runs when the pump hands
-the views to Python, and the block, far larger than the steps rings take,
-covers the gap.)  A new directory starts at the clock floor, so a member
-whose directory was lost, or that ran before without one, still starts above
-the seqs it used.
+clock that steps back changes nothing.  A new directory starts at the clock
+floor, so a member whose directory was lost, or that ran before without one,
+still starts above the seqs it used.
+
+With the C socket pump the ring's packets leave from the pump's thread and the
+check runs when the pump hands its views to Python.  The block covers the
+steps of 4 between rings; a jump past it (a join from a member whose seqs are
+far ahead, say one whose directory is newer) can be used before it is
+reserved, and a crash at that moment leaves the reservation below it.  The
+members that saw the ring carry its seq in their joins, so a restarted member
+does not form it again in practice; the trio driver has no such gap.
 
 When no directory can be created or written (a read-only file system, a
 permission), the member starts from the clock floor, as before state
