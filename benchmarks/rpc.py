@@ -85,7 +85,9 @@ async def worker(args) -> None:
                     got = trio.Event()
                     t0 = time.perf_counter()
                     space = await ch.join_space("bench")
-                    space.state_receiver(lambda s: got.set())
+                    async def on_state(state) -> None:       # async: plain callbacks run in a thread
+                        got.set()
+                    space.state_receiver(on_state)
                     async with trio.open_nursery() as nursery:
                         async def drain():
                             async for _ in space.events():

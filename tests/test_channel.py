@@ -99,6 +99,8 @@ async def test_a_member_whose_block_is_cancelled_from_outside_still_leaves_grace
             async with trio.open_nursery() as nursery:
                 nursery.start_soon(go)
                 await wait_for_view(stay, 2)
+                while not leaver:                       # the block has started
+                    await trio.sleep(0.001)
                 nursery.cancel_scope.cancel()           # cancels the whole open_channel block
             t0 = trio.current_time()
             await wait_for_view(stay, 1)
