@@ -17,6 +17,7 @@ import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 import uuid
@@ -59,7 +60,8 @@ def free_udp_port(host: str = "127.0.0.1") -> int:
 class NodeProcess:
     """One ``groupcomm node --json`` process and a thread collecting its events."""
 
-    def __init__(self, name: str, cluster: str, args: list[str], prefix: list[str] | None = None) -> None:
+    def __init__(self, name: str, cluster: str, args: list[str], prefix: list[str] | None = None,
+                 env: dict[str, str] | None = None) -> None:
         self.name = name
         self.proc = subprocess.Popen(
             # -P: never the current directory first on sys.path.  Run from a source
@@ -67,7 +69,8 @@ class NodeProcess:
             [*(prefix or []), sys.executable, "-P", "-m", "groupcomm", "node", "--json", "--cluster", cluster,
              "--name", name, *args],
             stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-            env={**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [_package_root(), os.environ.get("PYTHONPATH")]))},
+            env={**os.environ, **(env or {}),
+                 "PYTHONPATH": os.pathsep.join(filter(None, [_package_root(), os.environ.get("PYTHONPATH")]))},
         )
         self.events: queue.Queue = queue.Queue()
         self.log: list[dict] = []
@@ -156,7 +159,9 @@ def run_demo(members: int = 3, messages: int = 10, out: Callable[[str], None] = 
     names = [f"node{i}" for i in range(1, members + 1)]
     out(f"== starting {members} member processes on loopback (cluster {cluster}, stack 'loopback')")
     t0 = time.monotonic()
-    nodes = [NodeProcess(n, cluster, args) for n in names]
+    # The members' state directories (ring seqs, quorum memory) live as long as the demo.
+    state = tempfile.TemporaryDirectory(prefix="groupcomm-demo-")
+    nodes = [NodeProcess(n, cluster, args, env={"GROUPCOMM_STATE_DIR": state.name}) for n in names]
     ok = True
     try:
         ids = {n.name: n.address() for n in nodes}
@@ -189,7 +194,7 @@ def run_demo(members: int = 3, messages: int = 10, out: Callable[[str], None] = 
         out(f"== restart {victim.name} (same name, same node id, new incarnation)")
         marks = [n.mark() for n in nodes[:-1]]
         t2 = time.monotonic()
-        nodes[-1] = NodeProcess(victim.name, cluster, args)
+        nodes[-1] = NodeProcess(victim.name, cluster, args, env={"GROUPCOMM_STATE_DIR": state.name})
         for n, m in zip(nodes, [*marks, 0]):
             n.wait(view_is(everyone), 20, since=m)
         out(f"   merged back into one view of {members} after {time.monotonic() - t2:.3f}s")
@@ -205,5 +210,6 @@ def run_demo(members: int = 3, messages: int = 10, out: Callable[[str], None] = 
     finally:
         for n in nodes:
             n.stop()
+        state.cleanup()
     out("== done: all checks passed" if ok else "== done: A CHECK FAILED")
     return ok
