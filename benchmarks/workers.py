@@ -4,9 +4,11 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import socket
 import subprocess
 import sys
+import tempfile
 
 
 def free_port() -> int:
@@ -21,9 +23,11 @@ def run_workers(script: str, count: int, args: list[str], timeout: float) -> lis
 
     Kills (only) the processes it started if any fails or runs past ``timeout``.
     """
+    state = tempfile.TemporaryDirectory(prefix="groupcomm-bench-")      # the members' state directories
+    env = {**os.environ, "GROUPCOMM_STATE_DIR": state.name, "XDG_STATE_HOME": state.name}
     procs = [
         subprocess.Popen([sys.executable, script, "--worker", "--index", str(i), *args],
-                         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+                         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
         for i in range(count)
     ]
     results = []
@@ -38,6 +42,7 @@ def run_workers(script: str, count: int, args: list[str], timeout: float) -> lis
             if p.poll() is None:
                 p.kill()
                 p.wait()
+        state.cleanup()
     return results
 
 
