@@ -96,3 +96,18 @@ def test_malformed_fragments_are_dropped_and_counted(junk):
     _, b = pair()
     assert b.deliver(1, junk, False) is None
     assert b.dropped == 1
+
+
+def test_fragments_out_of_order_never_make_a_wrong_message():
+    # Per-sender FIFO delivers a message's fragments in order; if a fragment ever
+    # came out of place the message must be dropped (and counted), never reassembled
+    # with its parts in the wrong order.
+    a, b = pair()
+    big = bytes(range(256)) * 2
+    packets = list(a.split(big, False))
+    assert len(packets) >= 3
+    swapped = [packets[1], packets[0], *packets[2:]]
+    dropped = b.dropped
+    assert deliver_all(b, 1, swapped) == []
+    assert b.dropped > dropped
+    assert deliver_all(b, 1, list(a.split(big, False))) == [Message(1, big, False)]   # the next one is fine
