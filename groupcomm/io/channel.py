@@ -43,7 +43,7 @@ import trio
 from groupcomm.config import Size, build_stack, load_stack
 from groupcomm.errors import ChannelClosed, ConfigError, DeliveryOverflow, NotOperational, QueueFull
 from groupcomm.events import Direct, Message, View
-from groupcomm.layers.frag import FragConfig
+from groupcomm.layers.frag import FragConfig, Pieces
 from groupcomm.io.probe import is_probe_request, probe_response
 from groupcomm.layers.wire import HEADER_SIZE, PROBE_MAGIC, PROTOCOL_VERSION, RING_MAGIC, RING_TOKEN, SENDER, TYPE_OFFSET
 from groupcomm.layers.wire import datagram_version
@@ -64,7 +64,14 @@ __all__ = ["Channel", "ChannelConfig", "open_channel", "node_id_for"]
 
 _US = 1_000_000
 _MAX_DATAGRAM = 65536
+_JOIN_OFF_LOOP = 1 << 20
+"""Reassembled messages this large are joined in a worker thread when the application takes
+them (receive_batch), not in the receive task: one copy of 64 MiB holds a loop for tens of ms."""
 _YIELD_EVERY = 64
+_DRAIN_BYTES = 2 << 20
+"""Bytes of datagrams one wake-up of a receive task reads before it acts on them and lets the
+other tasks run: a flood of fragments must not keep the timers (token, failure detector
+heartbeats and pongs) waiting, or the other members take this one for dead."""
 _PAYLOAD = itemgetter(1)                 # of a Message (sender, payload, safe)
 _MIN_PEER_TABLE = 256
 """Addresses of senders kept per channel before those outside the view are forgotten
@@ -91,6 +98,13 @@ class ChannelConfig:
             raise ConfigError("CHANNEL: max_pending_events must be >= 1")
         if self.max_pending_bytes < 1:
             raise ConfigError("CHANNEL: max_pending_bytes must be at least 1 byte")
+
+
+def _join_pieces(batch: list) -> None:
+    """Replace each large message's :class:`Pieces` by its bytes (in a worker thread)."""
+    for i, event in enumerate(batch):
+        if type(event) is Message and type(event.payload) is Pieces:
+            batch[i] = event._replace(payload=event.payload.join())
 
 
 def node_id_for(cluster: str, name: str) -> int:
@@ -150,6 +164,7 @@ class Channel:
         )
         self._batch: list = []               # events of the flush under way, handed to events() in one go
         self._batch_bytes = 0
+        self._batch_pieces = False           # ... holding a large message not joined yet
         self._flushing = self._flush_again = False
         self._nursery: trio.Nursery | None = None
         self._max_pending = max_pending_events
@@ -161,7 +176,7 @@ class Channel:
         self._fixed_targets: frozenset[tuple] = frozenset()    # ... of which the configured hosts
         # Events travel in one list per flush (with its payload bytes): one checkpoint per
         # batch, not per message.  Unbounded here; the counts below bound it.
-        self._events_send, self._events_recv = trio.open_memory_channel[tuple[list, int]](math.inf)
+        self._events_send, self._events_recv = trio.open_memory_channel[tuple[list, int, bool]](math.inf)
         self._pending_events = 0
         self._pending_bytes = 0
         self._peer_table_max = max(_MIN_PEER_TABLE, 4 * ring.max_members)
@@ -301,7 +316,7 @@ class Channel:
         The events count as delivered (no longer pending) once returned.
         """
         try:
-            batch, size = await self._events_recv.receive()
+            batch, size, pieces = await self._events_recv.receive()
         except trio.EndOfChannel:
             if self._overflow:
                 raise DeliveryOverflow(
@@ -309,6 +324,9 @@ class Channel:
                     "the member left the group so the others are not held up"
                 ) from None
             return []
+        if pieces:
+            with trio.CancelScope(shield=True):          # the batch is ours now: never lose it
+                await trio.to_thread.run_sync(_join_pieces, batch)
         self._pending_events -= len(batch)
         self._pending_bytes -= size
         return batch
@@ -465,6 +483,7 @@ class Channel:
                                  unicast=self._unicast_config, quorum=self._quorum_config,
                                  spaces=self._spaces_config, ring_seq_floor=floor, epoch=floor)
             self._member.spaces.quorum.use(state.quorum, clock=self._now)
+            self._member.multicast.join_later_from = _JOIN_OFF_LOOP
             self._my_id = node_id.to_bytes(4, "big")
             if cfg.pump == "c":
                 self._start_pump(sockets)
@@ -562,17 +581,20 @@ class Channel:
                 self._sendto(sockets.unicast, packet, addr)
 
     def _drain(self, sock) -> None:
-        """Feed every readable datagram to the member, messages before tokens, then flush once."""
+        """Feed the readable datagrams (up to ``_DRAIN_BYTES``; the rest at the next wake-up, after
+        the other tasks had their turn) to the member, messages before tokens, then flush once."""
         member = self._member
         assert member is not None
         my_id, peers, sockets = self._my_id, self._peers, self._sockets
         assert sockets is not None
         tokens = []
-        while True:
+        budget = _DRAIN_BYTES
+        while budget > 0:
             try:
                 data, addr = sock.recvfrom(_MAX_DATAGRAM)
             except OSError:                       # EAGAIN: drained (or the socket closed)
                 break
+            budget -= len(data)
             if data[:2] == PROBE_MAGIC:
                 self._answer_probe(data, addr)
                 continue
@@ -680,6 +702,7 @@ class Channel:
         self._flushing = True
         self._batch = batch = []
         self._batch_bytes = 0
+        self._batch_pieces = False
         try:
             while True:
                 self._flush_again = False
@@ -691,7 +714,7 @@ class Channel:
         if batch and not self._closed:
             self._pending_events += len(batch)
             self._pending_bytes += self._batch_bytes
-            self._events_send.send_nowait((batch, self._batch_bytes))
+            self._events_send.send_nowait((batch, self._batch_bytes, self._batch_pieces))
         deadline = self._deadline()
         if self._timer_scope is not None and deadline != self._armed_deadline:
             self._armed_deadline = deadline
@@ -716,6 +739,8 @@ class Channel:
             self._sendto(self._sockets.unicast, out.packet, addr)
 
     def _deliver_run(self, run: list) -> None:
+        if len(run) == 1 and type(run[0].payload) is Pieces:     # a large message, joined later
+            self._batch_pieces = True
         self._batch.extend(run)
         self._batch_bytes += sum(map(len, map(_PAYLOAD, run)))
 

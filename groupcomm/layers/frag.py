@@ -33,7 +33,7 @@ from groupcomm.config import Size
 from groupcomm.errors import ConfigError, PayloadTooLarge
 from groupcomm.layers.wire import FRAG_HEADER, KIND_FRAGMENT
 
-__all__ = ["FragConfig", "Fragmenter", "Fragments", "FRAGMENT"]
+__all__ = ["FragConfig", "Fragmenter", "Fragments", "FRAGMENT", "Pieces"]
 
 
 @dataclass(frozen=True)
@@ -51,7 +51,15 @@ class FragConfig:
     """Bytes a receiver holds in partial messages per sender; the message that would pass it
     is dropped (counted) (default ``max_message``; at least ``max_message``)."""
 
+    fragments_ahead: int = 32
+    """Fragments of our large message handed to the ring at a time (the ring sends at most
+    ``max_messages`` of a member's per token visit); the rest are cut as the ring sends these.
+    Keeps the send of a large message from stalling its member's loop, and leaves the
+    sender's other traffic (heartbeats, the token) a turn between slices."""
+
     def __post_init__(self) -> None:
+        if self.fragments_ahead < 1:
+            raise ConfigError("FRAG: fragments_ahead must be at least 1")
         if self.max_message < 1:
             raise ConfigError("FRAG: max_message must be at least 1 byte")
         if self.partial_messages < 1:
@@ -77,6 +85,29 @@ class _Partial:
     kind: int
     parts: list
     size: int
+
+
+class Pieces:
+    """A reassembled message whose fragments are not yet joined into one ``bytes``.
+
+    Reassembly keeps each fragment's payload as a view of its datagram (no copy per
+    fragment); the one copy is :meth:`join`.  For a message of tens of MiB that copy
+    takes tens of milliseconds, so a driver may do it off its event loop (``bytes.join``
+    releases the GIL for large results), where it does not hold up the ring's timers.
+    """
+
+    __slots__ = ("parts", "size")
+
+    def __init__(self, parts: list, size: int) -> None:
+        self.parts = parts
+        self.size = size
+
+    def __len__(self) -> int:
+        return self.size
+
+    def join(self) -> bytes:
+        """The message's payload."""
+        return b"".join(self.parts)
 
 
 class Fragments(Sequence):
@@ -159,12 +190,17 @@ class Fragmenter:
 
     def deliver(self, sender: int, data: bytes, safe: bool) -> tuple[bytes, int] | None:
         """A delivered fragment; returns ``(payload, kind)`` once the message is whole."""
+        whole = self.deliver_pieces(sender, data, safe)
+        return None if whole is None else (whole[0].join(), whole[1])
+
+    def deliver_pieces(self, sender: int, data: bytes, safe: bool) -> tuple[Pieces, int] | None:
+        """Like :meth:`deliver`, but the whole message comes as :class:`Pieces`, not yet joined."""
         if len(data) < _FRAG.size:
             self.dropped += 1
             return None
         msg_id, index, count, kind = _FRAG.unpack_from(data)
         key = (sender, msg_id)
-        chunk = data[_FRAG.size :]
+        chunk = memoryview(data)[_FRAG.size :]    # no copy: the join at the end is the only one
         size = len(chunk)
         if index == 0 and count >= 1:
             if key in self._partial:
@@ -195,7 +231,7 @@ class Fragmenter:
         self._forget(key)
         if sender == self.me:
             self._outgoing.pop(msg_id, None)
-        return b"".join(partial.parts), kind
+        return Pieces(partial.parts, partial.size), kind
 
     @property
     def last_id(self) -> int:

@@ -47,6 +47,7 @@ class Multicast:
         self.frag = Fragmenter(node_id, self.ring.max_payload, frag.max_message,
                                partial_messages=frag.partial_messages, partial_bytes=frag.partial_bytes)
         self._ring_max = min(self.ring.max_payload, self.frag.max_message)
+        self._fragments_ahead = frag.fragments_ahead
         self.fd = FailureDetector(node_id, ring.cluster_id, fd) if fd is not None else None
         self._fd_deadline = 0
         self._queue_max = ring.send_queue_max
@@ -64,6 +65,10 @@ class Multicast:
         self._ring_bytes = 0
         self._out: list = []
         self.view: View | None = None
+        self.join_later_from: int | None = None
+        """Application messages reassembled from this many bytes or more come as a run of one
+        :class:`~groupcomm.events.Message` whose payload is :class:`~groupcomm.layers.frag.Pieces`,
+        for the driver to join off its loop; None (the default): every payload is ``bytes``."""
 
     # -- inputs -----------------------------------------------------------------
 
@@ -165,7 +170,11 @@ class Multicast:
             cut = self._cut
             if cut is not None:
                 count = len(cut)
+                room = self._fragments_ahead - ring.pending     # pace: a slice per token visit or so
                 while self._next_fragment < count:
+                    if room <= 0:
+                        return
+                    room -= 1
                     try:
                         ring.submit(now, cut[self._next_fragment], safe=cut.safe, kind=FRAGMENT)
                     except QueueFull:
@@ -256,11 +265,14 @@ class Multicast:
                 out.append(item)
             elif t is LayerDelivery:
                 if item.kind == FRAGMENT:
-                    whole = frag.deliver(item.sender, item.payload, item.safe)
+                    whole = frag.deliver_pieces(item.sender, item.payload, item.safe)
                     if whole is not None:
-                        payload, kind = whole
-                        out.append([Message(item.sender, payload, item.safe)] if kind == 0
-                                   else LayerDelivery(item.sender, payload, item.safe, kind))
+                        pieces, kind = whole
+                        if kind == 0:
+                            later = self.join_later_from is not None and pieces.size >= self.join_later_from
+                            out.append([Message(item.sender, pieces if later else pieces.join(), item.safe)])
+                        else:
+                            out.append(LayerDelivery(item.sender, pieces.join(), item.safe, kind))
                 else:
                     out.append(item)
             elif t is Configuration:

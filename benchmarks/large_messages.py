@@ -1,0 +1,241 @@
+"""A large message shares the ring: real member processes on the loopback stack.
+
+    python benchmarks/large_messages.py [--members 3] [--size 64MiB] [--pump c] [--json]
+
+Member 0 multicasts one message of ``--size`` bytes; member 1 multicasts a small
+timestamped message every ``--interval`` seconds all along (first without the large
+message, as a baseline, then during its transfer).  Prints the transfer time (send
+to delivery at the slowest member), the view changes every member saw after the
+first full view (must be 0), whether every member got the message intact (hash),
+and the p50/p99 latency of the small messages (send to delivery, all members)
+during the transfer and in the baseline measured in the same run.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import os
+import struct
+import sys
+import tempfile
+import time
+import uuid
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT / "benchmarks"))
+
+from workers import add_worker_arguments, free_port, run_if_worker, run_workers
+
+_SMALL = struct.Struct("!4sId")          # b"tick", seq, send time (CLOCK_MONOTONIC, one host)
+_BIG_HEAD = struct.Struct("!4sd")        # b"BIG!", send time
+_END = b"end!"
+
+
+def _digest(payload: bytes) -> str:
+    return hashlib.sha256(memoryview(payload)[_BIG_HEAD.size:]).hexdigest()
+
+
+def big_payload(size: int) -> bytes:
+    """A large message whose bytes vary (a cut or reordered fragment changes the hash)."""
+    block = hashlib.sha256(b"large").digest() * 2048                      # 64 KiB
+    body = (block * (size // len(block) + 1))[: size - _BIG_HEAD.size]
+    return bytearray(_BIG_HEAD.pack(b"BIG!", 0.0)) + body
+
+
+class _StallLog:
+    """Every task step that held the loop over 15 ms: (task, milliseconds)."""
+
+    def __init__(self) -> None:
+        self.steps: list[tuple[str, float]] = []
+        self._t = time.perf_counter()
+
+    def before_task_step(self, task) -> None:
+        self._t = time.perf_counter()
+
+    def after_task_step(self, task) -> None:
+        took = time.perf_counter() - self._t
+        if took > 0.015:
+            self.steps.append((task.name.rsplit(".", 1)[-1], round(took * 1e3, 1)))
+
+
+async def worker(args: argparse.Namespace) -> None:
+    import trio
+
+    from groupcomm.events import Message, View
+    from groupcomm.io.channel import open_channel
+
+    overrides = {"UDP": {"mcast_port": args.port}}
+    views: list[list[int]] = []
+    small: list[tuple[int, float, float]] = []          # seq, sent, delivered
+    out: dict = {"index": args.index}
+    baseline_seen = trio.Event()
+    ended = trio.Event()
+    big_done = trio.Event()
+    full = False
+    payload = big_payload(args.size) if args.index == 0 else bytearray()
+    out["expected_sha256"] = _digest(payload)          # before the run: the loop is the member's
+    stalls = _StallLog()
+    trio.lowlevel.add_instrument(stalls)
+
+    async with open_channel("loopback", cluster=args.cluster, name=f"m{args.index}",
+                            overrides=overrides, join_timeout=20,
+                            max_pending_bytes=2 * args.size) as ch:   # see the report: one max message + a tick overflows 64 MiB
+        async def read() -> None:
+            nonlocal full
+            async for event in ch.events():
+                now = time.monotonic()
+                if type(event) is View:
+                    if event.transitional:
+                        continue
+                    if full:
+                        views.append(sorted(event.members))
+                    elif len(event.members) == args.members:
+                        full = True
+                elif type(event) is Message:
+                    p = event.payload
+                    if len(p) == _SMALL.size and p[:4] == b"tick":
+                        _, seq, sent = _SMALL.unpack(p)
+                        small.append((seq, sent, now))
+                        if seq >= args.baseline:
+                            baseline_seen.set()
+                    elif p[:4] == b"BIG!":
+                        _, sent = _BIG_HEAD.unpack_from(p)
+                        digest = await trio.to_thread.run_sync(_digest, p)   # not in the ring's loop
+                        out["big"] = {"sent": sent, "delivered": now, "size": len(p), "sha256": digest}
+                        big_done.set()
+                    elif p == _END:
+                        ended.set()
+                        return
+
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(read)
+            with trio.fail_after(20):
+                while not (ch.view and len(ch.view.members) == args.members):
+                    await trio.sleep(0.01)
+            if args.index == 1:                           # the small-message sender
+                async def tick() -> None:
+                    seq = 0
+                    while True:
+                        await ch.send(_SMALL.pack(b"tick", seq, time.monotonic()))
+                        seq += 1
+                        await trio.sleep(args.interval)
+                nursery.start_soon(tick)
+            with trio.move_on_after(args.timeout):
+                if args.index == 0:                       # the large-message sender
+                    await baseline_seen.wait()
+                    _BIG_HEAD.pack_into(payload, 0, b"BIG!", time.monotonic())
+                    await ch.send(payload)      # a bytearray: the channel takes its snapshot
+                    await big_done.wait()
+                    await trio.sleep(args.tail)
+                    await ch.send(_END)
+                await ended.wait()
+            nursery.cancel_scope.cancel()
+        out["stats"] = {k: v for k, v in ch.stats().items()
+                        if k in ("token_losses", "gather_entered", "fragments_dropped", "reassembly_refused")}
+    out["stalls"] = stalls.steps
+    out["views"] = views
+    out["small"] = small
+    out["ended"] = ended.is_set()
+    print(json.dumps(out))
+
+
+def percentile(values: list[float], q: float) -> float:
+    if not values:
+        return float("nan")
+    values = sorted(values)
+    return values[min(len(values) - 1, int(q * len(values)))]
+
+
+def summarize(results: list[dict], size: int) -> dict:
+    """The figures of one run, from every worker's report."""
+    expected = results[0].get("expected_sha256")
+    bigs = [r.get("big") for r in results]
+    intact = all(b is not None and b["sha256"] == expected and b["size"] == size for b in bigs)
+    sent = bigs[0]["sent"] if bigs[0] else None
+    done = max(b["delivered"] for b in bigs) if intact else None
+    baseline, during = [], []
+    for r in results:
+        for seq, t_sent, t_recv in r["small"]:
+            latency = (t_recv - t_sent) * 1e3
+            if sent is not None and done is not None and sent <= t_sent <= done:
+                during.append(latency)
+            elif sent is None or t_sent < sent:
+                baseline.append(latency)
+    in_order = all([s[0] for s in r["small"]] == sorted({s[0] for s in r["small"]}) for r in results)
+    return {
+        "size": size,
+        "intact": intact,
+        "transfer_s": round(done - sent, 3) if intact else None,
+        "view_changes": [len(r["views"]) for r in results],
+        "ended": [r["ended"] for r in results],
+        "small_in_order": in_order,
+        "small_during": len(during),
+        "during_p50_ms": round(percentile(during, 0.5), 2),
+        "during_p99_ms": round(percentile(during, 0.99), 2),
+        "small_baseline": len(baseline),
+        "baseline_p50_ms": round(percentile(baseline, 0.5), 2),
+        "baseline_p99_ms": round(percentile(baseline, 0.99), 2),
+        "stats": [r["stats"] for r in results],
+        "longest_stalls_ms": [sorted(r["stalls"], key=lambda s: -s[1])[:5] for r in results],
+    }
+
+
+def parse_size(text: str) -> int:
+    units = {"kib": 1 << 10, "mib": 1 << 20, "gib": 1 << 30}
+    for unit, factor in units.items():
+        if text.lower().endswith(unit):
+            return int(float(text[: -len(unit)]) * factor)
+    return int(text)
+
+
+def run(members: int, size: int, pump: str, timeout: float, interval: float = 0.005,
+        baseline: int = 200) -> dict:
+    """One run: ``members`` processes, one large message, small messages all along."""
+    cluster = f"bench-large-{uuid.uuid4().hex[:8]}"
+    with tempfile.TemporaryDirectory() as state:
+        os.environ["GROUPCOMM_STATE_DIR"] = state
+        os.environ["GROUPCOMM_PUMP"] = pump
+        results = run_workers(__file__, members, [
+            "--cluster", cluster, "--port", str(free_port()), "--members", str(members),
+            "--size", str(size), "--interval", str(interval), "--baseline", str(baseline),
+            "--timeout", str(timeout),
+        ], timeout=timeout + 30)
+    return summarize(sorted(results, key=lambda r: r["index"]), size)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--members", type=int, default=3)
+    parser.add_argument("--size", type=parse_size, default=64 << 20)
+    parser.add_argument("--pump", choices=("trio", "c"), default="trio")
+    parser.add_argument("--interval", type=float, default=0.005)
+    parser.add_argument("--baseline", type=int, default=200, help="small messages before the large one")
+    parser.add_argument("--timeout", type=float, default=60.0)
+    parser.add_argument("--tail", type=float, default=0.3, help=argparse.SUPPRESS)
+    parser.add_argument("--json", action="store_true")
+    add_worker_arguments(parser)
+    args = parser.parse_args()
+    if run_if_worker(args, worker):
+        return
+    figures = run(args.members, args.size, args.pump, args.timeout, args.interval, args.baseline)
+    if args.json:
+        print(json.dumps(figures))
+        return
+    print(f"{args.members} members on loopback (pump {args.pump}), one message of {args.size} bytes")
+    print(f"  intact at every member: {figures['intact']}   transfer: {figures['transfer_s']} s")
+    print(f"  view changes after the first full view, per member: {figures['view_changes']}")
+    print(f"  small messages (every {args.interval * 1e3:g} ms from another member), in order: "
+          f"{figures['small_in_order']}")
+    print(f"    baseline: n={figures['small_baseline']} p50 {figures['baseline_p50_ms']} ms "
+          f"p99 {figures['baseline_p99_ms']} ms")
+    print(f"    during the transfer: n={figures['small_during']} p50 {figures['during_p50_ms']} ms "
+          f"p99 {figures['during_p99_ms']} ms")
+    print(f"  counters: {figures['stats']}")
+    print(f"  longest loop steps (task, ms) per member: {figures['longest_stalls_ms']}")
+
+
+if __name__ == "__main__":
+    sys.exit(main())
