@@ -84,7 +84,9 @@ enum msg_type {
     MSG_COMMIT = 4,
     MSG_MERGE_DETECT = 5,
     MSG_HOLD_CANCEL = 6,
-    MSG_TYPE_COUNT = 7
+    MSG_PROBE = 7,              /* a quarantined member asks who hears it (ring notice) */
+    MSG_PROBE_REPLY = 8,        /* ring id + members: the answer, multicast */
+    MSG_TYPE_COUNT = 9
 };
 
 #define HDR_LEN 12u                       /* magic, version, type, cluster, sender */
@@ -118,7 +120,8 @@ enum msg_type {
 #define TIMER_MERGE_DETECT 5
 #define TIMER_LOOPBACK 6
 #define TIMER_STARTUP 7
-#define TIMER_COUNT 8
+#define TIMER_PROBE 8
+#define TIMER_COUNT 9
 #define NEVER UINT64_MAX
 
 #define BUF_POOL_MAX 512                  /* free datagram buffers kept for reuse */
@@ -396,6 +399,16 @@ struct gc_ring {
     nodeset_t my_left;             /* members that announced a graceful leave */
     int have_installed;
     int failed_to_recv;
+
+    /* back-off after a self-exclusion (one-way links, a partly deaf member) */
+    uint32_t exclusions;           /* consecutive self-exclusions: the back-off exponent */
+    int quarantined;               /* our singleton after one: merges only on evidence */
+    uint64_t backoff_until;        /* ... and not before this */
+    uint64_t multi_since;          /* when we installed our last ring with others (0: none) */
+    ring_id_t probe_ring;          /* the ring whose probe replies we are collecting */
+    nodeset_t probe_memb;          /* its members, as its replies say */
+    nodeset_t probe_heard;         /* those we heard reply since our last probe */
+    uint64_t probe_replied_at;     /* we last answered someone's probe then */
     int originated_token;
 
     /* the current ring's message state */
@@ -797,6 +810,15 @@ static size_t encode_ring_notice(const gc_ring_t *r, uint32_t type, uint8_t *buf
     return (size_t)(w.p - buf);
 }
 
+static size_t encode_probe_reply(const gc_ring_t *r, uint8_t *buf)
+{
+    writer_t w = { buf };
+    w_header(r, &w, MSG_PROBE_REPLY, r->me);
+    w_ring_id(&w, r->my_ring_id);
+    w_nodeset(&w, &r->my_memb);
+    return (size_t)(w.p - buf);
+}
+
 static void w_mcast_header(const gc_ring_t *r, writer_t *w, uint32_t seq, uint32_t flags, uint32_t count)
 {
     w_header(r, w, MSG_MCAST, r->me);
@@ -1019,20 +1041,58 @@ static void commit_create(gc_ring_t *r, uint64_t now)
     commit_enter(r, now, &c);
 }
 
+/* A member that excluded itself (failed to receive) cannot tell a repaired
+   link from a broken one by merging: that re-forms every ring and the storm
+   starts again.  Its singleton stays out (ignores joins and foreign packets,
+   sends no merge detects) for a back-off that doubles with each exclusion in
+   a row (exclusion_backoff_us up to exclusion_backoff_max_us), and after it
+   merges only on evidence: it multicasts a probe every merge_us, members of
+   other rings answer with their ring id and members, and once it has heard
+   the answer of every member of one ring directly it merges with that ring. */
+static void quarantine_start(gc_ring_t *r, uint64_t now)
+{
+    if (r->multi_since == 0 || now - r->multi_since >= r->cfg.exclusion_backoff_max_us) r->exclusions = 0;
+    r->exclusions++;
+    uint64_t backoff = r->cfg.exclusion_backoff_us;
+    for (uint32_t i = 1; i < r->exclusions && backoff < r->cfg.exclusion_backoff_max_us; i++) backoff *= 2;
+    if (backoff > r->cfg.exclusion_backoff_max_us) backoff = r->cfg.exclusion_backoff_max_us;
+    r->quarantined = 1;
+    r->backoff_until = now + backoff;
+    memset(&r->probe_ring, 0, sizeof(r->probe_ring));
+    r->probe_memb.n = r->probe_heard.n = 0;
+    r->stats.backoffs++;
+    timer_set(r, TIMER_PROBE, r->backoff_until);
+}
+
+static void quarantine_end(gc_ring_t *r)
+{
+    r->quarantined = 0;
+    timer_cancel(r, TIMER_PROBE);
+}
+
+/* Quarantined and operational in our singleton: others' membership traffic is ignored. */
+static int quarantine_holds(const gc_ring_t *r)
+{
+    return r->quarantined && r->state == GC_STATE_OPERATIONAL;
+}
+
 /* Consensus: every active member sent a join with our exact sets. */
 static void consensus_check(gc_ring_t *r, uint64_t now)
 {
     nodeset_t active;
     if (r->state != GC_STATE_GATHER) return;
-    set_subtract(&active, &r->my_proc, &r->my_fail);
-    if (!set_subset(&active, &r->my_consensus)) return;
     if (r->failed_to_recv) {
+        /* Our join (fail set naming us) told the ring-mates; waiting for their
+           agreement only kept the aru pinned and drew their joins. */
         r->failed_to_recv = 0;
         set_single(&r->my_proc, r->me);
         r->my_fail.n = 0;
+        quarantine_start(r, now);
         commit_create(r, now);
         return;
     }
+    set_subtract(&active, &r->my_proc, &r->my_fail);
+    if (!set_subset(&active, &r->my_consensus)) return;
     if (!r->have_installed && now < r->startup_until) {
         /* A fresh member gathers for startup_wait before forming its first ring,
            so members started together form one ring rather than several. */
@@ -1044,6 +1104,7 @@ static void consensus_check(gc_ring_t *r, uint64_t now)
 
 static void gather_enter(gc_ring_t *r, uint64_t now)
 {
+    quarantine_end(r);
     r->state = GC_STATE_GATHER;
     r->stats.gather_entered++;
     r->originated_token = 0;
@@ -1178,6 +1239,12 @@ static int handle_join(gc_ring_t *r, uint64_t now, uint32_t sender, const join_t
         r->stats.drop_stale++;              /* queued while we were paused (pause_check) */
         return GC_ESTALE;
     }
+    /* Quarantined, or the sender announces it excluded itself (it is in its
+       own fail set) and is none of ours: nothing for us to do. */
+    if (quarantine_holds(r) || (set_contains(&j->fail, sender) && !set_contains(&r->my_proc, sender))) {
+        r->stats.drop_ignored++;
+        return GC_EIGNORED;
+    }
     switch (r->state) {
     case GC_STATE_OPERATIONAL:
         /* corosync ignore_join_under_operational: it excluded us, or it is stale */
@@ -1213,6 +1280,7 @@ static int handle_join(gc_ring_t *r, uint64_t now, uint32_t sender, const join_t
 /* A packet from another ring: a partition healed, or a member restarted. */
 static int foreign_seen(gc_ring_t *r, uint64_t now, uint32_t sender, ring_id_t ring)
 {
+    if (quarantine_holds(r)) { r->stats.drop_ignored++; return GC_EIGNORED; }
     switch (r->state) {
     case GC_STATE_OPERATIONAL:
         if (set_contains(&r->my_memb, sender) && ring.seq < r->my_ring_id.seq) {
@@ -1471,11 +1539,11 @@ static void operational_enter(gc_ring_t *r, uint64_t now)
     r->old_saved = 0;
     r->have_installed = 1;
     r->failed_to_recv = 0;
+    r->multi_since = r->my_memb.n > 1 ? now : 0;
     r->retrans_n = r->retrans_head = 0;
     r->state = GC_STATE_OPERATIONAL;
     r->stats.operational_entered++;
     r->stats.continuous_gathers = 0;
-    (void)now;
     deliver_regular(r);
 }
 
@@ -1706,7 +1774,7 @@ static void originate_regular(gc_ring_t *r, token_t *t, sortq_t *q)
     s->origin = r->me;
     s->flags = (uint8_t)flags;
     s->used = 1;
-    emit_mcast(r, b, len);
+    if (!r->quarantined) emit_mcast(r, b, len);     /* a quarantined singleton stays unseen */
     r->stats.datagrams_originated++;
 }
 
@@ -1730,7 +1798,7 @@ static void originate_recovery(gc_ring_t *r, token_t *t, sortq_t *q)
     s->origin = r->me;
     s->flags = MCAST_FLAG_ENCAP;
     s->used = 1;
-    emit_mcast(r, b, len);
+    if (!r->quarantined) emit_mcast(r, b, len);
     r->stats.datagrams_originated++;
 }
 
@@ -1894,8 +1962,45 @@ static void hold_release(gc_ring_t *r, uint64_t now, int have_work)
     token_transmit(r, now);
 }
 
+/* Someone quarantined asks who hears it: members of an operational ring
+   answer (at most every merge_us / 2 each), and nothing else changes. */
+static int handle_probe(gc_ring_t *r, uint64_t now, uint32_t sender)
+{
+    if (r->state != GC_STATE_OPERATIONAL || r->quarantined || set_contains(&r->my_memb, sender) ||
+        (r->probe_replied_at != 0 && now - r->probe_replied_at < r->cfg.merge_us / 2)) {
+        r->stats.drop_ignored++;
+        return GC_EIGNORED;
+    }
+    r->probe_replied_at = now;
+    size_t len = encode_probe_reply(r, r->scratch);
+    emit_mcast(r, r->scratch, len);
+    return GC_OK;
+}
+
+/* An answer to our probe: once every member of one ring answered directly
+   (we hear them all again) and the back-off is over, merge with it. */
+static int handle_probe_reply(gc_ring_t *r, uint64_t now, uint32_t sender, ring_id_t ring, const nodeset_t *memb)
+{
+    if (!quarantine_holds(r) || ring_id_eq(ring, r->my_ring_id)) {
+        r->stats.drop_ignored++;
+        return GC_EIGNORED;
+    }
+    if (!ring_id_eq(ring, r->probe_ring)) {
+        r->probe_ring = ring;
+        r->probe_memb = *memb;
+        r->probe_heard.n = 0;
+    }
+    set_add(&r->probe_heard, sender);
+    if (now >= r->backoff_until && set_subset(&r->probe_memb, &r->probe_heard)) {
+        quarantine_end(r);
+        return foreign_seen(r, now, sender, ring);
+    }
+    return GC_OK;
+}
+
 static int handle_ring_notice(gc_ring_t *r, uint64_t now, uint32_t type, uint32_t sender, ring_id_t ring)
 {
+    if (type == MSG_PROBE) return handle_probe(r, now, sender);
     if (type == MSG_MERGE_DETECT) {
         if (ring_id_eq(ring, r->my_ring_id)) { r->stats.drop_ignored++; return GC_EIGNORED; }
         return foreign_seen(r, now, sender, ring);
@@ -1942,6 +2047,15 @@ static int dispatch(gc_ring_t *r, uint64_t now, const uint8_t *buf, size_t len, 
         if ((rc = decode_commit(r, &rd, &c)) != GC_OK) return rc;
         return handle_commit(r, now, &c);
     }
+    case MSG_PROBE_REPLY: {
+        ring_id_t ring = r_ring_id(&rd);
+        nodeset_t memb;
+        if (rd.bad || ring.rep == 0 || r_nodeset(&rd, &memb) < 0 || rd.left != 0 ||
+            !set_contains(&memb, h.sender))
+            return malformed(r, &rd);
+        return handle_probe_reply(r, now, h.sender, ring, &memb);
+    }
+    case MSG_PROBE:
     case MSG_MERGE_DETECT:
     case MSG_HOLD_CANCEL: {
         ring_id_t ring = r_ring_id(&rd);
@@ -2010,7 +2124,20 @@ static void fire(gc_ring_t *r, uint64_t now, int t)
     case TIMER_CONSENSUS:
         if (r->state == GC_STATE_GATHER) consensus_expired(r, now);
         break;
+    case TIMER_PROBE:
+        if (quarantine_holds(r)) {
+            size_t len = encode_ring_notice(r, MSG_PROBE, r->scratch);
+            emit_mcast(r, r->scratch, len);
+            r->probe_heard.n = 0;                /* evidence is what answers this probe */
+            r->stats.probes_sent++;
+            timer_after(r, TIMER_PROBE, now, r->cfg.merge_us);
+        }
+        break;
     case TIMER_MERGE_DETECT:
+        if (quarantine_holds(r)) {
+            timer_after(r, TIMER_MERGE_DETECT, now, r->cfg.merge_us);    /* stay unseen */
+            break;
+        }
         if (r->state == GC_STATE_OPERATIONAL && r->me == r->my_ring_id.rep &&
             r->my_seq_unchanged > r->cfg.seqno_unchanged_const) {
             size_t len = encode_ring_notice(r, MSG_MERGE_DETECT, r->scratch);
@@ -2055,6 +2182,8 @@ void gc_ring_config_default(gc_ring_config_t *c)
     c->miss_count_const = 5;
     c->token_retransmits_max = 4;
     c->pause_us = 500000;                /* token / 2, as corosync */
+    c->exclusion_backoff_us = 1000000;   /* token */
+    c->exclusion_backoff_max_us = 4000000; /* 4 * token */
     c->initial_seq = 0;
     c->initial_token_seq = 0;
     c->mutation = 0;
@@ -2085,6 +2214,8 @@ int gc_ring_config_check(const gc_ring_config_t *c, const char **errmsg)
         msg = "fail_recv_const, seqno_unchanged_const and miss_count_const must be >= 1";
     else if (c->token_retransmits_max < 1) msg = "token_retransmits_max must be >= 1";
     else if (c->pause_us == 0) msg = "pause (pause_fraction * token timeout) must be > 0";
+    else if (c->exclusion_backoff_us > c->exclusion_backoff_max_us)
+        msg = "exclusion_backoff must be <= exclusion_backoff_max";
     else if (c->ring_seq_floor > JOIN_RING_SEQ_MAX) msg = "ring_seq_floor is too large (max 2**62 - 4)";
     if (errmsg) *errmsg = msg;
     return msg ? GC_EINVAL : GC_OK;
@@ -2371,7 +2502,8 @@ static const char *const transitions[][3] = {
     { "OPERATIONAL", "token loss", "GATHER" },
     { "OPERATIONAL", "join (not stale, not excluding us)", "GATHER" },
     { "OPERATIONAL", "foreign message / merge detect", "GATHER" },
-    { "OPERATIONAL", "failed to receive", "GATHER (self-exclusion)" },
+    { "OPERATIONAL", "failed to receive", "GATHER (self-exclusion) -> singleton, quarantined" },
+    { "OPERATIONAL", "quarantined: probe answered by every member of a ring", "GATHER (merge)" },
     { "any", "leave", "LEFT" },
 };
 

@@ -95,6 +95,8 @@ typedef struct {
     uint32_t miss_count_const;     /* visits a hole must persist before it is requested */
     uint32_t token_retransmits_max;/* re-sends of one token before waiting for loss */
     uint64_t pause_us;             /* a call this late past our deadline: we were paused */
+    uint64_t exclusion_backoff_us; /* after excluding ourselves, stay out at least this long ... */
+    uint64_t exclusion_backoff_max_us; /* ... doubled per exclusion in a row, up to this */
     uint32_t initial_seq;          /* test knob: first message seq of each ring - 1 */
     uint32_t initial_token_seq;    /* test knob: token seq of each new ring */
     uint32_t mutation;             /* test knob: deliberate bug for checker tests (0 = none) */
@@ -134,6 +136,8 @@ typedef struct {
     uint64_t suspicions;           /* members excluded on the failure detector's word */
     uint64_t continuous_gathers;   /* current run of consensus timeouts without a ring */
     uint64_t pauses_detected;      /* times we were called pause_us or more past our deadline */
+    uint64_t backoffs;             /* times we quarantined our singleton after excluding ourselves */
+    uint64_t probes_sent;          /* quarantined: probes asking who hears us */
 } gc_ring_stats_t;
 
 typedef struct gc_ring gc_ring_t;

@@ -93,3 +93,58 @@ def test_fd_a_member_that_loses_a_peers_packets_does_not_exclude_it():
     got = [e.payload for e in sim.history(1) if isinstance(e, Delivery) and e.sender == 3]
     assert got == [b"3-%d" % i for i in range(24)] + got[24:]
     heal_and_check(sim, merges=0)
+
+
+# -- a partly deaf member: excluded once, quarantined until it hears everyone -
+
+def deaf_to_two(sim: SimCluster) -> None:
+    sim.cut(1, 4, multicast_only=True)     # 4 still gets the token, not 1's or 2's multicasts
+    sim.cut(2, 4, multicast_only=True)
+
+
+def test_a_partly_deaf_member_is_excluded_once_and_merges_once_after_heal():
+    """Before: 4 excluded itself after about 9 s, then its joins and its own ring's
+    traffic made 1, 2, 3 re-form (1, 2, 3) 43 times in 25 s (55 with the FD layer)."""
+    for stack in (None, "sim"):
+        sim = formed(4, stack=stack)
+        before = counts(sim)
+        deaf_to_two(sim)
+        run_with_traffic(sim, 25, sim.nodes)
+        assert installations(sim, before, (1, 2, 3)) == {1: 1, 2: 1, 3: 1}
+        assert regular_views(sim, 1)[-1] == (1, 2, 3) and regular_views(sim, 4)[-1] == (4,)
+        stats = sim.ring(4).stats()
+        assert stats["failed_to_receive"] == 1 and stats["backoffs"] == 1 and stats["probes_sent"] > 0
+        # the healthy ring delivers normally meanwhile
+        mid = [e.payload for e in sim.history(2) if isinstance(e, Delivery) and e.sender == 1]
+        assert mid[-3:] == [b"1-22", b"1-23", b"1-24"]
+        heal_and_check(sim, merges=1)
+
+
+def test_a_quarantined_member_does_not_merge_before_its_back_off_even_when_healed():
+    from groupcomm.core.ring import RingConfig
+
+    sim = SimCluster(4, seed=1, config=RingConfig(exclusion_backoff=3.0, exclusion_backoff_max=3.0))
+    assert sim.run_until(sim.converged, timeout=10)
+    alone_at: list[float] = []
+    sim.add_observer(lambda n, e: alone_at.append(sim.now) if n == 4 and isinstance(e, Configuration)
+                     and not e.transitional and e.members == (4,) else None)
+    deaf_to_two(sim)
+    for _ in range(30):
+        run_with_traffic(sim, 1, sim.nodes)
+        if alone_at:
+            break
+    sim.heal()                               # at once: the link is fine, but 4 waits out its back-off
+    assert sim.run_until(lambda: sim.ring(4).members == sim.nodes, timeout=10)
+    assert 3.0 <= sim.now - alone_at[0] <= 3.0 + 2 * sim.settle_time / 4
+    sim.run(sim.settle_time)
+    sim.check(settled=True)
+
+
+def test_exclusion_back_off_is_validated():
+    import pytest
+
+    from groupcomm.core.ring import RingConfig
+    from groupcomm.errors import ConfigError
+
+    with pytest.raises(ConfigError, match="exclusion_backoff"):
+        RingConfig(exclusion_backoff=5.0, exclusion_backoff_max=1.0).to_c(1)

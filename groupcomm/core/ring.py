@@ -148,6 +148,14 @@ class RingConfig:
     stall): instead of blaming the others at once, it restarts its token-loss and
     consensus timers and ignores the joins that queued up meanwhile (Corosync also
     uses half the token timeout)."""
+    exclusion_backoff: Duration | None = None
+    """A member that excluded itself (it kept missing messages the others have: a
+    one-way link, a partly deaf member) stays out in a quarantined singleton ring
+    at least this long, doubled for each exclusion in a row up to
+    ``exclusion_backoff_max``; after that it merges only once every member of a
+    ring answered its probes directly (default ``token_timeout``)."""
+    exclusion_backoff_max: Duration | None = None
+    """Cap of the doubling back-off above (default ``4 * token_timeout``)."""
     cluster_id: int = 0
     """Packets carrying another cluster id are dropped."""
     initial_seq: int = 0
@@ -195,6 +203,10 @@ class RingConfig:
             "miss_count_const": self.miss_count_const,
             "token_retransmits_max": self.token_retransmits_max,
             "pause_us": _pause_us(self.pause_fraction, self.token_timeout),
+            "exclusion_backoff_us": _to_us("exclusion_backoff", _derived(self.exclusion_backoff, self.token_timeout)),
+            "exclusion_backoff_max_us": _to_us(
+                "exclusion_backoff_max", _derived(self.exclusion_backoff_max, 4 * self.token_timeout)
+            ),
             "initial_seq": self.initial_seq,
             "initial_token_seq": self.initial_token_seq,
             "mutation": self.mutation,
