@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from groupcomm.errors import ConfigError
-from groupcomm.layers.fd import HEARTBEAT, PING, FailureDetector, FdConfig
+from groupcomm.layers.fd import HEARTBEAT, PING, PONG, FailureDetector, FdConfig
 
 MS = 1000
 CFG = FdConfig(interval=0.02, timeout=0.08, verify=0.03)
@@ -105,3 +105,67 @@ def test_the_detector_tracks_only_view_members():
     assert len(fd._heard) == 1
     fd.heard(2, 70 * MS)
     assert fd.tick(90 * MS)[1] == []                # 2 was heard recently: no ping
+
+
+def test_packets_are_answered_counted_and_dropped_by_kind():
+    from groupcomm.layers.wire import HEADER, PROTOCOL_VERSION
+
+    fd = detector()
+    peer = FailureDetector(2, cluster_id=7, config=CFG)
+    assert fd.receive(peer.packet(PING), 5 * MS) == 2            # a ping is answered with a pong to its sender
+    assert fd.receive(peer.packet(HEARTBEAT), 5 * MS) is None
+    assert fd.receive(peer.packet(PONG), 5 * MS) is None
+    assert fd.drops == {} or all(v == 0 for v in fd.drops.values())
+    cases = {
+        "cluster": FailureDetector(2, cluster_id=8, config=CFG).packet(PING),
+        "self": FailureDetector(1, cluster_id=7, config=CFG).packet(PING),
+        "version": HEADER.pack(b"GF", PROTOCOL_VERSION + 1, PING, 7, 2),
+    }
+    for reason, packet in cases.items():
+        assert fd.receive(packet, 5 * MS) is None
+        assert fd.drops.get(reason) == 1, (reason, fd.drops)
+    malformed = [
+        HEADER.pack(b"GF", PROTOCOL_VERSION, 9, 7, 2),             # no such kind
+        HEADER.pack(b"GF", PROTOCOL_VERSION, PING, 7, 0),          # no sender
+        peer.packet(PING) + b"x",                                 # too long
+        peer.packet(PING)[:-1],                                   # too short
+    ]
+    for packet in malformed:
+        assert fd.receive(packet, 5 * MS) is None
+    assert fd.drops.get("malformed") == len(malformed)
+
+
+def test_only_a_valid_packet_is_a_sign_of_life():
+    fd = detector()
+    stranger = FailureDetector(2, cluster_id=8, config=CFG)
+    fd.receive(stranger.packet(HEARTBEAT), 70 * MS)               # another cluster's node 2
+    assert 2 in fd.tick(80 * MS)[1]
+    fd = detector()
+    fd.receive(FailureDetector(2, cluster_id=7, config=CFG).packet(HEARTBEAT), 70 * MS)
+    assert 2 not in fd.tick(80 * MS)[1]
+
+
+def test_the_next_deadline_is_the_earliest_of_heartbeat_ping_and_verification():
+    fd = detector()
+    fd.tick(0)                                      # heartbeat sent: the next one is due at 20 ms
+    assert fd.next_deadline() == 20 * MS
+    for t in range(20, 80, 20):
+        fd.tick(t * MS)
+        fd.heard(2, t * MS)
+        fd.heard(3, t * MS)
+    assert fd.next_deadline() == 80 * MS            # heartbeat at 80 ms; pings due at 60 + 80 ms
+    fd.heard(2, 79 * MS)
+    fd.tick(80 * MS)
+    fd.tick(140 * MS)                               # 3 silent since 60 ms: pinged at 140 ms
+    assert fd.next_deadline() == min(160 * MS, 140 * MS + 30 * MS, 79 * MS + 80 * MS)
+    beat, ping, dead = fd.tick(170 * MS)
+    assert dead == [3]
+    assert fd.next_deadline() == 190 * MS            # 3 reported: the heartbeat (190) before 2's verification (200)
+
+
+@pytest.mark.parametrize(
+    "kwargs", [dict(interval=0.0), dict(interval=1.0, timeout=1.0), dict(interval=2.0, timeout=1.0), dict(verify=0.0)]
+)
+def test_bad_timer_settings_are_refused(kwargs):
+    with pytest.raises(ConfigError, match="FD"):
+        FdConfig(**kwargs)
