@@ -36,6 +36,7 @@ from pathlib import Path
 import time
 import zlib
 from collections.abc import AsyncIterator, Awaitable, Callable
+from collections import deque
 from contextlib import asynccontextmanager
 
 import trio
@@ -164,7 +165,8 @@ class Channel:
         )
         self._batch: list = []               # events of the flush under way, handed to events() in one go
         self._batch_bytes = 0
-        self._batch_pieces = False           # ... holding a large message not joined yet
+        self._batch_large = 0                # ... its largest message not joined yet (Pieces), in bytes
+        self._large_pending: deque[int] = deque()    # that size for each queued batch that has one
         self._flushing = self._flush_again = False
         self._nursery: trio.Nursery | None = None
         self._max_pending = max_pending_events
@@ -176,7 +178,7 @@ class Channel:
         self._fixed_targets: frozenset[tuple] = frozenset()    # ... of which the configured hosts
         # Events travel in one list per flush (with its payload bytes): one checkpoint per
         # batch, not per message.  Unbounded here; the counts below bound it.
-        self._events_send, self._events_recv = trio.open_memory_channel[tuple[list, int, bool]](math.inf)
+        self._events_send, self._events_recv = trio.open_memory_channel[tuple[list, int, int]](math.inf)
         self._pending_events = 0
         self._pending_bytes = 0
         self._peer_table_max = max(_MIN_PEER_TABLE, 4 * ring.max_members)
@@ -316,7 +318,7 @@ class Channel:
         The events count as delivered (no longer pending) once returned.
         """
         try:
-            batch, size, pieces = await self._events_recv.receive()
+            batch, size, large = await self._events_recv.receive()
         except trio.EndOfChannel:
             if self._overflow:
                 raise DeliveryOverflow(
@@ -324,9 +326,10 @@ class Channel:
                     "the member left the group so the others are not held up"
                 ) from None
             return []
-        if pieces:
+        if large:
             with trio.CancelScope(shield=True):          # the batch is ours now: never lose it
                 await trio.to_thread.run_sync(_join_pieces, batch)
+            self._large_pending.popleft()
         self._pending_events -= len(batch)
         self._pending_bytes -= size
         return batch
@@ -702,7 +705,7 @@ class Channel:
         self._flushing = True
         self._batch = batch = []
         self._batch_bytes = 0
-        self._batch_pieces = False
+        self._batch_large = 0
         try:
             while True:
                 self._flush_again = False
@@ -714,7 +717,9 @@ class Channel:
         if batch and not self._closed:
             self._pending_events += len(batch)
             self._pending_bytes += self._batch_bytes
-            self._events_send.send_nowait((batch, self._batch_bytes, self._batch_pieces))
+            self._events_send.send_nowait((batch, self._batch_bytes, self._batch_large))
+            if self._batch_large:
+                self._large_pending.append(self._batch_large)
         deadline = self._deadline()
         if self._timer_scope is not None and deadline != self._armed_deadline:
             self._armed_deadline = deadline
@@ -723,7 +728,9 @@ class Channel:
             self._space.set()
         if self._pending_events > self._max_pending:
             self.leave_on_overflow(f"more than {self._max_pending} undelivered events (max_pending_events)")
-        elif self._pending_bytes > self._max_pending_bytes:
+        elif self._pending_bytes - max(self._large_pending, default=0) > self._max_pending_bytes:
+            # One message of up to max_message always fits: a consumer that keeps up is never
+            # "slow" because a legal large message and a few small ones arrived together.
             self.leave_on_overflow(
                 f"more than {self._max_pending_bytes} bytes of undelivered messages (max_pending_bytes)")
 
@@ -740,7 +747,7 @@ class Channel:
 
     def _deliver_run(self, run: list) -> None:
         if len(run) == 1 and type(run[0].payload) is Pieces:     # a large message, joined later
-            self._batch_pieces = True
+            self._batch_large = max(self._batch_large, run[0].payload.size)
         self._batch.extend(run)
         self._batch_bytes += sum(map(len, map(_PAYLOAD, run)))
 
