@@ -1,8 +1,9 @@
 """A large message shares the ring: real member processes on the loopback stack.
 
-    python benchmarks/large_messages.py [--members 3] [--size 64MiB] [--pump c] [--json]
+    python benchmarks/large_messages.py [--members 3] [--size 64MiB] [--large-senders 1] [--pump c] [--json]
 
-Member 0 multicasts one message of ``--size`` bytes; member 1 multicasts a small
+Member 0 (and with ``--large-senders 2`` member 2 at the same time) multicasts one
+message of ``--size`` bytes; member 1 multicasts a small
 timestamped message every ``--interval`` seconds all along (first without the large
 message, as a baseline, then during its transfer).  Prints the transfer time (send
 to delivery at the slowest member), the view changes every member saw after the
@@ -38,10 +39,15 @@ def _digest(payload: bytes) -> str:
     return hashlib.sha256(payload).hexdigest()
 
 
-def big_payload(size: int) -> bytes:
+def big_payload(size: int, sender: int) -> bytes:
     """A large message whose bytes vary (a cut or reordered fragment changes the hash)."""
-    block = hashlib.sha256(b"large").digest() * 2048                      # 64 KiB
-    return _BIG + (block * (size // len(block) + 1))[: size - len(_BIG)]
+    block = hashlib.sha256(b"large %d" % sender).digest() * 2048          # 64 KiB
+    return _BIG + bytes([sender]) + (block * (size // len(block) + 1))[: size - len(_BIG) - 1]
+
+
+def large_senders(count: int) -> list[int]:
+    """The members that send a large message: 0, then 2, 3, ... (1 sends the small ones)."""
+    return [0, *range(2, count + 1)]
 
 
 class _StallLog:
@@ -74,9 +80,11 @@ async def worker(args: argparse.Namespace) -> None:
     ended = trio.Event()
     big_done = trio.Event()
     full = False
-    big: list[bytes] = []
-    payload = big_payload(args.size) if args.index == 0 else b""
-    out["expected_sha256"] = _digest(payload)          # before the run: the loop is the member's
+    big: dict[int, bytes] = {}
+    sender = args.index in large_senders(args.large_senders)
+    payload = big_payload(args.size, args.index) if sender else b""
+    if sender:
+        out["expected_sha256"] = _digest(payload)      # before the run: the loop is the member's
     stalls = _StallLog()
     trio.lowlevel.add_instrument(stalls)
 
@@ -101,9 +109,10 @@ async def worker(args: argparse.Namespace) -> None:
                         if seq >= args.baseline:
                             baseline_seen.set()
                     elif p[:4] == _BIG:
-                        big.append(p)              # hashed once the member left: no CPU taken from the ring
-                        out["big"] = {"delivered": now, "size": len(p)}
-                        big_done.set()
+                        big[p[4]] = p              # hashed once the member left: no CPU taken from the ring
+                        out.setdefault("big", {})[p[4]] = {"delivered": now, "size": len(p)}
+                        if len(big) == args.large_senders:
+                            big_done.set()
                     elif p == _END:
                         ended.set()
                         return
@@ -122,10 +131,12 @@ async def worker(args: argparse.Namespace) -> None:
                         await trio.sleep(args.interval)
                 nursery.start_soon(tick)
             with trio.move_on_after(args.timeout):
-                if args.index == 0:                       # the large-message sender
+                if sender:                                # a large-message sender
                     await baseline_seen.wait()
                     out["sent"] = time.monotonic()
                     await ch.send(payload)
+                    payload = b""
+                if args.index == 0:
                     await big_done.wait()
                     await trio.sleep(args.tail)
                     await ch.send(_END)
@@ -134,8 +145,8 @@ async def worker(args: argparse.Namespace) -> None:
         out["stats"] = {k: v for k, v in ch.stats().items()
                         if k in ("token_losses", "gather_entered", "suspicions", "pauses_detected", "retransmissions",
                                  "fragments_dropped", "reassembly_refused", "transport_send_drops")}
-    if big:
-        out["big"]["sha256"] = _digest(big[0])
+    for index, p in big.items():
+        out["big"][index]["sha256"] = _digest(p)
     out["stalls"] = stalls.steps
     out["views"] = views
     out["small"] = small
@@ -152,10 +163,11 @@ def percentile(values: list[float], q: float) -> float:
 
 def summarize(results: list[dict], size: int) -> dict:
     """The figures of one run, from every worker's report."""
-    expected = results[0].get("expected_sha256")
-    bigs = [r.get("big") for r in results]
-    intact = all(b is not None and b["sha256"] == expected and b["size"] == size for b in bigs)
-    sent = results[0].get("sent")
+    senders = [r for r in results if "expected_sha256" in r]
+    bigs = [r.get("big", {}).get(str(s["index"])) for r in results for s in senders]
+    intact = all(b is not None and b.get("sha256") == s["expected_sha256"] and b["size"] == size
+                 for b, s in zip(bigs, senders * len(results)))
+    sent = min((s["sent"] for s in senders if "sent" in s), default=None)
     done = max(b["delivered"] for b in bigs) if intact else None
     baseline, during = [], []
     for r in results:
@@ -168,6 +180,7 @@ def summarize(results: list[dict], size: int) -> dict:
     in_order = all([s[0] for s in r["small"]] == sorted({s[0] for s in r["small"]}) for r in results)
     return {
         "size": size,
+        "large_senders": len(senders),
         "intact": intact,
         "transfer_s": round(done - sent, 3) if intact else None,
         "view_changes": [len(r["views"]) for r in results],
@@ -194,8 +207,8 @@ def parse_size(text: str) -> int:
 
 
 def run(members: int, size: int, pump: str, timeout: float, interval: float = 0.005,
-        baseline: int = 200) -> dict:
-    """One run: ``members`` processes, one large message, small messages all along."""
+        baseline: int = 200, senders: int = 1) -> dict:
+    """One run: ``members`` processes, ``senders`` large messages at once, small messages all along."""
     cluster = f"bench-large-{uuid.uuid4().hex[:8]}"
     with tempfile.TemporaryDirectory() as state:
         os.environ["GROUPCOMM_STATE_DIR"] = state
@@ -203,7 +216,7 @@ def run(members: int, size: int, pump: str, timeout: float, interval: float = 0.
         results = run_workers(__file__, members, [
             "--cluster", cluster, "--port", str(free_port()), "--members", str(members),
             "--size", str(size), "--interval", str(interval), "--baseline", str(baseline),
-            "--timeout", str(timeout),
+            "--timeout", str(timeout), "--large-senders", str(senders),
         ], timeout=timeout + 30)
     return summarize(sorted(results, key=lambda r: r["index"]), size)
 
@@ -217,16 +230,22 @@ def main() -> None:
     parser.add_argument("--baseline", type=int, default=200, help="small messages before the large one")
     parser.add_argument("--timeout", type=float, default=60.0)
     parser.add_argument("--tail", type=float, default=0.3, help=argparse.SUPPRESS)
+    parser.add_argument("--large-senders", type=int, default=1,
+                        help="members that each send one large message at the same time")
     parser.add_argument("--json", action="store_true")
     add_worker_arguments(parser)
     args = parser.parse_args()
     if run_if_worker(args, worker):
         return
-    figures = run(args.members, args.size, args.pump, args.timeout, args.interval, args.baseline)
+    if not 1 <= args.large_senders <= args.members - 1:
+        parser.error("--large-senders: from 1 to members - 1 (member 1 sends the small messages)")
+    figures = run(args.members, args.size, args.pump, args.timeout, args.interval, args.baseline,
+                  args.large_senders)
     if args.json:
         print(json.dumps(figures))
         return
-    print(f"{args.members} members on loopback (pump {args.pump}), one message of {args.size} bytes")
+    print(f"{args.members} members on loopback (pump {args.pump}), {args.large_senders} member(s) each "
+          f"sending one message of {args.size} bytes at once")
     print(f"  intact at every member: {figures['intact']}   transfer: {figures['transfer_s']} s")
     print(f"  view changes after the first full view, per member: {figures['view_changes']}")
     print(f"  small messages (every {args.interval * 1e3:g} ms from another member), in order: "

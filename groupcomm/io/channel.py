@@ -326,12 +326,12 @@ class Channel:
                     "the member left the group so the others are not held up"
                 ) from None
             return []
+        self._pending_events -= len(batch)             # the application has it: no longer queued
+        self._pending_bytes -= size
         if large:
+            self._large_pending.popleft()
             with trio.CancelScope(shield=True):          # the batch is ours now: never lose it
                 await trio.to_thread.run_sync(_join_pieces, batch)
-            self._large_pending.popleft()
-        self._pending_events -= len(batch)
-        self._pending_bytes -= size
         return batch
 
     async def aclose(self) -> None:

@@ -90,10 +90,10 @@ class _Partial:
 class Pieces:
     """A reassembled message whose fragments are not yet joined into one ``bytes``.
 
-    Reassembly keeps each fragment's payload as a view of its datagram (no copy per
-    fragment); the one copy is :meth:`join`.  For a message of tens of MiB that copy
-    takes tens of milliseconds, so a driver may do it off its event loop (``bytes.join``
-    releases the GIL for large results), where it does not hold up the ring's timers.
+    Reassembly keeps each fragment's payload (``bytes``, one fragment's worth of work as
+    it arrives); the copy of the whole is :meth:`join`.  For a message of tens of MiB that
+    copy takes tens of milliseconds, so a driver may do it in a worker thread, where it
+    does not hold up the ring's timers (``bytes.join`` of ``bytes`` parts releases the GIL).
     """
 
     __slots__ = ("parts", "size")
@@ -200,7 +200,9 @@ class Fragmenter:
             return None
         msg_id, index, count, kind = _FRAG.unpack_from(data)
         key = (sender, msg_id)
-        chunk = memoryview(data)[_FRAG.size :]    # no copy: the join at the end is the only one
+        # A bytes copy of 64 kB per fragment, not a memoryview: bytes.join releases the GIL
+        # only when every part is bytes, so a driver can join a large message off its loop.
+        chunk = data[_FRAG.size :]
         size = len(chunk)
         if index == 0 and count >= 1:
             if key in self._partial:
