@@ -403,6 +403,8 @@ struct gc_ring {
     /* back-off after a self-exclusion (one-way links, a partly deaf member) */
     uint32_t exclusions;           /* consecutive self-exclusions: the back-off exponent */
     int quarantined;               /* our singleton after one: merges only on evidence */
+    int named_failed;              /* this round, a member we want put us in its fail set */
+    uint32_t named_failed_rounds;  /* failed rounds since our last installation in which that happened */
     uint64_t backoff_until;        /* ... and not before this */
     uint64_t multi_since;          /* when we installed our last ring with others (0: none) */
     ring_id_t probe_ring;          /* the ring whose probe replies we are collecting */
@@ -1126,6 +1128,27 @@ static void gather_enter(gc_ring_t *r, uint64_t now)
     consensus_check(r, now);
 }
 
+/* Others gave up on us (a join of a member we want named us failed) and our
+   round failed too, in two rounds since our last installation (once may be
+   a race of a healing partition):
+   the link between us works one way at most.  Mutual exclusion alone would
+   let us pull the others into a new round forever, so we leave as a member
+   that failed to receive does, into quarantine.  Returns 0 (nothing done)
+   unless it left. */
+static int round_failed_named(gc_ring_t *r, uint64_t now)
+{
+    int named = r->named_failed;
+    r->named_failed = 0;
+    if (!named) return 0;
+    if (++r->named_failed_rounds < 2) return 0;
+    r->named_failed_rounds = 0;
+    r->stats.excluded_by_peers++;
+    r->failed_to_recv = 1;
+    set_add(&r->my_fail, r->me);
+    gather_enter(r, now);
+    return 1;
+}
+
 static void consensus_expired(gc_ring_t *r, uint64_t now)
 {
     nodeset_t active;
@@ -1138,6 +1161,7 @@ static void consensus_expired(gc_ring_t *r, uint64_t now)
         timer_cancel(r, TIMER_CONSENSUS);
         return;
     }
+    if (round_failed_named(r, now)) return;
     for (uint32_t i = 0; i < active.n; i++)
         if (!set_contains(&r->my_consensus, active.id[i])) set_add(&r->my_fail, active.id[i]);
     r->stats.continuous_gathers++;
@@ -1208,13 +1232,16 @@ static void recovery_abort(gc_ring_t *r)
     r->retrans_n = r->retrans_head = 0;
 }
 
-static int handle_leave(gc_ring_t *r, uint64_t now, uint32_t sender)
+/* A leave (graceful), or a join whose fail set names its own sender: it
+   excluded itself.  Either way only the sender drops out; the rest of its sets
+   (a self-excluded member may have given up on others) is not adopted. */
+static int handle_leave(gc_ring_t *r, uint64_t now, uint32_t sender, int graceful)
 {
     if (!set_contains(&r->my_proc, sender) || set_contains(&r->my_fail, sender)) {
         r->stats.drop_ignored++;
         return GC_EIGNORED;
     }
-    set_add(&r->my_left, sender);
+    if (graceful) set_add(&r->my_left, sender);
     set_add(&r->my_fail, sender);
     switch (r->state) {
     case GC_STATE_RECOVERY:
@@ -1234,17 +1261,14 @@ static int handle_leave(gc_ring_t *r, uint64_t now, uint32_t sender)
 static int handle_join(gc_ring_t *r, uint64_t now, uint32_t sender, const join_t *j)
 {
     if (j->ring_seq > r->ring_seq_max) r->ring_seq_max = j->ring_seq;
-    if (j->flags & JOIN_FLAG_LEAVE) return handle_leave(r, now, sender);
+    if (j->flags & JOIN_FLAG_LEAVE) return handle_leave(r, now, sender, 1);
     if (now < r->pause_flush_until) {
         r->stats.drop_stale++;              /* queued while we were paused (pause_check) */
         return GC_ESTALE;
     }
-    /* Quarantined, or the sender announces it excluded itself (it is in its
-       own fail set) and is none of ours: nothing for us to do. */
-    if (quarantine_holds(r) || (set_contains(&j->fail, sender) && !set_contains(&r->my_proc, sender))) {
-        r->stats.drop_ignored++;
-        return GC_EIGNORED;
-    }
+    if (quarantine_holds(r)) { r->stats.drop_ignored++; return GC_EIGNORED; }
+    if (set_contains(&j->fail, sender)) return handle_leave(r, now, sender, 0);
+    if (set_contains(&j->fail, r->me) && set_contains(&r->my_proc, sender)) r->named_failed = 1;
     switch (r->state) {
     case GC_STATE_OPERATIONAL:
         /* corosync ignore_join_under_operational: it excluded us, or it is stale */
@@ -1539,6 +1563,8 @@ static void operational_enter(gc_ring_t *r, uint64_t now)
     r->old_saved = 0;
     r->have_installed = 1;
     r->failed_to_recv = 0;
+    r->named_failed = 0;
+    r->named_failed_rounds = 0;
     r->multi_since = r->my_memb.n > 1 ? now : 0;
     r->retrans_n = r->retrans_head = 0;
     r->state = GC_STATE_OPERATIONAL;
@@ -1963,10 +1989,11 @@ static void hold_release(gc_ring_t *r, uint64_t now, int have_work)
 }
 
 /* Someone quarantined asks who hears it: members of an operational ring
-   answer (at most every merge_us / 2 each), and nothing else changes. */
+   answer (at most every merge_us / 2 each), and nothing else changes.  A
+   quarantined member answers too, or two of them would wait for each other. */
 static int handle_probe(gc_ring_t *r, uint64_t now, uint32_t sender)
 {
-    if (r->state != GC_STATE_OPERATIONAL || r->quarantined || set_contains(&r->my_memb, sender) ||
+    if (r->state != GC_STATE_OPERATIONAL || set_contains(&r->my_memb, sender) ||
         (r->probe_replied_at != 0 && now - r->probe_replied_at < r->cfg.merge_us / 2)) {
         r->stats.drop_ignored++;
         return GC_EIGNORED;
@@ -2094,7 +2121,7 @@ static void fire(gc_ring_t *r, uint64_t now, int t)
             break;
         case GC_STATE_COMMIT:
             r->stats.token_losses++;
-            gather_enter(r, now);
+            if (!round_failed_named(r, now)) gather_enter(r, now);
             break;
         case GC_STATE_RECOVERY:
             r->stats.token_losses++;
@@ -2504,6 +2531,8 @@ static const char *const transitions[][3] = {
     { "OPERATIONAL", "foreign message / merge detect", "GATHER" },
     { "OPERATIONAL", "failed to receive", "GATHER (self-exclusion) -> singleton, quarantined" },
     { "OPERATIONAL", "quarantined: probe answered by every member of a ring", "GATHER (merge)" },
+    { "GATHER", "consensus timeout, a wanted member failed us (2nd such round)", "GATHER (self-exclusion) -> singleton, quarantined" },
+    { "COMMIT", "token loss, a wanted member failed us (2nd such round)", "GATHER (self-exclusion) -> singleton, quarantined" },
     { "any", "leave", "LEFT" },
 };
 

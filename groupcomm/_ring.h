@@ -138,6 +138,7 @@ typedef struct {
     uint64_t pauses_detected;      /* times we were called pause_us or more past our deadline */
     uint64_t backoffs;             /* times we quarantined our singleton after excluding ourselves */
     uint64_t probes_sent;          /* quarantined: probes asking who hears us */
+    uint64_t excluded_by_peers;    /* times we left because others failed us and our round failed */
 } gc_ring_stats_t;
 
 typedef struct gc_ring gc_ring_t;

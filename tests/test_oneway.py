@@ -148,3 +148,27 @@ def test_exclusion_back_off_is_validated():
 
     with pytest.raises(ConfigError, match="exclusion_backoff"):
         RingConfig(exclusion_backoff=5.0, exclusion_backoff_max=1.0).to_c(1)
+
+
+# -- a one-way link: the member the others cannot hear leaves, once ------------
+
+def test_a_one_way_link_ends_in_one_stable_configuration():
+    """1 -> 2 is cut (2 hears nothing of 1; 1 hears 2).  Before: the ring re-formed
+    every 2 s (12-13 installations at 2, 3, 4 in 25 s, none at 1, which sat in a
+    commit round with no operational ring).  Now 2 gives up on 1, 1 learns it
+    from 2's join and leaves into quarantine; 2, 3, 4 keep one ring."""
+    for stack in (None, "sim"):
+        sim = formed(4, stack=stack)
+        before = counts(sim)
+        sim.cut(1, 2)
+        run_with_traffic(sim, 25, sim.nodes)
+        during = installations(sim, before, sim.nodes)
+        assert all(1 <= during[n] <= 2 for n in sim.nodes), during
+        assert regular_views(sim, 1)[-1] == (1,)
+        assert {regular_views(sim, n)[-1] for n in (2, 3, 4)} == {(2, 3, 4)}
+        assert sim.ring(1).stats()["excluded_by_peers"] == 1
+        # stable well before the end: nothing changed in the last 20 s
+        late = {n: len(regular_views(sim, n)) for n in sim.nodes}
+        run_with_traffic(sim, 10, sim.nodes)
+        assert counts(sim) == late
+        heal_and_check(sim, merges=1)

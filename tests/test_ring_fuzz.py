@@ -45,7 +45,7 @@ FAST = RingConfig(token_timeout=0.2, join=0.02, merge=0.05)
 # Wire layout (groupcomm/_ring.c, "Encoders"): a 12-byte big-endian header.
 HEADER = struct.Struct(">HBBII")  # magic, version, type, cluster, sender
 MAGIC, VERSION = 0x4743, 1
-MSG_TOKEN, MSG_MCAST, MSG_JOIN, MSG_COMMIT, MSG_MERGE_DETECT, MSG_HOLD_CANCEL = range(1, 7)
+MSG_TOKEN, MSG_MCAST, MSG_JOIN, MSG_COMMIT, MSG_MERGE_DETECT, MSG_HOLD_CANCEL, MSG_PROBE, MSG_PROBE_REPLY = range(1, 9)
 TOKEN_RTR_N_AT = 12 + 12 + 6 * 4 + 1  # header, ring id, six u32, retrans_flg
 MCAST_FLAGS_AT = 12 + 12 + 4  # header, ring id, seq
 JOIN_FLAGS_AT = 12 + 8  # header, ring seq
@@ -319,7 +319,8 @@ def packet_kind(packet: bytes) -> str:
         return "mcast_encap" if flags & MCAST_FLAG_ENCAP else "mcast_safe" if flags & MCAST_FLAG_SAFE else "mcast"
     if ptype == MSG_JOIN:
         return "join_leave" if packet[JOIN_FLAGS_AT] & JOIN_FLAG_LEAVE else "join"
-    return {MSG_COMMIT: "commit", MSG_MERGE_DETECT: "merge_detect", MSG_HOLD_CANCEL: "hold_cancel"}[ptype]
+    return {MSG_COMMIT: "commit", MSG_MERGE_DETECT: "merge_detect", MSG_HOLD_CANCEL: "hold_cancel",
+            MSG_PROBE: "probe", MSG_PROBE_REPLY: "probe_reply"}[ptype]
 
 
 KINDS = ("token", "token_rtr", "mcast", "mcast_safe", "mcast_encap", "join", "join_leave", "commit",
