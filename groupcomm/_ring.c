@@ -56,7 +56,14 @@
  *     sans-IO form): a call pause_us or more past our earliest deadline means
  *     this process was stopped; token-loss and consensus timers restart from
  *     now and joins read within the next join period are dropped as stale.
- *   - A fresh member has no previous configuration, so its first installation
+ *   - One-way links and partial deafness end in one stable configuration: a
+     member that failed to receive (rotations and two token timeouts stuck),
+     or that others keep failing while its own rounds fail, forms its
+     singleton at once and is quarantined (doubling back-off, then it merges
+     only once every member of a ring answered its probes); holes it keeps
+     missing are requested again with a back-off, so it cannot spend the
+     ring's budget (corosync #622, #750, #760).
+   - A fresh member has no previous configuration, so its first installation
  *     delivers only the regular configuration.
  *   - Every packet is decoded with explicit bounds checks into a parsed value
  *     before any state changes; bad packets are counted and dropped.
@@ -430,6 +437,7 @@ struct gc_ring {
     uint32_t my_last_seq;
     uint32_t my_seq_unchanged;
     uint32_t my_aru_count;
+    uint64_t aru_stuck_since;      /* when my_aru_count last started counting */
     int my_token_held;             /* non-rep: the ring looks idle (send hold-cancel) */
     int rep_holding;               /* rep: token parked in token_buf */
 
@@ -1737,6 +1745,18 @@ static int rtr_has(const token_t *t, uint32_t seq)
     return 0;
 }
 
+/* A hole still missing after being requested is asked for again on visits
+   1, 2, 4, 8 ... after the first request, then every RTR_BACKOFF_MAX visits:
+   a member that cannot be repaired (it does not hear the retransmitter) must
+   not spend the ring's budget on the same retransmissions every visit. */
+#define RTR_BACKOFF_MAX 16u
+
+static int rtr_due(uint32_t since_first)
+{
+    if (since_first < RTR_BACKOFF_MAX) return (since_first & (since_first - 1)) == 0;
+    return since_first % RTR_BACKOFF_MAX == 0;
+}
+
 /* Ask for holes that persisted miss_count_const visits. */
 static void request_missing(gc_ring_t *r, token_t *t, sortq_t *q)
 {
@@ -1751,6 +1771,7 @@ static void request_missing(gc_ring_t *r, token_t *t, sortq_t *q)
         if (s->used && s->seq == seq) continue;
         if (s->miss_seq != seq) { s->miss_seq = seq; s->miss = 0; }
         if (++s->miss < r->cfg.miss_count_const) continue;
+        if (!rtr_due(s->miss - r->cfg.miss_count_const)) continue;
         if (!rtr_has(t, seq)) {
             t->rtr[t->rtr_n++] = seq;
             r->stats.retransmit_requests++;
@@ -1926,9 +1947,15 @@ static int handle_token(gc_ring_t *r, uint64_t now, token_t *t, int reprocess)
         t->aru_addr = (t->aru == t->seq) ? 0 : r->me;
     }
     if (!reprocess) {
-        if (t->aru == last_aru && t->aru_addr != 0) r->my_aru_count++;
-        else r->my_aru_count = 0;
-        if (r->my_aru_count > r->cfg.fail_recv_const && t->aru_addr == r->me) {
+        if (t->aru == last_aru && t->aru_addr != 0) {
+            if (r->my_aru_count++ == 0) r->aru_stuck_since = now;
+        } else {
+            r->my_aru_count = 0;
+        }
+        /* Rotations alone are no time bound (they are quick when requests back
+           off and the token is not held): also two token timeouts stuck. */
+        if (r->my_aru_count > r->cfg.fail_recv_const && t->aru_addr == r->me &&
+            now - r->aru_stuck_since >= 2 * r->cfg.token_timeout_us) {
             /* We cannot get what everyone else has: leave and form our own ring. */
             r->stats.failed_to_receive++;
             r->failed_to_recv = 1;
@@ -1946,7 +1973,9 @@ static int handle_token(gc_ring_t *r, uint64_t now, token_t *t, int reprocess)
     t->token_seq++;
 
     nodeset_t *ring = (r->state == GC_STATE_RECOVERY) ? &r->my_new_memb : &r->my_memb;
-    int idle = r->state == GC_STATE_OPERATIONAL && t->rtr_n == 0 && r->appq.count == 0 &&
+    /* A stuck aru (aru_addr set) keeps the token moving though requests back
+       off: failure to receive counts rotations. */
+    int idle = r->state == GC_STATE_OPERATIONAL && t->rtr_n == 0 && t->aru_addr == 0 && r->appq.count == 0 &&
                r->my_seq_unchanged > r->cfg.seqno_unchanged_const;
     int rep = (r->me == r->my_ring_id.rep);
     r->my_token_held = r->state == GC_STATE_OPERATIONAL && !rep &&

@@ -90,7 +90,7 @@ typedef struct {
     uint64_t consensus_us;         /* gather gives up on silent members after this */
     uint64_t merge_us;             /* idle representative announces its ring this often */
     uint64_t startup_wait_us;      /* a fresh member gathers this long before its first ring */
-    uint32_t fail_recv_const;      /* rotations with a stuck aru before self-exclusion */
+    uint32_t fail_recv_const;      /* rotations with a stuck aru (and 2 token timeouts) before self-exclusion */
     uint32_t seqno_unchanged_const;/* idle rotations before the token is held */
     uint32_t miss_count_const;     /* visits a hole must persist before it is requested */
     uint32_t token_retransmits_max;/* re-sends of one token before waiting for loss */

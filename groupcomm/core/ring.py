@@ -135,7 +135,8 @@ class RingConfig:
     sort_queue_size: int = 4096
     """Sequence numbers in flight (a power of two, at least 4 * window_size)."""
     fail_recv_const: int = 2500
-    """Token rotations with our aru stuck before we exclude ourselves."""
+    """Token rotations with our aru stuck before we exclude ourselves (and at least
+    two token timeouts stuck)."""
     seqno_unchanged_const: int = 30
     """Idle rotations before the token is held."""
     miss_count_const: int = 5
