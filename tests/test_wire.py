@@ -37,7 +37,7 @@ from groupcomm.layers.wire import (
 EXAMPLES = [
     JoinFrame("web"),
     LeaveFrame("web"),
-    SyncFrame((3, 8), [("a", True), ("b", False)], (3, 4), True, 4),
+    SyncFrame((3, 8), [("a", True), ("b", False), ("c", False)], (3, 4), True, 4, [("a", (3, 4)), ("b", (0, 0))], ["c"]),
     DataFrame("web", b"\x00payload"),
     StateReqFrame("web"),
     StateDoneFrame("web"),
@@ -70,7 +70,8 @@ def test_the_wire_format_is_the_msgpack_array_op_then_fields() -> None:
     assert wire.encode(JoinFrame("web")) == packb(1, "web")
     assert wire.encode(DataFrame("web", b"x")) == packb(4, "web", b"x")
     assert wire.encode(RequestFrame("s", 3, b"x")) == packb(7, "s", 3, b"x")
-    assert wire.encode(SyncFrame((1, 4), [("a", True)], (0, 0), False, -1)) == packb(3, [1, 4], [["a", True]], [0, 0], False, -1)
+    assert wire.encode(SyncFrame((1, 4), [("a", True), ("b", False)], (0, 0), False, -1, [("a", (1, 0))], ["b"])) == packb(
+        3, [1, 4], [["a", True], ["b", False]], [0, 0], False, -1, [["a", [1, 0]]], ["b"])
     assert wire.encode(StateChunkFrame("s", (1, 4, 2), 1, False, b"c")) == packb(16, "s", [1, 4, 2], 1, False, b"c")
     assert wire.encode(ReplyFrame(9, False, None, "E: no")) == packb(17, 9, False, None, "E: no")
     assert wire.encode(P2PRequestFrame("s", 9, b"x")) == packb(18, "s", 9, b"x")
@@ -79,6 +80,15 @@ def test_the_wire_format_is_the_msgpack_array_op_then_fields() -> None:
 
 def packed(*items) -> bytes:
     return msgpack.packb(list(items), use_bin_type=True)
+
+
+def test_a_sync_of_an_earlier_release_has_no_epochs() -> None:
+    """SYNC's last two fields (each space's epoch, the spaces waited for) came later: a frame
+    without them claims neither."""
+    old = packed(3, [1, 4], [["a", True]], [0, 0], False, -1)
+    assert wire.decode_ring(old) == SyncFrame((1, 4), [("a", True)], (0, 0), False, -1, [], [])
+    assert wire.decode_ring(packed(3, [1, 4], [["a", True]], [0, 0], False, -1, [["a", [1, 4]]])) == SyncFrame(
+        (1, 4), [("a", True)], (0, 0), False, -1, [("a", (1, 4))], [])
 
 
 def test_payloads_are_bytes() -> None:
@@ -118,6 +128,15 @@ BAD_RING = {
     "SYNC claiming a space twice": packed(3, [1, 4], [["a", True], ["a", False]], [0, 0], False, -1),
     "SYNC with a ring id of three": packed(3, [1, 4, 0], [], [0, 0], False, -1),
     "SYNC with an int for a bool": packed(3, [1, 4], [["a", 1]], [0, 0], False, -1),
+    "SYNC with an epoch for a space it does not claim": packed(3, [1, 4], [["a", True]], [0, 0], False, -1,
+                                                              [["b", [1, 4]]]),
+    "SYNC with two epochs for a space": packed(3, [1, 4], [["a", True]], [0, 0], False, -1,
+                                               [["a", [1, 4]], ["a", [1, 0]]]),
+    "SYNC with an epoch of one int": packed(3, [1, 4], [["a", True]], [0, 0], False, -1, [["a", 4]]),
+    "SYNC waiting for a space it does not claim": packed(3, [1, 4], [["a", False]], [0, 0], False, -1, [], ["b"]),
+    "SYNC with an epoch for a space it waits for": packed(3, [1, 4], [["a", False]], [0, 0], False, -1,
+                                                         [["a", [1, 4]]], ["a"]),
+    "SYNC with a field after the spaces waited for": packed(3, [1, 4], [], [0, 0], False, -1, [], [], 0),
     "STATE_DONE naming nil": packed(6, None),
     "trailing bytes": packed(1, "s") + b"\x00",
     "truncated": packed(4, "s", b"xyz")[:-1],

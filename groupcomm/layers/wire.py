@@ -249,6 +249,13 @@ class SyncFrame(_Frame, tag=SYNC):
     stable_ring: RingIdValue
     stable_primary: bool
     last_primary_seq: int
+    epochs: list[tuple[SpaceName, RingIdValue]] = []
+    waiting: list[SpaceName] = []
+    # The last two came later; a frame without them (an earlier release) claims neither.
+    # ``epochs``: each claimed space whose state the sender's application holds complete (its
+    # current state, or the one it had before the transfer under way) and the ring id of the most
+    # recent primary configuration that state belongs to ([0, 0]: none).  ``waiting``: claimed
+    # spaces the sender is a member of without any complete state (its transfer never finished).
 
     def __post_init__(self) -> None:
         names = [name for name, _ in self.spaces]
@@ -256,6 +263,11 @@ class SyncFrame(_Frame, tag=SYNC):
             raise ValueError("a space is claimed twice")
         for name in names:
             _check_name(name)
+        described = [name for name, _ in self.epochs] + list(self.waiting)
+        if len(set(described)) != len(described):
+            raise ValueError("a space has two epochs, or an epoch and no state")
+        if not set(described) <= set(names):
+            raise ValueError("an epoch for a space that is not claimed")
 
 
 class DataFrame(_Frame, tag=DATA):
@@ -391,6 +403,10 @@ def _type_name(annotation: object) -> str:
             return name
     if annotation == list[tuple[SpaceName, bool]]:
         return "[[space name, bool], ...]"
+    if annotation == list[tuple[SpaceName, RingIdValue]]:
+        return "[[space name, ring id], ...] (may be absent)"
+    if annotation == list[SpaceName]:
+        return "[space name, ...] (may be absent)"
     text = getattr(annotation, "__name__", None) or str(annotation)
     return text.replace("NoneType", "None")
 
