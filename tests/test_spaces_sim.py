@@ -13,15 +13,16 @@ leaves, ordered updates, requests and state transfers, then heal and check:
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 
 import pytest
 from hypothesis import example, given, settings
 from hypothesis import strategies as st
 
+from groupcomm.events import Message
 from groupcomm.layers.quorum import QuorumConfig
 from groupcomm.layers.rpc import ALL, FIRST, MAJORITY, NONE
-from groupcomm.layers.spaces import SpaceView, StateInstalled
-from groupcomm.events import Message
+from groupcomm.layers.spaces import Merge, SpaceView, StateInstalled, StateRequest
 from groupcomm.testing import SimCluster
 
 
@@ -200,10 +201,14 @@ def test_a_request_never_outlives_its_timeout() -> None:
 
 
 class ReplicatedDict:
-    """Updates are ordered space messages; joiners get a snapshot; writes only in a primary view."""
+    """Updates are ordered space messages; joiners get a snapshot; writes only in a primary view.
 
-    def __init__(self, sim: SimCluster, space: str = "kv") -> None:
-        self.sim, self.space = sim, space
+    ``keep_on_nothing``: when told that nobody has state (``StateInstalled(None)``), keep the
+    local copy instead of starting empty (what an application with its own storage would do).
+    """
+
+    def __init__(self, sim: SimCluster, space: str = "kv", *, keep_on_nothing: bool = False) -> None:
+        self.sim, self.space, self.keep_on_nothing = sim, space, keep_on_nothing
         self.data: dict[int, dict[str, str]] = {n: {} for n in sim.nodes}
         self.primary: dict[int, bool] = {n: bool(sim.ring(n).member.view and sim.ring(n).member.view.primary)
                                          for n in sim.nodes}
@@ -213,6 +218,8 @@ class ReplicatedDict:
         sim.services.add_observer(self._observe)
 
     def _install(self, node: int, state: bytes | None) -> None:
+        if state is None and self.keep_on_nothing:
+            return
         self.data[node] = json.loads(state) if state else {}
 
     def _observe(self, node: int, event) -> None:
@@ -301,6 +308,141 @@ def test_the_provider_crashing_mid_transfer_hands_over_to_the_next_member() -> N
     sim.crash(1)
     kv.crashed(1)
     assert sim.run_until(lambda: kv.data[3] == kv.data[2] and kv.data[3], timeout=20)
+
+
+class Trigger:
+    """Acts the moment any member hands its application an event of one type (a merge
+    completed, a snapshot is asked for): packets then in flight are lost to a partition."""
+
+    def __init__(self, sim: SimCluster) -> None:
+        self.armed: tuple[type, Callable[[int], None], int | None] | None = None
+        self.fired = 0
+        self.last = None
+        """The event it last fired on."""
+        sim.services.add_observer(self._observe)
+
+    def arm(self, event_type: type, action: Callable[[int], None], node: int | None = None) -> None:
+        """Run ``action(observing node)`` at the next ``event_type`` (at ``node``, or any member)."""
+        self.armed = (event_type, action, node)
+
+    def _observe(self, node: int, event) -> None:
+        if self.armed is not None and type(event) is self.armed[0] and self.armed[2] in (None, node):
+            action, self.armed = self.armed[1], None
+            self.fired += 1
+            self.last = event
+            action(node)
+
+
+@pytest.mark.parametrize("keep", [False, True], ids=["the-state-is-wiped", "newer-writes-are-rolled-back"])
+def test_a_member_whose_refetch_was_cut_off_is_never_the_source_of_the_state(keep: bool) -> None:
+    # Issue 9, item 7.  1 falls behind the majority, re-fetches after the heal and is cut
+    # off before its snapshot arrives; then nobody is primary.  1 holds no state (whatever
+    # its application kept) and must never be the side the others copy from.
+    sim = cluster(3)
+    kv = ReplicatedDict(sim, keep_on_nothing=keep)
+    for n in (1, 2, 3):
+        sim.services.join(n, "kv")
+    sim.run(0.3)
+    assert kv.write(1, "a", "1")
+    sim.run(0.3)
+    sim.partition([[1], [2, 3]])
+    assert sim.run_until(lambda: kv.primary[2] and last_view(sim, 2, "kv").members == (2, 3), timeout=10)
+    assert kv.write(2, "b", "2")
+    sim.run(0.3)
+    trigger = Trigger(sim)
+    trigger.arm(Merge, lambda node: sim.partition([[1], [2], [3]]), node=1)    # 1 starts re-fetching: cut
+    sim.heal()
+    assert sim.run_until(lambda: trigger.fired, timeout=20)
+    assert sim.run_until(lambda: all(sim.view(n) and sim.view(n).members == (n,) for n in (1, 2, 3)), timeout=20)
+    snapshots = [e for e in sim.services.events(1, "kv") if type(e) is StateInstalled and e.state is not None]
+    assert snapshots == [], "the re-fetch was meant to be cut off"
+    sim.heal()
+    sim.run(sim.settle_time)
+    assert sim.converged()
+    sim.run(1.0)
+    assert kv.data == {n: {"a": "1", "b": "2"} for n in (1, 2, 3)}
+    check_views_agree(sim)
+
+
+def test_members_that_lose_a_tie_keep_their_state_to_fall_back_on() -> None:
+    # Three sides hold the same state (nobody was primary since); after the heal 2 and 3 fetch
+    # 1's copy, and lose 1 before it arrives.  The majority 2, 3 holds no current state, but
+    # their applications still have the complete state they had: one takes over, nothing is lost.
+    sim = cluster(3)
+    kv = ReplicatedDict(sim)
+    for n in (1, 2, 3):
+        sim.services.join(n, "kv")
+    sim.run(0.3)
+    assert kv.write(1, "a", "1")
+    sim.run(0.3)
+    sim.partition([[1], [2], [3]])
+    assert sim.run_until(lambda: all(sim.view(n).members == (n,) for n in (1, 2, 3)), timeout=10)
+    fetching: list[int] = []
+    merged: set[int] = set()
+
+    def strike(node: int, event) -> None:
+        if type(event) is Merge and node in (2, 3) and not fetching:
+            merged.add(node)
+            if merged == {2, 3}:                             # both were told to fetch 1's copy
+                fetching.extend(n for n in (2, 3) if not sim.ring(n).member.spaces.holds_state("kv"))
+                sim.partition([[1], [2, 3]])
+
+    sim.services.add_observer(strike)
+    sim.heal()
+    assert sim.run_until(lambda: fetching, timeout=10) and fetching == [2, 3]
+    assert sim.run_until(lambda: kv.primary[2] and sim.view(2).members == (2, 3), timeout=10)
+    sim.run(1.0)
+    assert kv.data[2] == kv.data[3] == {"a": "1"}
+    assert None not in [e.state for n in (2, 3) for e in sim.services.events(n, "kv") if type(e) is StateInstalled]
+    assert kv.write(2, "b", "2")
+    sim.run(0.3)
+    sim.heal()
+    assert sim.run_until(lambda: kv.data[1] == kv.data[2] == kv.data[3] == {"a": "1", "b": "2"}, timeout=20), kv.data
+
+
+def test_a_joiner_cut_off_in_a_minority_waits_for_the_state_instead_of_starting_over() -> None:
+    sim = cluster(3)
+    kv = ReplicatedDict(sim)
+    for n in (1, 2):
+        sim.services.join(n, "kv")
+    sim.run(0.3)
+    assert kv.write(1, "a", "1")
+    sim.run(0.3)
+    trigger = Trigger(sim)
+    trigger.arm(StateRequest, lambda node: sim.partition([[1, 2], [3]]))   # 3's snapshot is cut off
+    sim.services.join(3, "kv")
+    assert sim.run_until(lambda: trigger.fired, timeout=5)
+    assert sim.run_until(lambda: sim.view(3) and sim.view(3).members == (3,), timeout=10)
+    sim.run(2.0)
+    assert not kv.primary[3] and not sim.ring(3).member.spaces.holds_state("kv")
+    assert [e for e in sim.services.events(3, "kv") if type(e) is StateInstalled] == []   # no "nobody has state"
+    assert kv.write(1, "b", "2")                             # the primary side goes on
+    sim.heal()
+    assert sim.run_until(lambda: kv.data[3] == {"a": "1", "b": "2"}, timeout=20)
+    installs = [e for e in sim.services.events(3, "kv") if type(e) is StateInstalled]
+    assert len(installs) == 1 and installs[0].state is not None
+
+
+def test_a_primary_view_where_nobody_holds_the_state_starts_over_and_that_state_wins() -> None:
+    # The documented loss: the only member holding the state is cut off from the majority
+    # while 2's snapshot is on its way.  The majority cannot wait: the space starts over
+    # there, and the writes made there are the state after the heal (not 1's older one).
+    sim = cluster(3)
+    kv = ReplicatedDict(sim)
+    sim.services.join(1, "kv")
+    sim.run(0.3)
+    assert kv.write(1, "old", "1")
+    sim.run(0.3)
+    trigger = Trigger(sim)
+    trigger.arm(StateRequest, lambda node: sim.partition([[1], [2, 3]]))
+    sim.services.join(2, "kv")
+    assert sim.run_until(lambda: trigger.fired, timeout=5)
+    assert sim.run_until(lambda: [e for e in sim.services.events(2, "kv") if type(e) is StateInstalled], timeout=10)
+    assert [e.state for e in sim.services.events(2, "kv") if type(e) is StateInstalled] == [None]
+    assert sim.run_until(lambda: kv.primary[2], timeout=10) and kv.write(2, "new", "2")
+    sim.run(0.5)
+    sim.heal()
+    assert sim.run_until(lambda: kv.data[1] == kv.data[2] == {"new": "2"}, timeout=20), kv.data
 
 
 @example(seed=0, ops=[("partition", 1, 5), ("write", 1, 0), ("write", 1, 4), ("write", 2, 0),

@@ -31,12 +31,26 @@ where that is delivered, and the joiner drops the buffered events that came
 before it (they are in the snapshot).  A joiner multicasts ``STATE_DONE`` once
 installed, which makes it a provider candidate.
 
-After a merge, members that come from a non-primary side re-fetch the state of
-each of their spaces from the side that was primary (see
-:mod:`groupcomm.layers.quorum`); so after a partition heals the minority learns which
-side was primary (:class:`Merge`) and adopts its state.  If no side was
-primary, the side with the most recent primary view wins (ties: the side with
-the lowest node id).
+Which state survives a merge (docs/spaces.rst has the rule in plain words).
+Every member knows, for each space, the *epoch* of the state its holders (the
+``ready`` members) have: the most recent primary configuration (see
+:mod:`groupcomm.layers.quorum`) whose state that is, None if it never was in
+one.  Wherever a primary configuration's members agree (a view that merged
+nobody, or the end of a SYNC), each space's epoch becomes that configuration.
+A member holds the current state only once its transfer completed; while it
+fetches, its application keeps the complete state it had before, if any
+(``fallback``), never the one it was receiving.  In its SYNC each member
+claims, per space, whether it holds the current state and the epoch of the
+complete state its application has (or that it has none).  The source of a
+space is the claimant whose complete state is the most recent (ties: a
+current state, then the side :class:`Merge` ranks first); the members of its
+side keep their state, every other member fetches it from the source.  When
+no member holds the current state any more (after a SYNC or between merges),
+the one with the most recent fallback takes over; if no member has any
+complete state, a primary configuration starts the space over from nothing
+(:class:`StateInstalled` with None) and a non-primary one waits for a member
+that has it.  A space nobody had (every claimant is joining) starts from
+nothing, like a new space for its first member.
 """
 
 from __future__ import annotations
@@ -157,8 +171,12 @@ class StateInstalled(NamedTuple):
 class Merge(NamedTuple):
     """After a merge: the sides (members whose state agreed before) and which one was primary.
 
-    If no side was primary, ``primary`` is the side that was primary most
-    recently (ties: the lowest node id) and ``was_primary`` is False.
+    If no side was primary, ``primary`` is the side whose members were most
+    recently in a primary configuration with every state transfer complete
+    (ties: the lowest node id) and ``was_primary`` is False.  Each space takes
+    its state from the member the merge rule picks (see the module docstring);
+    that is a member of ``primary`` whenever ``primary`` holds the space's
+    latest state.
     """
 
     ring_id: RingId
@@ -186,11 +204,17 @@ Point = tuple[int, int, int]
 """A point of the total order: (ring representative, ring seq, deliveries so far in that ring)."""
 
 
+_ASKED = -1
+"""``_Incoming.provider`` while a ``STATE_REQ`` is on its way (None: nobody here has the state)."""
+_NO_EPOCH = RingId(0, 0)
+"""An epoch on the wire that names no primary configuration."""
+
+
 @dataclass
 class _Incoming:
     """A state transfer this member is waiting for."""
 
-    provider: int                                            # -1: a STATE_REQ is on its way
+    provider: int | None                                     # _ASKED, or None: wait for a member with state
     cuts: dict[Point, int] = field(default_factory=dict)     # snapshot point -> buffer index there
     buffer: list = field(default_factory=list)
     chunks: dict[Point, list] = field(default_factory=dict)
@@ -206,6 +230,8 @@ class _Sync:
     waiting: set[int]
     claims: dict[str, list[int]] = field(default_factory=dict)
     ready: dict[str, set[int]] = field(default_factory=dict)
+    epochs: dict[str, dict[int, RingId | None]] = field(default_factory=dict)   # claimants with a complete state
+    without: dict[str, set[int]] = field(default_factory=dict)   # members of the space on their side with none
     origin: dict[int, tuple] = field(default_factory=dict)   # member -> (prev ring, prev primary, last primary seq)
 
 
@@ -219,6 +245,13 @@ class SpaceLayer:
         self._timeout = max(1, round(config.state_transfer_timeout * _US))
         self.spaces: dict[str, list[int]] = {}
         self.ready: dict[str, set[int]] = {}
+        # The epoch of each space's state: the most recent primary configuration whose
+        # state the members in ``ready`` have (None: none; see the module docstring).
+        self.epochs: dict[str, RingId | None] = {}
+        # Members fetching a space's state whose applications still hold the complete state
+        # they had before (from the side that lost a merge), with its epoch: the state to
+        # fall back on if no member holds the space's current state any more.
+        self.fallback: dict[str, dict[int, RingId | None]] = {}
         self.mine: set[str] = set()              # spaces this member is in (its own JOIN delivered)
         self.requested: set[str] = set()         # spaces this member asked to be in
         self.members: tuple[int, ...] = ()
@@ -226,9 +259,10 @@ class SpaceLayer:
         self.primary = False
         # The last configuration in which this member's space state agreed with
         # every other member's (a view that merged nobody, or a completed SYNC
-        # barrier), whether it was primary, and the last such primary one.
-        # Merges rank the sides by these, not by the previous view: a merge
-        # interrupted by another leaves members of one view with different states.
+        # barrier), whether it was primary, and the last primary one in which
+        # it had completed every transfer.  Merges rank the sides by these, not
+        # by the previous view: a merge interrupted by another leaves members of
+        # one view with different states.
         self.stable_ring = RingId(0, 0)
         self.stable_primary = False
         self.last_primary_seq = -1
@@ -285,8 +319,13 @@ class SpaceLayer:
         return out
 
     def tick(self, now: int) -> None:
-        """Arm the state-transfer timers started since the last call; ask again where one is due."""
+        """Arm the state-transfer timers started since the last call; ask again where one is due.
+        A member waiting for someone to have the state at all (no provider) has no timer: a
+        member that gets the state, or a merge, makes it ask."""
         for space, incoming in self._incoming.items():
+            if incoming.provider is None:
+                incoming.deadline = None
+                continue
             if incoming.deadline is not None and now >= incoming.deadline:
                 self._ask_again(space, incoming, drop=False)
             if incoming.deadline is None:
@@ -294,7 +333,27 @@ class SpaceLayer:
 
     def next_deadline(self) -> int | None:
         """When :meth:`tick` must next be called (None: no transfer is waiting)."""
-        return min((i.deadline for i in self._incoming.values() if i.deadline is not None), default=None)
+        return min((i.deadline for i in self._incoming.values() if i.deadline is not None and i.provider is not None),
+                   default=None)
+
+    def holds_state(self, space: str) -> bool:
+        """Whether this member holds the current state of ``space`` (its transfer, if any, completed)."""
+        return self.me in self.ready.get(space, ())
+
+    def has_state(self, space: str) -> bool:
+        """Whether this member's application holds a complete state of ``space``: the current one,
+        or, while it fetches that, the one it had before."""
+        return self.holds_state(space) or self.me in self.fallback.get(space, {})
+
+    @property
+    def merging(self) -> bool:
+        """A SYNC round after a merge is under way: until it ends, members' space states may differ."""
+        return self._sync is not None
+
+    def state_epoch(self, space: str) -> RingId | None:
+        """The most recent primary configuration whose state the state holders of ``space`` have
+        (None: no primary one, or ``space`` has no members here)."""
+        return self.epochs.get(space)
 
     # -- inputs in total order ---------------------------------------------------------
 
@@ -324,9 +383,7 @@ class SpaceLayer:
             self._remove(gone)
         if merged:
             self._sync = _Sync({view.ring_id}, set(view.members))
-            spaces = sorted((name, name in self.ready and self.me in self.ready[name]) for name in self.requested)
-            self._out.append(RingSend(encode(SyncFrame(tuple(view.ring_id), spaces, tuple(self.stable_ring),
-                                                       self.stable_primary, self.last_primary_seq)), False))
+            self._out.append(RingSend(encode(self._claim(view.ring_id)), False))
         elif sync is not None:
             sync.ring_ids.add(view.ring_id)             # the same members go on with the same round
             sync.waiting -= gone
@@ -338,11 +395,36 @@ class SpaceLayer:
             self._stable()
         self._check_providers()
 
+    def _claim(self, ring_id: RingId) -> SyncFrame:
+        """This member's SYNC: its spaces, whose state it holds, and the epoch of each state."""
+        spaces, epochs, waiting = [], [], []
+        for name in sorted(self.requested):
+            ready = self.holds_state(name)
+            spaces.append((name, ready))
+            if ready:
+                epochs.append((name, tuple(self.epochs.get(name) or _NO_EPOCH)))
+            elif self.me in self.fallback.get(name, {}):
+                epochs.append((name, tuple(self.fallback[name][self.me] or _NO_EPOCH)))
+            elif self.me in self.spaces.get(name, ()):
+                waiting.append(name)
+        return SyncFrame(tuple(ring_id), spaces, tuple(self.stable_ring), self.stable_primary,
+                         self.last_primary_seq, epochs, waiting)
+
     def _stable(self) -> None:
-        """Every member of this view now has the same space state."""
+        """Every member of this view now has the same space state (a regular view)."""
         self.stable_ring, self.stable_primary = self.ring_id, self.primary
-        if self.primary:
+        if not self.primary:
+            return
+        for space in sorted(self.spaces):
+            if not self.ready.get(space):
+                self._no_holder(space)
+            self.epochs[space] = self.ring_id
+        if not self._incoming:
             self.last_primary_seq = self.ring_id.seq
+
+    def _in_primary(self) -> bool:
+        """Whether deliveries here are in a primary configuration (not a transitional one)."""
+        return self.primary and self._trans is None
 
     def deliver(self, sender: int, payload: bytes, safe: bool) -> RingFrame | None:
         """A ring message of this layer, in total order; returns its frame (None: malformed, counted
@@ -364,14 +446,17 @@ class SpaceLayer:
         elif t is LeaveFrame:
             self._leave(sender, frame.space)
         elif t is SyncFrame:
-            self._sync_claim(sender, RingId(*frame.ring_id), frame.spaces, RingId(*frame.stable_ring),
-                             frame.stable_primary, frame.last_primary_seq)
+            self._sync_claim(sender, RingId(*frame.ring_id), frame)
         elif t is StateReqFrame:
             self._state_req(sender, frame.space)
         else:                                                # StateDoneFrame
             self._tried.pop((frame.space, sender), None)
+            self.fallback.get(frame.space, {}).pop(sender, None)
             if sender in self.spaces.get(frame.space, ()):
                 self.ready.setdefault(frame.space, set()).add(sender)
+                incoming = self._incoming.get(frame.space)
+                if incoming is not None and incoming.provider is None:   # a member has the state now
+                    self._ask(frame.space, incoming)
         return frame
 
     def state_chunk(self, sender: int, frame: StateChunkFrame) -> None:
@@ -446,23 +531,29 @@ class SpaceLayer:
         ready = self.ready.setdefault(space, set())
         if sender == self.me:
             self.mine.add(space)
-        if not had_members:
+        if not had_members:                                  # a new space: its state starts here
             ready.add(sender)
+            self.epochs[space] = self.ring_id if self._in_primary() else None
         self._emit_view(space, members, (sender,), ())
         if had_members:
             self._start_transfer(space, sender)
 
     def _leave(self, sender: int, space: str) -> None:
-        if self._sync is not None:
-            claims = self._sync.claims.get(space, [])
+        sync = self._sync
+        if sync is not None:
+            claims = sync.claims.get(space, [])
             if sender in claims:
                 claims.remove(sender)
+            sync.ready.get(space, set()).discard(sender)         # its state went with it
+            sync.epochs.get(space, {}).pop(sender, None)
+            sync.without.get(space, set()).discard(sender)
             return
         members = self.spaces.get(space, [])
         if sender not in members:
             return
         members.remove(sender)
         self.ready.get(space, set()).discard(sender)
+        self.fallback.get(space, {}).pop(sender, None)
         self._tried.pop((space, sender), None)
         if sender == self.me:
             self._incoming.pop(space, None)
@@ -470,8 +561,7 @@ class SpaceLayer:
         if sender == self.me:
             self.mine.discard(space)
         if not members:
-            del self.spaces[space]
-            self.ready.pop(space, None)
+            self._forget(space)
         self._check_providers()
 
     def _remove(self, gone: set[int]) -> None:
@@ -482,27 +572,39 @@ class SpaceLayer:
                 continue
             members[:] = [m for m in members if m not in gone]
             self.ready[space] -= gone
+            for member in gone:
+                self.fallback.get(space, {}).pop(member, None)
             self._emit_view(space, members, (), left)
             if not members:
-                del self.spaces[space]
-                self.ready.pop(space, None)
+                self._forget(space)
+
+    def _forget(self, space: str) -> None:
+        """``space`` has no members left here."""
+        del self.spaces[space]
+        self.ready.pop(space, None)
+        self.epochs.pop(space, None)
+        self.fallback.pop(space, None)
 
     # -- merges --------------------------------------------------------------------
 
-    def _sync_claim(self, sender: int, ring_id: RingId, spaces: list, stable_ring: RingId,
-                    stable_primary: bool, last_primary_seq: int) -> None:
+    def _sync_claim(self, sender: int, ring_id: RingId, frame: SyncFrame) -> None:
         sync = self._sync
         if sync is None or ring_id not in sync.ring_ids or sender not in sync.waiting:
             return                                           # stale: from an older round
         sync.waiting.discard(sender)
-        sync.origin[sender] = (stable_ring, bool(stable_primary), last_primary_seq)
+        sync.origin[sender] = (RingId(*frame.stable_ring), bool(frame.stable_primary), frame.last_primary_seq)
         for name in list(sync.claims):
             if sender in sync.claims[name]:
                 sync.claims[name].remove(sender)
-        for name, ready in spaces:
+        for name, ready in frame.spaces:
             sync.claims.setdefault(name, []).append(sender)
             if ready:
                 sync.ready.setdefault(name, set()).add(sender)
+        for name, epoch in frame.epochs:
+            epoch = RingId(*epoch)
+            sync.epochs.setdefault(name, {})[sender] = epoch if epoch != _NO_EPOCH else None
+        for name in frame.waiting:
+            sync.without.setdefault(name, set()).add(sender)
         self._maybe_finish_sync()
 
     def _maybe_finish_sync(self) -> None:
@@ -510,7 +612,6 @@ class SpaceLayer:
         if sync is None or sync.waiting:
             return
         self._sync = None
-        self._stable()
         ranked = _rank_components(sync.origin)
         if sum(1 for comp in ranked if tuple(sync.origin[comp[0]][0]) != (0, 0)) > 1:   # fresh members are no side
             winner = ranked[0]
@@ -522,34 +623,62 @@ class SpaceLayer:
         for space in sorted(set(self.spaces) | set(sync.claims)):
             before = self.spaces.get(space, [])
             after = [m for m in sync.claims.get(space, []) if m in rank_of]
-            claimed_ready = sync.ready.get(space, set()) & set(after)
-            # Only the best-ranked component that has state for the space keeps it.
-            best = min((rank_of[m] for m in claimed_ready), default=None)
-            ready = {m for m in claimed_ready if rank_of[m] == best}
             if space in self.mine and self.me not in after:
                 self.mine.discard(space)
             if self.me in after:
                 self.mine.add(space)
+            else:
+                self._incoming.pop(space, None)
             joined = [m for m in after if m not in before]
             left = [m for m in before if m not in after]
             if after:
                 self.spaces[space] = after
-                self.ready[space] = ready
-            else:
-                self.spaces.pop(space, None)
-                self.ready.pop(space, None)
+            elif space in self.spaces:
+                self._forget(space)
             if tuple(after) != tuple(before):                 # the order (seniority) may change too
                 self._emit_view(space, after, joined, left)
-            if not ready and after:
-                self.ready[space] = set(after)               # nobody had state: start from here
-                incoming = self._incoming.pop(space, None)
-                if incoming is not None:
-                    self._finish(space, None, incoming.buffer)
-                continue
-            for member in after:
-                if member not in ready:
-                    self._start_transfer(space, member)
+            if after:
+                self._settle(space, after, sync, rank_of)
+        self._stable()
         self._check_providers()
+
+    def _settle(self, space: str, after: list[int], sync: _Sync, rank_of: dict[int, int]) -> None:
+        """The end of a SYNC: whose state ``space`` keeps (see the module docstring), and the transfers."""
+        epochs = sync.epochs.get(space, {})
+        current = sync.ready.get(space, set())
+        holders = [m for m in after if m in epochs]           # their applications hold a complete state
+        if holders:
+            source = max(holders, key=lambda m: (_recency(epochs[m]), m in current, -rank_of[m], -m))
+            epoch = epochs[source]
+            keep = {m for m in holders if rank_of[m] == rank_of[source] and epochs[m] == epoch
+                    and (m in current) == (source in current)}
+            self.ready[space] = keep
+            self.epochs[space] = epoch
+            self.fallback[space] = {m: epochs[m] for m in holders if m not in keep}
+            if self.me in keep:
+                self._stop_fetching(space)
+            for member in after:
+                if member not in keep:
+                    self._start_transfer(space, member)
+            return
+        self.fallback.pop(space, None)
+        if not any(m in sync.without.get(space, ()) for m in after):   # a new space: it starts here
+            self.ready[space] = set(after)
+            self.epochs[space] = self.ring_id if self._in_primary() else None
+            incoming = self._incoming.pop(space, None)
+            if incoming is not None:
+                self._finish(space, None, incoming.buffer)
+            return
+        # Members of the space without any complete state: the state is elsewhere (or lost).
+        self.ready[space] = set()
+        self.epochs[space] = None
+        if self._in_primary():
+            self._lose(space)
+        elif self.me in after:
+            incoming = self._incoming.setdefault(space, _Incoming(None))
+            incoming.provider = None
+            incoming.cuts.clear()
+            incoming.chunks.clear()
 
     # -- state transfer ---------------------------------------------------------------
 
@@ -568,27 +697,76 @@ class SpaceLayer:
     def _start_transfer(self, space: str, joiner: int) -> None:
         """At this point of the order ``joiner`` needs the state of ``space``."""
         provider = self._choose_provider(space, joiner, again=False)
-        if provider is None:                                 # nobody has state: start from nothing
-            self.ready.setdefault(space, set()).add(joiner)
-            if joiner == self.me:
-                self._finish(space, None, [])
+        if provider is None and self._no_holder(space) and joiner not in self.ready[space]:
+            provider = self._choose_provider(space, joiner, again=False)
+        if provider is None:
+            if joiner == self.me and joiner not in self.ready.get(space, ()):
+                self._incoming[space] = _Incoming(None)          # wait for a member that has the state
             return
         if joiner == self.me:
-            incoming = self._incoming[space] = _Incoming(provider)
-            self._expect(space, incoming, self._point(), 0)
+            # Snapshots asked before this point (on another side of a merge) no longer count.
+            incoming = self._incoming.setdefault(space, _Incoming(provider))
+            incoming.provider = provider
+            incoming.deadline = None
+            incoming.cuts.clear()
+            incoming.chunks.clear()
+            self._expect(space, incoming, self._point(), len(incoming.buffer))
         elif provider == self.me:
             self._out.append(StateRequest(space, joiner, self._point()))
+
+    def _no_holder(self, space: str) -> bool:
+        """Nobody here holds the current state of ``space``.  The member whose application holds the
+        most recent complete state of it (see :attr:`fallback`) becomes its holder; if none does,
+        a primary configuration starts the space over.  False: nothing changed (wait)."""
+        members = self.spaces[space]
+        fallback = {m: epoch for m, epoch in self.fallback.get(space, {}).items() if m in members}
+        if fallback:
+            best = max(fallback, key=lambda m: (_recency(fallback[m]), -members.index(m)))
+            del self.fallback[space][best]
+            self.ready[space] = {best}
+            self.epochs[space] = self.ring_id if self._in_primary() else fallback[best]
+            if best == self.me:
+                self._stop_fetching(space)
+            else:
+                incoming = self._incoming.get(space)
+                if incoming is not None and incoming.provider is None:
+                    self._ask(space, incoming)
+            return True
+        if self._in_primary():
+            self._lose(space)
+            return True
+        return False
+
+    def _stop_fetching(self, space: str) -> None:
+        """This member keeps the state its application has (the one it had before its transfer)."""
+        incoming = self._incoming.pop(space, None)
+        if incoming is not None:
+            # Messages since then were for the state being fetched; views and requests still count.
+            self._out.extend(e for e in incoming.buffer if type(e) is not SpaceMessage)
+
+    def _lose(self, space: str) -> None:
+        """Nobody in this primary configuration has the state of ``space``: it starts over from
+        nothing here, for every member of it."""
+        had = self.ready.get(space, set())
+        self.ready[space] = set(self.spaces[space])
+        self.epochs[space] = self.ring_id
+        incoming = self._incoming.pop(space, None)
+        if incoming is not None or (self.me in self.spaces[space] and self.me not in had):
+            self._finish(space, None, incoming.buffer if incoming is not None else [])
 
     def _state_req(self, sender: int, space: str) -> None:
         """``sender`` lost its provider: the next one snapshots here."""
         if sender in self.ready.get(space, set()) or sender not in self.spaces.get(space, []):
             return
         provider = self._choose_provider(space, sender, again=True)
-        if provider is None:                                 # the state is lost in this component
-            self.ready.setdefault(space, set()).add(sender)
-            incoming = self._incoming.pop(space, None) if sender == self.me else None
+        if provider is None and self._no_holder(space):
+            if sender in self.ready[space]:
+                return                                       # it had a state to fall back on, or none exists
+            provider = self._choose_provider(space, sender, again=True)
+        if provider is None:                                 # nobody here has the state: wait for one
+            incoming = self._incoming.get(space) if sender == self.me else None
             if incoming is not None:
-                self._finish(space, None, incoming.buffer)
+                incoming.provider = None
             return
         if sender == self.me:
             incoming = self._incoming.get(space)
@@ -630,27 +808,33 @@ class SpaceLayer:
         delivered).  ``drop``: give up the snapshots asked so far, and with them the buffered
         messages (the new snapshot covers them); until the request is delivered, none are kept."""
         self.transfers_retried += 1
-        incoming.provider = -1
-        incoming.deadline = None
         if drop:
             incoming.cuts.clear()
             incoming.chunks.clear()
             incoming.buffer = [e for e in incoming.buffer if type(e) is not SpaceMessage]
             incoming.held = sum(map(_payload_size, incoming.buffer))
-        self._out.append(RingSend(encode(StateReqFrame(space)), False))
+        self._ask(space, incoming)
 
     def _check_providers(self) -> None:
         """A joiner whose provider is gone asks again (a ring message, so everyone agrees where)."""
         for space, incoming in self._incoming.items():
-            if incoming.provider != -1 and incoming.provider not in self.spaces.get(space, []):
-                incoming.provider = -1
-                self._out.append(RingSend(encode(StateReqFrame(space)), False))
+            provider = incoming.provider
+            if provider is not None and provider != _ASKED and provider not in self.spaces.get(space, []):
+                self._ask(space, incoming)
+
+    def _ask(self, space: str, incoming: _Incoming) -> None:
+        """Multicast a ``STATE_REQ``: where it is delivered, everyone picks a provider for this member."""
+        incoming.provider = _ASKED
+        incoming.deadline = None
+        self._out.append(RingSend(encode(StateReqFrame(space)), False))
 
     def _install(self, space: str, incoming: _Incoming, point: Point) -> None:
         parts = incoming.chunks[point]
         state = None if parts == [None] else b"".join(parts)
         del self._incoming[space]
         self.ready.setdefault(space, set()).add(self.me)
+        if self._sync is None and self._in_primary() and not self._incoming:
+            self.last_primary_seq = self.ring_id.seq        # this member's state is the primary's again
         cut = incoming.cuts[point]
         # The snapshot covers the messages before the cut, not the views and
         # requests: those still reach the application, ahead of the state.
@@ -689,6 +873,11 @@ def _payload_size(event) -> int:
     if t is SpaceRequest:
         return len(event.payload)
     return 0
+
+
+def _recency(epoch: RingId | None) -> tuple[int, int]:
+    """Orders epochs: later primary configurations first (by ring seq); None is the oldest."""
+    return (epoch.seq, epoch.rep) if epoch is not None else (-1, -1)
 
 
 def _rank_components(origin: dict[int, tuple]) -> list[list[int]]:
