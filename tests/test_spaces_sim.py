@@ -2,12 +2,16 @@
 
 Deterministic: seeded simulated network in virtual time.  The Hypothesis
 schedules mix partitions, crashes, restarts and loss with space joins and
-leaves, ordered updates, requests and state transfers, then heal and check:
+leaves, ordered updates, requests and state transfers; partitions and crashes
+also strike the moment a merge completes or a snapshot is asked for, so
+transfers are cut off again and again.  Then they heal and check:
 
 * space views agree: a view id names one membership at every member;
 * no request outlives its timeout;
 * a replicated dictionary built on state transfer plus ordered updates is
-  identical on every member of the final primary component.
+  identical on every member of the final primary component, and equal to the
+  history of the writes delivered in primary views (:class:`PrimaryHistory`,
+  checked all along).
 """
 
 from __future__ import annotations
@@ -16,13 +20,19 @@ import json
 from collections.abc import Callable
 
 import pytest
-from hypothesis import example, given, settings
+from hypothesis import event, example, given, settings
 from hypothesis import strategies as st
 
-from groupcomm.events import Message
+from groupcomm.events import Message, View
 from groupcomm.layers.quorum import QuorumConfig
 from groupcomm.layers.rpc import ALL, FIRST, MAJORITY, NONE
-from groupcomm.layers.spaces import Merge, SpaceView, StateInstalled, StateRequest
+from groupcomm.layers.spaces import (
+    Merge,
+    SpaceMessage,
+    SpaceView,
+    StateInstalled,
+    StateRequest,
+)
 from groupcomm.testing import SimCluster
 
 
@@ -205,13 +215,17 @@ class ReplicatedDict:
 
     ``keep_on_nothing``: when told that nobody has state (``StateInstalled(None)``), keep the
     local copy instead of starting empty (what an application with its own storage would do).
+    ``history``: check every replica against a :class:`PrimaryHistory` as it changes.
     """
 
-    def __init__(self, sim: SimCluster, space: str = "kv", *, keep_on_nothing: bool = False) -> None:
+    def __init__(self, sim: SimCluster, space: str = "kv", *, keep_on_nothing: bool = False,
+                 history: bool = False) -> None:
         self.sim, self.space, self.keep_on_nothing = sim, space, keep_on_nothing
         self.data: dict[int, dict[str, str]] = {n: {} for n in sim.nodes}
         self.primary: dict[int, bool] = {n: bool(sim.ring(n).member.view and sim.ring(n).member.view.primary)
                                          for n in sim.nodes}
+        self.regular = {n: True for n in sim.nodes}   # not between a transitional view and its regular one
+        self.history = PrimaryHistory(self) if history else None
         for n in sim.nodes:
             sim.services.state_provider(n, space, lambda n=n: json.dumps(self.data[n], sort_keys=True).encode())
             sim.services.state_receiver(n, space, lambda state, n=n: self._install(n, state))
@@ -223,23 +237,165 @@ class ReplicatedDict:
         self.data[node] = json.loads(state) if state else {}
 
     def _observe(self, node: int, event) -> None:
-        if type(event).__name__ == "View" and not event.transitional:
-            self.primary[node] = event.primary
-        if type(event) is SpaceView and event.space == self.space and node in event.left:
-            self.data[node] = {}                 # our leave is delivered: the state goes (not before)
-        if type(event).__name__ == "SpaceMessage" and event.space == self.space:
+        history = self.history
+        if history is not None:
+            history.observe(node)
+        if type(event) is View:
+            if not event.transitional:
+                self.primary[node] = event.primary
+            self.regular[node] = not event.transitional
+            if history is not None:
+                history.view(node, event)
+        if type(event) is SpaceView and event.space == self.space:
+            if node in event.left:
+                self.data[node] = {}             # our leave is delivered: the state goes (not before)
+            elif history is not None and event.members == event.joined == (node,):
+                history.alone(node)
+        if type(event) is SpaceMessage and event.space == self.space:
             key, _, value = event.message.payload.decode().partition("=")
+            if history is not None:
+                history.delivered(node, key, value)
             self.data[node][key] = value
 
     def crashed(self, node: int) -> None:
         self.data[node] = {}
         self.primary[node] = False
+        self.regular[node] = True
+        if self.history is not None:
+            self.history.crashed(node)
 
     def write(self, node: int, key: str, value: str) -> bool:
+        """Multicast ``key=value`` if ``node`` is in the space and its view is primary (with a
+        :class:`PrimaryHistory`, values must be unique)."""
         if not self.primary[node] or self.space not in self.sim.ring(node).member.spaces.mine:
             return False
         self.sim.services.send(node, self.space, f"{key}={value}".encode(), safe=True)
         return True
+
+    def holds_state(self, node: int) -> bool:
+        """What the layer says: ``node`` holds the current state (its transfer, if any, completed)."""
+        return node in self.sim.live and self.sim.ring(node).member.spaces.holds_state(self.space)
+
+    def has_state(self, node: int) -> bool:
+        """What the layer says: ``node``'s replica is a complete state (see ``SpaceLayer.has_state``)."""
+        return node in self.sim.live and self.sim.ring(node).member.spaces.has_state(self.space)
+
+    def settled(self, node: int) -> bool:
+        """``node`` holds the state in a regular primary view and no merge is under way there: its
+        replica is the state of the primary history now."""
+        spaces = self.sim.ring(node).member.spaces
+        return self.primary[node] and self.regular[node] and self.holds_state(node) and not spaces.merging
+
+
+class PrimaryHistory:
+    """The model the replicas are checked against: the history of writes delivered in primary views.
+
+    A write delivered in a regular primary view is *committed*: from then on it is part of the
+    reference state ``ref`` (until a later write to its key), which a replica in a primary view
+    must equal.  A write delivered only elsewhere (a transitional or non-primary view, or while a
+    merge is under way) is *in doubt*: it may survive or not.  A replica *matches* the reference
+    when each key holds the reference's value, or the value of a write in doubt delivered after
+    that one.  Values are unique, so a value names its write.
+
+    The reference may be lost only where a primary configuration forms in which no member holds
+    it (its holders crashed, or are on the other side of a partition: see "Which state survives
+    a merge" in docs/spaces.rst), or where a member is alone in the space in a primary view
+    without it (everyone else left).  From then until a replica of a primary view is seen again,
+    a replica that does not match starts a new history instead of failing the check.
+
+    The layers' own state (asked through ``SpaceLayer``'s public accessors) is as of the end of
+    the member's current step, which may be ahead of the event being observed; so a member counts
+    as settled only if it was not merging at the end of its previous step either.
+    """
+
+    def __init__(self, kv: ReplicatedDict) -> None:
+        self.kv = kv
+        self.ref: dict[str, str] = {}
+        self.before: dict[str, dict[str, str]] = {}          # committed write -> the replica it was applied to
+        self.first: dict[str, float] = {}                    # write -> first delivery anywhere (virtual s)
+        self.last: dict[str, float] = {}                     # write -> last delivery anywhere
+        self.taken: set[str] = set()                         # writes the reference took from a settled replica
+        self.committed = 0
+        self.lost = False                                    # a primary configuration formed without a holder
+        self.new_histories = 0                               # legitimate losses seen
+        self.formed: set[tuple] = set()                      # ring ids of primary views examined
+        self._step: dict[int, tuple[float, bool, bool]] = {}  # node -> (time, merging before it, merging now)
+
+    def observe(self, node: int) -> None:
+        """Called first for every event a member hands its application."""
+        now, merging = self.kv.sim.now, self.kv.sim.ring(node).member.spaces.merging
+        at, before, after = self._step.get(node, (-1.0, True, True))
+        self._step[node] = (at, before, merging) if at == now else (now, after, merging)
+
+    def _settled(self, node: int) -> bool:
+        return self.kv.settled(node) and not self._step.get(node, (0.0, True, True))[1]
+
+    def matches(self, replica: dict[str, str]) -> bool:
+        ref = self.ref
+        for key in ref.keys() | replica.keys():
+            value = replica.get(key)
+            if value == ref.get(key):
+                continue
+            if value is None or value in self.taken:
+                return False                                  # wiped, or an older committed value
+            if key in ref and self.last.get(value, -1.0) < self.first.get(ref[key], 0.0):
+                return False                                  # in doubt, but older than the reference
+        return True
+
+    def _check(self, node: int, replica: dict[str, str], what: str) -> None:
+        """``replica`` is ``node``'s state of the primary history now: it continues the reference."""
+        if not self.matches(replica):
+            assert self.lost, (f"{what} at {node} at t={self.kv.sim.now:.4f}: {replica} does not continue "
+                               f"the history of primary writes {self.ref}")
+            self.new_histories += 1
+        self.ref = dict(replica)
+        self.taken |= set(replica.values())
+        self.lost = False
+
+    def delivered(self, node: int, key: str, value: str) -> None:
+        """``node`` delivers ``key=value``; its replica is not updated yet."""
+        now = self.kv.sim.now
+        self.first.setdefault(value, now)
+        self.last[value] = now
+        replica = self.kv.data[node]
+        if not self._settled(node):
+            return
+        if value in self.before:
+            assert replica == self.before[value], (node, value, replica, self.before[value])
+            return
+        self._check(node, replica, f"write {key}={value}")
+        self.before[value] = dict(replica)
+        self.committed += 1
+        self.ref[key] = value
+        self.taken.add(value)
+
+    def view(self, node: int, view: View) -> None:
+        """A primary view forms: does any of its members have the reference complete?"""
+        if view.transitional or not view.primary or view.ring_id in self.formed:
+            return
+        self.formed.add(view.ring_id)
+        # ``has_state`` does not change when a member installs a view, except where a primary
+        # view starts a space over; the replicas of such members are empty, so they match only
+        # an empty reference.
+        if not self._held_in(view.members):
+            self.lost = True
+
+    def alone(self, node: int) -> None:
+        """``node`` is the only member of the space in its view: a new space, or the rest left."""
+        if self.kv.primary[node] and not self._held_in(self.kv.sim.view(node).members):
+            self.lost = True
+
+    def _held_in(self, members) -> bool:
+        return any(m in self.kv.sim.live and self.kv.has_state(m) and self.matches(self.kv.data[m]) for m in members)
+
+    def crashed(self, node: int) -> None:
+        self._step.pop(node, None)
+
+    def final(self, members: list[int]) -> None:
+        """Every member of the space in the final primary view holds the primary history."""
+        for m in members:
+            assert self.kv.settled(m), m
+            self._check(m, self.kv.data[m], "final state")
 
 
 def test_a_joiner_gets_the_state_at_its_join_then_every_later_update() -> None:
@@ -445,53 +601,119 @@ def test_a_primary_view_where_nobody_holds_the_state_starts_over_and_that_state_
     assert sim.run_until(lambda: kv.data[1] == kv.data[2] == {"new": "2"}, timeout=20), kv.data
 
 
-@example(seed=0, ops=[("partition", 1, 5), ("write", 1, 0), ("write", 1, 4), ("write", 2, 0),
+def split(arg: int) -> list[list[int]]:
+    """Partitions of four members, two of them with no primary side (at least three members needed)."""
+    return [[[1], [2, 3, 4]], [[1, 2], [3, 4]], [[1, 2, 3], [4]], [[1], [2], [3, 4]], [[1], [2], [3], [4]]][arg % 5]
+
+
+OPS = ["write", "write", "write", "join", "leave", "partition", "partition", "heal", "crash", "restart", "request",
+       "loss", "strike", "strike", "strike"]
+
+
+@example(strikes=[], first=2, written=0, seed=0, ops=[("partition", 1, 5), ("write", 1, 0), ("write", 1, 4), ("write", 2, 0),
                       ("heal", 1, 0), ("leave", 1, 0)])   # view ids clashed across the sides of a merge
-@example(seed=124, ops=[("partition", 3, 3), ("heal", 4, 5), ("request", 1, 7), ("restart", 1, 4),
+@example(strikes=[], first=2, written=0, seed=124, ops=[("partition", 3, 3), ("heal", 4, 5), ("request", 1, 7), ("restart", 1, 4),
                         ("join", 4, 2), ("leave", 3, 1), ("request", 1, 7), ("partition", 3, 4),
                         ("heal", 3, 0), ("write", 4, 2), ("restart", 3, 1)])
 # ^ soak: a snapshot chunk overtook the ring and reached the joiner before its cut point
-@example(seed=124, ops=[("partition", 1, 3), ("heal", 4, 5), ("crash", 2, 3), ("restart", 1, 4),
+@example(strikes=[], first=2, written=0, seed=124, ops=[("partition", 1, 3), ("heal", 4, 5), ("crash", 2, 3), ("restart", 1, 4),
                         ("write", 3, 1), ("join", 4, 2), ("request", 1, 7), ("partition", 1, 4),
                         ("heal", 1, 0), ("write", 1, 0)])
 # ^ soak: views differed (1 passed through a singleton ring, 4 did not), so 1 dropped 4's
 #   unicast stream while 4 kept it: chunks were refused forever until UNICAST got RESET
-@example(seed=1699, ops=[("write", 3, 6), ("partition", 1, 5), ("write", 3, 0), ("loss", 1, 5), ("write", 3, 0),
+@example(strikes=[], first=2, written=0, seed=1699, ops=[("write", 3, 6), ("partition", 1, 5), ("write", 3, 0), ("loss", 1, 5), ("write", 3, 0),
                          ("heal", 1, 0), ("join", 4, 6), ("write", 1, 8), ("partition", 1, 0), ("write", 1, 4)])
 # ^ soak: a SYNC round cut short by a view that only lost members: the barrier and the
 #   removal were two views at one point of the order
-@example(seed=1699, ops=[("write", 3, 0), ("partition", 1, 5), ("write", 3, 0), ("loss", 1, 5), ("write", 3, 0),
+@example(strikes=[], first=2, written=0, seed=1699, ops=[("write", 3, 0), ("partition", 1, 5), ("write", 3, 0), ("loss", 1, 5), ("write", 3, 0),
                          ("heal", 1, 4), ("write", 1, 0), ("write", 1, 3), ("join", 4, 0), ("write", 1, 6),
                          ("write", 1, 0), ("write", 1, 8), ("partition", 1, 0), ("write", 1, 0), ("write", 1, 4)])
 # ^ soak: a merge interrupted by another merge left members of one view with different
 #   states; sides are now ranked by their last *stable* configuration
-@example(seed=0, ops=[("loss", 1, 4), ("write", 1, 0), ("request", 1, 3), ("partition", 1, 3), ("write", 1, 1)])
-@example(seed=0, ops=[("write", 1, 7), ("loss", 1, 9), ("write", 3, 4), ("request", 1, 9), ("join", 3, 0),
+@example(strikes=[], first=2, written=0, seed=0, ops=[("loss", 1, 4), ("write", 1, 0), ("request", 1, 3), ("partition", 1, 3), ("write", 1, 1)])
+@example(strikes=[], first=2, written=0, seed=0, ops=[("write", 1, 7), ("loss", 1, 9), ("write", 3, 4), ("request", 1, 9), ("join", 3, 0),
                       ("leave", 1, 3), ("partition", 1, 9)])
 # ^ soak: a joiner whose provider left dropped the buffered *views* before the new cut point
 #   (only messages are in a snapshot); and view ids of transitional deliveries collided
-@example(seed=0, ops=[("write", 1, 7), ("loss", 1, 9), ("write", 1, 9), ("join", 3, 0), ("leave", 1, 6),
+@example(strikes=[], first=2, written=0, seed=0, ops=[("write", 1, 7), ("loss", 1, 9), ("write", 1, 9), ("join", 3, 0), ("leave", 1, 6),
                       ("partition", 1, 9)])
 # ^ soak: a request completed by its own member's answer was reported only at that member's next step
+@example(strikes=[], first=2, written=0, seed=0, ops=[("write", 1, 0), ("partition", 1, 3), ("write", 1, 2), ("strike", 1, 8)])
+# ^ issue 9, item 7 (found by these schedules on the code before the fix): 1 re-fetched after
+#   the heal, was cut off, and was then picked (lowest id) as the side everyone copies: all empty
+@example(strikes=[], first=3, written=0, seed=54220, ops=[
+    ("write", 1, 0), ("write", 1, 0), ("partition", 1, 1), ("write", 3, 2), ("write", 4, 0), ("write", 1, 3),
+    ("partition", 3, 3), ("write", 1, 3), ("partition", 1, 1), ("loss", 1, 8), ("partition", 1, 0), ("write", 1, 0),
+    ("write", 1, 9), ("strike", 1, 0), ("write", 1, 0), ("write", 1, 5)])
+# ^ soak: three sides held the state of the same primary view; 1 won the tie, the partition struck
+#   before 2 and 3 had fetched its copy, and the majority of 2, 3, 4 started the space over,
+#   losing its committed writes: a member fetching keeps the complete state it had to fall back on
+@example(strikes=[], first=3, written=0, seed=54220, ops=[
+    ("strike", 3, 9), ("partition", 1, 6), ("partition", 1, 1), ("write", 3, 2), ("write", 4, 0), ("write", 1, 3),
+    ("write", 3, 3), ("request", 1, 3), ("partition", 1, 1), ("loss", 2, 8), ("partition", 4, 3), ("request", 2, 7),
+    ("write", 1, 9), ("strike", 1, 5), ("join", 2, 6), ("write", 4, 5)])
+# ^ soak (the model): a write delivered during a SYNC round reaches each side's state; the member
+#   only looks settled because the round ended later in the same step
+@example(strikes=[], first=2, written=3, seed=0, ops=[("join", 3, 0), ("write", 1, 0), ("write", 1, 0)])
+# ^ soak (the model): a snapshot is the state at the join's point, not at the moment it is installed
+@example(strikes=[], first=2, written=0, seed=0, ops=[("write", 2, 0), ("leave", 1, 0), ("write", 1, 0), ("leave", 2, 0)])
+# ^ soak (the model): when every member left the space its state is gone; it starts anew
 @settings(deadline=None, max_examples=max(5, settings().max_examples // 10))
-@given(seed=st.integers(0, 2**16), ops=st.lists(st.tuples(st.sampled_from(
-    ["write", "join", "leave", "partition", "heal", "crash", "restart", "request", "loss"]),
-    st.integers(1, 4), st.integers(0, 9)), min_size=3, max_size=18))
-def test_schedules_keep_views_agreed_requests_bounded_and_replicas_identical(seed, ops) -> None:
+@given(first=st.sampled_from([2, 3]), written=st.integers(1, 3), seed=st.integers(0, 2**16),
+       ops=st.lists(st.tuples(st.sampled_from(OPS), st.integers(1, 4), st.integers(0, 9)), min_size=3, max_size=18),
+       strikes=st.lists(st.tuples(st.integers(1, 4), st.integers(0, 9)), min_size=1, max_size=3))
+def test_schedules_keep_views_agreed_requests_bounded_and_replicas_identical(first, written, seed, ops,
+                                                                              strikes) -> None:
+    """Members 1..``first`` start in the space, with ``written`` keys.  Besides the faults of the
+    network, ``strike`` lets partitioned sides drift apart (it partitions and writes first if the
+    network is whole), heals, and strikes again the moment a merge completes or a snapshot is
+    asked for: it partitions the members (``node`` 1 or 2) or crashes ``node`` (3 or 4), so
+    transfers are cut off again and again; ``strikes`` more end every schedule.  Every replica in
+    a primary view is checked against the history of primary writes."""
     n = 4
     sim = cluster(n, seed=seed)
-    kv = ReplicatedDict(sim)
+    kv = ReplicatedDict(sim, history=True)
     for node in sim.nodes:
         sim.services.on_request(node, "kv", lambda p, r, node=node: json.dumps(kv.data[node]).encode())
     joined: set[int] = set()
-    for node in (1, 2):
+    trigger = Trigger(sim)
+    cut_transfers = 0
+    partitioned = False
+
+    def fetching(observer: int) -> bool:
+        """Whether, as ``observer`` sees it, some member of the space is waiting for its state."""
+        layer = sim.ring(observer).member.spaces
+        return bool(set(layer.spaces.get("kv", ())) - layer.ready.get("kv", set()))
+
+    def crash(node: int) -> None:
+        sim.crash(node)
+        kv.crashed(node)
+        joined.discard(node)
+
+    def strike(observer: int, node: int, arg: int) -> None:
+        nonlocal cut_transfers, partitioned
+        cut_transfers += type(trigger.last) is StateRequest or fetching(observer)
+        if node <= 2 or node == observer or node not in sim.live or len(sim.live) < 2:
+            sim.partition(split(arg))
+            partitioned = True
+        else:
+            crash(node)
+
+    for node in range(1, first + 1):
         sim.services.join(node, "kv")
         joined.add(node)
     sim.run(0.3)
-    for op, node, arg in ops:
+    for k in range(written):
+        assert kv.write(1 + k % first, f"k{k}", f"start.{k}")
+    if written:
+        sim.run(0.3)
+    for step, (op, node, arg) in enumerate([*ops, *(("strike", node, arg) for node, arg in strikes)]):
         live = node in sim.live
-        if op == "write" and live and node in joined:
-            kv.write(node, f"k{arg}", f"{node}.{arg}.{sim.now:.3f}")
+        if op == "write":
+            # ``node`` writes, or else the first member of the space that can (in a primary view)
+            for writer in [node, *sorted(joined)]:
+                if writer in joined and writer in sim.live and kv.write(writer, f"k{arg}", f"{writer}.{arg}.{step}"):
+                    break
         elif op == "join" and live and node not in joined:
             sim.services.join(node, "kv")
             joined.add(node)
@@ -500,19 +722,31 @@ def test_schedules_keep_views_agreed_requests_bounded_and_replicas_identical(see
             joined.discard(node)
         elif op == "partition":
             sim.partition([[m for m in sim.nodes if m <= 1 + arg % 3], [m for m in sim.nodes if m > 1 + arg % 3]])
+            partitioned = True
         elif op == "heal":
             sim.heal()
+            partitioned = False
         elif op == "crash" and live and len(sim.live) > 1:
-            sim.crash(node)
-            kv.crashed(node)
-            joined.discard(node)
+            crash(node)
         elif op == "restart" and not live:
             sim.restart(node)
         elif op == "request" and live and node in joined:
             sim.services.request(node, "kv", b"get", mode=(ALL, FIRST, MAJORITY)[arg % 3], timeout=0.2 + arg / 10)
         elif op == "loss":
             sim.set_network(loss=arg / 50)
+        elif op == "strike":
+            if not partitioned:
+                sim.partition(split((0, 3, 4)[(node + arg) % 3]))     # 1 (in the space) alone
+                sim.run(1.5)
+                for m in sorted(joined & set(sim.live)):
+                    kv.write(m, f"k{arg}", f"{m}.{arg}.{step}.cut")    # refused outside the primary side
+            fired = trigger.fired
+            trigger.arm(StateRequest if arg % 2 else Merge, lambda observer, node=node, arg=arg: strike(observer, node, arg))
+            sim.heal()
+            partitioned = False
+            sim.run_until(lambda: trigger.fired > fired, timeout=3.0)
         sim.run(0.05 + arg / 20)
+    trigger.armed = None
     sim.heal()
     sim.set_network()
     for node in sim.nodes:
@@ -520,6 +754,9 @@ def test_schedules_keep_views_agreed_requests_bounded_and_replicas_identical(see
             sim.restart(node)
     sim.run(sim.settle_time)
     assert sim.converged()
+    for node in sim.nodes:
+        if node not in joined:                                # restarted members join again
+            sim.services.join(node, "kv")
     sim.run(2.0)
     check_views_agree(sim)
     for handle in sim.services.requests:
@@ -531,3 +768,11 @@ def test_schedules_keep_views_agreed_requests_bounded_and_replicas_identical(see
     assert len(views) <= 1, views
     states = {json.dumps(kv.data[m], sort_keys=True) for m in members}
     assert len(states) <= 1, {m: kv.data[m] for m in members}
+    history = kv.history
+    assert history is not None
+    history.final(members)
+    event(f"transfers cut off: {min(cut_transfers, 3)}{'+' if cut_transfers >= 3 else ''}")
+    event(f"writes committed in primary views: {'0' if not history.committed else '1-4' if history.committed < 5 else '5+'}")
+    event(f"members in the final space: {len(members)}")
+    event("the primary history was lost legitimately (no member held it)" if history.new_histories
+          else "one primary history throughout")
