@@ -198,11 +198,25 @@ def test_a_member_that_crashes_mid_request_completes_as_left_and_silence_times_o
 def test_a_request_never_outlives_its_timeout() -> None:
     sim = cluster(3)
     echo_everywhere(sim)
-    sim.partition([[1], [2, 3]])                 # the request reaches nobody else for a while
-    handle = sim.services.request(1, "", b"q", to=[2, 3], mode=ALL, timeout=0.3)
-    sim.run(0.5)
-    assert handle.done and handle.finished - handle.started <= 0.3 + 1e-6
-    assert {r.status for r in handle.replies.values()} <= {"timeout", "left"}
+    sim.cut(2, 1)                                # 2 and 3 get the request; their answers are lost
+    sim.cut(3, 1)
+    handle = sim.services.request(1, "", b"q", to=[2, 3], mode=ALL, timeout=0.1)
+    sim.run(0.2)                                 # shorter than failure detection: nobody has left
+    assert handle.done and handle.finished - handle.started == pytest.approx(0.1, abs=1e-6)
+    assert {m: r.status for m, r in handle.replies.items()} == {2: "timeout", 3: "timeout"}
+    assert not any(r.ok for r in handle.replies.values())
+
+
+@pytest.mark.parametrize("mode", [FIRST, MAJORITY])
+def test_a_request_whose_answers_are_lost_times_out_in_every_mode(mode) -> None:
+    sim = cluster(3)
+    echo_everywhere(sim)
+    sim.cut(2, 1)
+    sim.cut(3, 1)
+    handle = sim.services.request(1, "", b"q", to=[2, 3], mode=mode, timeout=0.1)
+    sim.run(0.2)
+    assert handle.done and handle.finished - handle.started == pytest.approx(0.1, abs=1e-6)
+    assert {r.status for r in handle.replies.values()} == {"timeout"}
 
 
 # ---------------------------------------------------------------------------
@@ -607,69 +621,77 @@ def split(arg: int) -> list[list[int]]:
 
 
 OPS = ["write", "write", "write", "join", "leave", "partition", "partition", "heal", "crash", "restart", "request",
-       "loss", "strike", "strike", "strike"]
+       "mute", "loss", "strike", "strike", "strike"]
+REQUEST_TIMEOUTS = [0.0001, 0.002, 0.2, 0.5, 1.0]
+"""Seconds; the shortest ones expire before the answers of a four-member ring arrive."""
 
 
-@example(strikes=[], first=2, written=0, seed=0, ops=[("partition", 1, 5), ("write", 1, 0), ("write", 1, 4), ("write", 2, 0),
+@example(asks=[], strikes=[], first=2, written=0, seed=0, ops=[("partition", 1, 5), ("write", 1, 0), ("write", 1, 4), ("write", 2, 0),
                       ("heal", 1, 0), ("leave", 1, 0)])   # view ids clashed across the sides of a merge
-@example(strikes=[], first=2, written=0, seed=124, ops=[("partition", 3, 3), ("heal", 4, 5), ("request", 1, 7), ("restart", 1, 4),
+@example(asks=[], strikes=[], first=2, written=0, seed=124, ops=[("partition", 3, 3), ("heal", 4, 5), ("request", 1, 7), ("restart", 1, 4),
                         ("join", 4, 2), ("leave", 3, 1), ("request", 1, 7), ("partition", 3, 4),
                         ("heal", 3, 0), ("write", 4, 2), ("restart", 3, 1)])
 # ^ soak: a snapshot chunk overtook the ring and reached the joiner before its cut point
-@example(strikes=[], first=2, written=0, seed=124, ops=[("partition", 1, 3), ("heal", 4, 5), ("crash", 2, 3), ("restart", 1, 4),
+@example(asks=[], strikes=[], first=2, written=0, seed=124, ops=[("partition", 1, 3), ("heal", 4, 5), ("crash", 2, 3), ("restart", 1, 4),
                         ("write", 3, 1), ("join", 4, 2), ("request", 1, 7), ("partition", 1, 4),
                         ("heal", 1, 0), ("write", 1, 0)])
 # ^ soak: views differed (1 passed through a singleton ring, 4 did not), so 1 dropped 4's
 #   unicast stream while 4 kept it: chunks were refused forever until UNICAST got RESET
-@example(strikes=[], first=2, written=0, seed=1699, ops=[("write", 3, 6), ("partition", 1, 5), ("write", 3, 0), ("loss", 1, 5), ("write", 3, 0),
+@example(asks=[], strikes=[], first=2, written=0, seed=1699, ops=[("write", 3, 6), ("partition", 1, 5), ("write", 3, 0), ("loss", 1, 5), ("write", 3, 0),
                          ("heal", 1, 0), ("join", 4, 6), ("write", 1, 8), ("partition", 1, 0), ("write", 1, 4)])
 # ^ soak: a SYNC round cut short by a view that only lost members: the barrier and the
 #   removal were two views at one point of the order
-@example(strikes=[], first=2, written=0, seed=1699, ops=[("write", 3, 0), ("partition", 1, 5), ("write", 3, 0), ("loss", 1, 5), ("write", 3, 0),
+@example(asks=[], strikes=[], first=2, written=0, seed=1699, ops=[("write", 3, 0), ("partition", 1, 5), ("write", 3, 0), ("loss", 1, 5), ("write", 3, 0),
                          ("heal", 1, 4), ("write", 1, 0), ("write", 1, 3), ("join", 4, 0), ("write", 1, 6),
                          ("write", 1, 0), ("write", 1, 8), ("partition", 1, 0), ("write", 1, 0), ("write", 1, 4)])
 # ^ soak: a merge interrupted by another merge left members of one view with different
 #   states; sides are now ranked by their last *stable* configuration
-@example(strikes=[], first=2, written=0, seed=0, ops=[("loss", 1, 4), ("write", 1, 0), ("request", 1, 3), ("partition", 1, 3), ("write", 1, 1)])
-@example(strikes=[], first=2, written=0, seed=0, ops=[("write", 1, 7), ("loss", 1, 9), ("write", 3, 4), ("request", 1, 9), ("join", 3, 0),
+@example(asks=[], strikes=[], first=2, written=0, seed=0, ops=[("loss", 1, 4), ("write", 1, 0), ("request", 1, 3), ("partition", 1, 3), ("write", 1, 1)])
+@example(asks=[], strikes=[], first=2, written=0, seed=0, ops=[("write", 1, 7), ("loss", 1, 9), ("write", 3, 4), ("request", 1, 9), ("join", 3, 0),
                       ("leave", 1, 3), ("partition", 1, 9)])
 # ^ soak: a joiner whose provider left dropped the buffered *views* before the new cut point
 #   (only messages are in a snapshot); and view ids of transitional deliveries collided
-@example(strikes=[], first=2, written=0, seed=0, ops=[("write", 1, 7), ("loss", 1, 9), ("write", 1, 9), ("join", 3, 0), ("leave", 1, 6),
+@example(asks=[], strikes=[], first=2, written=0, seed=0, ops=[("write", 1, 7), ("loss", 1, 9), ("write", 1, 9), ("join", 3, 0), ("leave", 1, 6),
                       ("partition", 1, 9)])
 # ^ soak: a request completed by its own member's answer was reported only at that member's next step
-@example(strikes=[], first=2, written=0, seed=0, ops=[("write", 1, 0), ("partition", 1, 3), ("write", 1, 2), ("strike", 1, 8)])
+@example(asks=[], strikes=[], first=2, written=0, seed=0, ops=[("write", 1, 0), ("partition", 1, 3), ("write", 1, 2), ("strike", 1, 8)])
 # ^ issue 9, item 7 (found by these schedules on the code before the fix): 1 re-fetched after
 #   the heal, was cut off, and was then picked (lowest id) as the side everyone copies: all empty
-@example(strikes=[], first=3, written=0, seed=54220, ops=[
+@example(asks=[], strikes=[], first=3, written=0, seed=54220, ops=[
     ("write", 1, 0), ("write", 1, 0), ("partition", 1, 1), ("write", 3, 2), ("write", 4, 0), ("write", 1, 3),
     ("partition", 3, 3), ("write", 1, 3), ("partition", 1, 1), ("loss", 1, 8), ("partition", 1, 0), ("write", 1, 0),
     ("write", 1, 9), ("strike", 1, 0), ("write", 1, 0), ("write", 1, 5)])
 # ^ soak: three sides held the state of the same primary view; 1 won the tie, the partition struck
 #   before 2 and 3 had fetched its copy, and the majority of 2, 3, 4 started the space over,
 #   losing its committed writes: a member fetching keeps the complete state it had to fall back on
-@example(strikes=[], first=3, written=0, seed=54220, ops=[
+@example(asks=[], strikes=[], first=3, written=0, seed=54220, ops=[
     ("strike", 3, 9), ("partition", 1, 6), ("partition", 1, 1), ("write", 3, 2), ("write", 4, 0), ("write", 1, 3),
     ("write", 3, 3), ("request", 1, 3), ("partition", 1, 1), ("loss", 2, 8), ("partition", 4, 3), ("request", 2, 7),
     ("write", 1, 9), ("strike", 1, 5), ("join", 2, 6), ("write", 4, 5)])
 # ^ soak (the model): a write delivered during a SYNC round reaches each side's state; the member
 #   only looks settled because the round ended later in the same step
-@example(strikes=[], first=2, written=3, seed=0, ops=[("join", 3, 0), ("write", 1, 0), ("write", 1, 0)])
+@example(asks=[], strikes=[], first=2, written=3, seed=0, ops=[("join", 3, 0), ("write", 1, 0), ("write", 1, 0)])
 # ^ soak (the model): a snapshot is the state at the join's point, not at the moment it is installed
-@example(strikes=[], first=2, written=0, seed=0, ops=[("write", 2, 0), ("leave", 1, 0), ("write", 1, 0), ("leave", 2, 0)])
+@example(asks=[], strikes=[], first=2, written=0, seed=0, ops=[("write", 2, 0), ("leave", 1, 0), ("write", 1, 0), ("leave", 2, 0)])
 # ^ soak (the model): when every member left the space its state is gone; it starts anew
 @settings(deadline=None, max_examples=max(5, settings().max_examples // 10))
 @given(first=st.sampled_from([2, 3]), written=st.integers(1, 3), seed=st.integers(0, 2**16),
        ops=st.lists(st.tuples(st.sampled_from(OPS), st.integers(1, 4), st.integers(0, 9)), min_size=3, max_size=18),
-       strikes=st.lists(st.tuples(st.integers(1, 4), st.integers(0, 9)), min_size=1, max_size=3))
+       strikes=st.lists(st.tuples(st.integers(1, 4), st.integers(0, 9)), min_size=1, max_size=3),
+       asks=st.lists(st.tuples(st.integers(0, 18), st.tuples(st.sampled_from(["request", "mute", "mute"]), st.integers(1, 4),
+                                                            st.integers(0, 9))), min_size=1, max_size=3))
 def test_schedules_keep_views_agreed_requests_bounded_and_replicas_identical(first, written, seed, ops,
-                                                                              strikes) -> None:
+                                                                              strikes, asks) -> None:
     """Members 1..``first`` start in the space, with ``written`` keys.  Besides the faults of the
     network, ``strike`` lets partitioned sides drift apart (it partitions and writes first if the
     network is whole), heals, and strikes again the moment a merge completes or a snapshot is
     asked for: it partitions the members (``node`` 1 or 2) or crashes ``node`` (3 or 4), so
-    transfers are cut off again and again; ``strikes`` more end every schedule.  Every replica in
-    a primary view is checked against the history of primary writes."""
+    transfers are cut off again and again; ``strikes`` more end every schedule.  ``request`` asks
+    the space with a timeout from :data:`REQUEST_TIMEOUTS`; ``mute`` asks it while the answers
+    are cut off, so requests really time out; ``asks`` puts such steps at given places among the
+    ops, so most schedules make requests.  Every replica in a primary view is checked against
+    the history of primary writes; at the end every member is in the space again and all hold
+    the same state."""
     n = 4
     sim = cluster(n, seed=seed)
     kv = ReplicatedDict(sim, history=True)
@@ -707,7 +729,10 @@ def test_schedules_keep_views_agreed_requests_bounded_and_replicas_identical(fir
         assert kv.write(1 + k % first, f"k{k}", f"start.{k}")
     if written:
         sim.run(0.3)
-    for step, (op, node, arg) in enumerate([*ops, *(("strike", node, arg) for node, arg in strikes)]):
+    plan = list(ops)
+    for at, ask in sorted(asks, key=lambda a: -a[0]):
+        plan.insert(min(at, len(plan)), ask)
+    for step, (op, node, arg) in enumerate([*plan, *(("strike", node, arg) for node, arg in strikes)]):
         live = node in sim.live
         if op == "write":
             # ``node`` writes, or else the first member of the space that can (in a primary view)
@@ -730,8 +755,31 @@ def test_schedules_keep_views_agreed_requests_bounded_and_replicas_identical(fir
             crash(node)
         elif op == "restart" and not live:
             sim.restart(node)
-        elif op == "request" and live and node in joined:
-            sim.services.request(node, "kv", b"get", mode=(ALL, FIRST, MAJORITY)[arg % 3], timeout=0.2 + arg / 10)
+        elif op in ("request", "mute"):
+            # ``node`` asks, or else the first member of the space that is running
+            requester = next((m for m in [node, *sorted(joined)] if m in joined and m in sim.live), None)
+            mode = (ALL, FIRST, MAJORITY)[arg % 3]
+            if requester is not None and op == "request":
+                sim.services.request(requester, "kv", b"get", mode=mode, timeout=REQUEST_TIMEOUTS[arg % 5])
+            elif requester is not None:
+                # the answers are lost: every link to the requester is cut until the timeout
+                # (at most 0.2 s, before failure detection) has passed, then all heals.  Asked
+                # through the ring (it stalls: no answer) or of each other member of the view
+                # (a requester alone in its ring is let out first)
+                if len(sim.view(requester).members) == 1:
+                    sim.heal()
+                    partitioned = False
+                    sim.run_until(lambda: len(sim.view(requester).members) > 1, timeout=5.0)
+                others = [m for m in sim.view(requester).members if m != requester]
+                for m in sim.live:
+                    if m != requester:
+                        sim.cut(m, requester)
+                timeout = 0.05 * (1 + arg % 4)
+                sim.services.request(requester, "kv", b"get", to=others if arg % 2 else None, mode=mode,
+                                     timeout=timeout)
+                sim.run(timeout)
+                sim.heal()
+                partitioned = False
         elif op == "loss":
             sim.set_network(loss=arg / 50)
         elif op == "strike":
@@ -763,14 +811,22 @@ def test_schedules_keep_views_agreed_requests_bounded_and_replicas_identical(fir
         if not handle.abandoned:
             assert handle.done, handle
             assert handle.finished - handle.started <= handle.timeout + 1e-6, handle
+            if any(r.status == "timeout" for r in handle.replies.values()):    # not before it either
+                assert handle.finished - handle.started >= handle.timeout - 1e-6, handle
     members = [m for m in sim.live if "kv" in sim.ring(m).member.spaces.mine]
+    assert sorted(members) == list(sim.nodes), members       # every member ends in the space
     views = {last_view(sim, m, "kv").members for m in members}
-    assert len(views) <= 1, views
+    assert len(views) == 1 and sorted(next(iter(views))) == list(sim.nodes), views
     states = {json.dumps(kv.data[m], sort_keys=True) for m in members}
-    assert len(states) <= 1, {m: kv.data[m] for m in members}
+    assert len(states) == 1, {m: kv.data[m] for m in members}
     history = kv.history
     assert history is not None
     history.final(members)
+    timed_out = sum(1 for handle in sim.services.requests
+                    if handle.done and handle.finished - handle.started >= handle.timeout - 1e-6)
+    event(f"requests made: {min(len(sim.services.requests), 3)}{'+' if len(sim.services.requests) >= 3 else ''}")
+    event(f"requests that reached their timeout: {min(timed_out, 2)}{'+' if timed_out >= 2 else ''}")
+    event(f"final state: {'empty' if states == {'{}'} else 'written'}")
     event(f"transfers cut off: {min(cut_transfers, 3)}{'+' if cut_transfers >= 3 else ''}")
     event(f"writes committed in primary views: {'0' if not history.committed else '1-4' if history.committed < 5 else '5+'}")
     event(f"members in the final space: {len(members)}")
