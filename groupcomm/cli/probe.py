@@ -33,6 +33,9 @@ def add_parser(commands: Any) -> None:
     p.add_argument("--timeout", type=duration, default=1.0, metavar="DURATION",
                    help="how long to collect answers (default: 1s)")
     p.add_argument("--json", action="store_true", help="print the answers as one JSON list")
+    p.add_argument("--key-file", default=None, metavar="PATH",
+                   help="the cluster key (default: the stack's CRYPTO key_file, e.g. $GROUPCOMM_KEY_FILE); "
+                        "members with a key answer only sealed probes")
     p.set_defaults(run=run)
 
 
@@ -44,10 +47,13 @@ def run(args: argparse.Namespace) -> int:
         raise UsageError("--timeout must be more than 0 s")
     require_multicast(args.stack)
     overrides = {"UDP": {"mcast_port": args.mcast_port}} if args.mcast_port is not None else None
-    udp = build_stack(load_stack(args.stack, overrides=overrides)).transport
+    settings = build_stack(load_stack(args.stack, overrides=overrides))
+    udp = settings.transport
+    key_file = args.key_file if args.key_file is not None else (settings.crypto.key_file if settings.crypto else "")
+    seal = _probe_seal(cluster_id_for(args.cluster), key_file) if key_file else None
     print(f"probing cluster {args.cluster!r} on stack {args.stack!r} ({udp.mcast_addr}:{udp.mcast_port})...",
           file=sys.stderr, flush=True)
-    reports = probe(cluster_id_for(args.cluster), udp, args.timeout)
+    reports = probe(cluster_id_for(args.cluster), udp, args.timeout, seal=seal)
     if args.json:
         print(json.dumps(reports))
     elif reports:
@@ -56,6 +62,17 @@ def run(args: argparse.Namespace) -> int:
         return EXIT_OK
     print(f"no member answered within {args.timeout:g} s; {_other_stacks_hint(args.stack)}", file=sys.stderr)
     return EXIT_FAILED
+
+
+def _probe_seal(cluster_id: int, key_file: str):
+    """A seal for this one probe: a random sender id, an incarnation from the clock."""
+    import secrets
+    import time
+
+    from groupcomm.config.keys import read_key_file
+    from groupcomm.core.seal import Seal
+
+    return Seal(cluster_id, secrets.randbelow((1 << 32) - 1) + 1, time.time_ns() // 1000, read_key_file(key_file))
 
 
 def require_multicast(stack: str) -> None:

@@ -32,6 +32,7 @@ LAYERS: dict[str, str] = {
     "UDP": "groupcomm.io.udp:UdpConfig",
     "UDPU": "groupcomm.io.udp:UdpuConfig",
     "SIM": "groupcomm.config.registry:SimTransport",
+    "CRYPTO": "groupcomm.core.seal:CryptoConfig",
     "FD": "groupcomm.layers.fd:FdConfig",
     "TOTEM": "groupcomm.core.ring:RingConfig",
     "FRAG": "groupcomm.layers.frag:FragConfig",
@@ -72,6 +73,8 @@ class StackConfig:
     """:class:`~groupcomm.layers.spaces.SpacesConfig` (SPACES)."""
     channel: Any = None
     """:class:`~groupcomm.io.channel.ChannelConfig` (CHANNEL): the application's queues."""
+    crypto: Any = None
+    """:class:`~groupcomm.core.seal.CryptoConfig` (CRYPTO): the cluster key; None: no layer."""
 
 
 def build_stack(spec: StackSpec, *, transport_optional: bool = False) -> StackConfig:
@@ -101,4 +104,5 @@ def build_stack(spec: StackSpec, *, transport_optional: bool = False) -> StackCo
         quorum=built.get("QUORUM"),
         spaces=built.get("SPACES"),
         channel=built.get("CHANNEL"),
+        crypto=built.get("CRYPTO"),
     )

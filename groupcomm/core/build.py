@@ -27,8 +27,9 @@ from pathlib import Path
 from cffi import FFI
 
 HERE = Path(__file__).resolve().parent.parent   # groupcomm/: the C sources live there (a fixed path)
-HEADERS = ("_ring.h", "_pump.h")          # the ring's API, then the socket pump's
-SOURCES = ("_ring.c", "_pump.c")
+HEADERS = ("_ring.h", "_pump.h", "_seal.h")   # the ring's API, the socket pump's, the seal's
+SOURCES = ("_ring.c", "_pump.c", "_seal.c")
+LIBRARIES = ["crypto"]   # OpenSSL's libcrypto (AES-GCM, HKDF) for the seal; headers: libssl-dev
 
 
 def read_cdef(header: Path = HERE / "_ring.h") -> str:
@@ -66,6 +67,7 @@ def make_builder(module_name: str = "groupcomm.core._ring_cffi", *, absolute_pat
         sources=[where(HERE / c) for c in SOURCES],
         include_dirs=[where(HERE)],
         extra_compile_args=compile_args(),
+        libraries=LIBRARIES,
         extra_link_args=link,
     )
     return builder

@@ -26,8 +26,10 @@ messages or ``send_queue_bytes`` bytes in ``TOTEM``).
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import hashlib
+import logging
 import math
 import os
 from dataclasses import dataclass
@@ -46,6 +48,8 @@ from groupcomm.errors import ChannelClosed, ConfigError, DeliveryOverflow, NotOp
 from groupcomm.events import Direct, Message, View
 from groupcomm.layers.frag import FragConfig, Pieces
 from groupcomm.io.probe import is_probe_request, probe_response
+from groupcomm.config.keys import KeyFile, read_key_file
+from groupcomm.core.seal import OVERHEAD as SEAL_OVERHEAD, CryptoConfig, Seal
 from groupcomm.layers.wire import HEADER_SIZE, PROBE_MAGIC, PROTOCOL_VERSION, RING_MAGIC, RING_TOKEN, SENDER, TYPE_OFFSET
 from groupcomm.layers.wire import datagram_version
 from groupcomm.layers.fd import FdConfig
@@ -62,6 +66,8 @@ from groupcomm.layers.unicast import UnicastConfig
 from groupcomm.io.udp import UdpConfig, UdpSockets, UdpuConfig, open_sockets, open_unicast, parse_host
 
 __all__ = ["Channel", "ChannelConfig", "open_channel", "node_id_for"]
+
+_log = logging.getLogger("groupcomm.channel")
 
 _US = 1_000_000
 _MAX_DATAGRAM = 65536
@@ -91,8 +97,11 @@ class ChannelConfig:
 
     max_pending_events: int = 100_000
     """Events queued for the application, per stream (the channel's, each space's)."""
-    max_pending_bytes: Size = 64 << 20
-    """Payload bytes queued for the application, per stream (the channel's, each space's)."""
+    max_pending_bytes: Size = 128 << 20
+    """Payload bytes queued for the application, per stream (the channel's, each space's),
+    not counting the largest fragmented message held.  The default is twice FRAG's default
+    ``max_message``, so two messages of that size from two senders at once fit; keep it at
+    least ``(large senders at once - 1) x max_message`` if you raise ``max_message``."""
 
     def __post_init__(self) -> None:
         if self.max_pending_events < 1:
@@ -137,9 +146,12 @@ class Channel:
         quorum: QuorumConfig | None = None,
         spaces: SpacesConfig | None = None,
         state_dir: str | os.PathLike | None = None,
+        crypto: CryptoConfig | None = None,
     ) -> None:
         if not cluster:
             raise ConfigError("open_channel: cluster name must not be empty")
+        if crypto is not None and crypto.key_file and udp.pump == "c":
+            raise ConfigError("CRYPTO: a cluster key with pump = 'c' is not supported yet; use pump = 'trio'")
         if max_pending_events < 1:
             raise ConfigError("open_channel: max_pending_events must be >= 1")
         if max_pending_bytes < 1:
@@ -154,6 +166,10 @@ class Channel:
         self._unicast_config = unicast
         self._quorum_config = quorum
         self._spaces_config = spaces
+        self._crypto_config = crypto or CryptoConfig()
+        self._seal: Seal | None = None
+        self._key_stamp: tuple | None = None       # (mtime_ns, size) of the key file last read
+        self._seal_peers_saved = 0                 # the seal's new_incarnations when last saved
         # Root of the members' state directories (groupcomm.io.state_dir); "" or None: the default.
         self._state_root = state_dir if state_dir is not None else (quorum.state_dir if quorum else "")
         self._state: MemberState | None = None
@@ -233,6 +249,8 @@ class Channel:
         s["send_queue_bytes"] = member.multicast.queued_bytes
         s["state_transfers_retried"] = member.spaces.transfers_retried
         s["callback_failures"] = self._services.callback_failures
+        if self._seal is not None:
+            s.update((f"seal_{name}", n) for name, n in self._seal.stats().items())
         if self._pump is not None:
             pump = self._pump.stats()
             s.update(pump)
@@ -482,8 +500,14 @@ class Channel:
             self._state = state = open_member_state(self._state_root, self.cluster,
                                                     self._state_name(node_id, cfg), clock=time.time)
             floor = state.floor
-            self._member = Member(node_id, self._ring_config, fd=self._fd_config, frag=self._frag_config,
-                                 unicast=self._unicast_config, quorum=self._quorum_config,
+            ring_config, unicast_config = self._ring_config, self._unicast_config
+            self._seal = self._open_seal(node_id, state)
+            if self._seal is not None:             # the seal's bytes come out of every datagram's mtu
+                ring_config = dataclasses.replace(ring_config, mtu=ring_config.mtu - SEAL_OVERHEAD)
+                unicast_config = unicast_config or UnicastConfig()
+                unicast_config = dataclasses.replace(unicast_config, mtu=unicast_config.mtu - SEAL_OVERHEAD)
+            self._member = Member(node_id, ring_config, fd=self._fd_config, frag=self._frag_config,
+                                 unicast=unicast_config, quorum=self._quorum_config,
                                  spaces=self._spaces_config, ring_seq_floor=floor, epoch=floor)
             self._member.spaces.quorum.use(state.quorum, clock=self._now)
             self._member.multicast.join_later_from = _JOIN_OFF_LOOP
@@ -504,6 +528,8 @@ class Channel:
                         nursery.start_soon(self._receive_loop, sockets.multicast)
                 if unicast_only and cfg.discovery_dir:
                     nursery.start_soon(self._discovery_loop, cfg, node_id)
+                if self._seal is not None:
+                    nursery.start_soon(self._key_loop)
                 nursery.start_soon(self._timer_loop)
                 task_status.started(self)
         finally:
@@ -519,7 +545,60 @@ class Channel:
                 detach(self._pump)                # joins the thread while the sockets are still open
             sockets.close()
             if self._state is not None:
+                self._save_seal_peers()
                 self._state.close()
+
+    def _open_seal(self, node_id: int, state: MemberState) -> Seal | None:
+        """The cluster key's seal for this incarnation (None: no key, with a warning)."""
+        crypto = self._crypto_config
+        if not crypto.key_file:
+            _log.warning("cluster %r runs without a key: anyone who can send to its addresses can read, join "
+                         "and disturb it (set key_file in the CRYPTO layer; see docs/security.rst)", self.cluster)
+            return None
+        keys = self._read_keys()
+        seal = Seal(self._ring_config.cluster_id, node_id, state.incarnation, keys,
+                    auth_only=crypto.mode == "auth-only", max_peers=crypto.max_peers,
+                    derive_budget=crypto.derive_budget, nodelist=crypto.nodelist)
+        seal.remember(state.peer_incarnations())
+        return seal
+
+    def _read_keys(self) -> KeyFile:
+        path = self._crypto_config.key_file
+        try:
+            st = os.stat(path)
+        except OSError as exc:
+            raise ConfigError(f"CRYPTO: key file {path}: {exc.strerror}") from None
+        if st.st_mode & 0o077:
+            _log.warning("key file %s can be read by other users (mode %o): chmod 600 it", path, st.st_mode & 0o777)
+        keys = read_key_file(path)
+        self._key_stamp = (st.st_mtime_ns, st.st_size)
+        return keys
+
+    async def _key_loop(self) -> None:
+        """Take up a changed key file (a rotation) and keep what the seal learnt about senders."""
+        seal, path = self._seal, self._crypto_config.key_file
+        assert seal is not None
+        while True:
+            await trio.sleep(self._crypto_config.reload_interval)
+            self._save_seal_peers()
+            try:
+                st = os.stat(path)
+                if (st.st_mtime_ns, st.st_size) == self._key_stamp:
+                    continue
+                seal.use_keys(self._read_keys())
+                _log.info("key file %s read again: keys %s, sending with %s", path, seal.key_ids,
+                          read_key_file(path).send)
+            except ConfigError as exc:            # a half-edited or broken file: keep the keys we have
+                _log.error("%s; keeping keys %s", exc, seal.key_ids)
+
+    def _save_seal_peers(self) -> None:
+        seal, state = self._seal, self._state
+        if seal is None or state is None:
+            return
+        learnt = seal.stats()["new_incarnations"]
+        if learnt != self._seal_peers_saved:
+            state.save_peer_incarnations(seal.incarnations())
+            self._seal_peers_saved = learnt
 
     def _state_name(self, node_id: int, cfg: UdpConfig | UdpuConfig) -> str | None:
         """The key of this member's state directory; None for an identity that dies with the
@@ -580,15 +659,17 @@ class Channel:
         elif sockets.group is not None:
             self._sendto(sockets.unicast, packet, sockets.group)
         else:
+            if self._seal is not None:
+                packet = self._seal.seal(packet)  # one seal for every copy
             for addr in self._targets:
-                self._sendto(sockets.unicast, packet, addr)
+                self._send_sealed(sockets.unicast, packet, addr)
 
     def _drain(self, sock) -> None:
         """Feed the readable datagrams (up to ``_DRAIN_BYTES``; the rest at the next wake-up, after
         the other tasks had their turn) to the member, messages before tokens, then flush once."""
         member = self._member
         assert member is not None
-        my_id, peers, sockets = self._my_id, self._peers, self._sockets
+        my_id, sockets, seal = self._my_id, self._sockets, self._seal
         assert sockets is not None
         tokens = []
         budget = _DRAIN_BYTES
@@ -598,25 +679,33 @@ class Channel:
             except OSError:                       # EAGAIN: drained (or the socket closed)
                 break
             budget -= len(data)
+            if seal is not None:
+                data = seal.open(data)
+                if type(data) is int:
+                    continue                      # forged, replayed, unsealed...: counted by the seal
             if data[:2] == PROBE_MAGIC:
                 self._answer_probe(data, addr)
                 continue
-            sender = data[SENDER]
-            if sender == my_id:
+            if data[SENDER] == my_id:
                 continue                          # our own multicast looped back
-            if len(data) >= HEADER_SIZE:
-                node = int.from_bytes(sender, "big")
-                if peers.get(node) != addr:
-                    peers[node] = addr
-                    if sockets.group is None:
-                        self._targets.add(addr[:2])    # (host, port): IPv6 adds flow info and scope
             if len(data) > TYPE_OFFSET and data[TYPE_OFFSET] == RING_TOKEN and data[:2] == RING_MAGIC:
-                tokens.append(data)               # act on the token after the messages it follows
+                tokens.append((data, addr))       # act on the token after the messages it follows
                 continue
-            member.receive(self._now(), data)
-        for data in tokens:
-            member.receive(self._now(), data)
+            if member.receive(self._now(), data):
+                self._learn(data, addr)
+        for data, addr in tokens:
+            if member.receive(self._now(), data):
+                self._learn(data, addr)
         self._flush()
+
+    def _learn(self, data: bytes, addr) -> None:
+        """Where a peer is: learnt only from a datagram its layer accepted (and, with a key,
+        that authenticated), so a forged source address cannot redirect or add targets."""
+        node = int.from_bytes(data[SENDER], "big")
+        if self._peers.get(node) != addr:
+            self._peers[node] = addr
+            if self._sockets is not None and self._sockets.group is None:
+                self._targets.add(addr[:2])       # (host, port): IPv6 adds flow info and scope
 
     def _drain_pump(self, notify_fd: int) -> None:
         """The pump woke us: answer probes, feed the other layers' packets, then flush its deliveries."""
@@ -653,7 +742,7 @@ class Channel:
         if member is None or self._sockets is None:
             return
         version = datagram_version(data)
-        if version is not None and version != PROTOCOL_VERSION:
+        if version is not None and version != PROTOCOL_VERSION and self._seal is None:
             member.wrong_version("probe", addr[:2], version)      # counted, logged once per address
             return
         if not is_probe_request(data, self._ring_config.cluster_id):
@@ -672,7 +761,11 @@ class Channel:
             "debug": member.ring.debug(),
             "stats": stats,
         }
-        self._sendto(self._sockets.unicast, probe_response(self._ring_config.cluster_id, report), addr)
+        if self._seal is not None:                # sealed request: the answer is sealed for the key's holders
+            response = probe_response(self._ring_config.cluster_id, report)
+        else:                                     # never more bytes than the request: no amplification
+            response = probe_response(self._ring_config.cluster_id, report, limit=len(data))
+        self._sendto(self._sockets.unicast, response, addr)
 
     def _deadline(self) -> float:
         """The member's next deadline in trio time (with the pump: only the failure detector's)."""
@@ -773,6 +866,11 @@ class Channel:
             self._targets = self._fixed_targets | {addr[:2] for addr in self._peers.values()}
 
     def _sendto(self, sock, packet: bytes, addr) -> None:
+        if self._seal is not None:
+            packet = self._seal.seal(packet)
+        self._send_sealed(sock, packet, addr)
+
+    def _send_sealed(self, sock, packet: bytes, addr) -> None:
         try:
             sock.sendto(packet, addr)
         except OSError:                           # EAGAIN or unreachable: UDP, the ring retransmits
@@ -812,6 +910,7 @@ async def open_channel(
     max_pending_bytes: int | None = None,
     quorum: QuorumConfig | None = None,
     state_dir: str | os.PathLike | None = None,
+    key_file: str | os.PathLike | None = None,
 ) -> AsyncIterator[Channel]:
     """Join ``cluster`` and yield a :class:`Channel` once the first view is installed.
 
@@ -823,6 +922,8 @@ async def open_channel(
     ``CHANNEL`` settings (:class:`ChannelConfig`: 100 000 events, 64 MiB).
     ``state_dir`` replaces the ``QUORUM`` layer's: the root of the members' durable
     state, each in ``<state_dir>/<cluster>/<name>`` (:mod:`groupcomm.io.state_dir`).
+    ``key_file`` replaces the ``CRYPTO`` layer's: the cluster key every datagram is
+    sealed with (``groupcomm keygen PATH``; docs/security.rst).
 
     Leaving the block waits (up to twice the token timeout) until the messages
     already sent are ordered, then leaves the group gracefully.  Errors from the channel's
@@ -833,6 +934,9 @@ async def open_channel(
     udp = udp or settings.transport
     fd = settings.fd if fd is _FROM_STACK else fd
     limits = settings.channel or ChannelConfig()
+    crypto = settings.crypto or CryptoConfig()
+    if key_file is not None:
+        crypto = dataclasses.replace(crypto, key_file=os.fspath(key_file))
     ch = Channel(
         cluster=cluster,
         name=name,
@@ -848,6 +952,7 @@ async def open_channel(
         spaces=settings.spaces,
         state_dir=state_dir if state_dir is not None else
         (quorum.state_dir if quorum else "") or (settings.quorum.state_dir if settings.quorum else ""),
+        crypto=crypto,
     )
     async with trio.open_nursery() as nursery:
         await nursery.start(functools.partial(ch.run, leave_on_exit=True))

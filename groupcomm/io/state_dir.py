@@ -117,6 +117,7 @@ class StateDir:
                 raise sqlite3.OperationalError(f"{path / DB_NAME}: WAL journal refused ({mode})")
             db.execute("BEGIN IMMEDIATE")            # takes the lock, held until close
             db.execute("CREATE TABLE IF NOT EXISTS node_state (key TEXT PRIMARY KEY, value INTEGER NOT NULL)")
+            db.execute("CREATE TABLE IF NOT EXISTS seal_peers (node INTEGER PRIMARY KEY, incarnation INTEGER NOT NULL)")
             db.execute("INSERT OR IGNORE INTO node_state VALUES ('schema', ?)", (_SCHEMA,))
             db.execute("COMMIT")
         except sqlite3.OperationalError as exc:
@@ -144,6 +145,31 @@ class StateDir:
     def reserve_ring_seqs(self, upto: int) -> None:
         """Reserve every ring seq up to ``upto``; on disk when it returns."""
         self._set({"ring_seq_reserved": upto})
+
+    # -- the seal (groupcomm.core.seal) ----------------------------------------------
+
+    def next_incarnation(self, now_us: int) -> int:
+        """This start's seal incarnation: above every earlier one (even if the clock stepped back)."""
+        last = self._get("seal_incarnation")
+        incarnation = max(now_us, (last or 0) + 1)
+        self._set({"seal_incarnation": incarnation})
+        return incarnation
+
+    def load_peer_incarnations(self) -> dict[int, int]:
+        """The newest incarnation heard from each sender when this member last saved them."""
+        rows = self._db.execute("SELECT node, incarnation FROM seal_peers").fetchall()
+        return {int(node): int(inc) for node, inc in rows}
+
+    def save_peer_incarnations(self, incarnations: dict[int, int]) -> None:
+        db = self._db
+        db.execute("BEGIN IMMEDIATE")
+        try:
+            db.execute("DELETE FROM seal_peers")
+            db.executemany("INSERT INTO seal_peers VALUES (?, ?)", incarnations.items())
+        except BaseException:
+            db.execute("ROLLBACK")
+            raise
+        db.execute("COMMIT")
 
     # -- QuorumStore --------------------------------------------------------------
 
@@ -228,6 +254,16 @@ class MemberState:
     """Where its quorum rule keeps what it remembers."""
     state: StateDir | None
     """The open state directory (None: the clock floor and memory only)."""
+    incarnation: int = 0
+    """This start's seal incarnation (microseconds; above every earlier one kept here)."""
+
+    def peer_incarnations(self) -> dict[int, int]:
+        """What the seal heard from each sender before this start (empty without a directory)."""
+        return self.state.load_peer_incarnations() if self.state is not None else {}
+
+    def save_peer_incarnations(self, incarnations: dict[int, int]) -> None:
+        if self.state is not None:
+            self.state.save_peer_incarnations(incarnations)
 
     def lease(self, ring):
         """``ring`` with its ring seqs reserved before use (unchanged without a state directory)."""
@@ -255,8 +291,9 @@ def open_member_state(root: str | os.PathLike | None, cluster: str, name: str | 
     cannot be written falls back to the same, with a warning; one held by
     another live member raises :class:`StateDirInUse`.
     """
+    now_us = int(clock() * 1_000_000)
     if name is None:
-        return MemberState(clock_floor(clock), MemoryStore(), None)
+        return MemberState(clock_floor(clock), MemoryStore(), None, now_us)
     path = member_dir(root if root else default_root(), cluster, name)
     state = None
     try:
@@ -264,6 +301,7 @@ def open_member_state(root: str | os.PathLike | None, cluster: str, name: str | 
         reserved = state.ring_seq_reserved
         floor = reserved + 1 if reserved is not None else clock_floor(clock)
         state.reserve_ring_seqs(floor + RING_SEQ_BLOCK)
+        incarnation = state.next_incarnation(now_us)
     except StateDirInUse:
         raise
     except (OSError, sqlite3.Error) as exc:
@@ -272,5 +310,5 @@ def open_member_state(root: str | os.PathLike | None, cluster: str, name: str | 
         logger.warning("state directory %s cannot be used (%s): ring ids start from the wall clock, which must "
                        "not step back, and the quorum rule forgets what it learnt when this member stops",
                        path, exc)
-        return MemberState(clock_floor(clock), MemoryStore(), None)
-    return MemberState(floor, state, state)
+        return MemberState(clock_floor(clock), MemoryStore(), None, now_us)
+    return MemberState(floor, state, state, incarnation)

@@ -28,7 +28,7 @@ from groupcomm.events import Direct, View
 from groupcomm.layers.fd import FdConfig
 from groupcomm.layers.frag import FragConfig
 from groupcomm.layers.quorum import Quorum, QuorumConfig
-from groupcomm.core.ring import BAD_VERSION, LayerDelivery, RingConfig, SendTo, SendToAll
+from groupcomm.core.ring import BAD_VERSION, FROM_A_LIVE_PEER, LayerDelivery, RingConfig, SendTo, SendToAll
 from groupcomm.layers.rpc import LEFT, Mode, Reply, RequestDone, RpcTracker
 from groupcomm.layers.spaces import (
     RingSend,
@@ -42,6 +42,7 @@ from groupcomm.layers.spaces import (
 from groupcomm.layers.multicast import Multicast
 from groupcomm.layers.unicast import Unicast, UnicastConfig, UnicastFailed, UnicastMessage, UnicastSent
 from groupcomm.layers.wire import (
+    FD_MAGIC,
     KIND_SERVICES,
     UNICAST_MAGIC,
     DirectFrame,
@@ -129,14 +130,26 @@ class Member:
     def start(self, now: int) -> None:
         self.multicast.start(now)
 
-    def receive(self, now: int, data: bytes) -> None:
-        """A datagram from the network (ring, FD or UNICAST); bad ones are counted and dropped."""
+    def receive(self, now: int, data: bytes) -> bool:
+        """A datagram from the network (ring, FD or UNICAST); bad ones are counted and dropped.
+
+        Returns whether its layer took it as coming from a live peer (drivers learn
+        a peer's address only from such datagrams).
+        """
         if data[:2] == UNICAST_MAGIC:
+            drops = sum(self.unicast.drops.values())
             self.unicast.receive(now, data)
-            return
-        if self.multicast.receive(now, data) == BAD_VERSION:
+            return sum(self.unicast.drops.values()) == drops
+        fd = self.multicast.fd
+        if data[:2] == FD_MAGIC:
+            drops = sum(fd.drops.values()) if fd is not None else -1
+            self.multicast.receive(now, data)
+            return fd is not None and sum(fd.drops.values()) == drops
+        rc = self.multicast.receive(now, data)
+        if rc == BAD_VERSION:
             # Counted by the C core (drop_bad_version); logged here, once per peer and version.
             self.versions("ring", datagram_sender(data), datagram_version(data))
+        return rc in FROM_A_LIVE_PEER
 
     def wrong_version(self, layer: str, peer: object, version: int | None) -> None:
         """A driver dropped a datagram of another protocol version (a probe): count it, log it once."""
