@@ -10,7 +10,7 @@ import os
 import shutil
 import tempfile
 
-from hypothesis import HealthCheck, settings
+from hypothesis import settings
 
 # Members keep durable state (ring seqs, quorum memory) in a state directory;
 # tests, and the member processes they start, keep theirs in a temporary one,
@@ -20,7 +20,9 @@ atexit.register(shutil.rmtree, _state, ignore_errors=True)
 os.environ["GROUPCOMM_STATE_DIR"] = _state
 os.environ["XDG_STATE_HOME"] = _state
 
-_common = dict(deadline=None, suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
+# Health checks stay on: a strategy that draws too much or too slowly is to be fixed (see
+# tests/strategies.py), not hidden; a test that truly needs it says so at the test.
+_common = dict(deadline=None)
 settings.register_profile("ci", derandomize=True, max_examples=200, print_blob=True, **_common)
 settings.register_profile("soak", derandomize=False, max_examples=3000, print_blob=True, **_common)
 settings.register_profile("dev", derandomize=False, max_examples=30, print_blob=True, **_common)
