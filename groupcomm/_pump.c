@@ -2,9 +2,10 @@
  * groupcomm/_pump.c -- the C socket pump (see _pump.h for the contract).
  *
  * One thread per channel: epoll over the ring's sockets and a wake-up
- * eventfd; every readable datagram is drained with recvmmsg, ring packets go
- * to gc_ring_receive (regular messages before the tokens that follow them,
- * as channel.py's _drain does), the other layers' packets (magic "G?" but
+ * eventfd; readable datagrams are drained with recvmmsg in rounds (a batch
+ * of each socket, then the round's tokens and due timers, the lock released
+ * between steps), ring packets go to gc_ring_receive (regular messages before
+ * the tokens that follow them, as channel.py's _drain does), the other layers' packets (magic "G?" but
  * not "GC": failure detector, unicast, probe) are queued for Python; the ring's packets go out with sendmmsg; deliveries are queued
  * for Python, which is woken through a second eventfd.  The thread ticks the
  * ring at gc_ring_next_deadline() on CLOCK_MONOTONIC.
@@ -35,7 +36,7 @@
 #define TARGETS_MAX 256          /* unicast-only "send to all" destinations */
 #define SEND_BATCH 64            /* datagrams per sendmmsg call */
 #define TOKEN_STASH 4            /* tokens held back until the wake-up's messages are in */
-#define DRAIN_BATCHES_MAX 16     /* recvmmsg calls per socket per wake-up: timers still run under a flood */
+#define DRAIN_ROUNDS_MAX 16      /* rounds (a batch per socket, then tokens and timers) per wake-up */
 #define PACKETS_MAX 4096         /* FD/probe datagrams waiting for Python */
 #define EVENTS_MAX 4
 #define NEVER UINT64_MAX
@@ -125,6 +126,7 @@ struct gc_pump {
     /* Python's last take: touched by gc_pump_take only */
     deliveries_t taken;
     packets_t taken_packets;
+    chunk_t *held, *held_tail;   /* swapped out of outq but left for the next take (take_max), oldest first */
 
     /* receive side: thread only */
     uint8_t *slots;
@@ -585,16 +587,19 @@ static void on_datagram(gc_pump_t *p, uint64_t now, const uint8_t *buf, size_t l
 /* The thread                                                           */
 /* ------------------------------------------------------------------ */
 
-static void drain_socket(gc_pump_t *p, int fd)
+/* One recvmmsg batch from `fd` (at most cfg.batch datagrams: about 1 MiB),
+   fed to the ring under the lock.  Returns 1 if the batch was full (more
+   may wait), 0 once the socket is drained. */
+static int drain_batch(gc_pump_t *p, int fd)
 {
-    for (int round = 0; round < DRAIN_BATCHES_MAX; round++) {
+    for (;;) {
         for (uint32_t i = 0; i < p->cfg.batch; i++) {
             p->rmsgs[i].msg_hdr.msg_namelen = sizeof p->raddr[i];
             p->rmsgs[i].msg_hdr.msg_flags = 0;
         }
         int n = recvmmsg(fd, p->rmsgs, p->cfg.batch, MSG_DONTWAIT, NULL);
         if (n < 0 && errno == EINTR) continue;
-        if (n <= 0) return;                  /* EAGAIN: drained */
+        if (n <= 0) return 0;                /* EAGAIN: drained */
         enter(p);
         uint64_t now = gc_pump_now_us();
         p->stats.batches++;
@@ -609,12 +614,12 @@ static void drain_socket(gc_pump_t *p, int fd)
                         &p->raddr[i], h->msg_namelen);
         }
         leave(p, 1);
-        if ((uint32_t)n < p->cfg.batch) return;
+        return (uint32_t)n == p->cfg.batch;
     }
 }
 
-/* After the drain: the held-back tokens, then due timers. */
-static void finish_wakeup(gc_pump_t *p)
+/* After a round's batches: the held-back tokens, then due timers. */
+static void finish_round(gc_pump_t *p)
 {
     enter(p);
     uint64_t now = gc_pump_now_us();
@@ -626,6 +631,21 @@ static void finish_wakeup(gc_pump_t *p)
         p->stats.ticks++;
     }
     leave(p, 1);
+}
+
+/* A wake-up's reading, in rounds: one batch of multicast (messages) and one
+   of unicast (tokens), then the tokens and due timers, and the lock is
+   released after each step.  So under a flood of large messages a token
+   waits for at most one batch of messages, never for a whole burst, and
+   Python's calls get the lock between batches. */
+static void drain_rounds(gc_pump_t *p, int readable_mc, int readable_uc)
+{
+    for (int round = 0; round < DRAIN_ROUNDS_MAX; round++) {
+        if (readable_mc) readable_mc = drain_batch(p, p->cfg.multicast_fd);   /* messages first, then tokens */
+        if (readable_uc) readable_uc = drain_batch(p, p->cfg.unicast_fd);
+        finish_round(p);
+        if ((!readable_mc && !readable_uc) || backlog_full(p)) return;
+    }
 }
 
 static int timeout_ms(uint64_t deadline)
@@ -675,9 +695,7 @@ static void *pump_main(void *arg)
         p->stats.wakeups++;
         leave(p, 1);
         if (paused) continue;
-        if (readable_mc) drain_socket(p, p->cfg.multicast_fd);   /* messages first, then tokens */
-        if (readable_uc) drain_socket(p, p->cfg.unicast_fd);
-        finish_wakeup(p);
+        drain_rounds(p, readable_mc, readable_uc);
     }
     return NULL;
 }
@@ -731,7 +749,8 @@ static int setup_fds(gc_pump_t *p)
 int gc_pump_new(gc_ring_t *ring, const gc_pump_config_t *cfg, gc_pump_t **out)
 {
     if (!ring || !cfg || !out || cfg->unicast_fd < 0 || cfg->slot_size < HDR_LEN || cfg->batch == 0 ||
-        cfg->batch > 1024 || cfg->max_backlog == 0 || cfg->max_backlog_bytes == 0 || cfg->send_queue_max == 0)
+        cfg->batch > 1024 || cfg->max_backlog == 0 || cfg->max_backlog_bytes == 0 || cfg->send_queue_max == 0 ||
+        cfg->take_max == 0 || cfg->take_max_bytes == 0)
         return GC_EINVAL;
     *out = NULL;
     gc_pump_t *p = calloc(1, sizeof *p);
@@ -782,6 +801,11 @@ void gc_pump_free(gc_pump_t *p)
     close_fd(p->ep);
     close_fd(p->ep_wake);
     for (chunk_t *c = p->outq; c;) {
+        chunk_t *next = c->next;
+        free(c);
+        c = next;
+    }
+    for (chunk_t *c = p->held; c;) {
         chunk_t *next = c->next;
         free(c);
         c = next;
@@ -895,33 +919,59 @@ size_t gc_pump_pending(const gc_pump_t *p)
     return __atomic_load_n(&p->pending, __ATOMIC_SEQ_CST) + __atomic_load_n(&p->inbox_count, __ATOMIC_SEQ_CST);
 }
 
+/* Python's take: every datagram waiting, and deliveries in order up to
+   take_max / take_max_bytes (whole chunks, at least one); the other chunks
+   stay in p->held for the next take, which Python is told about. */
 int gc_pump_take(gc_pump_t *p, gc_pump_batch_t *out)
 {
     if (!p || !out) return GC_EINVAL;
     chunk_t *c = __atomic_exchange_n(&p->outq, NULL, __ATOMIC_ACQUIRE);
-    chunk_t *fifo = NULL;
+    chunk_t *fifo = NULL, *fifo_tail = c;
     while (c) {                              /* the list is newest first */
         chunk_t *next = c->next;
         c->next = fifo;
         fifo = c;
         c = next;
     }
+    if (fifo) {
+        if (p->held_tail) p->held_tail->next = fifo;
+        else p->held = fifo;
+        p->held_tail = fifo_tail;
+    }
     p->taken.n = p->taken.len = 0;
     p->taken_packets.n = p->taken_packets.len = 0;
-    size_t records = 0, bytes = 0, packets = 0;
-    int failed = 0;
-    while (fifo) {
-        chunk_t *next = fifo->next;
-        if (!failed && take_chunk(p, fifo) < 0) failed = 1;
-        if (fifo->is_packet) packets++;
-        else records += fifo->n;
-        bytes += fifo->len;
-        free(fifo);
-        fifo = next;
+    size_t records = 0, bytes = 0, packets = 0, packet_bytes = 0;
+    int failed = 0, full = 0;
+    chunk_t **link = &p->held;
+    p->held_tail = NULL;
+    while (*link) {
+        chunk_t *x = *link;
+        if (!x->is_packet) {
+            if (!full && records > 0 &&
+                (records + x->n > p->cfg.take_max || (uint64_t)(bytes + x->len) > p->cfg.take_max_bytes))
+                full = 1;
+            if (full) {                      /* stays, in order, for the next take */
+                p->held_tail = x;
+                link = &x->next;
+                continue;
+            }
+            records += x->n;
+            bytes += x->len;
+        } else {
+            packets++;
+            packet_bytes += x->len;
+        }
+        if (!failed && take_chunk(p, x) < 0) failed = 1;
+        *link = x->next;
+        free(x);
     }
     __atomic_sub_fetch(&p->queued_records, records, __ATOMIC_SEQ_CST);
-    __atomic_sub_fetch(&p->queued_bytes, bytes, __ATOMIC_SEQ_CST);
+    __atomic_sub_fetch(&p->queued_bytes, bytes + packet_bytes, __ATOMIC_SEQ_CST);
     __atomic_sub_fetch(&p->queued_packets, packets, __ATOMIC_RELAXED);
+    if (full) {
+        __atomic_add_fetch(&p->stats.takes_cut, 1, __ATOMIC_RELAXED);
+        eventfd_signal(p->notify_fd);        /* come back for the rest */
+    }
     if (__atomic_exchange_n(&p->paused, 0, __ATOMIC_SEQ_CST)) eventfd_signal(p->wake_fd);
     if (failed) __atomic_store_n(&p->oom, 1, __ATOMIC_RELAXED);
     if (__atomic_load_n(&p->oom, __ATOMIC_RELAXED)) return GC_ENOMEM;
@@ -975,5 +1025,6 @@ void gc_pump_get_stats(gc_pump_t *p, gc_pump_stats_t *out)
     enter(p);
     *out = p->stats;
     out->handoffs = __atomic_load_n(&p->stats.handoffs, __ATOMIC_RELAXED);
+    out->takes_cut = __atomic_load_n(&p->stats.takes_cut, __ATOMIC_RELAXED);
     leave(p, 0);
 }

@@ -20,8 +20,13 @@
  *     detector "GF", unicast "GU", probe "GP") come out of gc_pump_take(),
  *     without taking the lock; its buffers stay valid until the next
  *     gc_pump_take().  Other datagrams go to the ring, which counts them.
+ *     One take hands over every datagram waiting but at most take_max
+ *     deliveries and take_max_bytes of their data (whole runs, at least
+ *     one), so one take is a bounded amount of work for Python; the rest
+ *     waits, in order, for the next take.
  *   - gc_pump_notify_fd() becomes readable when that output goes from empty
- *     to non-empty.  Read it (an eventfd) before taking, never after.
+ *     to non-empty, and again after a take that left some.  Read it (an
+ *     eventfd) before taking, never after.
  */
 #ifndef GROUPCOMM_PUMP_H
 #define GROUPCOMM_PUMP_H
@@ -39,6 +44,8 @@ typedef struct {
     uint32_t batch;              /* datagrams per recvmmsg call */
     uint32_t max_backlog;        /* deliveries waiting for Python before the pump stops reading */
     uint64_t max_backlog_bytes;  /* ... or their bytes */
+    uint32_t take_max;           /* deliveries one gc_pump_take() hands over at most ... */
+    uint64_t take_max_bytes;     /* ... and their bytes (at least one run of deliveries) */
 } gc_pump_config_t;
 
 typedef struct {
@@ -78,6 +85,7 @@ typedef struct {
     uint64_t handoffs;           /* messages queued because the lock was taken */
     uint64_t submit_drops;       /* queued messages the ring refused (it had left, or no memory) */
     uint64_t pauses;             /* times reading stopped because Python fell behind */
+    uint64_t takes_cut;          /* takes that left deliveries for the next one (take_max) */
 } gc_pump_stats_t;
 
 typedef struct gc_pump gc_pump_t;

@@ -482,6 +482,8 @@ struct gc_ring {
     uint8_t **pool;
     size_t pool_n;
     size_t buf_cap;
+    uint32_t keep_max;             /* ring messages kept for retransmission: retransmit_bytes / mtu,
+                                      at least 2 * window_size, at most sort_queue_size */
     uint8_t scratch[CONTROL_BUF_LEN];
 
     /* outputs */
@@ -1713,12 +1715,17 @@ static uint32_t fcc_calculate(gc_ring_t *r, const token_t *t)
     return allowed;
 }
 
-/* Keep the in-flight window inside the sort queue (corosync fcc_rtr_limit). */
+/* Keep the in-flight window inside the sort queue (corosync fcc_rtr_limit)
+   and inside retransmit_bytes: every message from the oldest one we still
+   keep to the token's seq takes an mtu-sized buffer at each member (plus up
+   to window_size stamped by others before they see this token), so nobody
+   stamps a new one while keep_max would be passed. */
 static uint32_t window_limit(const gc_ring_t *r, const sortq_t *q, const token_t *t, uint32_t allowed)
 {
     uint32_t last_released = q->low - 1;
     uint32_t used = seq_lt(t->seq, last_released) ? 0 : t->seq - last_released;
-    if ((uint64_t)used + allowed + r->cfg.window_size > q->size) return 0;
+    uint32_t cap = q->size < r->keep_max ? q->size : r->keep_max;
+    if ((uint64_t)used + allowed + r->cfg.window_size > cap) return 0;
     return allowed;
 }
 
@@ -2225,6 +2232,7 @@ void gc_ring_config_default(gc_ring_config_t *c)
     c->max_messages = 17;
     c->send_queue_max = 10000;
     c->sort_queue_size = 4096;
+    c->retransmit_bytes = 32u << 20;
     c->max_members = 32;                 /* a commit token for 32 (828 bytes) fits in 1400 */
     c->token_timeout_us = 1000000;
     c->token_retransmit_us = 238000;     /* token / (4 + 0.2) */
@@ -2257,6 +2265,7 @@ int gc_ring_config_check(const gc_ring_config_t *c, const char **errmsg)
     else if (c->sort_queue_size < 64 || c->sort_queue_size > (1u << 24) || (c->sort_queue_size & (c->sort_queue_size - 1)))
         msg = "sort_queue_size must be a power of two in 64..16777216";
     else if (c->sort_queue_size < 4 * c->window_size) msg = "sort_queue_size must be >= 4 * window_size";
+    else if (c->retransmit_bytes < c->mtu) msg = "retransmit_bytes must be >= mtu";
     else if (c->max_members < 1 || c->max_members > GC_MAX_MEMBERS) msg = "max_members must be in 1..64";
     else if (COMMIT_LEN(c->max_members) > c->mtu)
         msg = "mtu is too small for a commit token of max_members members (needs 28 + 25 * max_members bytes)";
@@ -2287,6 +2296,9 @@ int gc_ring_new(const gc_ring_config_t *cfg, gc_ring_t **out)
     r->cfg = *cfg;
     r->me = cfg->node_id;
     r->buf_cap = cfg->mtu;
+    uint64_t keep = cfg->retransmit_bytes / cfg->mtu;
+    if (keep < 2u * (uint64_t)cfg->window_size) keep = 2u * (uint64_t)cfg->window_size;
+    r->keep_max = keep < cfg->sort_queue_size ? (uint32_t)keep : cfg->sort_queue_size;
     r->max_payload = cfg->mtu - 2 * MCAST_HDR_LEN - ENTRY_HDR_LEN;
     r->rtr_cap = (cfg->mtu - TOKEN_BASE_LEN) / 4u;
     if (r->rtr_cap > GC_RTR_MAX) r->rtr_cap = GC_RTR_MAX;
@@ -2393,11 +2405,20 @@ int gc_ring_tick(gc_ring_t *r, uint64_t now)
     if (!running(r)) return GC_OK;
     outputs_begin(r);
     pause_check(r, now);
+    /* A token we passed to ourselves (a ring of one) is processed once per
+       call: it comes back at once, so without this one call would order up
+       to TICK_FIRE_MAX visits' worth of the send queue (tens of MB at a large
+       mtu) in one step.  One visit per call bounds a step like a token visit
+       does in a bigger ring (max_messages); the caller ticks again at once. */
+    int looped = 0;
     for (int n = 0; n < TICK_FIRE_MAX; n++) {
         int next = -1;
         for (int t = 0; t < TIMER_COUNT; t++)
-            if (r->deadline[t] <= now && (next < 0 || r->deadline[t] < r->deadline[next])) next = t;
+            if (r->deadline[t] <= now && !(t == TIMER_LOOPBACK && looped) &&
+                (next < 0 || r->deadline[t] < r->deadline[next]))
+                next = t;
         if (next < 0) break;
+        if (next == TIMER_LOOPBACK) looped = 1;
         fire(r, now, next);
     }
     return finish(r, GC_OK);

@@ -82,6 +82,8 @@ typedef struct {
     uint32_t max_messages;         /* messages per token visit, one member */
     uint32_t send_queue_max;       /* application messages waiting to be sent */
     uint32_t sort_queue_size;      /* in-flight window of sequence numbers (power of 2) */
+    uint64_t retransmit_bytes;     /* ring messages kept for retransmission, in bytes (each kept
+                                      message takes mtu bytes); at least 2 * window_size of them */
     uint32_t max_members;          /* ring size limit (<= GC_MAX_MEMBERS) */
     uint64_t token_timeout_us;     /* token loss -> membership round */
     uint64_t token_retransmit_us;  /* re-send our last token while it may be lost */

@@ -11,7 +11,9 @@ import importlib
 import inspect
 import os
 import random
+import select
 import socket
+import time
 
 import pytest
 import trio
@@ -30,7 +32,8 @@ from groupcomm.layers.fd import FdConfig
 from groupcomm.io.probe import probe
 from groupcomm.core.ring import parse_actions
 from groupcomm.core.ring import LayerDelivery, Ring, RingConfig
-from groupcomm.io.udp import UdpConfig, UdpuConfig
+from groupcomm.io.pump import MIN_SLOT, TAKE_MAX, TAKE_MAX_BYTES, LockedRing, Pump, now_us
+from groupcomm.io.udp import UdpConfig, UdpSockets, UdpuConfig
 from tests.test_channel import FAST, free_port, unique_cluster, wait_for_view
 
 BIG = bytes(range(256)) * 400                   # 100 KiB: about 75 datagrams at mtu 1400
@@ -52,6 +55,61 @@ async def collect(ch, count: int) -> list[Message]:
             if len(got) == count:
                 return got
     raise AssertionError(f"events ended after {len(got)} of {count} messages")
+
+
+# -- bounded takes --------------------------------------------------------------------
+
+
+def _pump_alone(config: RingConfig):
+    """A ring of one with a pump that is never started: Python's locked calls drive it."""
+    ring = Ring(9, config)
+    ring.start(now_us())
+    while not ring.members:
+        time.sleep(0.005)
+        ring.tick(now_us())
+    ring.take()
+    sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    sock.bind(("127.0.0.1", 0))
+    pump = Pump(ring, UdpSockets(unicast=sock, multicast=None, group=None), max_backlog=100_000)
+    return LockedRing(ring, pump), pump, sock
+
+
+def _notified(pump: Pump) -> bool:
+    return bool(select.select([pump.notify_fd], [], [], 0)[0])
+
+
+@pytest.mark.parametrize(("mtu", "size", "count"), [(64000, 20_000, 1200), (256, 10, 6000)])
+def test_a_take_hands_over_a_bounded_batch_and_the_pump_calls_back_for_the_rest(mtu, size, count):
+    """24 MB (or 6000 deliveries) queued for Python come out in batches of at most
+    TAKE_MAX_BYTES / TAKE_MAX (or one ring call's run), in order, and the notify fd
+    says when some are left (before: one take handed over everything)."""
+    config = RingConfig(mtu=mtu, max_members=2, token_timeout=0.3, join=0.02, merge=0.05, startup_wait=0.02)
+    ring, pump, sock = _pump_alone(config)
+    try:
+        sent = [i.to_bytes(4, "big") * (size // 4) for i in range(count)]
+        for payload in sent:
+            ring.submit(0, payload)
+        for _ in range(10 * count):
+            if ring.pending == 0:
+                break
+            ring.tick(0)                          # one token visit each (the pump's clock)
+        assert ring.pending == 0
+        got, calls = [], 0
+        while len(got) < count:
+            pump.clear_notify()
+            batch = [d for d in pump.take() if isinstance(d, Delivery)]
+            calls += 1
+            assert batch, f"nothing taken after {len(got)} of {count}"
+            assert sum(len(d.payload) for d in batch) <= TAKE_MAX_BYTES + 17 * mtu     # at most one run past the bound
+            assert len(batch) <= TAKE_MAX + 17 * (mtu // 13)
+            got += [d.payload for d in batch]
+            assert _notified(pump) == (len(got) < count)          # woken again exactly while some are left
+        assert got == sent
+        assert calls > 2
+        assert pump.stats()["pump_takes_cut"] == calls - 1
+    finally:
+        pump.close()
+        sock.close()
 
 
 # -- the parsing seam --------------------------------------------------------------
@@ -196,7 +254,7 @@ async def test_garbage_and_oversized_datagrams_are_counted_and_dropped():
             async with open_channel(cluster=cluster, name="b", udp=udp, ring=FAST) as b:
                 await wait_for_view(a, 2)
                 targets = [a._sockets.address, b._sockets.address, (udp.mcast_addr, udp.mcast_port)]
-                slot = max(FAST.mtu, 2048)
+                slot = max(FAST.mtu, MIN_SLOT)
                 with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
                     s.setsockopt(socket.IPPROTO_IP, socket.IP_MULTICAST_TTL, 0)
                     for i in range(3000):

@@ -134,6 +134,12 @@ class RingConfig:
     ch.send`` waits); a message is always taken when nothing is queued."""
     sort_queue_size: int = 4096
     """Sequence numbers in flight (a power of two, at least 4 * window_size)."""
+    retransmit_bytes: Size = 32 << 20
+    """Bytes of ring messages a member may keep for retransmission.  Every member
+    keeps each ring message (in an ``mtu``-sized buffer) until every member has it,
+    so no member stamps a new one while the messages from the oldest one kept to the
+    newest would take more than this: ``retransmit_bytes / mtu`` messages, at least
+    ``2 * window_size`` and at most ``sort_queue_size``.  At least ``mtu``."""
     fail_recv_const: int = 2500
     """Token rotations with our aru stuck before we exclude ourselves (and at least
     two token timeouts stuck)."""
@@ -180,6 +186,8 @@ class RingConfig:
         consensus = _derived(self.consensus, 1.2 * self.token_timeout)
         if not isinstance(self.send_queue_bytes, int) or self.send_queue_bytes < 1:
             raise ConfigError(f"ring config: send_queue_bytes must be at least 1 byte, not {self.send_queue_bytes!r}")
+        if not isinstance(self.retransmit_bytes, int) or isinstance(self.retransmit_bytes, bool):
+            raise ConfigError(f"ring config: retransmit_bytes must be a number of bytes, not {self.retransmit_bytes!r}")
         cfg = ffi.new("gc_ring_config_t *")
         lib.gc_ring_config_default(cfg)
         values = {
@@ -192,6 +200,7 @@ class RingConfig:
             "max_messages": self.max_messages,
             "send_queue_max": self.send_queue_max,
             "sort_queue_size": self.sort_queue_size,
+            "retransmit_bytes": self.retransmit_bytes,
             "token_timeout_us": _to_us("token_timeout", self.token_timeout),
             "token_retransmit_us": _to_us("token_retransmit", token_retransmit),
             "hold_us": _to_us("hold", hold),

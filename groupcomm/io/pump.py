@@ -24,6 +24,7 @@ from groupcomm.core.native import ffi, lib
 from groupcomm.errors import ConfigError, QueueFull
 from groupcomm.events import Delivery
 from groupcomm.core.ring import Ring, parse_actions
+from groupcomm.io.probe import PROBE_REQUEST_SIZE
 from groupcomm.io.udp import UdpSockets
 
 __all__ = ["Pump", "LockedRing", "TargetSet", "attach", "detach", "now_us"]
@@ -31,11 +32,13 @@ __all__ = ["Pump", "LockedRing", "TargetSet", "attach", "detach", "now_us"]
 now_us = lib.gc_pump_now_us
 """CLOCK_MONOTONIC in integer microseconds: every ring input's clock while a pump runs."""
 
-MIN_SLOT = 2048              # receive slot floor: FD and probe packets, small-mtu rings
+MIN_SLOT = max(2048, PROBE_REQUEST_SIZE)   # receive slot floor: FD packets, padded probe requests
 RECV_SLOTS_BYTES = 1 << 20   # receive slots per pump, in bytes (sets the recvmmsg batch)
 MIN_BATCH, MAX_BATCH = 8, 64
 MIN_BACKLOG = 1024           # deliveries waiting for Python before the pump stops reading ...
 MAX_BACKLOG_BYTES = 64 << 20  # ... or their bytes
+TAKE_MAX = 1024              # deliveries one take hands to Python at most ...
+TAKE_MAX_BYTES = 2 << 20     # ... and their bytes: like the trio driver's 2 MiB per wake-up
 _MAX_KIND = 127
 
 _PUMP_STATS = tuple(name for name, _ in ffi.typeof("gc_pump_stats_t").fields)
@@ -67,6 +70,8 @@ class Pump:
         cfg.batch = max(MIN_BATCH, min(MAX_BATCH, RECV_SLOTS_BYTES // slot))
         cfg.max_backlog = max(max_backlog, MIN_BACKLOG)
         cfg.max_backlog_bytes = MAX_BACKLOG_BYTES
+        cfg.take_max = TAKE_MAX
+        cfg.take_max_bytes = TAKE_MAX_BYTES
         out = ffi.new("gc_pump_t **")
         rc = lib.gc_pump_new(ring.handle, cfg, out)
         if rc != lib.GC_OK:
@@ -134,7 +139,8 @@ class Pump:
             pass
 
     def _collect(self) -> None:
-        """Swap out everything the pump queued for Python (no lock) and copy it."""
+        """Copy what the pump queued for Python (no lock): every datagram, and deliveries up
+        to ``TAKE_MAX`` / ``TAKE_MAX_BYTES``; the pump signals :attr:`notify_fd` again if it kept some."""
         b = self._batch
         if lib.gc_pump_take(self._p, b) == lib.GC_ENOMEM:
             raise MemoryError("groupcomm pump: out of memory; deliveries were lost")
@@ -148,8 +154,12 @@ class Pump:
                 self._packets.append((data[rec.offset : rec.offset + rec.len], _address(rec)))
 
     def take(self, message_type: type = Delivery, *, runs: bool = False) -> list:
-        """Deliveries and configurations the ring produced since the last take, in order."""
-        self._collect()
+        """Deliveries and configurations the ring produced, in order: one bounded batch
+        (at most ``TAKE_MAX`` deliveries and ``TAKE_MAX_BYTES`` of their payload, or
+        one run of them), so one call is a bounded amount of work for the loop.  The
+        rest comes with the next calls; the pump wakes the driver for them."""
+        if not self._taken:
+            self._collect()
         taken, self._taken = self._taken, []
         if len(taken) == 1:
             return parse_actions(*taken[0], message_type, runs=runs)
