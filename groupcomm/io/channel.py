@@ -249,6 +249,8 @@ class Channel:
         s["send_queue_bytes"] = member.multicast.queued_bytes
         s["state_transfers_retried"] = member.spaces.transfers_retried
         s["callback_failures"] = self._services.callback_failures
+        s["peer_addresses"] = len(self._peers)
+        s["send_targets"] = len(self._targets)
         if self._seal is not None:
             s.update((f"seal_{name}", n) for name, n in self._seal.stats().items())
         if self._pump is not None:
