@@ -9,7 +9,11 @@ growth between the two, next to the documented limit that should bound it:
 
 ``slow``   a consumer that never reads while another member sends 60 kB
            messages: it should leave the group (DeliveryOverflow) once about
-           ``max_pending_bytes`` (CHANNEL, 64 MiB) is queued for it;
+           ``max_pending_bytes`` (CHANNEL, 128 MiB) is queued for it; the
+           sender, then alone in its ring, orders its send queue
+           (``send_queue_bytes``, TOTEM, 64 MiB) ``max_messages`` ring
+           messages per step, and keeps at most ``retransmit_bytes`` (TOTEM,
+           32 MiB) for retransmission;
 ``flood``  ``send_nowait`` of 256 KiB messages in a loop (``await send`` when
            it raises QueueFull): the sender's queue should stop at
            ``send_queue_bytes`` (TOTEM, 64 MiB);
@@ -40,10 +44,11 @@ from workers import add_worker_arguments, free_port, run_if_worker, run_workers 
 MiB = 1 << 20
 SCENARIOS = {
     # name: (members, limit text for the report)
-    "slow": (2, ("CHANNEL max_pending_bytes = 64 MiB queued for the slow consumer, "
-                 "TOTEM send_queue_bytes = 64 MiB at the sender")),
+    "slow": (2, ("CHANNEL max_pending_bytes = 128 MiB queued for the slow consumer, "
+                 "TOTEM send_queue_bytes = 64 MiB + retransmit_bytes = 32 MiB at the sender")),
     "flood": (2, "TOTEM send_queue_bytes = 64 MiB queued at the sender"),
-    "big": (3, "FRAG partial_bytes = 64 MiB per sender being reassembled (2 senders), plus the joined messages"),
+    "big": (3, "FRAG partial_bytes = 64 MiB per sender being reassembled (2 senders), plus the joined messages; "
+               "CHANNEL max_pending_bytes = 128 MiB + the largest message"),
 }
 
 
@@ -165,7 +170,7 @@ def main() -> None:
     parser.add_argument("--seconds", type=float, default=10.0, help="load time per scenario")
     parser.add_argument("--only", choices=tuple(SCENARIOS), help="run one scenario")
     parser.add_argument("--sort-queue", type=int, default=4096,
-                        help="TOTEM sort_queue_size: ring messages each member keeps for retransmission")
+                        help="TOTEM sort_queue_size: sequence numbers in flight (retransmit_bytes bounds their bytes)")
     parser.add_argument("--scenario", choices=tuple(SCENARIOS), help=argparse.SUPPRESS)
     parser.add_argument("--members", type=int, default=2, help=argparse.SUPPRESS)
     parser.add_argument("--json", action="store_true")
