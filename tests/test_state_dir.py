@@ -101,6 +101,26 @@ def test_each_incarnation_starts_above_the_last_even_when_the_clock_steps_back(t
     other.close()
 
 
+def test_seal_incarnations_grow_across_starts_and_what_was_heard_is_kept(tmp_path) -> None:
+    now = [1_700_000_000.0]
+    first = open_member_state(tmp_path, "c", "a", clock=lambda: now[0])
+    assert first.incarnation == 1_700_000_000_000_000           # microseconds of the start
+    first.save_peer_incarnations({7: 123, 9: 456})
+    first.close()
+    now[0] -= 10 * DAY                                         # the clock steps back
+    second = open_member_state(tmp_path, "c", "a", clock=lambda: now[0])
+    assert second.incarnation == first.incarnation + 1         # still above: no nonce is reused
+    assert second.peer_incarnations() == {7: 123, 9: 456}
+    second.save_peer_incarnations({7: 124})
+    second.close()
+    third = open_member_state(tmp_path, "c", "a", clock=lambda: now[0] + 20 * DAY)
+    assert third.incarnation == int((now[0] + 20 * DAY) * 1e6)
+    assert third.peer_incarnations() == {7: 124}
+    third.close()
+    anonymous = open_member_state(tmp_path, "c", None, clock=lambda: now[0])
+    assert anonymous.incarnation == int(now[0] * 1e6) and anonymous.peer_incarnations() == {}
+
+
 def test_without_a_writable_directory_the_clock_floor_is_used_with_a_warning(tmp_path, caplog) -> None:
     (tmp_path / "file").write_text("not a directory")
     with caplog.at_level(logging.WARNING, logger="groupcomm.state"):
