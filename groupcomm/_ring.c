@@ -82,7 +82,7 @@
 /* ------------------------------------------------------------------ */
 
 #define WIRE_MAGIC 0x4743u   /* "GC" */
-#define WIRE_VERSION 1u
+#define WIRE_VERSION 2u
 
 enum msg_type {
     MSG_TOKEN = 1,

@@ -16,7 +16,7 @@
 
 #define MAGIC0 'G'
 #define MAGIC1 'S'
-#define SEAL_VERSION 2u          /* WIRE_VERSION of _ring.c; tests/test_wire.py checks they agree */
+#define SEAL_VERSION GC_SEAL_VERSION
 #define AUTH_ONLY_BIT 0x80u
 #define EPOCH_BYTES (1ull << 34) /* bytes under one subkey before the sender moves on */
 #define WINDOW_WORDS (GC_SEAL_WINDOW / 64)

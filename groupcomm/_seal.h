@@ -50,6 +50,7 @@
 #include <stdint.h>
 
 /* CDEF-BEGIN */
+#define GC_SEAL_VERSION 2       /* = WIRE_VERSION of _ring.c (tests/test_wire.py checks) */
 #define GC_SEAL_HEADER 24
 #define GC_SEAL_TAG 16
 #define GC_SEAL_OVERHEAD 40

@@ -44,7 +44,7 @@ FAST = RingConfig(token_timeout=0.2, join=0.02, merge=0.05)
 
 # Wire layout (groupcomm/_ring.c, "Encoders"): a 12-byte big-endian header.
 HEADER = struct.Struct(">HBBII")  # magic, version, type, cluster, sender
-MAGIC, VERSION = 0x4743, 1
+MAGIC, VERSION = 0x4743, 2
 MSG_TOKEN, MSG_MCAST, MSG_JOIN, MSG_COMMIT, MSG_MERGE_DETECT, MSG_HOLD_CANCEL, MSG_PROBE, MSG_PROBE_REPLY = range(1, 9)
 TOKEN_RTR_N_AT = 12 + 12 + 6 * 4 + 1  # header, ring id, six u32, retrans_flg
 MCAST_FLAGS_AT = 12 + 12 + 4  # header, ring id, seq
@@ -530,7 +530,7 @@ def test_wrong_magic_version_or_cluster_is_rejected(bystander: RingCluster, kind
         (b"\x00\x00" + packet[2:], lib.GC_EBADMAGIC, "drop_bad_magic"),
         (b"CG" + packet[2:], lib.GC_EBADMAGIC, "drop_bad_magic"),
         (packet[:2] + b"\x00" + packet[3:], lib.GC_EBADVERSION, "drop_bad_version"),
-        (packet[:2] + b"\x02" + packet[3:], lib.GC_EBADVERSION, "drop_bad_version"),
+        (packet[:2] + bytes([VERSION + 1]) + packet[3:], lib.GC_EBADVERSION, "drop_bad_version"),
         (packet[:4] + struct.pack(">I", 1) + packet[8:], lib.GC_EFOREIGN, "drop_foreign_cluster"),
         (packet[:4] + struct.pack(">I", 0xFFFFFFFF) + packet[8:], lib.GC_EFOREIGN, "drop_foreign_cluster"),
     ]

@@ -20,6 +20,7 @@ from hypothesis import strategies as st
 from groupcomm.config import LayerSpec, build_config
 from groupcomm.errors import ConfigError, LocalProtocolError, PayloadTooLarge, QueueFull
 from groupcomm.core.ring import SendTo
+from groupcomm.layers.wire import PROTOCOL_VERSION
 from groupcomm.layers.unicast import (
     ACK,
     DATA,
@@ -46,7 +47,7 @@ _DATA_FORMAT = struct.Struct(">2sBBIIIQQIQIIIBB")
 def data_packet(*, sender: int = 1, dest: int = 2, s_epoch: int = 1, d_epoch: int = 0, stream: int = 1,
                 seq: int = 0, msg_id: int = 1, index: int = 0, count: int = 1, kind: int = 0, flags: int = 0,
                 payload: bytes = b"") -> bytes:
-    return _DATA_FORMAT.pack(MAGIC, 1, DATA, CLUSTER, sender, dest, s_epoch, d_epoch, stream, seq, msg_id,
+    return _DATA_FORMAT.pack(MAGIC, PROTOCOL_VERSION, DATA, CLUSTER, sender, dest, s_epoch, d_epoch, stream, seq, msg_id,
                              index, count, kind, flags) + payload
 
 
@@ -644,7 +645,7 @@ def test_a_real_packet_has_the_documented_layout():
     a.send(0, 4, b"payload", kind=9)
     (out,) = a.take()
     fields = _DATA_FORMAT.unpack_from(out.packet)
-    assert fields == (MAGIC, 1, DATA, CLUSTER, 3, 4, 11, 0, 1, 0, 1, 0, 1, 9, 0)
+    assert fields == (MAGIC, PROTOCOL_VERSION, DATA, CLUSTER, 3, 4, 11, 0, 1, 0, 1, 0, 1, 9, 0)
     assert out.packet[_DATA_FORMAT.size:] == b"payload"
 
 

@@ -219,6 +219,7 @@ def test_the_c_sources_agree_with_the_wire_module() -> None:
     ring, pump = SOURCE / "_ring.c", SOURCE / "_pump.c"
     assert c_define(ring, "WIRE_MAGIC").to_bytes(2, "big") == wire.RING_MAGIC
     assert c_define(ring, "WIRE_VERSION") == wire.PROTOCOL_VERSION
+    assert c_define(SOURCE / "_seal.h", "GC_SEAL_VERSION") == wire.PROTOCOL_VERSION   # sealed datagrams too
     assert c_define(ring, "HDR_LEN") == c_define(pump, "HDR_LEN") == wire.HEADER_SIZE
     assert c_define(pump, "TYPE_TOKEN") == wire.RING_TOKEN
     assert re.search(r"MSG_TOKEN = (\d+)", ring.read_text()).group(1) == str(wire.RING_TOKEN)
@@ -312,12 +313,12 @@ def test_the_member_logs_ring_packets_of_another_version_once_the_ring_counts_th
     assert packets
     for _ in range(3):
         for packet in packets:
-            member.receive(1000, other_version(packet, 2))
+            member.receive(1000, other_version(packet, 3))
     assert member.ring.stats()["drop_bad_version"] == 3 * len(packets)
     warnings = version_warnings(caplog)
-    assert len(warnings) == 1 and "ring datagrams of protocol version 2 from 2" in warnings[0]
-    member.wrong_version("probe", ("127.0.0.1", 5000), 2)
-    member.wrong_version("probe", ("127.0.0.1", 5000), 2)
+    assert len(warnings) == 1 and "ring datagrams of protocol version 3 from 2" in warnings[0]
+    member.wrong_version("probe", ("127.0.0.1", 5000), 3)
+    member.wrong_version("probe", ("127.0.0.1", 5000), 3)
     assert member.dropped_frames["probe"] == 2 and len(version_warnings(caplog)) == 2
 
 

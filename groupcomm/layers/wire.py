@@ -82,7 +82,7 @@ logger = logging.getLogger("groupcomm.wire")
 # Datagrams
 # ---------------------------------------------------------------------------
 
-PROTOCOL_VERSION = 1
+PROTOCOL_VERSION = 2
 """The version byte of every datagram; equal to ``WIRE_VERSION`` in ``groupcomm/_ring.c``."""
 
 RING_MAGIC = b"GC"
