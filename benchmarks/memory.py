@@ -95,9 +95,14 @@ async def slow(ch, args, deadline: float) -> dict:
         while trio.current_time() < deadline and len(ch.view.members) == args.members:
             await ch.send(payload)
             sent += 1
+        alone_at = rss_peak_mib()
+        # Alone in its ring now, with a full send queue: it orders the queue and reads
+        # its own messages for two seconds, as an application that goes on would.
+        await trio.sleep(2)
         peak = rss_peak_mib()
         nursery.cancel_scope.cancel()
-    return {"role": "sender of 60 kB messages", "peak_rss_mib": peak, "sent": sent}
+    return {"role": "sender of 60 kB messages", "peak_rss_mib": peak, "sent": sent,
+            "peak_until_alone_mib": round(alone_at, 1), "read_mib": round(counts.get("bytes", 0) / MiB, 1)}
 
 
 async def flood(ch, args, deadline: float) -> dict:
@@ -143,8 +148,11 @@ async def big(ch, args, deadline: float) -> dict:
             await trio.sleep(0.05)
         peak = rss_peak_mib()
         nursery.cancel_scope.cancel()
+    stats = ch.stats()
     return {"role": "sender and receiver" if args.index < 2 else "receiver", "peak_rss_mib": peak,
-            "received_messages": counts.get("messages", 0), "views_during": max(0, counts.get("views", 1) - 1)}
+            "received_messages": counts.get("messages", 0), "views_during": max(0, counts.get("views", 1) - 1),
+            "left_group": bool(counts.get("overflow")),
+            **{k: stats[k] for k in ("suspicions", "token_losses", "pauses_detected")}}
 
 
 async def worker(args) -> None:
