@@ -42,6 +42,7 @@
 #define NEVER UINT64_MAX
 
 #define HDR_LEN 12               /* magic, version, type, cluster id, sender id */
+#define SEALED_SLOT (65536 + GC_SEAL_OVERHEAD)   /* one sealed datagram of the send arena */
 #define TYPE_TOKEN 1
 
 typedef struct {
@@ -135,12 +136,17 @@ struct gc_pump {
     struct sockaddr_storage *raddr;
     uint8_t *stash;
     size_t stash_len[TOKEN_STASH];
+    struct sockaddr_storage stash_from[TOKEN_STASH];
+    socklen_t stash_fromlen[TOKEN_STASH];
     size_t n_stash;
+    uint8_t *opened;             /* the datagram inside the seal being read (cfg.seal only) */
 
     /* send side: under the lock */
     struct mmsghdr smsgs[SEND_BATCH];
     struct iovec siov[SEND_BATCH];
     size_t n_send;
+    uint8_t *sealed;             /* SEND_BATCH sealed datagrams (cfg.seal only) ... */
+    size_t n_sealed;             /* ... of which in use; reused only after a send_flush */
 
     gc_pump_stats_t stats;       /* under the lock */
 };
@@ -303,8 +309,30 @@ static void send_queue(gc_pump_t *p, const uint8_t *buf, size_t len, const addr_
     p->smsgs[i].msg_hdr.msg_iovlen = 1;
 }
 
+/* With a key, the sealed copy of `buf` in the send arena (NULL if it cannot be sealed).
+   A slot is reused only after a send_flush, so every queued copy stays valid. */
+static const uint8_t *seal_out(gc_pump_t *p, const uint8_t *buf, size_t *len)
+{
+    if (!p->cfg.seal) return buf;
+    if (p->n_sealed == SEND_BATCH) {
+        send_flush(p);
+        p->n_sealed = 0;
+    }
+    uint8_t *dst = p->sealed + p->n_sealed * SEALED_SLOT;
+    long n = gc_seal_close(p->cfg.seal, buf, *len, dst, SEALED_SLOT);
+    if (n < 0) {
+        p->stats.seal_errors++;
+        return NULL;
+    }
+    p->n_sealed++;
+    *len = (size_t)n;
+    return dst;
+}
+
 static void send_all(gc_pump_t *p, const uint8_t *buf, size_t len)
 {
+    buf = seal_out(p, buf, &len);           /* one seal for every copy */
+    if (!buf) return;
     if (p->has_group) {
         send_queue(p, buf, len, &p->group);
         return;
@@ -319,7 +347,8 @@ static void send_to(gc_pump_t *p, uint32_t node, const uint8_t *buf, size_t len)
         p->stats.unknown_dest++;
         return;
     }
-    send_queue(p, buf, len, &e->addr);
+    buf = seal_out(p, buf, &len);
+    if (buf) send_queue(p, buf, len, &e->addr);
 }
 
 /* ------------------------------------------------------------------ */
@@ -548,28 +577,39 @@ static int is_token(const uint8_t *buf, size_t len)
     return len > 3 && buf[0] == 'G' && buf[1] == 'C' && buf[3] == TYPE_TOKEN;
 }
 
-static void ring_receive(gc_pump_t *p, uint64_t now, const uint8_t *buf, size_t len)
+/* Feed the ring; a packet it took as coming from a live peer teaches us where that peer is. */
+static void ring_receive(gc_pump_t *p, uint64_t now, const uint8_t *buf, size_t len,
+                         const struct sockaddr_storage *from, socklen_t fromlen)
 {
-    if (gc_ring_receive(p->ring, now, buf, len) == GC_ENOMEM) __atomic_store_n(&p->oom, 1, __ATOMIC_RELAXED);
+    int rc = gc_ring_receive(p->ring, now, buf, len);
+    if (rc == GC_ENOMEM) __atomic_store_n(&p->oom, 1, __ATOMIC_RELAXED);
+    if ((rc == GC_OK || rc == GC_ESTALE || rc == GC_EIGNORED) && len >= HDR_LEN)
+        learn_peer(p, rd32(buf + 8), from, fromlen, now);
 }
 
 /* One datagram, in the order channel.py's _drain applies its rules. */
 static void on_datagram(gc_pump_t *p, uint64_t now, const uint8_t *buf, size_t len,
                         const struct sockaddr_storage *from, socklen_t fromlen)
 {
+    if (p->cfg.seal) {                       /* nothing is looked at before it authenticates */
+        uint32_t sealer;
+        long n = gc_seal_open(p->cfg.seal, buf, len, p->opened, p->cfg.slot_size, &sealer);
+        if (n < 0) {
+            if (n == GC_SEAL_DROP_SELF) p->stats.self_drops++;
+            else p->stats.seal_drops++;
+            return;
+        }
+        buf = p->opened;
+        len = (size_t)n;
+    }
     int ours = len >= 2 && buf[0] == 'G';
     if (ours && buf[1] == 'P') {             /* a probe: Python answers it */
         to_python(p, buf, len, from);
         return;
     }
-    if (len >= HDR_LEN) {
-        uint32_t sender = rd32(buf + 8);
-        if (sender == p->cfg.node_id) {      /* our own multicast, looped back */
-            p->stats.self_drops++;
-            return;
-        }
-        if (ours && sender != 0 && rd32(buf + 4) == p->cfg.cluster_id)
-            learn_peer(p, sender, from, fromlen, now);
+    if (len >= HDR_LEN && rd32(buf + 8) == p->cfg.node_id) {     /* our own multicast, looped back */
+        p->stats.self_drops++;
+        return;
     }
     if (ours && buf[1] != 'C') {             /* failure detector, unicast layer...: Python's */
         to_python(p, buf, len, from);
@@ -577,10 +617,12 @@ static void on_datagram(gc_pump_t *p, uint64_t now, const uint8_t *buf, size_t l
     }
     if (is_token(buf, len) && p->n_stash < TOKEN_STASH) {
         memcpy(p->stash + p->n_stash * p->cfg.slot_size, buf, len);
+        memcpy(&p->stash_from[p->n_stash], from, fromlen);
+        p->stash_fromlen[p->n_stash] = fromlen;
         p->stash_len[p->n_stash++] = len;
         return;
     }
-    ring_receive(p, now, buf, len);          /* the core validates everything else */
+    ring_receive(p, now, buf, len, from, fromlen);   /* the core validates everything else */
 }
 
 /* ------------------------------------------------------------------ */
@@ -624,7 +666,8 @@ static void finish_round(gc_pump_t *p)
     enter(p);
     uint64_t now = gc_pump_now_us();
     for (size_t i = 0; i < p->n_stash; i++)
-        ring_receive(p, now, p->stash + i * p->cfg.slot_size, p->stash_len[i]);
+        ring_receive(p, now, p->stash + i * p->cfg.slot_size, p->stash_len[i], &p->stash_from[i],
+                     p->stash_fromlen[i]);
     p->n_stash = 0;
     if (gc_ring_next_deadline(p->ring) <= now) {
         gc_ring_tick(p->ring, now);
@@ -722,6 +765,11 @@ static int setup_receive(gc_pump_t *p)
     p->riov = calloc(batch, sizeof *p->riov);
     p->raddr = calloc(batch, sizeof *p->raddr);
     if (!p->slots || !p->stash || !p->rmsgs || !p->riov || !p->raddr) return GC_ENOMEM;
+    if (p->cfg.seal) {
+        p->opened = malloc(slot);
+        p->sealed = malloc((size_t)SEND_BATCH * SEALED_SLOT);
+        if (!p->opened || !p->sealed) return GC_ENOMEM;
+    }
     for (size_t i = 0; i < batch; i++) {
         p->riov[i].iov_base = p->slots + i * slot;
         p->riov[i].iov_len = slot;
@@ -818,6 +866,8 @@ void gc_pump_free(gc_pump_t *p)
     free(p->taken_packets.data);
     free(p->slots);
     free(p->stash);
+    free(p->opened);
+    free(p->sealed);
     free(p->rmsgs);
     free(p->riov);
     free(p->raddr);
@@ -1002,6 +1052,16 @@ int gc_pump_send_to(gc_pump_t *p, uint32_t node, const uint8_t *buf, size_t len)
     enter(p);
     send_to(p, node, buf, len);
     send_flush(p);
+    leave(p, 0);
+    return GC_OK;
+}
+
+int gc_pump_learn(gc_pump_t *p, uint32_t node, int family, const uint8_t *addr, uint16_t port, uint32_t scope_id)
+{
+    addr_t a;
+    if (!p || node == 0 || !addr || make_addr(&a, family, addr, port, scope_id) != GC_OK) return GC_EINVAL;
+    enter(p);
+    learn_peer(p, node, &a.ss, a.len, gc_pump_now_us());
     leave(p, 0);
     return GC_OK;
 }

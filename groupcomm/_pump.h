@@ -24,6 +24,10 @@
  *     deliveries and take_max_bytes of their data (whole runs, at least
  *     one), so one take is a bounded amount of work for Python; the rest
  *     waits, in order, for the next take.
+ *   - With cfg.seal, every datagram is opened before anything looks at it
+ *     (those that do not open are dropped) and sealed as it is queued.
+ *   - A peer's address is learnt only from a ring packet the ring accepted,
+ *     or from Python (gc_pump_learn) for the other layers' datagrams.
  *   - gc_pump_notify_fd() becomes readable when that output goes from empty
  *     to non-empty, and again after a take that left some.  Read it (an
  *     eventfd) before taking, never after.
@@ -32,6 +36,7 @@
 #define GROUPCOMM_PUMP_H
 
 #include "_ring.h"
+#include "_seal.h"
 
 /* CDEF-BEGIN */
 typedef struct {
@@ -44,6 +49,7 @@ typedef struct {
     uint32_t batch;              /* datagrams per recvmmsg call */
     uint32_t max_backlog;        /* deliveries waiting for Python before the pump stops reading */
     uint64_t max_backlog_bytes;  /* ... or their bytes */
+    gc_seal_t *seal;             /* the cluster key (must outlive the pump); NULL: datagrams in clear */
     uint32_t take_max;           /* deliveries one gc_pump_take() hands over at most ... */
     uint64_t take_max_bytes;     /* ... and their bytes (at least one run of deliveries) */
 } gc_pump_config_t;
@@ -85,6 +91,8 @@ typedef struct {
     uint64_t handoffs;           /* messages queued because the lock was taken */
     uint64_t submit_drops;       /* queued messages the ring refused (it had left, or no memory) */
     uint64_t pauses;             /* times reading stopped because Python fell behind */
+    uint64_t seal_drops;         /* datagrams that did not open under the key (the seal counts why) */
+    uint64_t seal_errors;        /* datagrams we could not seal (local: out of memory), not sent */
     uint64_t takes_cut;          /* takes that left deliveries for the next one (take_max) */
 } gc_pump_stats_t;
 
@@ -120,6 +128,10 @@ int gc_pump_take(gc_pump_t *p, gc_pump_batch_t *out);
 /* Packets of the layers above the ring (failure detector), sent like the ring's. */
 int gc_pump_send_all(gc_pump_t *p, const uint8_t *buf, size_t len);
 int gc_pump_send_to(gc_pump_t *p, uint32_t node, const uint8_t *buf, size_t len);
+
+/* Where `node` is: an address the layer above accepted a datagram from (the pump itself
+   learns only from ring packets the ring accepted). */
+int gc_pump_learn(gc_pump_t *p, uint32_t node, int family, const uint8_t *addr, uint16_t port, uint32_t scope_id);
 
 /* When each known peer was last heard from (gc_pump_now_us() time); returns the count. */
 size_t gc_pump_heard(gc_pump_t *p, uint32_t *nodes, uint64_t *times, size_t cap);

@@ -15,6 +15,7 @@ import uuid
 from contextlib import AsyncExitStack
 
 import msgpack
+import pytest
 import trio
 
 from groupcomm.config.keys import new_key_file, write_key_file
@@ -82,8 +83,9 @@ async def wait_until(predicate, timeout: float = 10.0) -> None:
             await trio.sleep(0.01)
 
 
-async def test_an_outsider_reads_nothing_joins_nothing_and_replays_nothing(tmp_path):
-    udp = UdpConfig(bind_addr="127.0.0.1", mcast_port=free_port(), mcast_ttl=0)
+@pytest.mark.parametrize("pump", ["trio", "c"])
+async def test_an_outsider_reads_nothing_joins_nothing_and_replays_nothing(tmp_path, pump):
+    udp = UdpConfig(bind_addr="127.0.0.1", mcast_port=free_port(), mcast_ttl=0, pump=pump)
     cluster, key = f"keyed-{uuid.uuid4().hex[:8]}", key_file(tmp_path)
     spy = sniffer(udp)
     async with AsyncExitStack() as stack:
@@ -107,7 +109,8 @@ async def test_an_outsider_reads_nothing_joins_nothing_and_replays_nothing(tmp_p
 
         # Members of the outsider's own: one without a key, one with another key.
         for intruder_key in ("", key_file(tmp_path, "other.key")):
-            async with open_channel(cluster=cluster, name="intruder", udp=udp, ring=FAST,
+            async with open_channel(cluster=cluster, name="intruder", udp=UdpConfig(**{**udp.__dict__, "pump": "trio"}),
+                                    ring=FAST,
                                     key_file=intruder_key, join_timeout=5) as intruder:
                 await intruder.send(b"FORGED")
                 await trio.sleep(0.5)
@@ -143,20 +146,23 @@ async def test_an_outsider_reads_nothing_joins_nothing_and_replays_nothing(tmp_p
         stats = [ch.stats() for ch in chans]
         for s in stats:
             assert s["peer_addresses"] <= 2 and s["seal_peers"] <= 3
+            if pump == "c":
+                assert s["pump_seal_drops"] > 0
             assert s["seal_drop_replay"] + s["seal_drop_stale"] > 0
             assert s["seal_drop_unsealed"] > 0 and s["seal_drop_auth"] > 0
         nursery.cancel_scope.cancel()
     spy.close()
 
 
-async def test_garbage_from_many_sources_adds_no_unicast_target(tmp_path):
+@pytest.mark.parametrize("pump", ["trio", "c"])
+async def test_garbage_from_many_sources_adds_no_unicast_target(tmp_path, pump):
     ports = [free_port() for _ in range(2)]
     hosts = tuple(f"127.0.0.1:{p}" for p in ports)
     cluster, key = f"keyed-{uuid.uuid4().hex[:8]}", key_file(tmp_path)
     async with AsyncExitStack() as stack:
         chans = [await stack.enter_async_context(open_channel(
             "udpu", cluster=cluster, name=f"u{i}", ring=FAST, key_file=key,
-            udp=UdpuConfig(bind_addr="127.0.0.1", port=p, hosts=hosts))) for i, p in enumerate(ports)]
+            udp=UdpuConfig(bind_addr="127.0.0.1", port=p, hosts=hosts, pump=pump))) for i, p in enumerate(ports)]
         await wait_until(lambda: all(ch.view and len(ch.view.members) == 2 for ch in chans))
         before = [ch.stats()["send_targets"] for ch in chans]
         for _ in range(500):

@@ -27,7 +27,7 @@ from pathlib import Path
 from cffi import FFI
 
 HERE = Path(__file__).resolve().parent.parent   # groupcomm/: the C sources live there (a fixed path)
-HEADERS = ("_ring.h", "_pump.h", "_seal.h")   # the ring's API, the socket pump's, the seal's
+HEADERS = ("_ring.h", "_seal.h", "_pump.h")   # the ring's API, the seal's, the socket pump's (uses both)
 SOURCES = ("_ring.c", "_pump.c", "_seal.c")
 LIBRARIES = ["crypto"]   # OpenSSL's libcrypto (AES-GCM, HKDF) for the seal; headers: libssl-dev
 

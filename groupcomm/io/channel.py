@@ -150,8 +150,6 @@ class Channel:
     ) -> None:
         if not cluster:
             raise ConfigError("open_channel: cluster name must not be empty")
-        if crypto is not None and crypto.key_file and udp.pump == "c":
-            raise ConfigError("CRYPTO: a cluster key with pump = 'c' is not supported yet; use pump = 'trio'")
         if max_pending_events < 1:
             raise ConfigError("open_channel: max_pending_events must be >= 1")
         if max_pending_bytes < 1:
@@ -612,7 +610,7 @@ class Channel:
     def _start_pump(self, sockets: UdpSockets) -> None:
         """Hand the sockets and the ring's hot path to the C pump's thread."""
         assert self._member is not None
-        pump = attach(self._member.multicast, sockets, max_backlog=self._max_pending)
+        pump = attach(self._member.multicast, sockets, max_backlog=self._max_pending, seal=self._seal)
         self._pump = pump
         self._pump_offset = trio.current_time() - now_us() / _US
         if sockets.group is None:
@@ -720,8 +718,8 @@ class Channel:
             for data, addr in packets:
                 if data[:2] == PROBE_MAGIC:
                     self._answer_probe(data, addr)
-                else:
-                    member.receive(now, data)      # the other layers' packets; ring packets stay in C
+                elif member.receive(now, data):    # the other layers' packets; ring packets stay in C
+                    pump.learn(int.from_bytes(data[SENDER], "big"), addr)
         self._flush()
 
     async def _timer_loop(self) -> None:

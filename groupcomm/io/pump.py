@@ -24,6 +24,7 @@ from groupcomm.core.native import ffi, lib
 from groupcomm.errors import ConfigError, QueueFull
 from groupcomm.events import Delivery
 from groupcomm.core.ring import Ring, parse_actions
+from groupcomm.core.seal import OVERHEAD as SEAL_OVERHEAD, Seal
 from groupcomm.io.probe import PROBE_REQUEST_SIZE
 from groupcomm.io.udp import UdpSockets
 
@@ -58,8 +59,8 @@ class Pump:
     :meth:`close` joins it; close it before the sockets.
     """
 
-    def __init__(self, ring: Ring, sockets: UdpSockets, *, max_backlog: int) -> None:
-        slot = max(ring.config.mtu, MIN_SLOT)
+    def __init__(self, ring: Ring, sockets: UdpSockets, *, max_backlog: int, seal: Seal | None = None) -> None:
+        slot = max(ring.config.mtu + (SEAL_OVERHEAD if seal is not None else 0), MIN_SLOT)
         cfg = ffi.new("gc_pump_config_t *")
         cfg.unicast_fd = sockets.unicast.fileno()
         cfg.multicast_fd = sockets.multicast.fileno() if sockets.multicast is not None else -1
@@ -72,6 +73,8 @@ class Pump:
         cfg.max_backlog_bytes = MAX_BACKLOG_BYTES
         cfg.take_max = TAKE_MAX
         cfg.take_max_bytes = TAKE_MAX_BYTES
+        cfg.seal = seal.pointer if seal is not None else ffi.NULL
+        self._seal = seal                         # the C seal must outlive the thread
         out = ffi.new("gc_pump_t **")
         rc = lib.gc_pump_new(ring.handle, cfg, out)
         if rc != lib.GC_OK:
@@ -178,6 +181,11 @@ class Pump:
     def send_to(self, node: int, packet: bytes) -> None:
         """To ``node`` at the address its packets come from (dropped and counted if unknown)."""
         lib.gc_pump_send_to(self._p, node, packet, len(packet))
+
+    def learn(self, node: int, addr: tuple) -> None:
+        """``node`` is at ``addr``: a datagram from there was accepted by its layer."""
+        family, packed, port, scope = _sockaddr(addr)
+        lib.gc_pump_learn(self._p, node, family, packed, port, scope)
 
     def add_target(self, addr: tuple) -> None:
         """A unicast-only member's address (static host list, discovery)."""
@@ -325,13 +333,13 @@ class LockedRing:
         return self._read(self.ring.stats)
 
 
-def attach(multicast, sockets: UdpSockets, *, max_backlog: int) -> Pump:
+def attach(multicast, sockets: UdpSockets, *, max_backlog: int, seal: Seal | None = None) -> Pump:
     """Build a pump for ``multicast``'s ring and put a :class:`LockedRing` in its place.
 
     :func:`detach` undoes it; the thread starts with :meth:`Pump.start`.
     """
     ring = multicast.ring
-    pump = Pump(ring, sockets, max_backlog=max_backlog)
+    pump = Pump(ring, sockets, max_backlog=max_backlog, seal=seal)
     multicast.ring = LockedRing(ring, pump)
     pump.multicast = multicast
     return pump
