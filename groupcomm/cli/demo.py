@@ -25,6 +25,7 @@ from collections.abc import Callable
 from typing import Any
 
 from groupcomm.cli.errors import EXIT_FAILED, EXIT_OK, CliError, UsageError
+from groupcomm.config.keys import new_key_file, write_key_file
 
 __all__ = ["NodeProcess", "add_parser", "free_udp_port", "run", "run_demo"]
 
@@ -159,9 +160,14 @@ def run_demo(members: int = 3, messages: int = 10, out: Callable[[str], None] = 
     names = [f"node{i}" for i in range(1, members + 1)]
     out(f"== starting {members} member processes on loopback (cluster {cluster}, stack 'loopback')")
     t0 = time.monotonic()
-    # The members' state directories (ring seqs, quorum memory) live as long as the demo.
+    # The members' state directories (ring seqs, quorum memory) and the cluster key
+    # (every datagram sealed, docs/security.rst) live as long as the demo.
     state = tempfile.TemporaryDirectory(prefix="groupcomm-demo-")
-    nodes = [NodeProcess(n, cluster, args, env={"GROUPCOMM_STATE_DIR": state.name}) for n in names]
+    key = os.path.join(state.name, "cluster.key")
+    write_key_file(key, new_key_file())
+    env = {"GROUPCOMM_STATE_DIR": state.name, "GROUPCOMM_KEY_FILE": key}
+    out(f"   with a cluster key made for this demo ({key}): every datagram is encrypted and authenticated")
+    nodes = [NodeProcess(n, cluster, args, env=env) for n in names]
     ok = True
     try:
         ids = {n.name: n.address() for n in nodes}
@@ -194,7 +200,7 @@ def run_demo(members: int = 3, messages: int = 10, out: Callable[[str], None] = 
         out(f"== restart {victim.name} (same name, same node id, new incarnation)")
         marks = [n.mark() for n in nodes[:-1]]
         t2 = time.monotonic()
-        nodes[-1] = NodeProcess(victim.name, cluster, args, env={"GROUPCOMM_STATE_DIR": state.name})
+        nodes[-1] = NodeProcess(victim.name, cluster, args, env=env)
         for n, m in zip(nodes, [*marks, 0]):
             n.wait(view_is(everyone), 20, since=m)
         out(f"   merged back into one view of {members} after {time.monotonic() - t2:.3f}s")
