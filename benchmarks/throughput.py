@@ -1,6 +1,7 @@
 """Throughput and latency of real member processes on loopback.
 
-    python benchmarks/throughput.py --members 3 --size 100 --messages 200000 [--pump c] [--json]
+    python benchmarks/throughput.py --members 3 --size 100 --messages 200000 [--pump c] [--key PATH] [--json]
+    python benchmarks/throughput.py --key-compare [...]     # without, then with a key, and the ratio
 
 Starts ``--members`` processes (this script with ``--worker``), each a
 ``groupcomm`` channel on loopback multicast (TTL 0).  All of them send
@@ -9,6 +10,8 @@ every delivery in Python.  Prints delivered messages/s per member, MB/s,
 self-delivery latency p50/p99 at low load (one message every 2 ms per member),
 and whether every member saw the same order (a running CRC of every delivery).
 ``--pump`` picks the socket driver: ``trio`` (Python) or ``c`` (the C socket pump).
+``--key`` seals every datagram with that cluster key; ``--key-compare`` runs the
+same benchmark without a key and with a fresh one and prints both and the ratio.
 """
 
 from __future__ import annotations
@@ -55,7 +58,8 @@ async def worker(args) -> None:
     per_member = args.messages // args.members
     total = per_member * args.members
     result: dict = {"index": me}
-    async with open_channel(cluster=args.cluster, name=f"w{me}", ring=ring_config(args), udp=udp) as ch:
+    async with open_channel(cluster=args.cluster, name=f"w{me}", ring=ring_config(args), udp=udp,
+                            key_file=args.key) as ch:
         events = ch.events()
         while not (ch.view and len(ch.view.members) == args.members):
             await trio.sleep(0.01)
@@ -134,12 +138,12 @@ def run(args) -> dict:
         "--cluster", cluster, "--port", str(port), "--mtu", str(args.mtu), "--window", str(args.window),
         "--max-messages", str(args.max_messages), "--sort-queue", str(args.sort_queue),
         "--send-queue", str(args.send_queue), "--latency-samples", str(args.latency_samples),
-        "--seqno-unchanged", str(args.seqno_unchanged), "--pump", args.pump,
+        "--seqno-unchanged", str(args.seqno_unchanged), "--pump", args.pump, "--key", args.key,
     ]
     results = run_workers(__file__, args.members, common, args.timeout)
     rate = statistics.median(r["msgs_per_s"] for r in results)
     summary = {
-        "pump": args.pump, "members": args.members, "size": args.size, "messages": args.messages,
+        "pump": args.pump, "key": bool(args.key), "members": args.members, "size": args.size, "messages": args.messages,
         "msgs_per_s_per_member": round(rate),
         "mb_per_s_per_member": round(statistics.median(r["mb_per_s"] for r in results), 1),
         "latency_us_p50": round(statistics.median(r["latency_us_p50"] for r in results), 1),
@@ -169,15 +173,35 @@ def main() -> None:
                         help="idle token rotations before the token is held (TOTEM seqno_unchanged_const)")
     parser.add_argument("--pump", choices=("trio", "c"), default="trio",
                         help="socket driver: trio (Python) or c (the C socket pump thread)")
+    parser.add_argument("--key", default="", metavar="PATH", help="cluster key file: seal every datagram")
+    parser.add_argument("--key-compare", action="store_true",
+                        help="run without a key, then with a fresh key; print both and the ratio")
     parser.add_argument("--timeout", type=float, default=300)
     parser.add_argument("--json", action="store_true")
     add_worker_arguments(parser)
     args = parser.parse_args()
     if run_if_worker(args, worker):
         return
-    s = run(args)
+    if args.key_compare:
+        import tempfile
+
+        from groupcomm.config.keys import new_key_file, write_key_file
+
+        with tempfile.TemporaryDirectory() as tmp:
+            args.key = ""
+            plain = report(run(args), args)
+            args.key = f"{tmp}/cluster.key"
+            write_key_file(args.key, new_key_file())
+            keyed = report(run(args), args)
+        print(f"with a key / without: throughput {keyed['msgs_per_s_per_member'] / plain['msgs_per_s_per_member']:.2f}x, "
+              f"latency p50 {keyed['latency_us_p50'] / plain['latency_us_p50']:.2f}x")
+        return
+    report(run(args), args)
+
+
+def report(s: dict, args) -> dict:
     print(
-        f"[{s['pump']}] {s['members']} members, {s['size']} B, {s['messages']} messages: "
+        f"[{s['pump']}{', key' if s['key'] else ''}] {s['members']} members, {s['size']} B, {s['messages']} messages: "
         f"{s['msgs_per_s_per_member']:,} msgs/s per member ({s['mb_per_s_per_member']} MB/s), "
         f"self-delivery latency p50 {s['latency_us_p50']} µs p99 {s['latency_us_p99']} µs at low load, "
         f"order identical: {s['order_identical']}, {s['msgs_per_datagram']} msgs/datagram, "
@@ -186,6 +210,7 @@ def main() -> None:
     )
     if args.json:
         print(json.dumps(s))
+    return s
 
 
 if __name__ == "__main__":
