@@ -3,6 +3,7 @@
 ``ci`` (default): derandomized, so CI is deterministic.  ``soak``: random and
 long; run it with ``HYPOTHESIS_PROFILE=soak python -m pytest tests/test_sim_properties.py``
 and turn every failure it finds into an ``@example`` or a seeded regression test.
+``mutation``: derandomized and short, for tests/mutation.py.
 """
 
 import atexit
@@ -26,4 +27,6 @@ _common = dict(deadline=None)
 settings.register_profile("ci", derandomize=True, max_examples=200, print_blob=True, **_common)
 settings.register_profile("soak", derandomize=False, max_examples=3000, print_blob=True, **_common)
 settings.register_profile("dev", derandomize=False, max_examples=30, print_blob=True, **_common)
+# tests/mutation.py: every mutant runs the tests again, so fewer (still derandomized) examples
+settings.register_profile("mutation", derandomize=True, max_examples=25, **_common)
 settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "ci"))

@@ -2,16 +2,21 @@
 
     pip install -e '.[test,mutation]'
     python tests/mutation.py groupcomm/layers/rpc.py tests/test_rpc.py tests/test_spaces_sim.py
+    python tests/mutation.py --diffs /tmp/frag.diff groupcomm/layers/frag.py tests/test_frag.py
 
 mutmut rewrites the module into many mutants and runs the given tests against
 each; a mutant the tests do not fail is a gap (or an equivalent change).  The
 copy keeps the working tree clean (mutmut writes a ``mutants/`` folder) and
-carries the compiled core along.  Prints the survivors and the kill rate.
+carries the compiled core along.  Hypothesis tests run under the short
+``mutation`` profile (tests/conftest.py) unless HYPOTHESIS_PROFILE says otherwise.
+Prints the survivors and the kill rate.
 """
 
 from __future__ import annotations
 
 import argparse
+import fnmatch
+import os
 import re
 import shutil
 import subprocess
@@ -38,6 +43,10 @@ def main() -> int:
     parser.add_argument("module", help="the module to mutate, e.g. groupcomm/layers/rpc.py")
     parser.add_argument("tests", nargs="+", help="test files that should kill its mutants")
     parser.add_argument("--jobs", type=int, default=2)
+    parser.add_argument("--diffs", metavar="FILE", help="write the diff of every mutant not killed to FILE")
+    parser.add_argument("--only", metavar="GLOB", action="append", default=[],
+                        help="only the mutants whose names match (mutmut's names, e.g. '*SpaceLayer*_sync*'); "
+                             "repeatable; bounds a run on a large module")
     args = parser.parse_args()
     with tempfile.TemporaryDirectory(prefix="groupcomm-mutation-") as tmp:
         where = Path(tmp)
@@ -47,11 +56,24 @@ def main() -> int:
                     f"source_paths = [{args.module!r}]\n"
                     f"pytest_add_cli_args_test_selection = {args.tests!r}\n"
                     'also_copy = ["groupcomm", "protocols", "tests"]\n')
-        subprocess.run(["mutmut", "run", "--max-children", str(args.jobs)], cwd=where,
-                       stdout=subprocess.DEVNULL, check=False)
+        env = {**os.environ, "HYPOTHESIS_PROFILE": os.environ.get("HYPOTHESIS_PROFILE", "mutation")}
+        run = subprocess.run(["mutmut", "run", "--max-children", str(args.jobs), *args.only], cwd=where, env=env,
+                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, check=False)
+        if run.returncode:                   # e.g. the tests fail on the unmutated code
+            print(run.stderr[-3000:], file=sys.stderr)
+            print(f"mutmut run failed (exit {run.returncode})", file=sys.stderr)
+            return 1
         results = subprocess.run(["mutmut", "results", "--all", "true"], cwd=where,
                                  capture_output=True, text=True).stdout
-    verdicts = re.findall(r"^\s*(\S+): (\w[\w ]*)$", results, re.M)
+        verdicts = re.findall(r"^\s*(\S+): (\w[\w ]*)$", results, re.M)
+        if args.only:
+            verdicts = [(n, v) for n, v in verdicts if any(fnmatch.fnmatchcase(n, g) for g in args.only)]
+        if args.diffs:
+            with open(args.diffs, "w") as out:
+                for name, verdict in verdicts:
+                    if verdict != "killed":
+                        shown = subprocess.run(["mutmut", "show", name], cwd=where, capture_output=True, text=True)
+                        out.write(f"# {verdict}: {name}\n{shown.stdout}\n")
     killed = sum(1 for _, v in verdicts if v == "killed")
     for name, verdict in verdicts:
         if verdict != "killed":

@@ -122,6 +122,98 @@ def test_a_view_with_more_votes_than_the_fixed_total_is_logged(caplog) -> None:
     assert len([r for r in caplog.records if "raise expected_votes" in r.getMessage()]) == 1
 
 
+def test_a_view_with_exactly_the_fixed_total_is_not_logged(caplog) -> None:
+    with caplog.at_level("WARNING", logger="groupcomm.quorum"):
+        assert judge(QuorumConfig(expected_votes=3), ((1, 2, 3), (1,))) == [True]
+    assert caplog.records == []
+
+
+def test_a_transitional_configuration_is_primary_only_if_its_regular_view_was() -> None:
+    quorum = Quorum(QuorumConfig(expected_votes=3))
+    assert quorum.primary is False and not quorum.is_primary((1, 2, 3))    # no view yet
+    assert quorum.view((1, 2, 3), (1,)) and quorum.is_primary((1, 2)) and not quorum.is_primary((1,))
+    waiting = Quorum(QuorumConfig(expected_votes=3, wait_for_all=True))
+    assert not waiting.view((1, 2), (1,))                  # a majority, but everyone was never seen
+    assert not waiting.is_primary((1, 2))
+
+
+def test_wait_for_all_with_a_total_of_votes_is_satisfied_by_exactly_that_total() -> None:
+    config = QuorumConfig(expected_votes=3, wait_for_all=True)
+    assert judge(config, ((1, 2), (1,)), ((1, 2, 3), (1, 2)), ((1, 2), (1, 2))) == [False, True, True]
+
+
+def test_wait_for_all_with_listed_members_needs_every_one_of_them() -> None:
+    # 4 is given a vote of its own: three votes are present, but 3 never was
+    config = QuorumConfig(expected_members=(1, 2, 3), votes={4: 1}, wait_for_all=True)
+    assert judge(config, ((1, 2, 4), (1,))) == [False]
+
+
+def test_members_without_votes_are_never_primary_alone() -> None:
+    quorum = Quorum(QuorumConfig(votes={1: 0, 2: 0}))
+    assert quorum.expected == 0
+    assert not quorum.view((1, 2), (1,)) and quorum.expected == 0
+
+
+def test_last_man_standing_memory_survives_a_restart() -> None:
+    now = [0]
+    store = MemoryStore()
+    config = QuorumConfig(expected_votes=3, last_man_standing=True, last_man_standing_window=1)
+    quorum = Quorum(config)
+    quorum.use(store, clock=lambda: now[0])
+    assert quorum.view((1, 2, 3), (1,))
+    now[0] += 2_000_000
+    assert quorum.view((1, 2), (1, 2))
+    now[0] += 2_000_000
+    assert quorum.view((1,), (1,)) is False and quorum.expected == 2     # lowered to the 2 of (1, 2)
+    again = Quorum(config)
+    again.use(store, clock=lambda: now[0])
+    assert again.expected == 2
+
+
+class CountingStore(MemoryStore):
+    def __init__(self) -> None:
+        super().__init__()
+        self.saves = 0
+
+    def save_quorum(self, memory: QuorumMemory) -> None:
+        self.saves += 1
+        super().save_quorum(memory)
+
+
+def test_the_memory_is_written_only_when_it_changes() -> None:
+    store = CountingStore()
+    quorum = Quorum(QuorumConfig())
+    quorum.use(store)
+    quorum.view((1, 2, 3), (1,))
+    assert store.saves == 1
+    quorum.view((1, 2, 3), (1, 2, 3))
+    quorum.view((1, 2), (1, 2))
+    assert store.saves == 1                                 # nothing new to remember
+    again = Quorum(QuorumConfig())
+    again.use(store)
+    again.view((1, 2), (1,))
+    assert store.saves == 1 and store.quorum == QuorumMemory(expected=3, seen_all=False, configured=0)
+
+
+def test_settings_at_their_limits_are_accepted() -> None:
+    QuorumConfig(votes={1: 0})                                          # a member without a vote
+    QuorumConfig(expected_votes=3, expected_members=(1, 2, 3))         # exactly the listed votes
+    QuorumConfig(expected_votes=3, last_man_standing=True, last_man_standing_window=0)
+    QuorumConfig(expected_votes=3, last_man_standing=True, last_man_standing_window=0.5)
+
+
+@pytest.mark.parametrize(("settings_", "complaint"), [
+    ({"expected_votes": -1}, "QUORUM: expected_votes must be >= 0, got -1"),
+    ({"tie_breaker": "highest"}, "QUORUM: tie_breaker must be 'lowest' or 'none', got 'highest'"),
+    ({"votes": {2: -1}}, "QUORUM: votes for node 2 must be an int >= 0, got -1"),
+    ({"votes": {2: "x"}}, "QUORUM: votes for node 2 must be an int >= 0, got 'x'"),
+    ({"expected_votes": 3, "last_man_standing_window": -1}, "QUORUM: last_man_standing_window must be >= 0"),
+])
+def test_bad_settings_are_refused_with_their_reason(settings_, complaint) -> None:
+    with pytest.raises(ConfigError, match="^" + re.escape(complaint) + "$"):
+        QuorumConfig(**settings_)
+
+
 @pytest.mark.parametrize(("settings_", "complaint"), [
     ({"wait_for_all": True}, "wait_for_all needs the cluster's total"),
     ({"last_man_standing": True}, "last_man_standing needs the cluster's total"),
