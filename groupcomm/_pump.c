@@ -138,6 +138,7 @@ struct gc_pump {
     size_t stash_len[TOKEN_STASH];
     struct sockaddr_storage stash_from[TOKEN_STASH];
     socklen_t stash_fromlen[TOKEN_STASH];
+    int stash_newest[TOKEN_STASH];
     size_t n_stash;
     uint8_t *opened;             /* the datagram inside the seal being read (cfg.seal only) */
 
@@ -311,7 +312,7 @@ static void send_queue(gc_pump_t *p, const uint8_t *buf, size_t len, const addr_
 
 /* With a key, the sealed copy of `buf` in the send arena (NULL if it cannot be sealed).
    A slot is reused only after a send_flush, so every queued copy stays valid. */
-static const uint8_t *seal_out(gc_pump_t *p, const uint8_t *buf, size_t *len)
+static const uint8_t *seal_out(gc_pump_t *p, uint32_t to, const uint8_t *buf, size_t *len)
 {
     if (!p->cfg.seal) return buf;
     if (p->n_sealed == SEND_BATCH) {
@@ -319,7 +320,7 @@ static const uint8_t *seal_out(gc_pump_t *p, const uint8_t *buf, size_t *len)
         p->n_sealed = 0;
     }
     uint8_t *dst = p->sealed + p->n_sealed * SEALED_SLOT;
-    long n = gc_seal_close(p->cfg.seal, buf, *len, dst, SEALED_SLOT);
+    long n = gc_seal_close(p->cfg.seal, to, buf, *len, dst, SEALED_SLOT);
     if (n < 0) {
         p->stats.seal_errors++;
         return NULL;
@@ -331,7 +332,7 @@ static const uint8_t *seal_out(gc_pump_t *p, const uint8_t *buf, size_t *len)
 
 static void send_all(gc_pump_t *p, const uint8_t *buf, size_t len)
 {
-    buf = seal_out(p, buf, &len);           /* one seal for every copy */
+    buf = seal_out(p, 0, buf, &len);        /* one seal for every copy */
     if (!buf) return;
     if (p->has_group) {
         send_queue(p, buf, len, &p->group);
@@ -347,7 +348,7 @@ static void send_to(gc_pump_t *p, uint32_t node, const uint8_t *buf, size_t len)
         p->stats.unknown_dest++;
         return;
     }
-    buf = seal_out(p, buf, &len);
+    buf = seal_out(p, node, buf, &len);     /* only `node` will open it */
     if (buf) send_queue(p, buf, len, &e->addr);
 }
 
@@ -405,7 +406,8 @@ static void queue_deliveries(gc_pump_t *p, const gc_action_t *acts, size_t n, co
     push_output(p, c);
 }
 
-static void to_python(gc_pump_t *p, const uint8_t *buf, size_t len, const struct sockaddr_storage *from)
+static void to_python(gc_pump_t *p, const uint8_t *buf, size_t len, const struct sockaddr_storage *from,
+                      int newest)
 {
     chunk_t *c = NULL;
     if (__atomic_load_n(&p->queued_packets, __ATOMIC_RELAXED) < PACKETS_MAX) c = malloc(sizeof *c + len);
@@ -418,6 +420,7 @@ static void to_python(gc_pump_t *p, const uint8_t *buf, size_t len, const struct
     c->len = len;
     gc_pump_packet_t *rec = &c->packet;
     rec->len = (uint32_t)len;
+    rec->newest = newest != 0;
     rec->family = from->ss_family;
     if (from->ss_family == AF_INET) {
         const struct sockaddr_in *s = (const void *)from;
@@ -579,11 +582,11 @@ static int is_token(const uint8_t *buf, size_t len)
 
 /* Feed the ring; a packet it took as coming from a live peer teaches us where that peer is. */
 static void ring_receive(gc_pump_t *p, uint64_t now, const uint8_t *buf, size_t len,
-                         const struct sockaddr_storage *from, socklen_t fromlen)
+                         const struct sockaddr_storage *from, socklen_t fromlen, int newest)
 {
     int rc = gc_ring_receive(p->ring, now, buf, len);
     if (rc == GC_ENOMEM) __atomic_store_n(&p->oom, 1, __ATOMIC_RELAXED);
-    if ((rc == GC_OK || rc == GC_ESTALE || rc == GC_EIGNORED) && len >= HDR_LEN)
+    if ((rc == GC_OK || rc == GC_ESTALE || rc == GC_EIGNORED) && len >= HDR_LEN && newest)
         learn_peer(p, rd32(buf + 8), from, fromlen, now);
 }
 
@@ -591,9 +594,10 @@ static void ring_receive(gc_pump_t *p, uint64_t now, const uint8_t *buf, size_t 
 static void on_datagram(gc_pump_t *p, uint64_t now, const uint8_t *buf, size_t len,
                         const struct sockaddr_storage *from, socklen_t fromlen)
 {
+    uint32_t sealed_flags = GC_SEAL_NEWEST;  /* without a key: the ring's checks decide alone */
     if (p->cfg.seal) {                       /* nothing is looked at before it authenticates */
         uint32_t sealer;
-        long n = gc_seal_open(p->cfg.seal, buf, len, p->opened, p->cfg.slot_size, &sealer);
+        long n = gc_seal_open(p->cfg.seal, buf, len, p->opened, p->cfg.slot_size, &sealer, &sealed_flags);
         if (n < 0) {
             if (n == GC_SEAL_DROP_SELF) p->stats.self_drops++;
             else p->stats.seal_drops++;
@@ -602,9 +606,10 @@ static void on_datagram(gc_pump_t *p, uint64_t now, const uint8_t *buf, size_t l
         buf = p->opened;
         len = (size_t)n;
     }
+    int newest = (sealed_flags & GC_SEAL_NEWEST) != 0;   /* only such a datagram may move an address */
     int ours = len >= 2 && buf[0] == 'G';
     if (ours && buf[1] == 'P') {             /* a probe: Python answers it */
-        to_python(p, buf, len, from);
+        to_python(p, buf, len, from, newest);
         return;
     }
     if (len >= HDR_LEN && rd32(buf + 8) == p->cfg.node_id) {     /* our own multicast, looped back */
@@ -612,17 +617,18 @@ static void on_datagram(gc_pump_t *p, uint64_t now, const uint8_t *buf, size_t l
         return;
     }
     if (ours && buf[1] != 'C') {             /* failure detector, unicast layer...: Python's */
-        to_python(p, buf, len, from);
+        to_python(p, buf, len, from, newest);
         return;
     }
     if (is_token(buf, len) && p->n_stash < TOKEN_STASH) {
         memcpy(p->stash + p->n_stash * p->cfg.slot_size, buf, len);
         memcpy(&p->stash_from[p->n_stash], from, fromlen);
         p->stash_fromlen[p->n_stash] = fromlen;
+        p->stash_newest[p->n_stash] = newest;
         p->stash_len[p->n_stash++] = len;
         return;
     }
-    ring_receive(p, now, buf, len, from, fromlen);   /* the core validates everything else */
+    ring_receive(p, now, buf, len, from, fromlen, newest);   /* the core validates everything else */
 }
 
 /* ------------------------------------------------------------------ */
@@ -667,7 +673,7 @@ static void finish_round(gc_pump_t *p)
     uint64_t now = gc_pump_now_us();
     for (size_t i = 0; i < p->n_stash; i++)
         ring_receive(p, now, p->stash + i * p->cfg.slot_size, p->stash_len[i], &p->stash_from[i],
-                     p->stash_fromlen[i]);
+                     p->stash_fromlen[i], p->stash_newest[i]);
     p->n_stash = 0;
     if (gc_ring_next_deadline(p->ring) <= now) {
         gc_ring_tick(p->ring, now);

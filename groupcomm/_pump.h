@@ -61,6 +61,7 @@ typedef struct {
     uint16_t port;               /* host byte order */
     uint32_t scope_id;
     uint8_t addr[16];            /* the first 4 bytes for AF_INET */
+    uint32_t newest;             /* the newest datagram yet from its sender (always 1 without a key) */
 } gc_pump_packet_t;
 
 typedef struct {

@@ -246,7 +246,7 @@ int gc_seal_set_nodelist(gc_seal_t *s, const uint32_t *nodes, size_t n)
 
 /* ---- sealing -------------------------------------------------------------- */
 
-long gc_seal_close(gc_seal_t *s, const uint8_t *in, size_t len, uint8_t *out, size_t cap)
+long gc_seal_close(gc_seal_t *s, uint32_t to, const uint8_t *in, size_t len, uint8_t *out, size_t cap)
 {
     if (s == NULL || (in == NULL && len > 0) || out == NULL || len > (size_t)INT32_MAX) return GC_SEAL_EINVAL;
     if (cap < len + GC_SEAL_OVERHEAD) return GC_SEAL_DROP_SPACE;
@@ -282,6 +282,7 @@ long gc_seal_close(gc_seal_t *s, const uint8_t *in, size_t len, uint8_t *out, si
     put_u32(out + 4, s->node_id);
     put_u64(out + 8, s->incarnation);
     put_u64(out + 16, counter);
+    put_u32(out + 24, to);
     uint8_t iv[12];
     nonce_for(counter, iv);
     EVP_CIPHER_CTX *ctx = s->tx.ctx;
@@ -398,7 +399,8 @@ static subkey_t *slot_for(peer_t *p, uint32_t key_id, uint64_t epoch)
     return NULL;
 }
 
-long gc_seal_open(gc_seal_t *s, const uint8_t *in, size_t len, uint8_t *out, size_t cap, uint32_t *sender)
+long gc_seal_open(gc_seal_t *s, const uint8_t *in, size_t len, uint8_t *out, size_t cap, uint32_t *sender,
+                  uint32_t *flags)
 {
     if (s == NULL || in == NULL || out == NULL) return GC_SEAL_EINVAL;
     pthread_mutex_lock(&s->mu);
@@ -415,6 +417,8 @@ long gc_seal_open(gc_seal_t *s, const uint8_t *in, size_t len, uint8_t *out, siz
     uint64_t incarnation = get_u64(in + 8), counter = get_u64(in + 16);
     uint64_t epoch = counter >> GC_SEAL_EPOCH_SHIFT;
     if (node == s->node_id) { st->drop_self++; rc = GC_SEAL_DROP_SELF; goto done; }
+    uint32_t to = get_u32(in + 24);
+    if (to != 0 && to != s->node_id) { st->drop_misdirected++; rc = GC_SEAL_DROP_MISDIRECTED; goto done; }
     int k = find_key(s, key_id);
     if (k < 0) { st->drop_key++; rc = GC_SEAL_DROP_KEY; goto done; }
     if (!in_nodelist(s, node)) { st->drop_nodelist++; rc = GC_SEAL_DROP_NODELIST; goto done; }
@@ -464,6 +468,7 @@ long gc_seal_open(gc_seal_t *s, const uint8_t *in, size_t len, uint8_t *out, siz
             && get_u32(out + INNER_SENDER_OFFSET) != node) {
         st->drop_sender++; rc = GC_SEAL_DROP_SENDER; goto done;
     }
+    if (flags != NULL) *flags = counter > p->highest ? GC_SEAL_NEWEST : 0;
     mark_seen(p, counter);
     p->last_used = ++st->opened;
     if (sender != NULL) *sender = node;

@@ -15,8 +15,9 @@
  *   4      4    sender node id (big-endian)
  *   8      8    sender incarnation (big-endian; grows with every start of the node)
  *   16     8    counter (big-endian; never repeats within an incarnation)
- *   24     n    the datagram, encrypted (or in clear when authenticated only)
- *   24+n   16   GCM tag over bytes 0..23 (and the clear payload when authenticated only)
+ *   24     4    receiver node id (big-endian); 0: every member (a multicast)
+ *   28     n    the datagram, encrypted (or in clear when authenticated only)
+ *   28+n   16   GCM tag over bytes 0..27 (and the clear payload when authenticated only)
  *
  * Keys and nonces.  The cluster key never encrypts a datagram itself.  Each
  * sender encrypts with a subkey
@@ -31,7 +32,11 @@
  *
  * Replay.  Per sender the receiver keeps the newest incarnation and a window
  * of GC_SEAL_WINDOW counters; an older incarnation, a counter below the
- * window, or one seen before is dropped.  Entries are created only by
+ * window, or one seen before is dropped.  A datagram sealed for one receiver
+ * is dropped by every other (so a unicast cannot be replayed to a member
+ * that never saw it), and gc_seal_open says whether a datagram is the newest
+ * yet from its sender: drivers move a peer's address only on those, so a
+ * replay of an old datagram from elsewhere never redirects a member.  Entries are created only by
  * datagrams that authenticate; there are at most max_peers of them (the one
  * heard from least recently makes room).
  *
@@ -51,9 +56,9 @@
 
 /* CDEF-BEGIN */
 #define GC_SEAL_VERSION 2       /* = WIRE_VERSION of _ring.c (tests/test_wire.py checks) */
-#define GC_SEAL_HEADER 24
+#define GC_SEAL_HEADER 28
 #define GC_SEAL_TAG 16
-#define GC_SEAL_OVERHEAD 40
+#define GC_SEAL_OVERHEAD 44
 #define GC_SEAL_KEY_BYTES 32
 #define GC_SEAL_KEYS_MAX 4
 #define GC_SEAL_KEY_ID_MAX 127
@@ -76,12 +81,14 @@
 #define GC_SEAL_EINVAL -13           /* bad argument */
 #define GC_SEAL_ECRYPTO -14          /* libcrypto failed (out of memory) */
 #define GC_SEAL_DROP_SELF -15        /* our own datagram, looped back by multicast */
+#define GC_SEAL_DROP_MISDIRECTED -16 /* sealed for another receiver */
+#define GC_SEAL_NEWEST 1             /* gc_seal_open's flags: the newest datagram yet from its sender */
 
 typedef struct {
     uint64_t sealed;             /* datagrams sealed */
     uint64_t opened;             /* datagrams that authenticated */
     uint64_t drop_short, drop_unsealed, drop_version, drop_key, drop_auth, drop_replay,
-             drop_stale, drop_sender, drop_nodelist, drop_rate, drop_self;
+             drop_stale, drop_sender, drop_nodelist, drop_rate, drop_self, drop_misdirected;
     uint64_t derivations;        /* subkeys derived (send and receive) */
     uint64_t new_incarnations;   /* senders first heard, or heard in a newer incarnation */
     uint64_t peers_evicted;      /* peer entries replaced because the table was full */
@@ -101,10 +108,13 @@ int gc_seal_use_key(gc_seal_t *s, uint32_t key_id);
 /* Only these senders are accepted (after authentication); n = 0 accepts any. */
 int gc_seal_set_nodelist(gc_seal_t *s, const uint32_t *nodes, size_t n);
 
-/* Seal `len` bytes into `out`; returns the sealed length or a negative error. */
-long gc_seal_close(gc_seal_t *s, const uint8_t *in, size_t len, uint8_t *out, size_t cap);
-/* Open a datagram into `out`; returns the plain length, or a GC_SEAL_DROP_* reason (counted). */
-long gc_seal_open(gc_seal_t *s, const uint8_t *in, size_t len, uint8_t *out, size_t cap, uint32_t *sender);
+/* Seal `len` bytes for receiver `to` (0: every member) into `out`; returns the sealed
+   length or a negative error. */
+long gc_seal_close(gc_seal_t *s, uint32_t to, const uint8_t *in, size_t len, uint8_t *out, size_t cap);
+/* Open a datagram into `out`; returns the plain length, or a GC_SEAL_DROP_* reason (counted).
+   *sender: who sealed it; *flags: GC_SEAL_NEWEST if no later datagram of its sender was opened. */
+long gc_seal_open(gc_seal_t *s, const uint8_t *in, size_t len, uint8_t *out, size_t cap, uint32_t *sender,
+                  uint32_t *flags);
 
 /* The newest incarnation known per sender, to keep across restarts ... */
 size_t gc_seal_incarnations(gc_seal_t *s, uint32_t *senders, uint64_t *incarnations, size_t cap);

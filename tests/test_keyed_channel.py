@@ -34,6 +34,15 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+def loopback_socket() -> socket.socket:
+    """The outsider's sending socket: its multicasts stay on this host (loopback, TTL 0)."""
+    s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    s.bind(("127.0.0.1", 0))
+    s.setsockopt(socket.IPPROTO_IP, socket.IP_MULTICAST_IF, socket.inet_aton("127.0.0.1"))
+    s.setsockopt(socket.IPPROTO_IP, socket.IP_MULTICAST_TTL, 0)
+    return s
+
+
 def key_file(tmp_path, name: str = "cluster.key") -> str:
     path = tmp_path / name
     write_key_file(path, new_key_file())
@@ -117,8 +126,7 @@ async def test_an_outsider_reads_nothing_joins_nothing_and_replays_nothing(tmp_p
                 assert intruder.view.members == (intruder.address,)       # it stays alone
 
         # Replays of everything captured, to the group and to every member's own address.
-        out = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
-        out.bind(("127.0.0.1", 0))
+        out = loopback_socket()
         for data, _ in captured:
             out.sendto(data, (udp.mcast_addr, udp.mcast_port))
             for addr in unicast_addrs:
@@ -126,12 +134,11 @@ async def test_an_outsider_reads_nothing_joins_nothing_and_replays_nothing(tmp_p
         # Garbage from many source ports: random bytes, and seal headers with random claims.
         rng = __import__("random").Random(7)
         for n in range(300):
-            with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
-                s.bind(("127.0.0.1", 0))
+            with loopback_socket() as s:
                 for addr in unicast_addrs | {(udp.mcast_addr, udp.mcast_port)}:
                     s.sendto(os.urandom(rng.randrange(1, 200)), addr)
-                    s.sendto(struct.pack(">2sBBIQQ", b"GS", 2, 1, rng.randrange(1, 4),
-                                         rng.getrandbits(64), rng.getrandbits(40)) + os.urandom(60), addr)
+                    s.sendto(struct.pack(">2sBBIQQI", b"GS", 2, 1, rng.randrange(1, 4),
+                                         rng.getrandbits(64), rng.getrandbits(40), 0) + os.urandom(60), addr)
             if n % 50 == 0:
                 await trio.sleep(0.01)
 

@@ -22,7 +22,7 @@ from groupcomm.core.seal import DROP_REASONS, OVERHEAD, CryptoConfig, Seal
 from groupcomm.errors import ConfigError
 
 CLUSTER = 0x1234_5678
-HEADER = struct.Struct(">2sBBIQQ")
+HEADER = struct.Struct(">2sBBIQQI")
 VERSION = 2
 
 
@@ -37,8 +37,8 @@ def reference_subkey(key: bytes, sender: int, incarnation: int, epoch: int) -> b
 
 
 def reference_seal(key: bytes, key_id: int, sender: int, incarnation: int, counter: int, plain: bytes,
-                   *, auth_only: bool = False) -> bytes:
-    head = HEADER.pack(b"GS", VERSION, key_id | (0x80 if auth_only else 0), sender, incarnation, counter)
+                   *, auth_only: bool = False, to: int = 0) -> bytes:
+    head = HEADER.pack(b"GS", VERSION, key_id | (0x80 if auth_only else 0), sender, incarnation, counter, to)
     aead = AESGCM(reference_subkey(key, sender, incarnation, counter >> 24))
     nonce = bytes(4) + counter.to_bytes(8, "big")
     if auth_only:
@@ -47,7 +47,7 @@ def reference_seal(key: bytes, key_id: int, sender: int, incarnation: int, count
 
 
 def reference_open(key: bytes, datagram: bytes) -> bytes:
-    magic, version, key_byte, sender, incarnation, counter = HEADER.unpack_from(datagram)
+    magic, version, key_byte, sender, incarnation, counter, to = HEADER.unpack_from(datagram)
     assert (magic, version) == (b"GS", VERSION)
     aead = AESGCM(reference_subkey(key, sender, incarnation, counter >> 24))
     nonce = bytes(4) + counter.to_bytes(8, "big")
@@ -79,7 +79,8 @@ def test_a_sealed_datagram_is_what_the_reference_implementation_opens(keys):
     assert len(sealed) == len(plain) + OVERHEAD
     assert plain[12:] not in sealed                 # encrypted, not merely signed
     assert reference_open(keys.keys[1], sealed) == plain
-    assert HEADER.unpack_from(sealed)[3:] == (1, 1000, 1)
+    assert HEADER.unpack_from(sealed)[3:] == (1, 1000, 1, 0)
+    assert HEADER.unpack_from(a.seal(plain, to=2))[3:] == (1, 1000, 2, 2)
 
 
 def test_a_reference_datagram_opens_even_in_a_later_epoch(keys):
@@ -101,7 +102,7 @@ def test_auth_only_leaves_the_payload_readable_but_authenticated(keys):
     assert b.open(forged) < 0 and drops(b) == {"drop_auth": 1}
 
 
-@given(position=st.integers(0, 40 + 25 - 1), flip=st.integers(1, 255))
+@given(position=st.integers(0, OVERHEAD + 25 - 1), flip=st.integers(1, 255))
 def test_any_changed_byte_is_refused(position, flip):
     keys = KeyFile({1: bytes(range(32))}, 1)
     a, b = pair(keys)
@@ -169,6 +170,23 @@ def test_own_datagrams_and_a_sender_named_falsely_inside_are_dropped(keys):
     assert b.open(a.seal(inner(3))) == DROP_REASONS_CODE["sender"]
 
 
+def test_a_datagram_sealed_for_one_member_opens_nowhere_else(keys):
+    a, b = pair(keys)
+    c = Seal(CLUSTER, 3, 3000, keys)
+    token = a.seal(inner(1, b"token"), to=2)
+    assert c.open(token) == DROP_REASONS_CODE["misdirected"]     # a replay to another member
+    assert b.open(token) == inner(1, b"token")
+    assert c.open(reference_seal(keys.keys[1], 1, 1, 1000, 9, inner(1), to=2)) == DROP_REASONS_CODE["misdirected"]
+
+
+def test_only_the_newest_datagram_of_a_sender_may_move_its_address(keys):
+    a, b = pair(keys)
+    first, second, third = (a.seal(inner(1, bytes([i]))) for i in range(3))
+    assert b.open(second) == inner(1, b"\x01") and b.newest
+    assert b.open(first) == inner(1, b"\x00") and not b.newest       # late (reordered, or replayed elsewhere)
+    assert b.open(third) == inner(1, b"\x02") and b.newest and b.sender == 1
+
+
 def test_the_nodelist_admits_only_its_members(keys):
     a = Seal(CLUSTER, 1, 1000, keys)
     c = Seal(CLUSTER, 3, 1000, keys)
@@ -181,7 +199,7 @@ def test_forged_claims_cannot_buy_unbounded_key_derivations(keys):
     _, b = Seal(CLUSTER, 1, 1000, keys), Seal(CLUSTER, 2, 5, keys, derive_budget=50)
     a = Seal(CLUSTER, 1, 1000, keys)
     assert b.open(a.seal(inner(1))) == inner(1)                  # a known sender, before the flood
-    forged = [HEADER.pack(b"GS", VERSION, 1, 7, i, 1) + os.urandom(40) for i in range(1, 2001)]
+    forged = [HEADER.pack(b"GS", VERSION, 1, 7, i, 1, 0) + os.urandom(40) for i in range(1, 2001)]
     results = [b.open(f) for f in forged]
     assert results.count(DROP_REASONS_CODE["auth"]) <= 60        # the budget (+ refill while we ran)
     assert results.count(DROP_REASONS_CODE["rate"]) >= 1900

@@ -18,7 +18,7 @@ from groupcomm.errors import ConfigError
 __all__ = ["CryptoConfig", "Seal", "OVERHEAD", "DROP_REASONS", "SealError"]
 
 OVERHEAD = lib.GC_SEAL_OVERHEAD
-"""Bytes a seal adds to a datagram (24 of header, 16 of tag)."""
+"""Bytes a seal adds to a datagram (28 of header, 16 of tag)."""
 
 DROP_REASONS = {
     lib.GC_SEAL_DROP_SHORT: "short",
@@ -32,6 +32,7 @@ DROP_REASONS = {
     lib.GC_SEAL_DROP_NODELIST: "nodelist",
     lib.GC_SEAL_DROP_RATE: "rate",
     lib.GC_SEAL_DROP_SELF: "self",
+    lib.GC_SEAL_DROP_MISDIRECTED: "misdirected",
 }
 """gc_seal_open's drop codes -> the name of their counter (``seal_drop_<name>`` in stats)."""
 
@@ -92,6 +93,11 @@ class Seal:
         self._s = ffi.gc(out[0], lib.gc_seal_free)
         self._out_buf = ffi.new("uint8_t[]", _MAX_DATAGRAM + OVERHEAD)
         self._sender = ffi.new("uint32_t *")
+        self._flags = ffi.new("uint32_t *")
+        self.sender = 0
+        """Who sealed the datagram :meth:`open` returned last."""
+        self.newest = False
+        """Whether it was the newest yet from its sender (only such a datagram may move an address)."""
         self._held: dict[int, bytes] = {}
         self.use_keys(keys)
         if nodelist:
@@ -119,9 +125,9 @@ class Seal:
     def key_ids(self) -> list[int]:
         return sorted(self._held)
 
-    def seal(self, packet: bytes) -> bytes:
-        """The sealed datagram for ``packet``."""
-        n = lib.gc_seal_close(self._s, packet, len(packet), self._out_buf, len(self._out_buf))
+    def seal(self, packet: bytes, to: int = 0) -> bytes:
+        """The sealed datagram for ``packet``, for member ``to`` only (0: for every member)."""
+        n = lib.gc_seal_close(self._s, to, packet, len(packet), self._out_buf, len(self._out_buf))
         if n < 0:
             raise SealError(f"cannot seal a {len(packet)}-byte datagram (error {n})")
         return ffi.buffer(self._out_buf, n)[:]
@@ -129,9 +135,11 @@ class Seal:
     def open(self, datagram: bytes) -> bytes | int:
         """The datagram inside, or the (negative) drop reason; drops are counted in :meth:`stats`."""
         n = lib.gc_seal_open(self._s, datagram, len(datagram), self._out_buf,
-                             len(self._out_buf), self._sender)
+                             len(self._out_buf), self._sender, self._flags)
         if n < 0:
             return n
+        self.sender = self._sender[0]
+        self.newest = bool(self._flags[0] & lib.GC_SEAL_NEWEST)
         return ffi.buffer(self._out_buf, n)[:]
 
     def incarnations(self) -> dict[int, int]:

@@ -679,28 +679,31 @@ class Channel:
             except OSError:                       # EAGAIN: drained (or the socket closed)
                 break
             budget -= len(data)
+            newest = True                         # without a key the layers' checks decide alone
             if seal is not None:
                 data = seal.open(data)
                 if type(data) is int:
                     continue                      # forged, replayed, unsealed...: counted by the seal
+                newest = seal.newest
             if data[:2] == PROBE_MAGIC:
                 self._answer_probe(data, addr)
                 continue
             if data[SENDER] == my_id:
                 continue                          # our own multicast looped back
             if len(data) > TYPE_OFFSET and data[TYPE_OFFSET] == RING_TOKEN and data[:2] == RING_MAGIC:
-                tokens.append((data, addr))       # act on the token after the messages it follows
+                tokens.append((data, addr, newest))   # act on the token after the messages it follows
                 continue
-            if member.receive(self._now(), data):
+            if member.receive(self._now(), data) and newest:
                 self._learn(data, addr)
-        for data, addr in tokens:
-            if member.receive(self._now(), data):
+        for data, addr, newest in tokens:
+            if member.receive(self._now(), data) and newest:
                 self._learn(data, addr)
         self._flush()
 
     def _learn(self, data: bytes, addr) -> None:
         """Where a peer is: learnt only from a datagram its layer accepted (and, with a key,
-        that authenticated), so a forged source address cannot redirect or add targets."""
+        that authenticated and is the newest yet from its sender), so neither a forged source
+        address nor a replay from elsewhere can redirect a member or add targets."""
         node = int.from_bytes(data[SENDER], "big")
         if self._peers.get(node) != addr:
             self._peers[node] = addr
@@ -715,10 +718,10 @@ class Channel:
         packets = pump.take_packets()
         if packets:
             now = self._now()
-            for data, addr in packets:
+            for data, addr, newest in packets:
                 if data[:2] == PROBE_MAGIC:
                     self._answer_probe(data, addr)
-                elif member.receive(now, data):    # the other layers' packets; ring packets stay in C
+                elif member.receive(now, data) and newest:     # the other layers'; ring packets stay in C
                     pump.learn(int.from_bytes(data[SENDER], "big"), addr)
         self._flush()
 
@@ -836,7 +839,7 @@ class Channel:
         if self._pump is not None:
             self._pump.send_to(out.node, out.packet)
         elif (addr := self._peers.get(out.node)) is not None:
-            self._sendto(self._sockets.unicast, out.packet, addr)
+            self._sendto(self._sockets.unicast, out.packet, addr, to=out.node)
 
     def _deliver_run(self, run: list) -> None:
         if len(run) == 1 and type(run[0].payload) is Pieces:     # a large message, joined later
@@ -865,9 +868,10 @@ class Channel:
         if self._pump is None and self._sockets is not None and self._sockets.group is None:
             self._targets = self._fixed_targets | {addr[:2] for addr in self._peers.values()}
 
-    def _sendto(self, sock, packet: bytes, addr) -> None:
+    def _sendto(self, sock, packet: bytes, addr, *, to: int = 0) -> None:
+        """Send one datagram; with a key sealed for member ``to`` (0: for every member)."""
         if self._seal is not None:
-            packet = self._seal.seal(packet)
+            packet = self._seal.seal(packet, to)
         self._send_sealed(sock, packet, addr)
 
     def _send_sealed(self, sock, packet: bytes, addr) -> None:

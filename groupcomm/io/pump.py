@@ -87,7 +87,7 @@ class Pump:
         self.notify_fd: int = lib.gc_pump_notify_fd(self._p)
         self._batch = ffi.new("gc_pump_batch_t *")
         self._taken: list[tuple[bytes, bytes]] = []           # (records, data) not yet parsed
-        self._packets: list[tuple[bytes, tuple]] = []         # datagrams not yet handed out
+        self._packets: list[tuple[bytes, tuple, bool]] = []   # datagrams not yet handed out
         self._heard_nodes = ffi.new("uint32_t[]", lib.GC_PUMP_PEERS_MAX)
         self._heard_times = ffi.new("uint64_t[]", lib.GC_PUMP_PEERS_MAX)
         self._heard: dict[int, int] = {}
@@ -154,7 +154,7 @@ class Pump:
             data = ffi.buffer(b.packet_data, b.packet_data_len)[:]
             for i in range(b.n_packets):
                 rec = b.packets[i]
-                self._packets.append((data[rec.offset : rec.offset + rec.len], _address(rec)))
+                self._packets.append((data[rec.offset : rec.offset + rec.len], _address(rec), bool(rec.newest)))
 
     def take(self, message_type: type = Delivery, *, runs: bool = False) -> list:
         """Deliveries and configurations the ring produced, in order: one bounded batch
@@ -168,8 +168,9 @@ class Pump:
             return parse_actions(*taken[0], message_type, runs=runs)
         return [item for records, data in taken for item in parse_actions(records, data, message_type, runs=runs)]
 
-    def take_packets(self) -> list[tuple[bytes, tuple]]:
-        """The other layers' datagrams (failure detector, unicast, probe), with their source."""
+    def take_packets(self) -> list[tuple[bytes, tuple, bool]]:
+        """The other layers' datagrams (failure detector, unicast, probe), with their source and
+        whether each is the newest yet from its sender (only those may move its address)."""
         self._collect()
         packets, self._packets = self._packets, []
         return packets
