@@ -213,3 +213,37 @@ async def test_with_a_key_only_sealed_probes_are_answered(tmp_path):
         seal = _probe_seal(cluster_id_for(cluster), key)
         sealed = await trio.to_thread.run_sync(lambda: probe(cluster_id_for(cluster), udp, 0.5, seal=seal))
         assert [r["name"] for r in sealed] == ["p"]
+
+
+async def test_a_key_holder_outside_the_nodelist_stays_out(tmp_path):
+    udp = UdpConfig(bind_addr="127.0.0.1", mcast_port=free_port(), mcast_ttl=0)
+    cluster, key = f"nodelist-{uuid.uuid4().hex[:8]}", key_file(tmp_path)
+    only_ab = {"CRYPTO": {"nodelist": ["a", "b"]}}
+    async with AsyncExitStack() as stack:
+        a, b = [await stack.enter_async_context(open_channel(
+            cluster=cluster, name=n, udp=udp, ring=FAST, key_file=key, overrides=only_ab)) for n in "ab"]
+        await wait_until(lambda: a.view and len(a.view.members) == 2)
+        async with open_channel(cluster=cluster, name="c", udp=udp, ring=FAST, key_file=key,
+                                overrides=only_ab, join_timeout=5) as c:
+            await trio.sleep(1.0)
+            assert c.view.members == (c.address,)
+            assert set(a.view.members) == {a.address, b.address}
+            assert a.stats()["seal_drop_nodelist"] > 0
+
+
+async def test_addresses_of_departed_members_expire(tmp_path, monkeypatch):
+    import groupcomm.io.channel as channel_module
+
+    monkeypatch.setattr(channel_module, "PEER_EXPIRY", 0.3)
+    udp = UdpConfig(bind_addr="127.0.0.1", mcast_port=free_port(), mcast_ttl=0)
+    cluster, key = f"expiry-{uuid.uuid4().hex[:8]}", key_file(tmp_path)
+    async with open_channel(cluster=cluster, name="a", udp=udp, ring=FAST, key_file=key) as a:
+        for name in ("b", "c"):
+            async with open_channel(cluster=cluster, name=name, udp=udp, ring=FAST, key_file=key):
+                await wait_until(lambda: len(a.view.members) == 2)
+                assert a.stats()["peer_addresses"] == 1
+            await wait_until(lambda: len(a.view.members) == 1)
+            await trio.sleep(0.4)
+        # b left, then c's arrival and departure were views: b (silent past PEER_EXPIRY) is forgotten,
+        # c (heard just now) is kept until a later view.
+        assert a.stats()["peer_addresses"] == 1

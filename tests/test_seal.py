@@ -264,4 +264,6 @@ def test_crypto_settings_are_checked():
         CryptoConfig(mode="rot13")
     with pytest.raises(ConfigError, match="nodelist"):
         CryptoConfig(nodelist=(0,))
-    assert CryptoConfig(nodelist=[3, 4]).nodelist == (3, 4)
+    with pytest.raises(ConfigError, match="nodelist"):
+        CryptoConfig(nodelist=("",))
+    assert CryptoConfig(nodelist=[3, 4, "node-1"]).nodelist == (3, 4, "node-1")

@@ -57,8 +57,8 @@ class CryptoConfig:
     """``encrypt``: AES-256-GCM; ``auth-only``: authenticated but in clear (for debugging with a sniffer)."""
     reload_interval: Duration = 1.0
     """How often the key file is checked for changes (a key rotation)."""
-    nodelist: tuple[int, ...] = ()
-    """Node ids allowed to take part; empty: any holder of the key."""
+    nodelist: tuple[int | str, ...] = ()
+    """Members allowed to take part, by node id or by member name; empty: any holder of the key."""
     max_peers: int = 1024
     """Senders whose replay state is kept (about 300 bytes each); the least recently heard makes room."""
     derive_budget: int = 256
@@ -75,8 +75,10 @@ class CryptoConfig:
             raise ConfigError(f"CRYPTO: derive_budget must be in 1..{1 << 20}, got {self.derive_budget}")
         nodes = tuple(self.nodelist)
         for node in nodes:
+            if type(node) is str and node:
+                continue
             if type(node) is not int or not 0 < node < 1 << 32:
-                raise ConfigError(f"CRYPTO: nodelist entries are node ids (1..2^32-1), not {node!r}")
+                raise ConfigError(f"CRYPTO: nodelist entries are node ids (1..2^32-1) or member names, not {node!r}")
         object.__setattr__(self, "nodelist", nodes)
 
 

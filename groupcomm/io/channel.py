@@ -81,6 +81,8 @@ other tasks run: a flood of fragments must not keep the timers (token, failure d
 heartbeats and pongs) waiting, or the other members take this one for dead."""
 _PAYLOAD = itemgetter(1)                 # of a Message (sender, payload, safe)
 _MIN_PEER_TABLE = 256
+PEER_EXPIRY = 30.0
+"""Seconds after which the address of a sender outside the view is forgotten (at the next view)."""
 """Addresses of senders kept per channel before those outside the view are forgotten
 (at least this, or four times the ring's ``max_members``)."""
 
@@ -188,6 +190,7 @@ class Channel:
         self._member: Member | None = None
         self._sockets: UdpSockets | None = None
         self._peers: dict[int, tuple] = {}
+        self._peer_heard: dict[int, float] = {}    # when each peer's address was last confirmed
         self._targets: set[tuple] = set()          # unicast-only transport: everyone we know
         self._fixed_targets: frozenset[tuple] = frozenset()    # ... of which the configured hosts
         # Events travel in one list per flush (with its payload bytes): one checkpoint per
@@ -558,7 +561,8 @@ class Channel:
         keys = self._read_keys()
         seal = Seal(self._ring_config.cluster_id, node_id, state.incarnation, keys,
                     auth_only=crypto.mode == "auth-only", max_peers=crypto.max_peers,
-                    derive_budget=crypto.derive_budget, nodelist=crypto.nodelist)
+                    derive_budget=crypto.derive_budget,
+                    nodelist=tuple(n if type(n) is int else node_id_for(self.cluster, n) for n in crypto.nodelist))
         seal.remember(state.peer_incarnations())
         return seal
 
@@ -705,6 +709,7 @@ class Channel:
         that authenticated and is the newest yet from its sender), so neither a forged source
         address nor a replay from elsewhere can redirect a member or add targets."""
         node = int.from_bytes(data[SENDER], "big")
+        self._peer_heard[node] = self._clock.current_time()
         if self._peers.get(node) != addr:
             self._peers[node] = addr
             if self._sockets is not None and self._sockets.group is None:
@@ -851,8 +856,7 @@ class Channel:
         if not view.transitional:
             self._view = view
             self._joined.set()
-            if len(self._peers) > self._peer_table_max:
-                self._forget_strangers(view)
+            self._forget_strangers(view, everyone=len(self._peers) > self._peer_table_max)
         self._batch.append(view)
 
     def _deliver_event(self, event: Merge | Direct) -> None:
@@ -860,11 +864,18 @@ class Channel:
         if type(event) is Direct:
             self._batch_bytes += len(event.payload)
 
-    def _forget_strangers(self, view: View) -> None:
-        """Bound the tables of addresses learned from datagrams: keep the view's members
-        (a sender outside it is learned again from its next datagram)."""
-        members = set(view.members)
-        self._peers = {node: addr for node, addr in self._peers.items() if node in members}
+    def _forget_strangers(self, view: View, *, everyone: bool) -> None:
+        """Bound the tables of addresses learned from datagrams: at each view, forget the senders
+        outside it not heard for PEER_EXPIRY seconds, or all of them when the table is over its
+        size (a sender outside the view is learned again from its next datagram)."""
+        members, now = set(view.members), trio.current_time()
+        heard = self._peer_heard
+        keep = [node for node in self._peers
+                if node in members or (not everyone and now - heard.get(node, now) < PEER_EXPIRY)]
+        if len(keep) == len(self._peers):
+            return
+        self._peers = {node: self._peers[node] for node in keep}
+        self._peer_heard = {node: heard[node] for node in keep if node in heard}
         if self._pump is None and self._sockets is not None and self._sockets.group is None:
             self._targets = self._fixed_targets | {addr[:2] for addr in self._peers.values()}
 
