@@ -1,12 +1,14 @@
 """Fail-over time of real processes on loopback: kill -9 -> new view at the survivors.
 
-    python benchmarks/failover.py [--members 3] [--runs 3] [--pump c] [--json]
+    python benchmarks/failover.py [--members 3] [--runs 3] [--pump c] [--key PATH | --key-compare] [--json]
 
 Runs the default stack (token 1 s, LAN failure detector) and the tuned loopback
 stack (token 0.3 s, failure detector 20 ms heartbeats / 80 ms silence / 30 ms
 verification), reporting the median and max over runs, and whether any
 survivor installed more than one view after the kill (flapping).  ``--pump``
-picks the socket driver of every member (the stacks' ``GROUPCOMM_PUMP``).
+picks the socket driver of every member (the stacks' ``GROUPCOMM_PUMP``);
+``--key`` gives every member that cluster key (``GROUPCOMM_KEY_FILE``);
+``--key-compare`` runs each stack without a key and with a fresh one.
 """
 
 from __future__ import annotations
@@ -36,12 +38,12 @@ STACKS = {
 
 
 class Node:
-    def __init__(self, name: str, cluster: str, port: int, extra: list[str], pump: str) -> None:
+    def __init__(self, name: str, cluster: str, port: int, extra: list[str], pump: str, key: str) -> None:
         self.proc = subprocess.Popen(
             [sys.executable, "-P", "-m", "groupcomm", "node", "--json", "--no-stdin", "--cluster", cluster,
              "--name", name, "--mcast-port", str(port), *extra],
             cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True,
-            env={**os.environ, "GROUPCOMM_PUMP": pump},
+            env={**os.environ, "GROUPCOMM_PUMP": pump, "GROUPCOMM_KEY_FILE": key},
         )
         self.views: list[tuple[float, frozenset]] = []
         self.address: int | None = None
@@ -70,9 +72,9 @@ def wait(predicate, timeout: float) -> bool:
     return False
 
 
-def one_run(members: int, extra: list[str], pump: str) -> tuple[float, bool]:
+def one_run(members: int, extra: list[str], pump: str, key: str) -> tuple[float, bool]:
     cluster, port = f"fo-{uuid.uuid4().hex[:8]}", free_port()
-    nodes = [Node(f"n{i}", cluster, port, extra, pump) for i in range(members)]
+    nodes = [Node(f"n{i}", cluster, port, extra, pump, key) for i in range(members)]
     try:
         assert wait(lambda: all(n.address for n in nodes), 10)
         everyone = frozenset(n.address for n in nodes)
@@ -100,13 +102,24 @@ def main() -> None:
     parser.add_argument("--pump", choices=("trio", "c"), default="trio",
                         help="socket driver of every member: trio (Python) or c (the C socket pump)")
     parser.add_argument("--only", default="", help="run only the stacks whose name contains this (e.g. loopback)")
+    parser.add_argument("--key", default="", metavar="PATH", help="cluster key file of every member")
+    parser.add_argument("--key-compare", action="store_true", help="each stack without a key, then with one")
     parser.add_argument("--json", action="store_true")
     args = parser.parse_args()
+    import tempfile
+
+    from groupcomm.config.keys import new_key_file, write_key_file
+
+    tmp = tempfile.TemporaryDirectory()
+    fresh = f"{tmp.name}/cluster.key"
+    write_key_file(fresh, new_key_file())
+    keys = {"": "", ", key": fresh} if args.key_compare else {", key" if args.key else "": args.key}
     results = {}
-    for name, extra in STACKS.items():
+    for (stack, extra), (label, key) in ((s, k) for s in STACKS.items() for k in keys.items()):
+        name = stack + label
         if args.only not in name:
             continue
-        runs = [one_run(args.members, extra, args.pump) for _ in range(args.runs)]
+        runs = [one_run(args.members, extra, args.pump, key) for _ in range(args.runs)]
         times = [t for t, _ in runs]
         results[name] = {
             "median_s": round(statistics.median(times), 3),
@@ -114,7 +127,7 @@ def main() -> None:
             "flapping_runs": sum(f for _, f in runs),
         }
         r = results[name]
-        print(f"{name:>18}: kill -9 -> new view at all survivors: median {r['median_s']} s, "
+        print(f"{name:>28}: kill -9 -> new view at all survivors: median {r['median_s']} s, "
               f"max {r['max_s']} s over {args.runs} runs; runs with extra views: {r['flapping_runs']}")
     if args.json:
         print(json.dumps(results))
