@@ -1,7 +1,10 @@
 """Tutorial, step 1: a counter replicated over the whole channel.
 
-Start three members on this machine (three terminals, or ``&``)::
+Make a cluster key once, then start three members on this machine (three
+terminals, or ``&``), each with ``GROUPCOMM_KEY_FILE`` set::
 
+    groupcomm keygen /tmp/counter.key
+    export GROUPCOMM_KEY_FILE=/tmp/counter.key
     python docs/examples/counter_channel.py --name a
     python docs/examples/counter_channel.py --name b
     python docs/examples/counter_channel.py --name c

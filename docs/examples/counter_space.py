@@ -1,6 +1,7 @@
 """Tutorial, step 2: the counter in a space, with state transfer for late joiners.
 
-Start two members, let them count to 20, then start a third::
+With ``GROUPCOMM_KEY_FILE`` set as in step 1, start two members, let them
+count to 20, then start a third::
 
     python docs/examples/counter_space.py --name a --members 2 &
     python docs/examples/counter_space.py --name b --members 2 &
