@@ -37,6 +37,7 @@ DROP_REASONS = {
 """gc_seal_open's drop codes -> the name of their counter (``seal_drop_<name>`` in stats)."""
 
 _MAX_DATAGRAM = 65535
+_SEAL_BUF = _MAX_DATAGRAM + OVERHEAD
 
 
 class SealError(RuntimeError):
@@ -94,6 +95,7 @@ class Seal:
             raise SealError(f"cannot create the seal context (error {rc})")
         self._s = ffi.gc(out[0], lib.gc_seal_free)
         self._out_buf = ffi.new("uint8_t[]", _MAX_DATAGRAM + OVERHEAD)
+        self._seal_buf = ffi.new("uint8_t[]", _SEAL_BUF)
         self._sender = ffi.new("uint32_t *")
         self._flags = ffi.new("uint32_t *")
         self.sender = 0
@@ -129,10 +131,15 @@ class Seal:
 
     def seal(self, packet: bytes, to: int = 0) -> bytes:
         """The sealed datagram for ``packet``, for member ``to`` only (0: for every member)."""
-        n = lib.gc_seal_close(self._s, to, packet, len(packet), self._out_buf, len(self._out_buf))
+        return self.seal_view(packet, to)[:]
+
+    def seal_view(self, packet: bytes, to: int = 0):
+        """Like :meth:`seal`, without a copy: a buffer valid until the next call of this object
+        (hand it straight to ``sendto``)."""
+        n = lib.gc_seal_close(self._s, to, packet, len(packet), self._seal_buf, _SEAL_BUF)
         if n < 0:
             raise SealError(f"cannot seal a {len(packet)}-byte datagram (error {n})")
-        return ffi.buffer(self._out_buf, n)[:]
+        return ffi.buffer(self._seal_buf, n)
 
     def open(self, datagram: bytes) -> bytes | int:
         """The datagram inside, or the (negative) drop reason; drops are counted in :meth:`stats`."""

@@ -664,7 +664,7 @@ class Channel:
             self._sendto(sockets.unicast, packet, sockets.group)
         else:
             if self._seal is not None:
-                packet = self._seal.seal(packet)  # one seal for every copy
+                packet = self._seal.seal_view(packet)  # one seal for every copy
             for addr in self._targets:
                 self._send_sealed(sockets.unicast, packet, addr)
 
@@ -882,7 +882,7 @@ class Channel:
     def _sendto(self, sock, packet: bytes, addr, *, to: int = 0) -> None:
         """Send one datagram; with a key sealed for member ``to`` (0: for every member)."""
         if self._seal is not None:
-            packet = self._seal.seal(packet, to)
+            packet = self._seal.seal_view(packet, to)
         self._send_sealed(sock, packet, addr)
 
     def _send_sealed(self, sock, packet: bytes, addr) -> None:
