@@ -92,3 +92,41 @@ def run_sanitized(tmp_path, workload: str, marker: str, timeout: float = 600) ->
 
 def test_simulation_and_garbage_under_asan_and_ubsan(tmp_path):
     run_sanitized(tmp_path, WORKLOAD, "sanitized workload ok")
+
+
+# The fuzz corpus (tests/fuzz/corpus: valid datagrams captured from live clusters, and the
+# inputs that once crashed a target) through the C parser, in a gathering ring, a formed
+# ring and a member with every layer; then each seed cut short, and with bytes flipped, so
+# that the parser's length and range checks are hit by packets that pass the first ones.
+CORPUS_WORKLOAD = textwrap.dedent(
+    """
+    import random, sys
+    sys.path.insert(0, sys.argv[1])
+    assert "GROUPCOMM_RING_LIBRARY" in __import__("os").environ
+    from tests.fuzz.run import CORPUS, inputs
+    from tests.fuzz.targets import SEP, TARGETS
+    rng = random.Random(1)
+    fed = 0
+    for target in ("ring", "ring-operational", "member"):
+        one = TARGETS[target]()
+        seeds = [p.read_bytes() for p in inputs([str(CORPUS / target)])]
+        variants = []
+        for seed in seeds:
+            variants.append(seed)
+            cuts = sorted({1, 3, 4, 8, 12, len(seed) // 2, len(seed) - 1} & set(range(len(seed))))
+            variants.append(SEP.join(seed[:n] for n in cuts))
+            flipped = bytearray(seed)
+            for _ in range(4):
+                if flipped:
+                    flipped[rng.randrange(len(flipped))] ^= 1 << rng.randrange(8)
+            variants.append(bytes(flipped))
+        for data in variants:
+            one(data)
+            fed += 1
+    print("sanitized corpus ok", fed)
+    """
+)
+
+
+def test_fuzz_corpus_through_the_ring_parser_under_asan_and_ubsan(tmp_path):
+    run_sanitized(tmp_path, CORPUS_WORKLOAD, "sanitized corpus ok", timeout=300)
