@@ -838,3 +838,100 @@ def test_settings_parse_from_a_stack_file():
                                                 "ack_delay": "0"}, source="test.toml", index=3)
     cfg = build_config(UnicastConfig, layer)
     assert (cfg.retransmit, cfg.max_retransmit, cfg.mtu, cfg.ack_delay) == (0.01, 1.0, 9000, 0.0)
+
+
+# ------------------------------------------------------------------ found by mutation testing
+
+
+def connected_pair(config: UnicastConfig = SMALL) -> tuple[Unicast, Unicast]:
+    a, b = Unicast(1, CLUSTER, config), Unicast(2, CLUSTER, config)
+    for n in (a, b):
+        n.set_members((1, 2), 0)
+    return a, b
+
+
+def test_a_message_that_starts_before_the_last_one_ended_replaces_it():
+    b = Unicast(2, CLUSTER, SMALL)
+    b.set_members((1, 2), 0)
+    b.receive(0, data_packet(seq=0, msg_id=1, index=0, count=2, payload=b"half"))
+    b.receive(0, data_packet(seq=1, msg_id=2, index=0, count=1, payload=b"whole"))
+    assert [o for o in b.take() if type(o) is UnicastMessage] == [UnicastMessage(1, b"whole", 0)]
+    assert b.stats()["discarded"] == 1
+
+
+def test_every_oversize_message_is_counted():
+    b = Unicast(2, CLUSTER, UnicastConfig(mtu=200, max_message=60))
+    b.set_members((1, 2), 0)
+    for m in range(2):
+        for i in range(2):
+            b.receive(0, data_packet(seq=2 * m + i, msg_id=m + 1, index=i, count=2, payload=b"z" * 50))
+    assert [o for o in b.take() if type(o) is UnicastMessage] == []
+    assert b.stats()["discarded"] == 2
+
+
+def test_only_the_holes_a_later_packet_overtook_are_sent_again():
+    a, b = connected_pair()
+    for i in range(4):
+        a.send(0, 2, b"%d" % i)
+    packets = [o.packet for o in a.take()]
+    for p in (packets[0], packets[2], packets[3]):            # seq 1 was lost
+        b.receive(10, p)
+    acks = [o.packet for o in b.take() if type(o) is SendTo]
+    a.receive(20, acks[-1])                                    # cumulative 1, selective 2 and 3
+    out = a.take()
+    resent = [o.packet for o in out if type(o) is SendTo]
+    assert [header(p)[6] for p in resent] == [1] and a.stats()["retransmitted"] == 1
+    b.receive(30, resent[0])
+    b.tick(b.next_deadline() or 30)
+    for o in b.take():
+        if type(o) is SendTo:
+            a.receive(40, o.packet)
+    out += a.take()
+    assert [o for o in out if type(o) is UnicastSent] == [UnicastSent(2, i) for i in (1, 2, 3, 4)]
+    assert a.stats()["completed"] == 4 and a.pending == 0 and a.next_deadline() is None
+
+
+def test_the_newest_hole_below_a_selective_ack_is_sent_again_at_once():
+    a, b = connected_pair()
+    for i in range(3):
+        a.send(0, 2, b"%d" % i)
+    packets = [o.packet for o in a.take()]
+    for p in (packets[0], packets[2]):                        # seq 1, just below the newest, was lost
+        b.receive(10, p)
+    a.receive(20, [o.packet for o in b.take() if type(o) is SendTo][-1])
+    assert [header(o.packet)[6] for o in a.take() if type(o) is SendTo] == [1]   # not after a timeout
+
+
+def test_what_is_still_in_flight_after_an_ack_keeps_its_retransmission_timer():
+    a, b = connected_pair()
+    a.send(0, 2, b"first")
+    a.send(0, 2, b"second")
+    first, second = (o.packet for o in a.take())
+    b.receive(10, first)                                       # the second is lost
+    b.tick(b.next_deadline())
+    (ack,) = [o.packet for o in b.take() if type(o) is SendTo]
+    a.receive(3 * MS, ack)
+    assert a.take() == [UnicastSent(2, 1)]
+    deadline = a.next_deadline()
+    assert deadline == 3 * MS + round(SMALL.retransmit * 1_000_000)   # the timer starts over, from rto0
+    a.tick(deadline)
+    assert [header(o.packet)[6] for o in a.take()] == [1]
+
+
+def test_the_byte_limit_refuses_a_message_queued_behind_others_and_says_how_much():
+    chunk = SMALL.mtu - _DATA_FORMAT.size                      # payload bytes per packet
+    config = UnicastConfig(mtu=SMALL.mtu, window=1, send_queue_bytes=3 * chunk)
+    a, _ = connected_pair(config)
+    a.send(0, 2, b"in flight")
+    a.send(0, 2, b"queued")                                    # one packet queued
+    a.send(0, 2, bytes(2 * chunk))                             # two more: exactly the limit
+    with pytest.raises(QueueFull, match=rf"^UNICAST: {3 * chunk} bytes already queued for node 2 and this message "
+                                        rf"needs {chunk} more, over send_queue_bytes={3 * chunk};"):
+        a.send(0, 2, b"x")
+    b_limit = UnicastConfig(mtu=SMALL.mtu, window=1, send_queue_bytes=10 * chunk)
+    c, _ = connected_pair(b_limit)
+    c.send(0, 2, b"in flight")
+    c.send(0, 2, b"queued")
+    with pytest.raises(QueueFull, match="over send_queue_bytes"):
+        c.send(0, 2, bytes(10 * chunk))                        # 10 more behind 1: over
+    assert c.pending == 2
