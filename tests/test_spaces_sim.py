@@ -122,6 +122,35 @@ def test_spaces_merge_after_a_partition_heals() -> None:
     check_views_agree(sim)
 
 
+def merges_seen(sim: SimCluster) -> list[Merge]:
+    merges: list[Merge] = []
+    sim.services.add_observer(lambda node, ev: merges.append(ev) if type(ev) is Merge else None)
+    return merges
+
+
+def test_a_merge_ranks_the_primary_side_first_whatever_its_ids() -> None:
+    sim = cluster(3)
+    merges = merges_seen(sim)
+    sim.partition([[1], [2, 3]])
+    assert sim.run_until(lambda: sim.view(2).members == (2, 3) and sim.view(1).members == (1,), timeout=10)
+    sim.heal()
+    assert sim.run_until(lambda: len(merges) == 3, timeout=20)
+    assert {(m.components, m.primary, m.was_primary) for m in merges} == {(((2, 3), (1,)), (2, 3), True)}
+
+
+def test_with_no_primary_side_the_most_recently_primary_side_ranks_first() -> None:
+    sim = cluster(4)
+    merges = merges_seen(sim)
+    sim.partition([[1], [2, 3, 4]])                   # 2, 3, 4 stay primary (3 of 4 votes); 1 does not
+    assert sim.run_until(lambda: sim.view(2).members == (2, 3, 4) and sim.view(1).members == (1,), timeout=10)
+    sim.partition([[1], [2], [3, 4]])                 # nobody is primary now
+    assert sim.run_until(lambda: sim.view(2).members == (2,) and sim.view(3).members == (3, 4), timeout=10)
+    sim.heal()
+    assert sim.run_until(lambda: len(merges) == 4, timeout=20)
+    # 2 and 3, 4 were last primary together (a later ring than 1's): lowest id first among them
+    assert {(m.components, m.primary, m.was_primary) for m in merges} == {(((2,), (3, 4), (1,)), (2,), False)}
+
+
 def test_send_to_is_acknowledged_and_fails_promptly_when_the_member_goes() -> None:
     sim = cluster(3)
     box = sim.services.send_to(1, 2, b"hello")
