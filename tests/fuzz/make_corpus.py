@@ -38,7 +38,7 @@ from groupcomm.layers.quorum import QuorumConfig
 from groupcomm.layers.rpc import Mode
 from groupcomm.layers.unicast import UnicastMessage
 from groupcomm.testing import SimCluster
-from tests.fuzz.run import CORPUS
+from tests.fuzz.run import CORPUS, MAX_LEN
 from tests.fuzz.targets import CLUSTER, ME, SEP, SPACE, member_cluster, ring_cluster
 
 LIMITS = {
@@ -46,8 +46,8 @@ LIMITS = {
     "unicast": 40, "frag": 12, "spaces": 40, "probe": 8, "member": 30,
 }
 """Files kept per target (a few hundred in all)."""
-MAX_FILE = 8192
-"""Largest seed (bytes): a datagram, or a message's fragments."""
+MAX_FILE = MAX_LEN
+"""Largest seed (bytes): a datagram, or a message's fragments (the fuzzer's -max_len)."""
 
 
 class Capture:

@@ -31,9 +31,10 @@ from pathlib import Path
 HERE = Path(__file__).resolve().parent
 CORPUS = HERE / "corpus"
 DICTIONARY = HERE / "fuzz.dict"
-DEFAULT_FLAGS = ("-timeout=10", "-rss_limit_mb=1536", "-max_len=4096")
-"""Per input at most 10 s and the process at most 1.5 GB (a hang or unbounded growth is a
-finding); inputs up to 4 KiB (a few datagrams)."""
+MAX_LEN = 8192
+"""Longest input (bytes): a few datagrams, or a message's fragments; no seed is longer."""
+DEFAULT_FLAGS = ("-timeout=10", "-rss_limit_mb=1536", f"-max_len={MAX_LEN}")
+"""Per input at most 10 s and the process at most 1.5 GB (a hang or unbounded growth is a finding)."""
 
 
 def inputs(paths: list[str]) -> list[Path]:
