@@ -18,6 +18,7 @@ import msgpack
 
 from groupcomm.core.seal import Seal
 from groupcomm.io.udp import UdpConfig, open_sockets
+from groupcomm.layers.wire import decode_probe_report
 from groupcomm.layers.wire import PROBE_HEADER, PROBE_MAGIC, PROBE_REQUEST, PROBE_RESPONSE, PROTOCOL_VERSION
 
 __all__ = ["MAGIC", "PROBE_REQUEST_SIZE", "probe", "format_table", "is_probe_request", "probe_request", "probe_response"]
@@ -95,11 +96,8 @@ def probe(cluster_id: int, udp: UdpConfig, timeout: float = 1.0, *, seal: Seal |
             _, version, kind, cluster = _HEADER.unpack_from(data)
             if version != PROTOCOL_VERSION or kind != _RESPONSE or cluster != cluster_id:
                 continue                              # another protocol version's answer cannot be read
-            try:
-                report = msgpack.unpackb(data[_HEADER.size :], raw=False)
-            except Exception:
-                continue                              # a malformed answer is ignored
-            if isinstance(report, dict) and isinstance(report.get("address"), int):
+            report = decode_probe_report(data[_HEADER.size :])
+            if report is not None:                    # an answer that does not fit the schema is ignored
                 answers[report["address"]] = report
         return [answers[k] for k in sorted(answers)]
     finally:

@@ -60,7 +60,7 @@ from msgspec import Meta, Struct
 __all__ = [
     # datagrams
     "PROTOCOL_VERSION", "RING_MAGIC", "FD_MAGIC", "UNICAST_MAGIC", "PROBE_MAGIC", "MAGICS",
-    "HEADER", "HEADER_SIZE", "PROBE_HEADER", "VERSION_OFFSET", "TYPE_OFFSET", "SENDER", "RING_TOKEN",
+    "ProbeReport", "decode_probe_report", "HEADER", "HEADER_SIZE", "PROBE_HEADER", "VERSION_OFFSET", "TYPE_OFFSET", "SENDER", "RING_TOKEN",
     "FD_HEARTBEAT", "FD_PING", "FD_PONG", "PROBE_REQUEST", "PROBE_RESPONSE",
     "UNICAST_DATA", "UNICAST_ACK", "UNICAST_RESET", "UNICAST_ACK_NOW",
     "UNICAST_COMMON", "UNICAST_DATA_HEADER", "UNICAST_ACK_HEADER",
@@ -385,6 +385,33 @@ def decode_unicast(data: bytes) -> UnicastFrame:
         return _unicast_decoder.decode(data)
     except msgspec.MsgspecError as exc:
         raise MalformedFrame(str(exc)) from None
+
+
+class ProbeReport(Struct, frozen=True):
+    """What a member answers to ``groupcomm probe`` (a msgpack map after :data:`PROBE_HEADER`).
+
+    Every field but ``address`` may be missing: a member without a key answers a short
+    request with the first fields only (docs/security.rst, "Probe")."""
+
+    address: int
+    name: str | None = None
+    state: str = ""
+    view: list[int] = []
+    ring: str = ""
+    rotations_per_s: float = 0.0
+    debug: str = ""
+    stats: dict[str, int] = {}
+
+
+_probe_report_decoder = msgspec.msgpack.Decoder(ProbeReport)
+
+
+def decode_probe_report(data: bytes) -> dict | None:
+    """The report in a probe answer's body as a plain dict, or None when it does not fit the schema."""
+    try:
+        return msgspec.structs.asdict(_probe_report_decoder.decode(data))
+    except (msgspec.DecodeError, msgspec.ValidationError):
+        return None
 
 
 def encode(frame: Frame) -> bytes:

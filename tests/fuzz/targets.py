@@ -335,11 +335,9 @@ class _FakeSockets:
         pass
 
 
-RENDER_PROBE_REPORTS = False
-"""Also print the reports as ``groupcomm probe`` does (table and JSON).  Off for now: an answer
-whose fields have other types (``stats`` a list, ``view`` a number, bytes anywhere) makes the
-table or the JSON raise (finding F1 in /work/notes/fuzz-findings.md, regression test
-``tests/test_fuzz.py::test_probe_output_survives_odd_answers``); turn it on once that is fixed."""
+RENDER_PROBE_REPORTS = True
+"""Also print the reports as ``groupcomm probe`` does (table and JSON): answers that do not fit
+the report's schema are ignored (finding F1, ``tests/test_fuzz.py::test_probe_ignores_answers_of_another_shape``)."""
 
 
 def probe() -> Callable[[bytes], None]:
@@ -359,9 +357,8 @@ def probe() -> Callable[[bytes], None]:
             reports = probe_io.probe(CLUSTER, udp, timeout=60.0)
         finally:
             probe_io.open_sockets = opened
-        # isinstance, not type(...) is int: an answer whose address is ``true`` is kept today
-        # (finding F2 in /work/notes/fuzz-findings.md, test_probe_keeps_integer_addresses only).
-        assert all(type(r) is dict and isinstance(r["address"], int) for r in reports)
+        # An answer whose address is ``true`` is no member's (finding F2, test_probe_keeps_integer_addresses_only).
+        assert all(type(r) is dict and type(r["address"]) is int for r in reports)
         if RENDER_PROBE_REPORTS:
             probe_io.format_table(reports)
             json.dumps(reports)
