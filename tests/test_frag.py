@@ -166,6 +166,7 @@ def test_a_message_that_outgrows_its_declared_size_is_refused_whatever_partial_b
     assert receiver.deliver(1, first, False) is None
     assert receiver.deliver(1, second, False) is None
     assert receiver.refused == 1 and receiver.partial == 0
+    assert receiver.dropped == 2                              # the fragment it held and the one refused
 
 
 def test_a_message_of_one_fragment_is_delivered_up_to_max_message():
@@ -260,3 +261,27 @@ def test_the_size_error_says_which_limit():
     f = Fragmenter(1, 64, 1000)
     with pytest.raises(PayloadTooLarge, match=r"\(FRAG max_message\); send it in parts or raise the limit$"):
         f.check(1001)
+
+
+def test_partial_messages_of_one_sender_are_accounted_apart():
+    sender = Fragmenter(1, 64, 1 << 20)
+    receiver = Fragmenter(2, 64, 1 << 20)
+    first = list(sender.split(b"A" * 300, False))
+    second = list(sender.split(b"B" * 300, False))
+    receiver.deliver(1, first[0], False)
+    receiver.deliver(1, second[0], False)                   # two partial messages from sender 1
+    held = receiver.partial
+    assert deliver_all(receiver, 1, first[1:]) == [Message(1, b"A" * 300, False)]
+    assert receiver.partial == held - (len(first[0]) - FRAG_HEADER.size)    # only B's first fragment left
+
+
+def test_our_own_message_refused_by_our_reassembly_is_not_in_flight_nor_resent():
+    me = Fragmenter(1, 64, 1 << 20, partial_messages=1)
+    first = list(me.split(b"A" * 300, False))
+    first_id = me.last_id
+    second = list(me.split(b"B" * 300, False))
+    me.deliver(1, first[0], False)
+    me.deliver(1, second[0], False)                          # past partial_messages: the first is refused
+    assert me.refused == 1 and not me.in_flight(first_id) and me.in_flight(me.last_id)
+    me.view()
+    assert me.take_resends() == [(b"B" * 300, False, 0)]

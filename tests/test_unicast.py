@@ -871,24 +871,25 @@ def test_every_oversize_message_is_counted():
 
 def test_only_the_holes_a_later_packet_overtook_are_sent_again():
     a, b = connected_pair()
-    for i in range(4):
+    for i in range(6):
         a.send(0, 2, b"%d" % i)
     packets = [o.packet for o in a.take()]
-    for p in (packets[0], packets[2], packets[3]):            # seq 1 was lost
-        b.receive(10, p)
+    for seq in (0, 2, 4, 5):                                  # seqs 1 and 3 were lost
+        b.receive(10, packets[seq])
     acks = [o.packet for o in b.take() if type(o) is SendTo]
-    a.receive(20, acks[-1])                                    # cumulative 1, selective 2 and 3
+    a.receive(20, acks[-1])                                    # cumulative 1, selective 2, 4 and 5
     out = a.take()
     resent = [o.packet for o in out if type(o) is SendTo]
-    assert [header(p)[6] for p in resent] == [1] and a.stats()["retransmitted"] == 1
-    b.receive(30, resent[0])
+    assert [header(p)[6] for p in resent] == [1, 3] and a.stats()["retransmitted"] == 2
+    for p in resent:
+        b.receive(30, p)
     b.tick(b.next_deadline() or 30)
     for o in b.take():
         if type(o) is SendTo:
             a.receive(40, o.packet)
     out += a.take()
-    assert [o for o in out if type(o) is UnicastSent] == [UnicastSent(2, i) for i in (1, 2, 3, 4)]
-    assert a.stats()["completed"] == 4 and a.pending == 0 and a.next_deadline() is None
+    assert [o for o in out if type(o) is UnicastSent] == [UnicastSent(2, i) for i in range(1, 7)]
+    assert a.stats()["completed"] == 6 and a.pending == 0 and a.next_deadline() is None
 
 
 def test_the_newest_hole_below_a_selective_ack_is_sent_again_at_once():
