@@ -23,7 +23,7 @@ os.environ["XDG_STATE_HOME"] = _state
 
 # Health checks stay on: a strategy that draws too much or too slowly is to be fixed (see
 # tests/strategies.py), not hidden; a test that truly needs it says so at the test.
-_common = dict(deadline=None)
+_common = {"deadline": None}
 settings.register_profile("ci", derandomize=True, max_examples=200, print_blob=True, **_common)
 settings.register_profile("soak", derandomize=False, max_examples=3000, print_blob=True, **_common)
 settings.register_profile("dev", derandomize=False, max_examples=30, print_blob=True, **_common)

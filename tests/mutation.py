@@ -64,15 +64,16 @@ def main() -> int:
             print(f"mutmut run failed (exit {run.returncode})", file=sys.stderr)
             return 1
         results = subprocess.run(["mutmut", "results", "--all", "true"], cwd=where,
-                                 capture_output=True, text=True).stdout
-        verdicts = re.findall(r"^\s*(\S+): (\w[\w ]*)$", results, re.M)
+                                 capture_output=True, text=True, check=False).stdout
+        verdicts = re.findall(r"^\s*(\S+): (\w[\w ]*)$", results, re.MULTILINE)
         if args.only:
             verdicts = [(n, v) for n, v in verdicts if any(fnmatch.fnmatchcase(n, g) for g in args.only)]
         if args.diffs:
             with open(args.diffs, "w") as out:
                 for name, verdict in verdicts:
                     if verdict != "killed":
-                        shown = subprocess.run(["mutmut", "show", name], cwd=where, capture_output=True, text=True)
+                        shown = subprocess.run(["mutmut", "show", name], cwd=where, capture_output=True, text=True,
+                                               check=False)
                         out.write(f"# {verdict}: {name}\n{shown.stdout}\n")
     killed = sum(1 for _, v in verdicts if v == "killed")
     for name, verdict in verdicts:

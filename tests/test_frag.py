@@ -247,11 +247,11 @@ def test_frag_config_accepts_its_smallest_values_and_names_what_is_wrong():
     assert FragConfig(max_message=10, partial_bytes=10).reassembly_bytes == 10
     assert FragConfig(max_message=10).reassembly_bytes == 10
     for kwargs, text in [
-        (dict(fragments_ahead=0), "FRAG: fragments_ahead must be at least 1"),
-        (dict(max_message=0), "FRAG: max_message must be at least 1 byte"),
-        (dict(partial_messages=0), "FRAG: partial_messages must be at least 1"),
-        (dict(max_message=10, partial_bytes=9), r"FRAG: partial_bytes must be at least max_message \(or a message "
-                                                r"of max_message bytes could never be reassembled\)"),
+        ({"fragments_ahead": 0}, "FRAG: fragments_ahead must be at least 1"),
+        ({"max_message": 0}, "FRAG: max_message must be at least 1 byte"),
+        ({"partial_messages": 0}, "FRAG: partial_messages must be at least 1"),
+        ({"max_message": 10, "partial_bytes": 9}, (r"FRAG: partial_bytes must be at least max_message \(or a message "
+                                                   r"of max_message bytes could never be reassembled\)")),
     ]:
         with pytest.raises(ConfigError, match=f"^{text}$"):
             FragConfig(**kwargs)

@@ -798,7 +798,7 @@ def test_schedules_keep_views_agreed_requests_bounded_and_replicas_identical(fir
                 if len(sim.view(requester).members) == 1:
                     sim.heal()
                     partitioned = False
-                    sim.run_until(lambda: len(sim.view(requester).members) > 1, timeout=5.0)
+                    sim.run_until(lambda r=requester: len(sim.view(r).members) > 1, timeout=5.0)
                 others = [m for m in sim.view(requester).members if m != requester]
                 for m in sim.live:
                     if m != requester:

@@ -907,7 +907,7 @@ def test_what_is_still_in_flight_after_an_ack_keeps_its_retransmission_timer():
     a, b = connected_pair()
     a.send(0, 2, b"first")
     a.send(0, 2, b"second")
-    first, second = (o.packet for o in a.take())
+    first, _lost = (o.packet for o in a.take())
     b.receive(10, first)                                       # the second is lost
     b.tick(b.next_deadline())
     (ack,) = [o.packet for o in b.take() if type(o) is SendTo]
