@@ -993,6 +993,7 @@ static int decode_commit(gc_ring_t *r, reader_t *rd, commit_t *c)
 /* ------------------------------------------------------------------ */
 
 static void gather_enter(gc_ring_t *r, uint64_t now);
+static int round_failed_named(gc_ring_t *r, uint64_t now);
 static void commit_enter(gc_ring_t *r, uint64_t now, commit_t *c);
 static void recovery_enter(gc_ring_t *r, uint64_t now, const commit_t *c);
 static void operational_enter(gc_ring_t *r, uint64_t now);
@@ -1111,6 +1112,10 @@ static void consensus_check(gc_ring_t *r, uint64_t now)
         timer_set(r, TIMER_STARTUP, r->startup_until);
         return;
     }
+    /* Alone because members we wanted gave up on us (their joins named us
+       failed, we gave up on them in turn): a failed round too, or the
+       singleton would re-merge and fail again forever. */
+    if (active.n == 1 && r->my_proc.n > 1 && r->named_failed && round_failed_named(r, now)) return;
     if (active.n > 0 && active.id[0] == r->me) commit_create(r, now);
 }
 
@@ -1574,7 +1579,11 @@ static void operational_enter(gc_ring_t *r, uint64_t now)
     r->have_installed = 1;
     r->failed_to_recv = 0;
     r->named_failed = 0;
-    r->named_failed_rounds = 0;
+    /* A singleton says nothing about the link that failed the round: the
+       singleton a failed round leaves us in must not forget that round, or a
+       member the others cannot hear re-merges (their packets reach it) and
+       fails again forever, one failed round per installation. */
+    if (r->my_new_memb.n > 1) r->named_failed_rounds = 0;
     r->multi_since = r->my_memb.n > 1 ? now : 0;
     r->retrans_n = r->retrans_head = 0;
     r->state = GC_STATE_OPERATIONAL;

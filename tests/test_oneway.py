@@ -179,8 +179,6 @@ def test_a_one_way_link_ends_in_one_stable_configuration():
         heal_and_check(sim, merges=1)
 
 
-@pytest.mark.xfail(strict=True, reason="issue 9 soak finding: a failed round that leaves a member alone "
-                   "is forgotten at its singleton's installation (fix in groupcomm/_ring.c pending)")
 @pytest.mark.parametrize("src, dest", [(4, 1), (2, 3)])
 def test_a_member_its_successor_cannot_hear_leaves_once(src, dest):
     """``src -> dest`` is cut, where ``dest`` follows ``src`` on the ring (the token is lost
@@ -253,8 +251,6 @@ def send_each(sim: SimCluster, second: int) -> None:
             pass                            # a member between rings may refuse: the traffic goes on
 
 
-@pytest.mark.xfail(strict=True, reason="issue 9 soak finding: the explicit example below is "
-                   "test_a_member_its_successor_cannot_hear_leaves_once (fix in groupcomm/_ring.c pending)")
 @settings(deadline=None, max_examples=max(4, settings().max_examples // 50))
 @example(drawn=(3, 0, None, ("unheard", 3, (1,))))       # its successor on the ring cannot hear 3
 @given(one_way_faults())
