@@ -476,7 +476,7 @@ class SupervisorMachine(RuleBasedStateMachine):
                 assert a.name == "probed" and self.live[a.name]["gen"] == a.generation
                 assert a.name not in self.probing
                 self.probing[a.name] = (a.generation, self.now)
-        for name, proc in self.live.items():
+        for proc in self.live.values():
             if proc["kill_due"] is not None and self.now >= proc["kill_due"] and proc["pid"] is not None:
                 assert proc["killed"], "no SIGKILL after the grace period"
         for row in self.sup.table():
@@ -527,7 +527,6 @@ class SupervisorMachine(RuleBasedStateMachine):
         self.probing.pop(name, None)
         self.removing.discard(name)
         stopping = proc["kill_due"] is not None
-        row = self.sup.row(name)
         self.feed(Exited(name, proc["gen"], status))
         if name not in {r.name for r in self.sup.table()}:
             return
@@ -539,7 +538,7 @@ class SupervisorMachine(RuleBasedStateMachine):
             assert self.sup.row(name).state in ("stopped", "failed")
             self.held.add(name)
         else:
-            assert self.sup.row(name).state == "backoff", row
+            assert self.sup.row(name).state == "backoff"
 
     @precondition(lambda self: "probed" in self.probing)
     @rule(outcome=st.sampled_from(["ok", "failed", "timeout"]), dt=st.sampled_from([0, 100 * MS]))

@@ -235,9 +235,12 @@ async def test_processes_are_added_changed_and_removed_at_run_time(tmp_path):
 
 async def test_a_missing_program_is_a_failed_start_retried_with_back_off(tmp_path):
     spec = proc("ghost", ["/nonexistent/program"], tmp_path, restart="on-failure")
-    async with Supervisor([spec], name="n1") as sup:
-        rows = await until(sup, lambda r: r["ghost"].generation >= 2)
-        assert "start failed" in rows["ghost"].detail or rows["ghost"].state == "starting"
+    history = []
+    async with Supervisor([spec], name="n1", on_table=lambda rows: history.append(rows[0])) as sup:
+        await until(sup, lambda r: r["ghost"].generation >= 2)
+    backoff = next(r for r in history if r.state == "backoff")
+    assert backoff.generation == 1 and backoff.detail.startswith("start failed: FileNotFoundError")
+    assert backoff.retry_at - backoff.since == 300_000 and backoff.last_exit is None
 
 
 def _node_file(pidfile: Path) -> str:
