@@ -243,6 +243,24 @@ async def test_a_missing_program_is_a_failed_start_retried_with_back_off(tmp_pat
     assert backoff.retry_at - backoff.since == 300_000 and backoff.last_exit is None
 
 
+async def test_what_a_child_leaves_in_its_process_group_dies_with_it(tmp_path):
+    pidfile = tmp_path / "grandchild.pid"
+    code = ("import subprocess, sys; p = subprocess.Popen([sys.executable, '-c', 'import time; time.sleep(60)']); "
+            "open(sys.argv[1], 'w').write(str(p.pid)); raise SystemExit(1)")
+    grandchild = None
+    try:
+        async with Supervisor([proc("parent", [PY, "-c", code, str(pidfile)], tmp_path, restart="never")],
+                              name="n1") as sup:
+            await until(sup, lambda r: r["parent"].state == "failed")
+            grandchild = int(pidfile.read_text())
+            with trio.fail_after(5):
+                while not gone(grandchild):
+                    await trio.sleep(0.02)
+    finally:
+        if grandchild is not None and not gone(grandchild):
+            os.kill(grandchild, signal.SIGKILL)
+
+
 def _node_file(pidfile: Path) -> str:
     """A node file whose one process ("c") writes its pid to ``pidfile`` and sleeps."""
     code = 'import os, sys, time; open(sys.argv[1], "w").write(str(os.getpid())); time.sleep(60)'

@@ -7,7 +7,7 @@ that signal when the *thread* that forked the child ends, so children are
 forked from the trio thread itself -- never from a worker thread as
 ``trio.lowlevel.open_process`` does.  Grandchildren that leave the child's
 process group and do not set their own parent-death signal are outside this
-guarantee.
+guarantee; those that stay in it are killed when the child ends.
 """
 
 from __future__ import annotations
@@ -50,7 +50,9 @@ class Child:
 
     def poll(self) -> int | None:
         """Reap the child if it has ended (without blocking)."""
-        return self.popen.poll()
+        if self.popen.returncode is None and self._ended():
+            return self._reap()
+        return self.popen.returncode
 
     async def wait(self) -> int:
         """Wait for the child to end and reap it; the status as :attr:`returncode`."""
@@ -61,6 +63,16 @@ class Child:
             await trio.lowlevel.wait_readable(pidfd)
         finally:
             os.close(pidfd)
+        return self._reap()
+
+    def _ended(self) -> bool:
+        info = os.waitid(os.P_PID, self.pid, os.WEXITED | os.WNOHANG | os.WNOWAIT)
+        return info is not None
+
+    def _reap(self) -> int:
+        # Whatever the child left running in its process group would run on
+        # unsupervised: kill it while the unreaped child still holds the group's id.
+        self.signal_group(signal.SIGKILL)
         return self.popen.wait()
 
     def signal_group(self, signum: int) -> None:
