@@ -650,7 +650,7 @@ def split(arg: int) -> list[list[int]]:
 
 
 OPS = ["write", "write", "write", "join", "leave", "partition", "partition", "heal", "crash", "restart", "request",
-       "mute", "loss", "strike", "strike", "strike"]
+       "mute", "loss", "strike", "strike", "strike", "cut", "cut"]
 REQUEST_TIMEOUTS = [0.0001, 0.002, 0.2, 0.5, 1.0]
 """Seconds; the shortest ones expire before the answers of a four-member ring arrive."""
 
@@ -809,6 +809,9 @@ def test_schedules_keep_views_agreed_requests_bounded_and_replicas_identical(fir
                 sim.run(timeout)
                 sim.heal()
                 partitioned = False
+        elif op == "cut":
+            # one way: another member cannot hear ``node``, or (odd ``arg``) is deaf to its multicasts
+            sim.cut(node, 1 + (node + arg % 3) % 4, multicast_only=bool(arg % 2))
         elif op == "loss":
             sim.set_network(loss=arg / 50)
         elif op == "strike":
