@@ -269,11 +269,16 @@ def test_members_without_any_state_merging_into_a_primary_view_start_the_space_o
 def join_during_the_merge(sim: SimCluster, watcher: int, joiner: int) -> None:
     """``joiner`` joins "new" once ``watcher`` has seen the next configuration but before ``joiner``
     has: its claim in the merge's SYNC names the space that nobody has yet."""
-    trigger = Trigger(sim)
-    trigger.arm(View, lambda node: sim.services.join(joiner, "new"), node=watcher)
+    trigger, behind = Trigger(sim), []
+
+    def join(node: int) -> None:
+        behind.append(sim.view(joiner).ring_id != trigger.last.ring_id)
+        sim.services.join(joiner, "new")
+
+    trigger.arm(View, join, node=watcher)
     sim.heal()
     assert sim.run_until(lambda: trigger.fired, timeout=20)
-    assert trigger.last.transitional and not sim.ring(joiner).member.spaces.merging
+    assert behind == [True]                       # the joiner has not seen the new configuration yet
     assert sim.run_until(sim.converged, timeout=20)
     sim.run(0.5)
 
