@@ -202,15 +202,14 @@ async def test_without_a_key_a_probe_answer_is_never_larger_than_the_request():
 
 
 async def test_with_a_key_only_sealed_probes_are_answered(tmp_path):
-    from groupcomm.cli.probe import _probe_seal
-    from groupcomm.io.probe import probe
+    from groupcomm.io.probe import probe, probe_seal
 
     udp = UdpConfig(bind_addr="127.0.0.1", mcast_port=free_port(), mcast_ttl=0)
     cluster, key = f"probe-{uuid.uuid4().hex[:8]}", key_file(tmp_path)
     async with open_channel(cluster=cluster, name="p", udp=udp, ring=FAST, key_file=key):
         unsealed = await trio.to_thread.run_sync(lambda: probe(cluster_id_for(cluster), udp, 0.5))
         assert unsealed == []
-        seal = _probe_seal(cluster_id_for(cluster), key)
+        seal = probe_seal(cluster_id_for(cluster), key)
         sealed = await trio.to_thread.run_sync(lambda: probe(cluster_id_for(cluster), udp, 0.5, seal=seal))
         assert [r["name"] for r in sealed] == ["p"]
 

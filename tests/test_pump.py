@@ -29,7 +29,8 @@ from groupcomm.cli.demo import view_is
 from groupcomm.errors import ChannelClosed, ConfigError, DeliveryOverflow
 from groupcomm.events import Configuration, Delivery, Message
 from groupcomm.layers.fd import FdConfig
-from groupcomm.io.probe import probe
+from groupcomm.io.probe import probe, probe_seal
+from groupcomm.core.seal import CryptoConfig
 from groupcomm.core.ring import parse_actions
 from groupcomm.core.ring import LayerDelivery, Ring, RingConfig
 from groupcomm.io.pump import MIN_SLOT, TAKE_MAX, TAKE_MAX_BYTES, LockedRing, Pump, now_us
@@ -190,7 +191,8 @@ async def test_a_member_that_vanishes_without_leaving_is_excluded():
     with trio.fail_after(20):
         async with open_channel(cluster=cluster, name="a", udp=udp, ring=FAST, fd=FdConfig.loopback()) as a:
             victim = Channel(cluster=cluster, name="b", node_id=None, ring=FAST, udp=udp,
-                             max_pending_events=1000, fd=FdConfig.loopback())
+                             max_pending_events=1000, fd=FdConfig.loopback(),
+                             crypto=CryptoConfig(key_file=os.environ["GROUPCOMM_KEY_FILE"]))
             async with trio.open_nursery() as nursery:
                 await nursery.start(victim.run)
                 await wait_for_view(a, 2)
@@ -241,17 +243,19 @@ async def test_probe_gets_answers_from_pumped_members():
         async with open_channel(cluster=cluster, name="p1", udp=udp, ring=FAST) as p1:
             async with open_channel(cluster=cluster, name="p2", udp=udp, ring=FAST) as p2:
                 await wait_for_view(p1, 2)
-                reports = await trio.to_thread.run_sync(probe, cluster_id_for(cluster), udp, 1.0)
+                seal = probe_seal(cluster_id_for(cluster), os.environ["GROUPCOMM_KEY_FILE"])
+                reports = await trio.to_thread.run_sync(lambda: probe(cluster_id_for(cluster), udp, 1.0, seal=seal))
                 assert {r["address"] for r in reports} == {p1.address, p2.address}
                 assert all(r["state"] == "OPERATIONAL" and r["stats"]["pump_to_python"] >= 1 for r in reports)
 
 
 async def test_garbage_and_oversized_datagrams_are_counted_and_dropped():
+    """Without a key the ring's own checks count them (with one, the seal: tests/test_keyed_channel.py)."""
     udp, cluster = pumped(), unique_cluster()
     rng = random.Random(5)
     with trio.fail_after(20):
-        async with open_channel(cluster=cluster, name="a", udp=udp, ring=FAST) as a:
-            async with open_channel(cluster=cluster, name="b", udp=udp, ring=FAST) as b:
+        async with open_channel(cluster=cluster, name="a", udp=udp, ring=FAST, key_file="") as a:
+            async with open_channel(cluster=cluster, name="b", udp=udp, ring=FAST, key_file="") as b:
                 await wait_for_view(a, 2)
                 targets = [a._sockets.address, b._sockets.address, (udp.mcast_addr, udp.mcast_port)]
                 slot = max(FAST.mtu, MIN_SLOT)
@@ -393,7 +397,8 @@ def test_member_processes_run_the_pump_when_their_stack_says_so(force_pump):
         ids = {m.address() for m in members}
         for m in members:
             m.wait(view_is(ids), 15)
-        reports = probe(cluster_id_for(cluster), UdpConfig(mcast_port=port, mcast_ttl=0), 1.0)
+        seal = probe_seal(cluster_id_for(cluster), os.environ["GROUPCOMM_KEY_FILE"])
+        reports = probe(cluster_id_for(cluster), UdpConfig(mcast_port=port, mcast_ttl=0), 1.0, seal=seal)
         assert {r["address"] for r in reports} == ids
         assert all(r["stats"]["pump_wakeups"] > 0 for r in reports)
     finally:

@@ -41,7 +41,7 @@ def add_parser(commands: Any) -> None:
 
 def run(args: argparse.Namespace) -> int:
     from groupcomm.io.channel import cluster_id_for
-    from groupcomm.io.probe import format_table, probe
+    from groupcomm.io.probe import format_table, probe, probe_seal
 
     if args.timeout <= 0:
         raise UsageError("--timeout must be more than 0 s")
@@ -50,7 +50,7 @@ def run(args: argparse.Namespace) -> int:
     settings = build_stack(load_stack(args.stack, overrides=overrides))
     udp = settings.transport
     key_file = args.key_file if args.key_file is not None else (settings.crypto.key_file if settings.crypto else "")
-    seal = _probe_seal(cluster_id_for(args.cluster), key_file) if key_file else None
+    seal = probe_seal(cluster_id_for(args.cluster), key_file) if key_file else None
     print(f"probing cluster {args.cluster!r} on stack {args.stack!r} ({udp.mcast_addr}:{udp.mcast_port})...",
           file=sys.stderr, flush=True)
     reports = probe(cluster_id_for(args.cluster), udp, args.timeout, seal=seal)
@@ -62,17 +62,6 @@ def run(args: argparse.Namespace) -> int:
         return EXIT_OK
     print(f"no member answered within {args.timeout:g} s; {_other_stacks_hint(args.stack)}", file=sys.stderr)
     return EXIT_FAILED
-
-
-def _probe_seal(cluster_id: int, key_file: str):
-    """A seal for this one probe: a random sender id, an incarnation from the clock."""
-    import secrets
-    import time
-
-    from groupcomm.config.keys import read_key_file
-    from groupcomm.core.seal import Seal
-
-    return Seal(cluster_id, secrets.randbelow((1 << 32) - 1) + 1, time.time_ns() // 1000, read_key_file(key_file))
 
 
 def require_multicast(stack: str) -> None:

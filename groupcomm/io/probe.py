@@ -10,18 +10,21 @@ expose the group's port to networks you do not trust.
 
 from __future__ import annotations
 
+import os
+import secrets
 import socket
 import time
 from typing import Any
 
 import msgpack
 
+from groupcomm.config.keys import read_key_file
 from groupcomm.core.seal import Seal
 from groupcomm.io.udp import UdpConfig, open_sockets
 from groupcomm.layers.wire import decode_probe_report
 from groupcomm.layers.wire import PROBE_HEADER, PROBE_MAGIC, PROBE_REQUEST, PROBE_RESPONSE, PROTOCOL_VERSION
 
-__all__ = ["MAGIC", "PROBE_REQUEST_SIZE", "probe", "format_table", "is_probe_request", "probe_request", "probe_response"]
+__all__ = ["MAGIC", "PROBE_REQUEST_SIZE", "probe", "probe_seal", "format_table", "is_probe_request", "probe_request", "probe_response"]
 
 # The layout (groupcomm.layers.wire.PROBE_HEADER) and kinds live in the wire module.
 MAGIC = PROBE_MAGIC
@@ -61,6 +64,11 @@ def probe_response(cluster_id: int, report: dict, limit: int = _HEADER.size + _M
         if len(head) + len(body) <= min(limit, _HEADER.size + _MAX_REPORT):
             return head + body
     return head
+
+
+def probe_seal(cluster_id: int, key_file: str | os.PathLike) -> Seal:
+    """A seal for one probe of a keyed cluster: a random sender id, an incarnation from the clock."""
+    return Seal(cluster_id, secrets.randbelow((1 << 32) - 1) + 1, time.time_ns() // 1000, read_key_file(key_file))
 
 
 def probe(cluster_id: int, udp: UdpConfig, timeout: float = 1.0, *, seal: Seal | None = None) -> list[dict[str, Any]]:
