@@ -173,9 +173,12 @@ def test_a_member_cut_off_mid_transfer_whose_kept_state_is_newest_is_the_source(
 
 
 @pytest.mark.parametrize("primary", [False, True], ids=["in-a-minority", "in-a-primary-view"])
-def test_when_the_holder_goes_mid_transfer_the_most_recent_kept_state_takes_over(primary: bool) -> None:
-    # 1 holds the newest "kv" (a, b, c); 3 kept an older one (a, b), 2 the oldest (a).  They
-    # merge, 1 is the source, and goes before 2 and 3 have its copy: 3's state takes over, not 2's.
+@pytest.mark.parametrize("newer", [2, 3])
+def test_when_the_holder_goes_mid_transfer_the_most_recent_kept_state_takes_over(newer: int, primary: bool) -> None:
+    # 1 holds the newest "kv" (a, b, c); ``newer`` kept an older one (a, b), ``older`` the oldest (a).
+    # They merge, 1 is the source, and goes once both were told to fetch its copy, before it
+    # arrives: ``newer``'s state takes over (whatever the ids or the order of the members).
+    older = 5 - newer
     sim = cluster(5)
     kv = ReplicatedDict(sim)
     for n in (1, 2, 3):
@@ -183,32 +186,40 @@ def test_when_the_holder_goes_mid_transfer_the_most_recent_kept_state_takes_over
     sim.run(0.3)
     assert kv.write(1, "a", "1")
     sim.run(0.3)
-    split(sim, (1, 3, 4), (2, 5))
+    split(sim, (1, newer, 4), (older, 5))
     assert sim.run_until(lambda: kv.primary[1], timeout=10) and kv.write(1, "b", "2")
     sim.run(0.3)
-    epoch_of_3 = sim.ring(3).member.spaces.state_epoch("kv")
-    assert epoch_of_3 == sim.view(3).ring_id
+    kept_epoch = sim.ring(newer).member.spaces.state_epoch("kv")
+    assert kept_epoch == sim.view(newer).ring_id
     split(sim, (1, 4, 5), (2,), (3,))
-    assert sim.run_until(lambda: kv.primary[1], timeout=10) and kv.write(1, "c", "3")
-    sim.run(0.3)
-    assert (kv.data[1], kv.data[2], kv.data[3]) == ({"a": "1", "b": "2", "c": "3"}, {"a": "1"}, {"a": "1", "b": "2"})
-    trigger, got = Trigger(sim), Installs(sim)
-    if primary:                               # 1 goes alone: a view that only loses it, no merge
-        trigger.arm(StateRequest, lambda node: sim.partition([[1], [2, 3, 4, 5]]), node=1)
-        sim.heal()
-        rest: tuple[int, ...] = (2, 3, 4, 5)
+    big = "c" * 500_000                           # 1's snapshot takes a while to stream
+    assert sim.run_until(lambda: kv.primary[1], timeout=10) and kv.write(1, "c", big)
+    sim.run(0.5)
+    assert (kv.data[1], kv.data[newer], kv.data[older]) == ({"a": "1", "b": "2", "c": big}, {"a": "1", "b": "2"},
+                                                            {"a": "1"})
+    got, merged, fetching = Installs(sim), set(), []
+
+    def strike(node: int, event) -> None:
+        if type(event) is Merge and node in (2, 3) and not fetching:
+            merged.add(node)
+            if merged == {2, 3}:                 # both were told to fetch 1's copy: 1 goes
+                fetching.extend(n for n in (2, 3) if not sim.ring(n).member.spaces.holds_state("kv"))
+                sim.partition([[1], [2, 3, 4, 5]] if primary else [[1], [2, 3], [4, 5]])
+
+    sim.services.add_observer(strike)
+    if primary:
+        sim.heal()                            # then 1 goes alone: a view that only loses it
     else:
-        trigger.arm(StateRequest, lambda node: sim.partition([[1], [2, 3], [4, 5]]), node=1)
         sim.partition([[1, 2, 3], [4, 5]])
-        rest = (2, 3)
-    assert sim.run_until(lambda: trigger.fired, timeout=20)
+    rest = (2, 3, 4, 5) if primary else (2, 3)
+    assert sim.run_until(lambda: fetching, timeout=20) and fetching == [2, 3]
     assert sim.run_until(lambda: views_are(sim, rest), timeout=20)
     sim.run(1.0)
-    assert got[3] == [] and sim.ring(3).member.spaces.holds_state("kv")
+    assert got[newer] == [] and sim.ring(newer).member.spaces.holds_state("kv")
     assert kv.data[2] == kv.data[3] == {"a": "1", "b": "2"}, kv.data
-    assert [json.loads(s) for s in got[2]] == [{"a": "1", "b": "2"}]
+    assert [json.loads(s) for s in got[older]] == [{"a": "1", "b": "2"}]
     # The state taken over keeps its epoch in a minority; a primary view makes it its own.
-    expected = sim.view(2).ring_id if primary else epoch_of_3
+    expected = sim.view(2).ring_id if primary else kept_epoch
     assert sim.ring(2).member.spaces.state_epoch("kv") == sim.ring(3).member.spaces.state_epoch("kv") == expected
     check_views_agree(sim)
 
@@ -240,6 +251,7 @@ def test_members_without_any_state_merging_in_a_minority_wait_for_it() -> None:
     assert [set(sim.ring(n).member.spaces.spaces["kv"]) for n in (2, 3)] == [{2, 3}, {2, 3}]
     assert installs(sim, 2) == installs(sim, 3) == []        # no "nobody has state": they wait
     assert not any(sim.ring(n).member.spaces.holds_state("kv") for n in (2, 3))
+    assert [sim.ring(n).member.spaces.state_epoch("kv") for n in (2, 3)] == [None, None]
     assert kv.write(1, "b", "2")
     sim.run(0.5)
     assert kv.data[2] == kv.data[3] == {}
