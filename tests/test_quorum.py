@@ -1,10 +1,11 @@
 """The quorum rule (groupcomm.layers.quorum): which views are primary, under each policy.
 
 Deterministic: the rule directly (sans-IO), then the production layers on the
-seeded simulated network.  The Hypothesis schedules mix partitions, crashes,
-restarts (the state directory survives them) and graceful leaves under every
-policy and check the one property the rule exists for: two disjoint views that
-are current at the same time are never both primary.
+seeded simulated network.  The Hypothesis schedules mix partitions, one-way
+links, partly deaf members, crashes, restarts (the state directory survives
+them) and graceful leaves under every policy and check the one property the
+rule exists for: two disjoint views that are current at the same time are never
+both primary.
 """
 
 from __future__ import annotations
@@ -452,11 +453,20 @@ POLICIES = {
                                                       last_man_standing_window=0.5),
 }
 
-OPS = st.tuples(st.sampled_from(["partition", "partition", "heal", "crash", "restart", "leave", "wipe"]),
+OPS = st.tuples(st.sampled_from(["partition", "partition", "heal", "crash", "restart", "leave", "wipe",
+                                 "cut", "deaf"]),
                 st.integers(1, 5), st.integers(0, 5), st.integers(0, 9))
 """``(op, a, b, t)``: a partition puts members up to ``a`` on one side, the rest on the
-other and member ``b`` (0: none) alone; other ops act on member ``a``; then ``t``
-picks how long to run (0.1 s to 3.7 s)."""
+other and member ``b`` (0: none) alone; ``cut`` loses every packet from member ``a``
+to another member picked by ``b`` (one way: the answers still arrive); ``deaf`` makes
+member ``a`` deaf to the multicasts of 1 to ``n - 1`` others (``b`` picks how many)
+while their tokens and unicasts still reach it; cuts last until the next ``heal``;
+other ops act on member ``a``; then ``t`` picks how long to run (0.1 s to 3.7 s)."""
+
+
+def others(node: int, n: int, count: int) -> list[int]:
+    """``count`` members other than ``node`` (the ones after it, wrapping round)."""
+    return [1 + (node + k) % n for k in range(count)]
 
 
 def run_schedule(policy: str, n: int, seed: int, ops: list, partitioned_start: bool) -> PrimaryLog:
@@ -470,6 +480,8 @@ def run_schedule(policy: str, n: int, seed: int, ops: list, partitioned_start: b
         assert sim.run_until(sim.converged, timeout=10)
     else:
         sim.run(2.0)
+    cut_since: float | None = None                       # when the cuts now in place began
+    cut_spans: list[tuple[float, float]] = []
     for op, a, b, t in ops:
         node = 1 + (a - 1) % n
         live = node in sim.live
@@ -479,6 +491,16 @@ def run_schedule(policy: str, n: int, seed: int, ops: list, partitioned_start: b
                            [m for m in range(node + 1, n + 1) if m not in alone], alone])
         elif op == "heal":
             sim.heal()
+            if cut_since is not None:
+                cut_spans.append((cut_since, sim.now))
+                cut_since = None
+        elif op == "cut":
+            sim.cut(node, others(node, n, 1 + b % (n - 1))[-1])
+            cut_since = sim.now if cut_since is None else cut_since
+        elif op == "deaf":
+            for sender in others(node, n, 1 + b % (n - 1)):
+                sim.cut(sender, node, multicast_only=True)
+            cut_since = sim.now if cut_since is None else cut_since
         elif op == "crash" and live:
             sim.crash(node)
         elif op == "leave" and live:
@@ -488,6 +510,8 @@ def run_schedule(policy: str, n: int, seed: int, ops: list, partitioned_start: b
         elif op == "wipe" and not live and policy != "highest_seen":
             sim.restart(node, keep_state_dir=False)      # the fixed policies need no memory to be safe
         sim.run(0.1 + t * 0.4)
+    if cut_since is not None:
+        cut_spans.append((cut_since, sim.now))
     sim.heal()
     for node in sim.nodes:
         if node not in sim.live:
@@ -498,6 +522,9 @@ def run_schedule(policy: str, n: int, seed: int, ops: list, partitioned_start: b
     spans = log.primaries()
     event(f"{policy}: primary views {'none' if not spans else '1-5' if len(spans) <= 5 else 'more than 5'}")
     event(f"{policy}: disjoint views at the same time: {'yes' if log.split() else 'no'}")
+    event(f"{policy}: one-way cut or deaf member: {'yes' if cut_spans else 'no'}")
+    event(f"{policy}: views installed during a cut: "
+          f"{'yes' if any(lo <= since < hi for _, _, since, _ in log.spans for lo, hi in cut_spans) else 'no'}")
     return log
 
 
@@ -509,6 +536,8 @@ def run_schedule(policy: str, n: int, seed: int, ops: list, partitioned_start: b
          partitioned_start=False)        # last man standing: a stale side must not count a member that moved on
 @example(n=5, seed=0, ops=[("partition", 3, 0, 9), ("heal", 1, 0, 9), ("partition", 2, 0, 9)],
          partitioned_start=False)        # last man standing: a heal raises the lowered total at once
+@example(n=4, seed=0, ops=[("cut", 2, 0, 9), ("deaf", 4, 1, 9), ("partition", 2, 0, 9)],
+         partitioned_start=False)        # a one-way link, then a member deaf to two others' multicasts
 @settings(deadline=None, max_examples=max(5, settings().max_examples // 10))
 @given(n=st.integers(2, 5), seed=st.integers(0, 2**16), ops=st.lists(OPS, min_size=2, max_size=10),
        partitioned_start=st.booleans())
