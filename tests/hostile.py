@@ -53,7 +53,7 @@ class Outsider:
             self._sniffer.setsockopt(socket.IPPROTO_IP, socket.IP_ADD_MEMBERSHIP,
                                      socket.inet_aton(self.group[0]) + socket.inet_aton("127.0.0.1"))
         self._sniffer.setblocking(False)
-        self._out = _loopback_socket()
+        self._out = loopback_socket()
         self._raw_out = socket.socket(socket.AF_INET, socket.SOCK_RAW, socket.IPPROTO_RAW) if self.raw else None
 
     def close(self) -> None:
@@ -136,7 +136,7 @@ class Outsider:
                 src = f"127.{1 + (i >> 16) % 250}.{(i >> 8) & 255}.{i & 255 or 1}"
                 self._raw_out.sendto(_ip_udp(src, 40000 + i % 20000, dest, data), (dest[0], 0))
             else:
-                with _loopback_socket() as s:
+                with loopback_socket() as s:
                     try:
                         s.sendto(data, dest)
                     except OSError:
@@ -144,7 +144,7 @@ class Outsider:
         return sources
 
 
-def _loopback_socket() -> socket.socket:
+def loopback_socket() -> socket.socket:
     """A UDP socket whose multicasts stay on this host (loopback interface, TTL 0)."""
     s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
     s.bind(("127.0.0.1", 0))

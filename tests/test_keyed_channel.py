@@ -24,6 +24,7 @@ from groupcomm.events import Message, View
 from groupcomm.io.channel import cluster_id_for, open_channel
 from groupcomm.io.probe import PROBE_REQUEST_SIZE, probe_request
 from groupcomm.io.udp import UdpConfig, UdpuConfig
+from tests.hostile import loopback_socket
 
 FAST = RingConfig(token_timeout=0.3, join=0.02, merge=0.05)
 
@@ -32,15 +33,6 @@ def free_port() -> int:
     with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
-
-
-def loopback_socket() -> socket.socket:
-    """The outsider's sending socket: its multicasts stay on this host (loopback, TTL 0)."""
-    s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
-    s.bind(("127.0.0.1", 0))
-    s.setsockopt(socket.IPPROTO_IP, socket.IP_MULTICAST_IF, socket.inet_aton("127.0.0.1"))
-    s.setsockopt(socket.IPPROTO_IP, socket.IP_MULTICAST_TTL, 0)
-    return s
 
 
 def key_file(tmp_path, name: str = "cluster.key") -> str:
