@@ -452,8 +452,9 @@ class Channel:
             self._leave()
 
     @asynccontextmanager
-    async def _joined_group(self, timeout: float) -> AsyncIterator[None]:
-        """Wait for the first view (trio.TooSlowError after ``timeout``); on the way out,
+    async def joined_group(self, timeout: float) -> AsyncIterator[None]:
+        """``async with ch.joined_group(timeout):`` for a channel started with ``nursery.start(ch.run)``:
+        wait for the first view (trio.TooSlowError after ``timeout``); on the way out,
         let what was sent be ordered, then leave gracefully, whatever ended the block."""
         try:
             with trio.fail_after(timeout):
@@ -971,6 +972,6 @@ async def open_channel(
     )
     async with trio.open_nursery() as nursery:
         await nursery.start(functools.partial(ch.run, leave_on_exit=True))
-        async with ch._joined_group(join_timeout if join_timeout is not None else ring.join_timeout):
+        async with ch.joined_group(join_timeout if join_timeout is not None else ring.join_timeout):
             yield ch
         nursery.cancel_scope.cancel()

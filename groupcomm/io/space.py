@@ -211,7 +211,30 @@ class Space:
         self._check()
         return await self._services.request(self.name, payload, to=to, mode=mode, timeout=timeout)
 
-    # -- fed by Services, in the order the Member hands outputs out ------------------------
+    # -- the driver's side: Services feeds the space here, in the order the Member hands
+    # -- outputs out; applications never call these ------------------------------------------
+
+    def deliver(self, item: Message | SpaceView | StateRequest | StateInstalled) -> None:
+        """Driver side: one output of the Member for this space, in order."""
+        t = type(item)
+        if t is SpaceView:
+            self._view(item, self._channel.address)
+        elif t is StateRequest:
+            self._state_request(item)
+        elif t is StateInstalled:
+            self._state_installed(item)
+        else:
+            self._put(item)
+
+    async def wait_joined(self) -> None:
+        """Driver side: until the view in which this member joined the space is delivered."""
+        await self._joined.wait()
+
+    def shut(self) -> None:
+        """Driver side: the channel closed: end :meth:`events`, without waiting for callbacks still queued."""
+        self._send.close()
+        if self._later_done is not None:
+            self._later_done.set()
 
     def _put(self, item: Any) -> None:
         """Queue an event for :meth:`events`; past ``max_pending_events`` or ``max_pending_bytes``
@@ -239,12 +262,6 @@ class Space:
     def _close(self) -> None:
         self.left = True
         self._send.close()
-
-    def _shut(self) -> None:
-        """The channel closed: end :meth:`events`, without waiting for callbacks still queued."""
-        self._send.close()
-        if self._later_done is not None:
-            self._later_done.set()
 
     def _state_request(self, request: StateRequest) -> None:
         if self._iterating:
@@ -329,7 +346,7 @@ class Services:
             del self.spaces[name]
             raise
         with trio.fail_after(self.channel.join_timeout):
-            await space._joined.wait()
+            await space.wait_joined()
         return space
 
     async def request(self, scope: str, payload: bytes, *, to, mode: Mode, timeout: float) -> dict[int, Reply]:
@@ -410,7 +427,7 @@ class Services:
         space = self.spaces.get(view.space)
         if self.closed or space is None:
             return
-        space._view(view, self.channel.address)
+        space.deliver(view)
         if space.left:
             del self.spaces[view.space]
         self._changed.set()
@@ -419,7 +436,7 @@ class Services:
     def _space_message(self, item: SpaceMessage) -> None:
         space = self.spaces.get(item.space)
         if space is not None and not self.closed:
-            space._put(item.message)
+            space.deliver(item.message)
 
     def _request(self, request: SpaceRequest) -> None:
         if not self.closed:
@@ -432,12 +449,12 @@ class Services:
         if space is None:
             self.provide(request, None)
         else:
-            space._state_request(request)
+            space.deliver(request)
 
     def _state_installed(self, installed: StateInstalled) -> None:
         space = self.spaces.get(installed.space)
         if space is not None and not self.closed:
-            space._state_installed(installed)
+            space.deliver(installed)
 
     def _direct_done(self, done: DirectDone) -> None:
         waiting = self._direct.pop(done.token, None)
@@ -454,7 +471,7 @@ class Services:
     def close(self) -> None:
         self.closed = True
         for space in self.spaces.values():
-            space._shut()
+            space.shut()
         for done, _ in [*self._waiting.values(), *self._direct.values()]:
             done.set()
         self._changed.set()
