@@ -43,6 +43,7 @@ from groupcomm.errors import ConfigError
 __all__ = [
     "DOMAIN_CONTROLLER",
     "Backoff",
+    "ClusterSettings",
     "HealthCheck",
     "LogSettings",
     "NodeSpec",
@@ -144,11 +145,39 @@ class ProcessSpec:
     """Nodes that may host a domain controller or a replica; empty: every node."""
     replicas: int | None = None
     """Run this many instances cluster-wide (placed by the cluster supervisor) instead of one per node."""
+    live_switch: bool = False
+    """The process can change role while running (it watches its role through
+    :mod:`~groupcomm.services.supervisor.client`); otherwise a role change restarts it."""
 
     @property
     def cluster_placed(self) -> bool:
         """Whether the cluster decides where this runs (a domain controller or replicas)."""
         return self.role == DOMAIN_CONTROLLER or self.replicas is not None
+
+
+@dataclass(frozen=True)
+class ClusterSettings:
+    """The node file's ``[cluster]`` table: how the cluster supervisor fences domain controllers.
+
+    The fencing rule (docs/supervisor.rst derives it)::
+
+        fencing_delay >= token_timeout + liveness_check + lease + kill_allowance
+
+    ``None`` derives a value from the stack's ``token_timeout`` when the supervisor starts.
+    """
+
+    space: str = "groupcomm.supervisor"
+    """The space supervisors publish their tables in; placed processes use ``SPACE/PROCESS``."""
+    lease: Duration | None = None
+    """How long a domain controller may run without its supervisor renewing its lease
+    (default ``3 * token_timeout``, so a ring reformation does not stop it)."""
+    fencing_delay: Duration | None = None
+    """How long a newly chosen host waits before it starts the domain controller
+    (default: the smallest value the rule allows)."""
+    kill_allowance: Duration = 0.5
+    """Network delay, scheduling and the kill itself: time the rule adds on top of the timers."""
+    liveness_check: Duration | None = None
+    """How often the supervisor looks whether its ring still sees tokens (default ``token_timeout / 4``)."""
 
 
 @dataclass(frozen=True)
@@ -163,6 +192,8 @@ class NodeSpec:
     """The node's name, if the file gives one."""
     base_dir: str = ""
     """Where relative ``cwd`` and log directories start: the node file's directory."""
+    cluster: ClusterSettings = ClusterSettings()
+    """The ``[cluster]`` table."""
 
     def process(self, name: str) -> ProcessSpec:
         for p in self.processes:
@@ -199,7 +230,7 @@ def parse_node(text: str, *, source: str = "<node>", base_dir: str = "",
         data = tomllib.loads(text)
     except tomllib.TOMLDecodeError as e:
         raise ConfigError(f"{source}: not valid TOML: {e}") from None
-    _unknown(data, {"node", "process"}, source)
+    _unknown(data, {"node", "process", "cluster"}, source)
     node = data.get("node", "")
     if not isinstance(node, str):
         raise config_error(f"{source}: node", "expected a string", node)
@@ -215,7 +246,8 @@ def parse_node(text: str, *, source: str = "<node>", base_dir: str = "",
             raise ConfigError(f"{source}: process {spec.name!r}: name: a second process with this name")
         seen.add(spec.name)
         processes.append(spec)
-    return NodeSpec(source=source, processes=tuple(processes), node=node, base_dir=base_dir)
+    cluster = _cluster(_substitute(data.get("cluster", {}), environ, f"{source}: cluster"), f"{source}: cluster")
+    return NodeSpec(source=source, processes=tuple(processes), node=node, base_dir=base_dir, cluster=cluster)
 
 
 def parse_process(entry: Mapping[str, Any], *, where: str = "<process>",
@@ -252,6 +284,10 @@ def parse_process(entry: Mapping[str, Any], *, where: str = "<process>",
         kw["eligible"] = _eligible(entry["eligible"], f"{where}: eligible")
     if "replicas" in entry:
         kw["replicas"] = _integer(entry["replicas"], f"{where}: replicas", minimum=1)
+    if "live_switch" in entry:
+        if not isinstance(entry["live_switch"], bool):
+            raise config_error(f"{where}: live_switch", "expected true or false", entry["live_switch"])
+        kw["live_switch"] = entry["live_switch"]
     spec = ProcessSpec(**kw)
     if spec.role == DOMAIN_CONTROLLER and spec.replicas is not None:
         raise config_error(f"{where}: replicas", "a domain controller runs exactly once; drop 'replicas'",
@@ -416,6 +452,19 @@ def _log(value: Any, where: str) -> LogSettings:
     if "keep" in t:
         kw["keep"] = _integer(t["keep"], f"{where}.keep", minimum=0)
     return LogSettings(**kw)
+
+
+def _cluster(value: Any, where: str) -> ClusterSettings:
+    t = _table(value, where, {f.name for f in dataclasses.fields(ClusterSettings)})
+    kw: dict[str, Any] = {}
+    if "space" in t:
+        kw["space"] = _string(t["space"], f"{where}.space")
+        if not kw["space"] or len(kw["space"].encode()) > 200:
+            raise config_error(f"{where}.space", "expected a name of 1 to 200 bytes", kw["space"])
+    for name in ("lease", "fencing_delay", "kill_allowance", "liveness_check"):
+        if name in t:
+            kw[name] = _duration(t[name], f"{where}.{name}")
+    return ClusterSettings(**kw)
 
 
 def _eligible(value: Any, where: str) -> tuple[str, ...]:
