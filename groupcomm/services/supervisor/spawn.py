@@ -84,11 +84,14 @@ class Child:
                 pass
 
 
-def spawn(argv: Sequence[str], *, env: Mapping[str, str], cwd: str, capture: bool) -> Child:
+def spawn(argv: Sequence[str], *, env: Mapping[str, str], cwd: str, capture: bool,
+          pass_fds: Sequence[int] = ()) -> Child:
     """Start ``argv`` (stdin from /dev/null) in a new process group with a parent-death signal.
 
     ``capture``: stdout and stderr go to one pipe, read through :attr:`Child.output`;
-    else to /dev/null.  OSError (no such program, bad cwd) is raised.
+    else to /dev/null.  ``pass_fds``: descriptors the child inherits (at the
+    same numbers; e.g. a lease's read end), every other one is closed.  OSError
+    (no such program, bad cwd) is raised.
     """
     read_fd = write_fd = -1
     if capture:
@@ -99,7 +102,7 @@ def spawn(argv: Sequence[str], *, env: Mapping[str, str], cwd: str, capture: boo
             stdout=write_fd if capture else subprocess.DEVNULL,
             stderr=subprocess.STDOUT if capture else subprocess.DEVNULL,
             env=dict(env), cwd=cwd, process_group=0, preexec_fn=_child_setup(os.getpid()),  # noqa: PLW1509 -- only prctl/getppid
-            close_fds=True,
+            close_fds=True, pass_fds=tuple(pass_fds),
         )
     except BaseException:
         if capture:
