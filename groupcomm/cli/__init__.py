@@ -5,7 +5,9 @@
 - ``node`` (:mod:`groupcomm.cli.node`): one member, events out, stdin lines in;
 - ``probe`` (:mod:`groupcomm.cli.probe`): ask running members for view and counters;
 - ``keygen``, ``key`` (:mod:`groupcomm.cli.keys`): the cluster key file and its rotation;
-- ``supervise`` (:mod:`groupcomm.cli.supervise`): keep a node's processes alive.
+- ``supervise`` (:mod:`groupcomm.cli.supervise`): keep a node's processes alive;
+- ``ps``, ``start``, ``stop``, ``restart`` (:mod:`groupcomm.cli.ps`): the cluster's
+  processes, through the supervisors' group.
 
 Errors a user can cause print one line, ``groupcomm: error: ...``, on stderr
 (:mod:`groupcomm.cli.errors`); ``groupcomm --debug COMMAND`` shows the
@@ -19,7 +21,7 @@ import argparse
 import signal
 
 import groupcomm
-from groupcomm.cli import demo, keys, node, probe, simulate, supervise
+from groupcomm.cli import demo, keys, node, probe, ps, simulate, supervise
 from groupcomm.cli.errors import EXIT_FAILED, EXIT_OK, EXIT_USAGE, interrupted, report
 
 __all__ = ["EXIT_FAILED", "EXIT_INTERRUPTED", "EXIT_OK", "EXIT_USAGE", "build_parser", "main"]
@@ -46,7 +48,7 @@ exit status:
 'groupcomm COMMAND --help' describes each command's options.
 """
 
-COMMANDS = (demo, simulate, node, probe, keys, supervise)
+COMMANDS = (demo, simulate, node, probe, keys, supervise, ps)
 
 
 def build_parser() -> argparse.ArgumentParser:

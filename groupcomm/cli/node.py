@@ -16,24 +16,17 @@ import threading
 from dataclasses import dataclass
 from typing import Any
 
-from groupcomm.cli.errors import JoinTimedOut, UsageError, contains
-from groupcomm.config import build_stack, load_stack, parse_duration
-from groupcomm.errors import ConfigError
+from groupcomm.cli.channel_options import (
+    MIN_TOKEN_TIMEOUT,
+    NodeSettings,
+    add_channel_options,
+    duration,
+    join_failed,
+    settings_from,
+)
+from groupcomm.cli.errors import contains
 
-__all__ = ["MIN_TOKEN_TIMEOUT", "add_parser", "event_line", "run"]
-
-MIN_TOKEN_TIMEOUT = 0.01
-"""Seconds; a shorter token-loss timeout fires between two ordinary token visits."""
-
-_FD_CHOICES = ("lan", "loopback", "off")
-
-
-def duration(text: str) -> float:
-    """An argparse type: ``"300ms"``, ``"1.5s"`` or plain seconds."""
-    try:
-        return parse_duration(text)
-    except ConfigError as exc:
-        raise argparse.ArgumentTypeError(str(exc)) from None
+__all__ = ["MIN_TOKEN_TIMEOUT", "NodeSettings", "add_parser", "duration", "event_line", "run", "settings_from"]
 
 
 def add_parser(commands: Any) -> None:
@@ -42,76 +35,11 @@ def add_parser(commands: Any) -> None:
         description="Run one member of a cluster: print its events (views, messages, merges), "
                     "send each line read from stdin. Ctrl-C leaves the group gracefully.",
     )
-    p.add_argument("--cluster", required=True, help="cluster name (members of one cluster share it)")
-    p.add_argument("--stack", default="udp", help="a shipped stack (udp, udpu, loopback) or a .toml path (default: udp)")
-    p.add_argument("--name", default=None, help="member name (the node id derives from it)")
-    p.add_argument("--bind", default=None, metavar="ADDR", help="local address (overrides the transport's bind_addr)")
-    p.add_argument("--mcast-addr", default=None, metavar="ADDR", help="multicast group (UDP stacks)")
-    p.add_argument("--mcast-port", type=int, default=None, metavar="PORT", help="multicast port (UDP stacks)")
-    p.add_argument("--ttl", type=int, default=None, help="multicast TTL (0 = this host only)")
-    p.add_argument("--token-timeout", type=duration, default=None, metavar="DURATION",
-                   help=f"token-loss timeout, e.g. 300ms (at least {MIN_TOKEN_TIMEOUT * 1000:g}ms; "
-                        "overrides TOTEM token_timeout and scales join and merge with it)")
-    p.add_argument("--join-timeout", type=duration, default=None, metavar="DURATION",
-                   help="give up when no view formed within this long (default: the stack's "
-                        "startup_wait + 10 x consensus)")
-    p.add_argument("--fd", choices=_FD_CHOICES, default=None, help="failure detector tuning (default: the stack's)")
+    add_channel_options(p)
     p.add_argument("--safe", action="store_true", help="send stdin lines as safe messages")
     p.add_argument("--json", action="store_true", help="one JSON object per line")
     p.add_argument("--no-stdin", action="store_true", help="do not read stdin")
     p.set_defaults(run=run)
-
-
-@dataclass(frozen=True)
-class NodeSettings:
-    """What ``open_channel`` gets, checked before anything runs."""
-
-    stack: str
-    overrides: dict[str, dict[str, Any]]
-    fd: dict[str, Any]
-    join_timeout: float
-    token_timeout: float
-
-
-def settings_from(args: argparse.Namespace) -> NodeSettings:
-    """Load the stack with the options applied and check it; raises ConfigError or UsageError."""
-    transport = load_stack(args.stack).layers[0].name     # UDP or UDPU (build_stack checks)
-    overrides: dict[str, dict[str, Any]] = {transport: {}, "TOTEM": {}}
-    if args.bind is not None:
-        overrides[transport]["bind_addr"] = args.bind
-    for flag, key in (("mcast_addr", "mcast_addr"), ("mcast_port", "mcast_port"), ("ttl", "mcast_ttl")):
-        value = getattr(args, flag)
-        if value is None:
-            continue
-        if transport != "UDP":
-            raise UsageError(f"--{flag.replace('_', '-')} needs a multicast (UDP) stack; "
-                             f"stack {args.stack!r} uses {transport}")
-        overrides[transport][key] = value
-    if args.token_timeout is not None:
-        tt = args.token_timeout
-        overrides["TOTEM"].update(token_timeout=tt, join=tt / 15, merge=tt / 5)
-    overrides = {layer: values for layer, values in overrides.items() if values}
-    stack = build_stack(load_stack(args.stack, overrides=overrides))
-    ring = stack.ring
-    try:
-        ring.to_c(node_id=1)                            # the ring's own checks (mtu, timer order...)
-    except ConfigError as exc:
-        raise ConfigError(f"stack {args.stack}: TOTEM: {exc}") from None
-    if ring.token_timeout < MIN_TOKEN_TIMEOUT:
-        raise UsageError(f"token timeout {ring.token_timeout:g} s is too short: use at least "
-                         f"{MIN_TOKEN_TIMEOUT:g} s (e.g. --token-timeout 300ms)")
-    if args.join_timeout is not None and args.join_timeout <= 0:
-        raise UsageError("--join-timeout must be more than 0 s")
-    if args.fd is None:
-        fd: dict[str, Any] = {}
-    else:
-        from groupcomm.layers.fd import FdConfig
-
-        fd = {"fd": {"lan": FdConfig(), "loopback": FdConfig.loopback(), "off": None}[args.fd]}
-    return NodeSettings(
-        stack=args.stack, overrides=overrides, fd=fd, token_timeout=ring.token_timeout,
-        join_timeout=args.join_timeout if args.join_timeout is not None else ring.join_timeout,
-    )
 
 
 def event_line(event: Any, as_json: bool) -> str:
@@ -191,10 +119,7 @@ def run(args: argparse.Namespace) -> int:
         trio.run(main)
     except BaseException as exc:
         if not state.joined and contains(exc, trio.TooSlowError):
-            raise JoinTimedOut(
-                f"could not join cluster {args.cluster!r} on stack {args.stack!r}: no view formed within "
-                f"{settings.join_timeout:g} s (see --join-timeout); check that the members can reach each other"
-            ) from exc
+            raise join_failed(args, settings) from exc
         raise
     return 0 if state.signal is None else 128 + state.signal
 

@@ -10,6 +10,11 @@
 Leaving the ``async with`` stops every process (stop signal, SIGKILL after its
 grace) and waits for them.  ``python -m groupcomm.services.supervisor.runner
 NODE.toml`` runs one until SIGINT or SIGTERM.
+
+Given a ``channel``, the supervisor also takes part in its group
+(:mod:`.remote`): it joins the node file's ``[cluster] space``, publishes its
+table there, keeps the cluster's (:meth:`Supervisor.cluster_table`) and
+answers ``groupcomm ps`` and ``groupcomm start|stop|restart``.
 """
 
 from __future__ import annotations
@@ -47,12 +52,15 @@ from groupcomm.services.supervisor.local import (
 )
 from groupcomm.services.supervisor.logfile import RotatingLog
 from groupcomm.services.supervisor.probes import ProbeTarget, run_probe
+from groupcomm.services.supervisor.remote import RemoteTable
 from groupcomm.services.supervisor.spawn import Child, spawn
 from groupcomm.services.supervisor.spec import NodeSpec, ProcessSpec, load_node_file, signal_number
+from groupcomm.services.supervisor.table import Row, row_of
 
 __all__ = ["Supervisor", "main", "serve"]
 
 _SHUTDOWN_SLACK = 5.0       # seconds beyond the longest stop_grace that leaving may take
+_LEAVE_TIMEOUT = 2.0        # seconds to leave the supervisor space when the supervisor ends
 
 
 class Supervisor:
@@ -62,10 +70,14 @@ class Supervisor:
     specs.  ``name`` is the node's name (default: the node file's ``node``,
     else the host name); children see it as ``GROUPCOMM_NODE``.
     ``on_table`` is called with the new table after every change.
+    ``channel`` (a joined :class:`~groupcomm.io.channel.Channel`): take part in its
+    group (see :mod:`.remote`); the supervisor answers the channel's channel-wide
+    requests, so give it a channel of its own.
     """
 
     def __init__(self, source: str | os.PathLike[str] | NodeSpec | Iterable[ProcessSpec], *,
-                 name: str | None = None, on_table: Callable[[tuple[ProcessRow, ...]], Any] | None = None) -> None:
+                 name: str | None = None, on_table: Callable[[tuple[ProcessRow, ...]], Any] | None = None,
+                 channel: Any = None) -> None:
         if isinstance(source, (str, os.PathLike)):
             source = load_node_file(source)
         if not isinstance(source, NodeSpec):
@@ -85,6 +97,10 @@ class Supervisor:
         self._anchor = 0
         self._nursery_manager: Any = None
         self._nursery: trio.Nursery | None = None
+        self.channel = channel
+        """The channel of the group this supervisor takes part in (None: local only)."""
+        self.remote: RemoteTable | None = None
+        """The group side (:mod:`.remote`), once entered with a channel."""
 
     # ------------------------------------------------------------------ lifetime
 
@@ -96,6 +112,10 @@ class Supervisor:
         self._nursery = await self._nursery_manager.__aenter__()
         try:
             self._nursery.start_soon(self._timer)
+            if self.channel is not None:
+                self.remote = RemoteTable(self.channel, self.node_spec.cluster.space, node=self.name,
+                                          rows=self.table, command=self._command)
+                await self.remote.start(self._nursery)
             self._apply(self._core.initial_actions())
         except BaseException as e:
             await self._close(type(e), e, e.__traceback__)
@@ -108,6 +128,9 @@ class Supervisor:
     async def _close(self, *exc: object) -> bool:
         try:
             await self._stop_everything()
+            if self.remote is not None:
+                with trio.CancelScope(shield=True):
+                    await self.remote.stop(_LEAVE_TIMEOUT)
         finally:
             assert self._nursery is not None
             self._nursery.cancel_scope.cancel()
@@ -150,6 +173,18 @@ class Supervisor:
         """The process table (``since`` and ``retry_at`` in microseconds since the epoch)."""
         return self._rows
 
+    @property
+    def space(self) -> Any:
+        """The supervisor space (a :class:`~groupcomm.io.space.Space`) when attached to a group, else None."""
+        return self.remote.space if self.remote is not None else None
+
+    def cluster_table(self) -> dict[str, tuple[Row, ...]]:
+        """``{node: rows}`` of every supervisor in the supervisor space's view (only this node's
+        when not attached to a group); ``since`` in microseconds since the epoch."""
+        if self.remote is None:
+            return {self.name: tuple(row_of(r) for r in self._rows)}
+        return self.remote.cluster_table()
+
     def row(self, name: str) -> ProcessRow:
         for row in self._rows:
             if row.name == name:
@@ -176,6 +211,10 @@ class Supervisor:
 
     def restart(self, name: str) -> None:
         self._feed(Restart(name))
+
+    def _command(self, verb: str, name: str) -> None:
+        """A start/stop/restart from the group; KeyError for an unknown process."""
+        {"start": self.start, "stop": self.stop, "restart": self.restart}[verb](name)
 
     async def wait_until(self, predicate: Callable[[dict[str, ProcessRow]], bool]) -> dict[str, ProcessRow]:
         """Wait until ``predicate({name: row})`` holds; returns those rows."""
@@ -233,6 +272,8 @@ class Supervisor:
                 self._rows = action.rows
                 self._changed.set()
                 self._changed = trio.Event()
+                if self.remote is not None:
+                    self.remote.table_changed()
                 if self._on_table is not None:
                     self._on_table(action.rows)
 
@@ -322,9 +363,11 @@ def describe(row: ProcessRow) -> str:
 
 
 async def serve(node: str | os.PathLike[str] | NodeSpec, *, name: str | None = None,
-                announce: Callable[[str], Any] | None = None,
+                announce: Callable[[str], Any] | None = None, channel: Any = None,
                 task_status: Any = trio.TASK_STATUS_IGNORED) -> None:
-    """Run a supervisor until SIGINT or SIGTERM, then stop its processes; print state changes."""
+    """Run a supervisor until SIGINT or SIGTERM, then stop its processes; print state changes.
+
+    ``channel``: attach it to that channel's group (see :class:`Supervisor`)."""
     shown: dict[str, tuple[str, int | None]] = {}
 
     def changed(rows: tuple[ProcessRow, ...]) -> None:
@@ -334,9 +377,10 @@ async def serve(node: str | os.PathLike[str] | NodeSpec, *, name: str | None = N
             shown[row.name] = (row.state, row.pid)
 
     with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
-        async with Supervisor(node, name=name, on_table=changed) as sup:
+        async with Supervisor(node, name=name, on_table=changed, channel=channel) as sup:
             if announce is not None:
-                announce(f"supervising {len(sup.table())} process(es) on node {sup.name!r}")
+                where = f" in space {sup.space.name!r} as member {channel.address}" if channel is not None else ""
+                announce(f"supervising {len(sup.table())} process(es) on node {sup.name!r}{where}")
             task_status.started(sup)
             async for _ in signals:
                 break
