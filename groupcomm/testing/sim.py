@@ -314,6 +314,10 @@ class SimCluster:
         self._paused[m.node] = self._now + int(round(seconds * _US))
         self._quiet_since = self._now
 
+    def paused(self, node: int) -> bool:
+        """Whether ``node`` is paused now (see :meth:`pause`)."""
+        return node in self._paused
+
     def inject(self, node: int, packet: bytes) -> None:
         """Hand ``packet`` to ``node`` now as if the network delivered it (a late or
         replayed copy, a forged or corrupted packet), and deliver its outputs."""

@@ -1,0 +1,152 @@
+"""One node's supervisor as a single sans-IO object: local processes plus cluster placement.
+
+:class:`NodeCore` joins :class:`~.local.LocalSupervisor` (keeps processes
+alive) and :class:`~.cluster.ClusterPlacement` (decides where placed processes
+run): a :class:`~.cluster.Run` becomes a local ``Start``, a
+:class:`~.cluster.Halt` a local ``Stop``, and a placed process that the
+placement does not allow here is never started (a start the local supervisor
+asks for then fails at once, so a restart after the lease guard killed the
+process cannot revive it).  Both drivers use it: the trio
+:class:`~.runner.Supervisor` and the simulation (:mod:`.sim`).
+
+Actions returned: the local supervisor's (:class:`~.local.StartProcess`,
+:class:`~.local.SendSignal`, :class:`~.local.RunProbe`,
+:class:`~.local.TableChanged`) and the placement's that need the group
+(:class:`~.cluster.Renew`, :class:`~.cluster.Publish`,
+:class:`~.cluster.JoinSpace`, :class:`~.cluster.LeaveSpace`).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+
+from groupcomm.events import View
+from groupcomm.layers.spaces import SpaceView
+from groupcomm.services.supervisor.cluster import (
+    ClusterPlacement,
+    Fencing,
+    Halt,
+    PlacementAction,
+    Run,
+)
+from groupcomm.services.supervisor.local import (
+    Add,
+    Event,
+    LocalSupervisor,
+    Remove,
+    Start,
+    StartFailed,
+    StartProcess,
+    Stop,
+)
+from groupcomm.services.supervisor.spec import ClusterSettings, ProcessSpec
+
+__all__ = ["Grant", "NodeCore"]
+
+
+@dataclass(frozen=True)
+class Grant:
+    """What a placed process is started with: its role, epoch and lease (µs, the core's clock)."""
+
+    role: str
+    epoch: int | None
+    lease_until: int | None
+
+
+class NodeCore:
+    """Local supervision and cluster placement of one node; feed it events, carry out its actions."""
+
+    def __init__(self, specs: Iterable[ProcessSpec], *, me: int, fencing: Fencing,
+                 node_id: Callable[[str], int], space: str = ClusterSettings.space, now: int = 0) -> None:
+        specs = tuple(specs)
+        self.local = LocalSupervisor(specs, now=now)
+        self.placement = ClusterPlacement(me, fencing, node_id=node_id, space=space)
+        self._initial: list = list(self.local.initial_actions())
+        for spec in specs:
+            if spec.cluster_placed:
+                self._initial += self.placement.add(now, spec)
+        self._removing: set[str] = set()
+
+    def initial_actions(self) -> list:
+        out, self._initial = self._initial, []
+        return out
+
+    # ------------------------------------------------------------------ inputs
+
+    def handle(self, now: int, event: Event) -> list:
+        """A local event (process started/exited, probe result, or a command)."""
+        if isinstance(event, Add) and event.spec.cluster_placed:
+            out = list(self.local.handle(now, Add(event.spec, False)))
+            return self._settle(now, out + self.placement.add(now, event.spec))
+        if isinstance(event, Remove) and event.name in self.placement.names:
+            self._removing.add(event.name)
+            return self._settle(now, self._placement(now, self.placement.remove(now, event.name)))
+        return self._settle(now, self.local.handle(now, event))
+
+    def ring_view(self, now: int, view: View) -> list:
+        return self._settle(now, self._placement(now, self.placement.ring_view(now, view)))
+
+    def space_view(self, now: int, view: SpaceView) -> list:
+        return self._settle(now, self._placement(now, self.placement.space_view(now, view)))
+
+    def space_message(self, now: int, space: str, sender: int, payload: bytes) -> list:
+        return self._settle(now, self._placement(now, self.placement.space_message(now, space, sender, payload)))
+
+    def tick(self, now: int, tokens: int | None = None) -> list:
+        out = self._placement(now, self.placement.tick(now, tokens))
+        return self._settle(now, out + self.local.tick(now))
+
+    def leave(self, now: int) -> list:
+        """Stop gracefully: hand over every placed process (then :attr:`done_leaving`)."""
+        return self._settle(now, self._placement(now, self.placement.leave(now)))
+
+    @property
+    def done_leaving(self) -> bool:
+        return self.placement.done_leaving
+
+    def next_deadline(self) -> int | None:
+        times = [t for t in (self.local.next_deadline(), self.placement.next_deadline()) if t is not None]
+        return min(times, default=None)
+
+    def grant(self, name: str) -> Grant | None:
+        """The role, epoch and lease of placed process ``name`` (None: not placed)."""
+        if name not in self.placement.names:
+            return None
+        return Grant(self.placement.role(name), self.placement.epoch(name), self.placement.lease_until(name))
+
+    # ------------------------------------------------------------------ plumbing
+
+    def _placement(self, now: int, actions: list[PlacementAction]) -> list:
+        out: list = []
+        for action in actions:
+            if isinstance(action, Run):
+                out += self.local.handle(now, Start(action.name))
+            elif isinstance(action, Halt):
+                out += self.local.handle(now, Stop(action.name))
+            else:
+                out.append(action)
+        return out
+
+    def _settle(self, now: int, actions: list) -> list:
+        """Refuse starts the placement does not allow; report halted processes that are gone."""
+        out: list = []
+        pending = list(actions)
+        while pending:
+            action = pending.pop(0)
+            if (isinstance(action, StartProcess) and action.name in self.placement.names
+                    and not self.placement.lease_valid(action.name, now)):
+                pending += self.local.handle(now, StartFailed(action.name, action.generation,
+                                                              "not placed on this node now"))
+                pending += self.local.handle(now, Stop(action.name))
+                continue
+            out.append(action)
+        live = self.local.live()
+        for name in self.placement.awaiting_stop():
+            if name not in live:
+                done = self._placement(now, self.placement.stopped(now, name))
+                if name in self._removing and name not in self.placement.names:
+                    self._removing.discard(name)
+                    done += self.local.handle(now, Remove(name))
+                out += self._settle(now, done)
+        return out
