@@ -38,6 +38,7 @@ from pathlib import Path
 import time
 import zlib
 from collections.abc import AsyncIterator, Awaitable, Callable
+from typing import Any
 from collections import deque
 from contextlib import asynccontextmanager
 
@@ -61,11 +62,14 @@ from groupcomm.layers.quorum import QuorumConfig
 from groupcomm.layers.rpc import ALL, Mode, Reply
 from groupcomm.io.space import Handler, Services, Space
 from groupcomm.io.state_dir import MemberState, open_member_state
-from groupcomm.layers.spaces import Merge, SpacesConfig
+from groupcomm.layers.spaces import Merge, SpaceMessage, SpacesConfig, SpaceView
 from groupcomm.layers.unicast import UnicastConfig
 from groupcomm.io.udp import UdpConfig, UdpSockets, UdpuConfig, open_sockets, open_unicast, parse_host
 
 __all__ = ["Channel", "ChannelConfig", "open_channel", "node_id_for"]
+
+_OBSERVED = (View, Merge, SpaceView, SpaceMessage)
+"""What :meth:`Channel.add_observer` sees."""
 
 _log = logging.getLogger("groupcomm.channel")
 
@@ -174,11 +178,13 @@ class Channel:
         self._state_root = state_dir if state_dir is not None else (quorum.state_dir if quorum else "")
         self._state: MemberState | None = None
         self._services = Services(self)
-        self._router = Router(
-            {SendToAll: self._send_to_all, SendTo: self._send_to, list: self._deliver_run,
-             View: self._deliver_view, Merge: self._deliver_event, Direct: self._deliver_event},
-            self._services.routes(),
-        )
+        self._observers: list[Callable[[object], None]] = []
+        routes = {SendToAll: self._send_to_all, SendTo: self._send_to, list: self._deliver_run,
+                  View: self._deliver_view, Merge: self._deliver_event, Direct: self._deliver_event}
+        routes.update(self._services.routes())
+        for kind in _OBSERVED:
+            routes[kind] = self._observed(routes[kind])
+        self._router = Router(routes)
         self._batch: list = []               # events of the flush under way, handed to events() in one go
         self._batch_bytes = 0
         self._batch_large = 0                # ... its largest message not joined yet (Pieces), in bytes
@@ -386,6 +392,27 @@ class Channel:
         return await self._services.request("", payload, to=to, mode=mode, timeout=timeout)
 
     # -- the surface the layers' trio faces use (groupcomm.io.space) ------------------
+
+    def add_observer(self, observe: Callable[[object], None]) -> None:
+        """Call ``observe(item)`` with every ring :class:`~groupcomm.events.View` (transitional
+        too), :class:`~groupcomm.layers.spaces.Merge`, :class:`~groupcomm.layers.spaces.SpaceView`
+        and :class:`~groupcomm.layers.spaces.SpaceMessage` (of every space, joined through
+        :meth:`call_member` or not), in delivery order, as the channel routes them.
+
+        For services that must see ring and space views in one order (the supervisor's
+        placement).  ``observe`` runs inside the channel's flush: it must be quick, must not
+        block or raise, and must not call the channel; hand the items to a task instead.
+        """
+        self._observers.append(observe)
+
+    def _observed(self, handle: Callable[[Any], None]) -> Callable[[Any], None]:
+        observers = self._observers
+
+        def route(item: Any) -> None:
+            handle(item)
+            for observe in observers:
+                observe(item)
+        return route
 
     def call_member(self, action: Callable[[int, Member], object], *, quiet: bool = False) -> None:
         """Run ``action(now, member)`` on this channel's sans-IO :class:`~groupcomm.layers.member.Member`,
