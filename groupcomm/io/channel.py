@@ -446,6 +446,11 @@ class Channel:
             self._nursery.start_soon(fn, *args)
 
     @property
+    def ring_config(self) -> RingConfig:
+        """The TOTEM layer's settings in force (timers such as ``token_timeout``)."""
+        return self._ring_config
+
+    @property
     def join_timeout(self) -> float:
         """How long joining (the group, or a space) may take before it is given up (see
         :attr:`RingConfig.join_timeout <groupcomm.core.ring.RingConfig.join_timeout>`)."""
