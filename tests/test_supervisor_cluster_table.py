@@ -236,13 +236,23 @@ def ps(cluster: str, port: int) -> list[dict]:
 
 
 def wait_ps(cluster: str, port: int, predicate) -> list[dict]:
+    """Run ``ps --json`` until ``predicate(rows)`` (a ps that found no supervisor yet counts as not yet)."""
     deadline = time.monotonic() + LIMIT
     while True:
-        rows = ps(cluster, port)
-        if predicate(rows):
+        out = groupcomm("ps", "--json", *channel_args(cluster, port))
+        rows = json.loads(out.stdout) if out.returncode == 0 else None
+        if rows is not None and predicate(rows):
             return rows
-        assert time.monotonic() < deadline, f"ps never showed what was expected: {rows}"
+        assert time.monotonic() < deadline, f"ps never showed what was expected: {rows} {out.stderr}"
         time.sleep(0.2)
+
+
+def wait_output(supervisor: SupervisorProcess, words: str) -> None:
+    deadline = time.monotonic() + LIMIT
+    while words not in supervisor.output():
+        assert supervisor.proc.poll() is None, supervisor.err.read_text()
+        assert time.monotonic() < deadline, supervisor.output()
+        time.sleep(0.05)
 
 
 def gone(pid: int) -> bool:
@@ -265,6 +275,8 @@ def test_ps_shows_every_node_and_restart_acts_on_one_node_only(tmp_path):
             return ({(r["node"], r["process"]) for r in rows} == expected
                     and all(r["state"] == "running" and r["pid"] for r in rows))
 
+        for s in supervisors:
+            wait_output(s, "supervising")
         rows = wait_ps(cluster, port, all_running)
         assert len(rows) == len(expected)              # one row per process, nothing twice
         assert all(r["restarts"] == 0 and r["generation"] == 1 and r["since"] > 1e9 for r in rows)
@@ -304,7 +316,6 @@ def test_ps_shows_every_node_and_restart_acts_on_one_node_only(tmp_path):
             s.stop()
     for s in supervisors:
         assert s.proc.returncode == 0, s.err.read_text()
-        assert "supervising" in s.output()
     assert all(gone(pid) for pid in pids)             # the supervisors stopped their children
 
 
@@ -330,3 +341,51 @@ def test_the_state_directory_is_not_used_by_a_nameless_ps(tmp_path):
                          env=env)
     assert out.returncode == 1, out.stderr
     assert not (tmp_path / "state" / cluster).exists()
+
+
+async def test_a_supervisor_joining_later_learns_the_unchanged_tables_of_the_others(tmp_path):
+    """Tables are published again after every view of the space, not only when they change."""
+    cluster, port = f"sv-late-{uuid.uuid4().hex[:8]}", free_udp_port()
+    overrides = {"UDP": {"mcast_port": port}}
+    async with (
+        open_channel("loopback", cluster=cluster, name="n1", overrides=overrides) as c1,
+        Supervisor([_spec(tmp_path / "1")], name="n1", channel=c1) as s1,
+    ):
+        with trio.fail_after(LIMIT):
+            await s1.wait_until(lambda r: r["web"].state == "running")
+        await trio.sleep(0.5)                           # n1's last publication is long past
+        async with (
+            open_channel("loopback", cluster=cluster, name="n2", overrides=overrides) as c2,
+            Supervisor([], name="n2", channel=c2) as s2,
+        ):
+            with trio.fail_after(LIMIT):
+                while "n1" not in s2.cluster_table():
+                    await s2.remote.wait_changed()
+            (web,) = s2.cluster_table()["n1"]
+            assert web.pid == s1.row("web").pid and web.state == "running"
+        with trio.fail_after(LIMIT):                    # n2 left the space: its table is dropped
+            while "n2" in s1.cluster_table():
+                await s1.remote.wait_changed()
+
+
+async def test_nothing_is_published_after_leaving_and_a_failing_channel_ends_only_the_group_side():
+    """A table change after ``stop()`` (the supervisor stopping its processes) sends nothing on the
+    left space; a space that went away under the publisher ends the group side, not the nursery."""
+    from groupcomm.services.supervisor.remote import RemoteTable
+
+    cluster, port = f"sv-stop-{uuid.uuid4().hex[:8]}", free_udp_port()
+    async with open_channel("loopback", cluster=cluster, name="n1", overrides={"UDP": {"mcast_port": port}}) as ch:
+        for how in ("stop", "gone"):
+            async with trio.open_nursery() as nursery:
+                remote = RemoteTable(ch, f"space-{how}", node="n1", rows=lambda: (), command=lambda v, p: None,
+                                     publish_interval=0.0)
+                await remote.start(nursery)
+                if how == "stop":
+                    await remote.stop(2.0)
+                else:
+                    await remote.space.leave()            # not through stop(): the publisher still runs
+                remote.table_changed()
+                await trio.sleep(0.2)
+                assert remote.space.left
+                assert (remote.failure is None) == (how == "stop"), remote.failure
+                nursery.cancel_scope.cancel()

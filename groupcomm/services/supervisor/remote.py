@@ -12,12 +12,18 @@ join the space, can ask).  The wire schema is in :mod:`.table`.
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Callable
+import logging
+from collections.abc import Awaitable, Callable
 from typing import Any
 
 import trio
 
-from groupcomm.errors import ChannelClosed, LocalProtocolError, NotOperational
+from groupcomm.errors import (
+    ChannelClosed,
+    DeliveryOverflow,
+    LocalProtocolError,
+    NotOperational,
+)
 from groupcomm.layers.spaces import SpaceView
 from groupcomm.services.supervisor.local import ProcessRow
 from groupcomm.services.supervisor.table import (
@@ -38,6 +44,10 @@ __all__ = ["PUBLISH_INTERVAL", "RemoteTable"]
 
 PUBLISH_INTERVAL = 0.1
 """Seconds between two publications of a node's table (changes in between are coalesced)."""
+
+logger = logging.getLogger("groupcomm.supervisor")
+
+_GROUP_ERRORS = (ChannelClosed, DeliveryOverflow, LocalProtocolError, NotOperational)
 
 
 class RemoteTable:
@@ -64,6 +74,10 @@ class RemoteTable:
         self._dirty = trio.Event()
         self._changed = trio.Event()
         self._closed = False
+        self._publishing = trio.CancelScope()
+        self.failure: str | None = None
+        """Why the group side stopped working (the channel closed or left the group), if it did;
+        the local supervision goes on."""
 
     @property
     def malformed(self) -> int:
@@ -75,13 +89,14 @@ class RemoteTable:
         self.space = await self.channel.join_space(self.space_name)
         self.space.on_request(self._answer)
         self.channel.on_request(self._answer)
-        nursery.start_soon(self._receive)
-        nursery.start_soon(self._publish)
+        nursery.start_soon(self._guarded, self._receive)
+        nursery.start_soon(self._guarded, self._publish)
         self.table_changed()
 
     async def stop(self, timeout: float) -> None:
         """Stop answering and leave the space (bounded by ``timeout``)."""
         self._closed = True
+        self._publishing.cancel()                 # nothing is sent after (or while) leaving
         if self.space is None or self.space.left:
             return
         with trio.move_on_after(timeout):
@@ -107,13 +122,23 @@ class RemoteTable:
     def _wire_rows(self) -> tuple[Row, ...]:
         return tuple(row_of(r) for r in self._rows())
 
+    async def _guarded(self, task: Callable[[], Awaitable[None]]) -> None:
+        """Run ``task``; the channel failing under it ends the group side, not the supervisor."""
+        try:
+            await task()
+        except _GROUP_ERRORS as exc:
+            self.failure = f"{type(exc).__name__}: {exc}"
+            logger.error("supervisor of node %r: the group side stopped (%s); local supervision goes on",
+                         self.node, self.failure)
+
     async def _publish(self) -> None:
-        while True:
-            await self._dirty.wait()
-            self._dirty = trio.Event()
-            message = TableMessage(node=self.node, member=self.channel.address, rows=self._wire_rows())
-            await self.space.send(encode(message))
-            await trio.sleep(self._interval)
+        with self._publishing:
+            while True:
+                await self._dirty.wait()
+                self._dirty = trio.Event()
+                message = TableMessage(node=self.node, member=self.channel.address, rows=self._wire_rows())
+                await self.space.send(encode(message))
+                await trio.sleep(self._interval)
 
     async def _receive(self) -> None:
         async for event in self.space.events():
