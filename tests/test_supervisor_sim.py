@@ -44,7 +44,7 @@ WEB = ProcessSpec(name="web", command=("web",), replicas=2, restart="always")
 def cluster(n: int = 3, seed: int = 1, *, specs=(DC,), model: ProcessModel | None = None,
             settings_: ClusterSettings | None = None) -> tuple[SimCluster, SimSupervisors]:
     sim = SimCluster(n, seed=seed, stack="sim", quorum=QuorumConfig(expected_votes=n))
-    fencing = Fencing.derive(settings_ or ClusterSettings(), sim.config.token_timeout)
+    fencing = Fencing.derive(settings_ or ClusterSettings(), sim.config.token_timeout, sim.config.consensus_timeout)
     sups = SimSupervisors(sim, {node: list(specs) for node in sim.nodes}, fencing=fencing,
                           model=model, seed=seed)
     return sim, sups
@@ -175,6 +175,31 @@ def test_minority_stops_at_once_majority_runs_one_and_one_remains_after_the_merg
     check_epochs_increase(sups)
 
 
+def test_a_member_joining_the_ring_does_not_move_the_domain_controller() -> None:
+    """A client (``groupcomm ps``) joining and leaving the ring merges it twice; the space keeps
+    its order (oldest first) across the merge, so the host and its process stay."""
+    sim = SimCluster(4, seed=12, stack="sim", quorum=QuorumConfig(expected_votes=3, votes={4: 0}))
+    fencing = Fencing.derive(ClusterSettings(), sim.config.token_timeout, sim.config.consensus_timeout)
+    sups = SimSupervisors(sim, {1: [DC], 2: [DC], 3: [DC], 4: []}, fencing=fencing, seed=12)
+    sups.crash(4)
+    assert sups.run_until(lambda: one_dc(sups), 20)
+    host = sups.running("dc")[0].node
+    sups.crash(host)                 # it comes back as the newest member: the order is no longer by id
+    sups.run(1.0)
+    sups.restart(host)
+    assert sups.run_until(lambda: one_dc(sups) and sups.running("dc")[0].node != host, 20)
+    sups.run(3.0)
+    (first,) = sups.running("dc")
+    count = len(sups.instances)
+    for _ in range(3):
+        sups.restart(4)
+        sups.run(2.0)
+        sups.crash(4)
+        sups.run(2.0)
+    assert sups.running("dc") == [first] and len(sups.instances) == count
+    check_safety(sups)
+
+
 def test_a_node_alone_never_runs_the_domain_controller() -> None:
     sim, sups = cluster(3, seed=4)
     sim.partition([[1], [2], [3]])
@@ -224,7 +249,8 @@ def test_fencing_delay_shorter_than_the_rule_is_refused_naming_the_values() -> N
     with pytest.raises(ConfigError, match="lease"):
         Fencing.derive(ClusterSettings(lease=0.5), token_timeout=1.0)
     f = Fencing.derive(ClusterSettings(), token_timeout=0.3)
-    assert f.fencing_delay == pytest.approx(0.3 + 0.075 + 0.9 + 0.5)
+    assert f.lease == pytest.approx(0.3 + 4 * 0.36)
+    assert f.fencing_delay == pytest.approx(0.3 + 0.075 + f.lease + 0.5)
 
 
 # --------------------------------------------------------------------------- fault schedules
@@ -287,6 +313,7 @@ def _apply(sim: SimCluster, sups: SimSupervisors, step: tuple) -> None:
 @given(supervisor_schedules())
 @example((5, 11, None, [("partition", (0, 0, 1, 1, 1)), ("run", 5.0), ("heal",), ("pause", 1, 8.0),
                         ("run", 5.0), ("crash", 3)]))
+@example((5, 44, None, [("stop", 4), ("loss", 0.0), ("crash", 3), ("crash", 4)]))   # a soak run's find
 @example((3, 2, (2, 3), [("stop", 2), ("run", 1.0), ("restart", 2), ("pause", 3, 4.0), ("cut", 1, 3, False),
                          ("run", 2.5)]))
 def test_exactly_one_domain_controller_under_any_fault_schedule(schedule) -> None:

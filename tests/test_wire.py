@@ -71,7 +71,9 @@ def test_the_wire_format_is_the_msgpack_array_op_then_fields() -> None:
     assert wire.encode(DataFrame("web", b"x")) == packb(4, "web", b"x")
     assert wire.encode(RequestFrame("s", 3, b"x")) == packb(7, "s", 3, b"x")
     assert wire.encode(SyncFrame((1, 4), [("a", True), ("b", False)], (0, 0), False, -1, [("a", (1, 0))], ["b"])) == packb(
-        3, [1, 4], [["a", True], ["b", False]], [0, 0], False, -1, [["a", [1, 0]]], ["b"])
+        3, [1, 4], [["a", True], ["b", False]], [0, 0], False, -1, [["a", [1, 0]]], ["b"], [])
+    assert wire.encode(SyncFrame((1, 4), [("a", True)], (0, 0), False, -1, [], [], [("a", 2)])) == packb(
+        3, [1, 4], [["a", True]], [0, 0], False, -1, [], [], [["a", 2]])
     assert wire.encode(StateChunkFrame("s", (1, 4, 2), 1, False, b"c")) == packb(16, "s", [1, 4, 2], 1, False, b"c")
     assert wire.encode(ReplyFrame(9, False, None, "E: no")) == packb(17, 9, False, None, "E: no")
     assert wire.encode(P2PRequestFrame("s", 9, b"x")) == packb(18, "s", 9, b"x")
@@ -86,9 +88,17 @@ def test_a_sync_of_an_earlier_release_has_no_epochs() -> None:
     """SYNC's last two fields (each space's epoch, the spaces waited for) came later: a frame
     without them claims neither."""
     old = packed(3, [1, 4], [["a", True]], [0, 0], False, -1)
-    assert wire.decode_ring(old) == SyncFrame((1, 4), [("a", True)], (0, 0), False, -1, [], [])
+    assert wire.decode_ring(old) == SyncFrame((1, 4), [("a", True)], (0, 0), False, -1, [], [], [])
     assert wire.decode_ring(packed(3, [1, 4], [["a", True]], [0, 0], False, -1, [["a", [1, 4]]])) == SyncFrame(
         (1, 4), [("a", True)], (0, 0), False, -1, [("a", (1, 4))], [])
+
+
+def test_a_sync_claims_seniority_only_for_claimed_spaces_once() -> None:
+    for bad in (packed(3, [1, 4], [["a", True]], [0, 0], False, -1, [], [], [["b", 0]]),
+                packed(3, [1, 4], [["a", True]], [0, 0], False, -1, [], [], [["a", 0], ["a", 1]]),
+                packed(3, [1, 4], [["a", True]], [0, 0], False, -1, [], [], [["a", -1]])):
+        with pytest.raises(wire.MalformedFrame):
+            wire.decode_ring(bad)
 
 
 def test_payloads_are_bytes() -> None:

@@ -173,6 +173,11 @@ class RingConfig:
     """Test knob: a deliberate bug, for proving the EVS checker catches it. Never set in production."""
 
     @property
+    def consensus_timeout(self) -> float:
+        """``consensus`` in force (seconds): the value given, else ``1.2 * token_timeout``."""
+        return _derived(self.consensus, 1.2 * self.token_timeout)
+
+    @property
     def join_timeout(self) -> float:
         """How long forming or joining a ring may take before a caller gives up (seconds):
         ``startup_wait + 10 * consensus``, derived values included."""

@@ -64,6 +64,7 @@ from groupcomm.errors import ConfigError, LocalProtocolError
 from groupcomm.events import Message, RingId, View
 from groupcomm.layers.quorum import Quorum
 from groupcomm.layers.wire import (
+    MAX_SENIORITY,
     DataFrame,
     JoinFrame,
     LeaveFrame,
@@ -232,6 +233,7 @@ class _Sync:
     ready: dict[str, set[int]] = field(default_factory=dict)
     epochs: dict[str, dict[int, RingId | None]] = field(default_factory=dict)   # claimants with a complete state
     without: dict[str, set[int]] = field(default_factory=dict)   # members of the space on their side with none
+    seniority: dict[str, dict[int, int]] = field(default_factory=dict)   # claimant -> position on its side
     origin: dict[int, tuple] = field(default_factory=dict)   # member -> (prev ring, prev primary, last primary seq)
 
 
@@ -407,8 +409,10 @@ class SpaceLayer:
                 epochs.append((name, tuple(self.fallback[name][self.me] or _NO_EPOCH)))
             elif self.me in self.spaces.get(name, ()):
                 waiting.append(name)
+        seniority = [(name, self.spaces[name].index(self.me)) for name, _ in spaces
+                     if self.me in self.spaces.get(name, ())]
         return SyncFrame(tuple(ring_id), spaces, tuple(self.stable_ring), self.stable_primary,
-                         self.last_primary_seq, epochs, waiting)
+                         self.last_primary_seq, epochs, waiting, seniority)
 
     def _stable(self) -> None:
         """Every member of this view now has the same space state (a regular view)."""
@@ -605,6 +609,8 @@ class SpaceLayer:
             sync.epochs.setdefault(name, {})[sender] = epoch if epoch != _NO_EPOCH else None
         for name in frame.waiting:
             sync.without.setdefault(name, set()).add(sender)
+        for name, position in frame.seniority:
+            sync.seniority.setdefault(name, {})[sender] = position
         self._maybe_finish_sync()
 
     def _maybe_finish_sync(self) -> None:
@@ -622,7 +628,11 @@ class SpaceLayer:
         rank_of = {m: i for i, comp in enumerate(ranked) for m in comp}
         for space in sorted(set(self.spaces) | set(sync.claims)):
             before = self.spaces.get(space, [])
-            after = [m for m in sync.claims.get(space, []) if m in rank_of]
+            claims = sync.claims.get(space, [])
+            # Each side keeps its order (oldest first), the sides in merge rank, newcomers last.
+            seniority = sync.seniority.get(space, {})
+            after = sorted((m for m in claims if m in rank_of),
+                           key=lambda m: (rank_of[m], seniority.get(m, MAX_SENIORITY), claims.index(m)))
             if space in self.mine and self.me not in after:
                 self.mine.discard(space)
             if self.me in after:

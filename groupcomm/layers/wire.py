@@ -189,6 +189,8 @@ MAX_SPACE_NAME = 255
 
 # msgpack integers never reach 2**64, so ``ge=0`` is also "below 2**64".
 Id = Annotated[int, Meta(ge=0)]
+MAX_SENIORITY = 1 << 16
+"""Largest position a SYNC claims in a space view (rings hold at most 64 members; room to grow)."""
 SpaceName = Annotated[str, Meta(min_length=1, max_length=MAX_SPACE_NAME)]
 Scope = Annotated[str, Meta(max_length=MAX_SPACE_NAME)]
 """A space name, or "" for the whole channel (requests only)."""
@@ -251,7 +253,11 @@ class SyncFrame(_Frame, tag=SYNC):
     last_primary_seq: int
     epochs: list[tuple[SpaceName, RingIdValue]] = []
     waiting: list[SpaceName] = []
-    # The last two came later; a frame without them (an earlier release) claims neither.
+    seniority: list[tuple[SpaceName, Annotated[int, Meta(ge=0, le=MAX_SENIORITY)]]] = []
+    # The last three came later; a frame without them (an earlier release) claims none.
+    # ``seniority``: each claimed space the sender was a member of before the merge, with its
+    # position (0 = oldest) in the space view of its side, so the merged view keeps each
+    # side's order (a space's oldest member stays first across a merge: the supervisor's rule).
     # ``epochs``: each claimed space whose state the sender's application holds complete (its
     # current state, or the one it had before the transfer under way) and the ring id of the most
     # recent primary configuration that state belongs to ([0, 0]: none).  ``waiting``: claimed
@@ -263,6 +269,9 @@ class SyncFrame(_Frame, tag=SYNC):
             raise ValueError("a space is claimed twice")
         for name in names:
             _check_name(name)
+        ranked = [name for name, _ in self.seniority]
+        if len(set(ranked)) != len(ranked) or not set(ranked) <= set(names):
+            raise ValueError("a seniority for a space claimed twice or not claimed")
         described = [name for name, _ in self.epochs] + list(self.waiting)
         if len(set(described)) != len(described):
             raise ValueError("a space has two epochs, or an epoch and no state")

@@ -15,9 +15,12 @@ The domain controller (docs/supervisor.rst, "Exactly one domain controller"):
   (:func:`~.placement.dc_host`).  Every member computes the same host at the
   same point of the order; no message decides it.
 * **Terms and epochs.** A node that becomes host starts a *term* whose epoch is
-  ``ring_seq * 2**32 + position`` of the space view that chose it: strictly
-  increasing along the primary components, so the process can hand it to
-  external systems as a fencing token (``GROUPCOMM_DC_EPOCH``).
+  ``ring_seq * 2**16`` of the ring the choosing view was delivered in, or one
+  more than the last epoch the space announced (a host announces its term when
+  its process first runs, and again when it releases it), whichever is larger:
+  strictly increasing along the primary components (ring sequence numbers grow
+  from one primary ring to the next), below ``2**63``, so the process can hand it
+  to external systems as a fencing token (``GROUPCOMM_DC_EPOCH``).
 * **Safety.** The term ends at once, and the process is halted, when the node
   installs a configuration that is not primary or a space view that chooses
   another host.  The process runs under a *lease* that the supervisor renews
@@ -101,12 +104,16 @@ class Fencing:
         return self.token_timeout + self.liveness_check + self.lease + self.kill_allowance
 
     @classmethod
-    def derive(cls, settings: ClusterSettings, token_timeout: float) -> Fencing:
-        """The timers for a stack with ``token_timeout``: unset ones derived, the rule checked
-        (:class:`~groupcomm.errors.ConfigError` naming every value if it fails)."""
+    def derive(cls, settings: ClusterSettings, token_timeout: float, consensus: float | None = None) -> Fencing:
+        """The timers for a stack with ``token_timeout`` (and ``consensus``, default ``1.2 *
+        token_timeout``): unset ones derived, the rule checked (:class:`~groupcomm.errors.ConfigError`
+        naming every value if it fails).  The default lease outlasts a membership change
+        (``token_timeout + 4 * consensus``: a join or a loss takes a few consensus rounds), so the
+        domain controller keeps running through one."""
         if not token_timeout > 0:
             raise ConfigError(f"cluster: token_timeout must be > 0, not {token_timeout!r}")
-        lease = settings.lease if settings.lease is not None else 3 * token_timeout
+        consensus = 1.2 * token_timeout if consensus is None else consensus
+        lease = settings.lease if settings.lease is not None else token_timeout + 4 * consensus
         check = settings.liveness_check if settings.liveness_check is not None else token_timeout / 4
         minimum = token_timeout + check + lease + settings.kill_allowance
         fencing = settings.fencing_delay if settings.fencing_delay is not None else minimum
@@ -129,10 +136,10 @@ def placement_space(base: str, process: str) -> str:
     return f"{base}/{process}"
 
 
-def epoch_of(view_id: tuple[int, int, int]) -> int:
-    """The fencing token of a term chosen by the space view at ``view_id`` (rep, ring seq, position)."""
-    _, seq, position = view_id
-    return (seq << 32) + max(0, position)
+def epoch_of(view_id: tuple[int, int, int], announced: int = -1) -> int:
+    """The fencing token of a term chosen by the space view at ``view_id`` (rep, ring seq,
+    position) when the last epoch announced in the space was ``announced``."""
+    return max(view_id[1] << 16, announced + 1)
 
 
 # --------------------------------------------------------------------------- actions
@@ -192,7 +199,13 @@ class _Released(msgspec.Struct, tag="released", forbid_unknown_fields=True):
     epoch: int
 
 
-_released_decoder = msgspec.msgpack.Decoder(_Released)
+class _Running(msgspec.Struct, tag="running", forbid_unknown_fields=True):
+    """The sender runs the domain controller of ``epoch`` (so a later host picks a larger one)."""
+
+    epoch: int
+
+
+_decoder = msgspec.msgpack.Decoder(_Released | _Running)
 
 
 # --------------------------------------------------------------------------- state
@@ -221,6 +234,7 @@ class _Placed:
     awaiting_stop: bool = False             # Halt given, not yet reported stopped
     leaving: bool = False                   # handing over before leaving the space
     epoch_held: int | None = None           # the term whose process may still be alive (for the release)
+    announced: int = -1                     # the largest epoch this space announced
 
     @property
     def is_dc(self) -> bool:
@@ -378,7 +392,8 @@ class ClusterPlacement:
                 placed.host = host
                 placed.released_by = None
                 start_at = now if fresh else now + self._fence
-                placed.term = _Term(epoch_of(view.view_id), start_at)
+                placed.term = _Term(epoch_of(view.view_id, placed.announced), start_at)
+                placed.announced = max(placed.announced, placed.term.epoch)
             self._drive(now, placed, out)
         else:
             primary = health.primary and regular
@@ -394,11 +409,15 @@ class ClusterPlacement:
         if placed is None:
             return []
         try:
-            _released_decoder.decode(payload)
+            message = _decoder.decode(payload)
         except (msgspec.DecodeError, msgspec.ValidationError):
             self.dropped += 1
             return []
-        if sender == placed.host and sender != self.me:
+        if not 0 <= message.epoch < 1 << 63:
+            self.dropped += 1
+            return []
+        placed.announced = max(placed.announced, message.epoch)
+        if type(message) is _Released and sender == placed.host and sender != self.me:
             placed.released_by = sender
         return []
 
@@ -476,6 +495,8 @@ class ClusterPlacement:
             term.lease_until = now + self._lease
             term.renew_at = now + self._lease // 3
             placed.live = True
+            if placed.epoch_held != term.epoch:
+                out.append(Publish(placed.space, msgspec.msgpack.encode(_Running(term.epoch))))
             placed.epoch_held = term.epoch
             out.append(Run(placed.spec.name, DOMAIN_CONTROLLER, term.epoch, term.lease_until))
 

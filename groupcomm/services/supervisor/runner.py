@@ -50,7 +50,10 @@ from groupcomm.services.supervisor.local import (
     Stop,
     TableChanged,
 )
+from groupcomm.services.supervisor.cluster import Fencing
 from groupcomm.services.supervisor.logfile import RotatingLog
+from groupcomm.services.supervisor.node_core import NodeCore
+from groupcomm.services.supervisor.placing import GROUP_ACTIONS, PlacementLink
 from groupcomm.services.supervisor.probes import ProbeTarget, run_probe
 from groupcomm.services.supervisor.remote import RemoteTable
 from groupcomm.services.supervisor.spawn import Child, spawn
@@ -86,7 +89,10 @@ class Supervisor:
         self.name = name or source.node or socket.gethostname()
         self.base_dir = Path(source.base_dir or os.getcwd())
         self._on_table = on_table
-        self._core: LocalSupervisor | None = None
+        self._core: LocalSupervisor | NodeCore | None = None
+        self._local: LocalSupervisor | None = None
+        self.placement: PlacementLink | None = None
+        """Cluster placement (domain controllers, replicas), once entered with a channel."""
         self._children: dict[str, tuple[int, Child]] = {}
         self._logs: dict[str, RotatingLog] = {}
         self._queue: list[Event] = []
@@ -106,8 +112,12 @@ class Supervisor:
 
     async def __aenter__(self) -> Self:
         self._anchor = time.time_ns() // 1000 - round(trio.current_time() * 1_000_000)
-        self._core = LocalSupervisor(self.node_spec.processes, now=self.now())
-        self._rows = self._core.table()
+        if self.channel is None:
+            self._core = self._local = LocalSupervisor(self.node_spec.processes, now=self.now())
+        else:
+            self._core = self._cluster_core()
+            self._local = self._core.local
+        self._rows = self._local.table()
         self._nursery_manager = trio.open_nursery()
         self._nursery = await self._nursery_manager.__aenter__()
         try:
@@ -116,17 +126,32 @@ class Supervisor:
                 self.remote = RemoteTable(self.channel, self.node_spec.cluster.space, node=self.name,
                                           rows=self.table, command=self._command)
                 await self.remote.start(self._nursery)
+                assert isinstance(self._core, NodeCore)
+                self.placement = PlacementLink(self.channel, self._core, lease=self.fencing.lease,
+                                               wake=self._wake_up)
+                self.placement.start(self._nursery)
             self._apply(self._core.initial_actions())
         except BaseException as e:
             await self._close(type(e), e, e.__traceback__)
             raise
         return self
 
+    def _cluster_core(self) -> NodeCore:
+        from groupcomm.io.channel import node_id_for
+
+        channel = self.channel
+        ring = channel.ring_config
+        self.fencing = Fencing.derive(self.node_spec.cluster, ring.token_timeout, ring.consensus_timeout)
+        return NodeCore(self.node_spec.processes, me=channel.address, fencing=self.fencing,
+                        node_id=lambda name: node_id_for(channel.cluster, name),
+                        space=self.node_spec.cluster.space, now=self.now())
+
     async def __aexit__(self, *exc: object) -> bool:
         return await self._close(*exc)
 
     async def _close(self, *exc: object) -> bool:
         try:
+            await self._hand_over()
             await self._stop_everything()
             if self.remote is not None:
                 with trio.CancelScope(shield=True):
@@ -136,12 +161,29 @@ class Supervisor:
             self._nursery.cancel_scope.cancel()
             for log in self._logs.values():
                 log.close()
+            if self.placement is not None:
+                self.placement.close()
             closed = await self._nursery_manager.__aexit__(*exc)
         return bool(closed)
 
+    async def _hand_over(self) -> None:
+        """With placement: halt the placed processes, tell the group, leave their spaces."""
+        core, link = self._core, self.placement
+        if link is None or not isinstance(core, NodeCore):
+            return
+        placed = [n for n in core.local.names if core.local.spec(n).cluster_placed]
+        longest = max((core.local.spec(n).stop_grace for n in placed), default=0.0)
+        with trio.CancelScope(shield=True):
+            with trio.move_on_after(longest + _SHUTDOWN_SLACK):
+                self._apply(core.leave(self.now()))
+                while not (core.done_leaving and link.left_every_space()):
+                    self._reap_ended()
+                    self._wake_up()
+                    await trio.sleep(0.01)
+
     async def _stop_everything(self) -> None:
         """Stop every process and reap it, whether or not the caller is being cancelled."""
-        core = self._core
+        core = self._local
         assert core is not None
         longest = max((core.spec(n).stop_grace for n in core.names), default=0.0)
         with trio.CancelScope(shield=True):
@@ -150,7 +192,7 @@ class Supervisor:
                     self._feed(Stop(name))
                 while core.live():
                     self._reap_ended()
-                    self._apply(core.tick(self.now()))
+                    self._apply(self._core_tick())
                     await trio.sleep(0.01)
             for name, (_, child) in list(self._children.items()):     # still here: kill and reap
                 child.signal_group(signal.SIGKILL)
@@ -248,6 +290,17 @@ class Supervisor:
             self._busy = False
         self._wake.set()
 
+    def _wake_up(self) -> None:
+        self._wake.set()
+
+    def _core_tick(self) -> list:
+        core, link = self._core, self.placement
+        if link is None or not isinstance(core, NodeCore):
+            assert self._local is not None
+            return self._local.tick(self.now())
+        now = self.now()
+        return link.feed(now) + core.tick(now, link.tokens())
+
     async def _timer(self) -> None:
         assert self._core is not None
         while True:
@@ -255,9 +308,13 @@ class Supervisor:
             with trio.move_on_at((deadline - self._anchor) / 1_000_000 if deadline is not None else float("inf")):
                 await self._wake.wait()
             self._wake = trio.Event()
-            self._apply(self._core.tick(self.now()))
+            self._apply(self._core_tick())
 
     def _do(self, action: Action) -> None:
+        if isinstance(action, GROUP_ACTIONS):
+            assert self.placement is not None
+            self.placement.act(self.now(), action)
+            return
         match action:
             case StartProcess():
                 self._start(action)
@@ -300,9 +357,19 @@ class Supervisor:
 
     def _start(self, action: StartProcess) -> None:
         spec = action.spec
+        env = self._env(spec, action.generation)
+        argv, pass_fds, lease = list(spec.command), (), None
+        if self.placement is not None and spec.cluster_placed:
+            launch = self.placement.launch(self.now(), spec.name, spec.command)
+            argv, pass_fds, lease = launch.argv, launch.pass_fds, launch.lease
+            env.update(launch.env)
         try:
             log = self._log(spec)
-            child = spawn(spec.command, env=self._env(spec, action.generation), cwd=self._cwd(spec), capture=True)
+            try:
+                child = spawn(argv, env=env, cwd=self._cwd(spec), capture=True, pass_fds=pass_fds)
+            finally:
+                if lease is not None:
+                    lease.child_started()
         except (OSError, ValueError) as e:
             self._feed(StartFailed(spec.name, action.generation, f"{type(e).__name__}: {e}"))
             return
@@ -327,6 +394,8 @@ class Supervisor:
         if log is not None:
             log.write(f"--- {_stamp()} supervisor: {name} generation {generation} pid {child.pid} "
                       f"ended with status {status}\n".encode())
+        if self.placement is not None:
+            self.placement.close_lease(name)
         self._feed(Exited(name, generation, status))
 
     async def _pump(self, child: Child, log: RotatingLog) -> None:
@@ -344,7 +413,7 @@ class Supervisor:
         target = ProbeTarget(self.name, action.name, action.pid, action.generation)
         outcome, detail = await run_probe(health, target, env=self._env(action.spec, action.generation),
                                           cwd=self._cwd(action.spec))
-        if self._core is not None and action.name in self._core.names:
+        if self._local is not None and action.name in self._local.names:
             self._feed(ProbeResult(action.name, action.generation, outcome, detail))
 
 

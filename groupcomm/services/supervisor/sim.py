@@ -154,6 +154,7 @@ class SimSupervisors:
         self.sim.crash(node)
         self._nodes.pop(node, None)
         self._leaving.discard(node)
+        self._deferred = [(n, act) for n, act in self._deferred if n != node]   # died with it
         for inst in self._live(node):
             self._end(inst, "node crashed")
 

@@ -170,7 +170,7 @@ class ClusterSettings:
     """The space supervisors publish their tables in; placed processes use ``SPACE/PROCESS``."""
     lease: Duration | None = None
     """How long a domain controller may run without its supervisor renewing its lease
-    (default ``3 * token_timeout``, so a ring reformation does not stop it)."""
+    (default ``token_timeout + 4 * consensus``, so a membership change does not stop it)."""
     fencing_delay: Duration | None = None
     """How long a newly chosen host waits before it starts the domain controller
     (default: the smallest value the rule allows)."""
