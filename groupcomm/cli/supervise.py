@@ -72,7 +72,12 @@ def run(args: argparse.Namespace) -> int:
         nonlocal joined
         from groupcomm.io.channel import open_channel
 
-        async with open_channel(settings.stack, cluster=args.cluster, name=name, **settings.channel_kwargs()) as ch:
+        kwargs = settings.channel_kwargs()
+        if node.cluster.members:                      # the supervisors are the cluster's voters
+            kwargs["overrides"] = {**kwargs["overrides"],
+                                   "QUORUM": {**kwargs["overrides"].get("QUORUM", {}),
+                                              "expected_members": list(node.cluster.members)}}
+        async with open_channel(settings.stack, cluster=args.cluster, name=name, **kwargs) as ch:
             joined = True
             await serve(node, name=name, announce=announce, channel=ch)
 

@@ -168,7 +168,7 @@ class Channel:
         self._fd_config = fd
         self._frag_config = frag or FragConfig()
         self._unicast_config = unicast
-        self._quorum_config = quorum
+        self._quorum_config = quorum.with_ids(lambda n: node_id_for(cluster, n)) if quorum is not None else None
         self._spaces_config = spaces
         self._crypto_config = crypto or CryptoConfig()
         self._seal: Seal | None = None
@@ -444,6 +444,11 @@ class Channel:
         """Run ``fn(*args)`` as a task of this channel (it is cancelled when the channel closes)."""
         if self._nursery is not None and not self._closed:
             self._nursery.start_soon(fn, *args)
+
+    @property
+    def quorum_config(self) -> QuorumConfig:
+        """The QUORUM layer's settings in force (member names turned into node ids)."""
+        return self._quorum_config or QuorumConfig()
 
     @property
     def ring_config(self) -> RingConfig:

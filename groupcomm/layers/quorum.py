@@ -50,6 +50,7 @@ through a clock function, both given by the driver with :meth:`Quorum.use`.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
@@ -75,9 +76,10 @@ class QuorumConfig:
     votes: dict[int, int] = field(default_factory=dict)
     """Votes per node id; nodes not listed have 1 (none if ``expected_members`` is given and
     does not list them)."""
-    expected_members: tuple[int, ...] = ()
-    """Node ids of the full cluster; sets the expected votes when ``expected_votes`` is 0,
-    and names the tie breaker (the lowest)."""
+    expected_members: tuple[int | str, ...] = ()
+    """Node ids of the full cluster (or member names: a Channel turns each into its node id,
+    :func:`~groupcomm.io.channel.node_id_for`); sets the expected votes when
+    ``expected_votes`` is 0, and names the tie breaker (the lowest)."""
     tie_breaker: Literal["lowest", "none"] = "lowest"
     """``"lowest"`` or ``"none"``: who wins an exact half/half split."""
     wait_for_all: bool = False
@@ -110,6 +112,18 @@ class QuorumConfig:
                 raise ConfigError(f"QUORUM: {flag} needs the cluster's total: set expected_votes or expected_members")
         if not self.last_man_standing_window >= 0:
             raise ConfigError("QUORUM: last_man_standing_window must be >= 0")
+
+    def with_ids(self, node_id: Callable[[str], int]) -> QuorumConfig:
+        """This config with member names in ``expected_members`` turned into node ids."""
+        if all(type(m) is int for m in self.expected_members):
+            return self
+        ids = tuple(node_id(m) if isinstance(m, str) else m for m in self.expected_members)
+        return dataclasses.replace(self, expected_members=ids)
+
+    @property
+    def fixed_members(self) -> bool:
+        """Whether the cluster's members are listed (visitors then have no votes)."""
+        return bool(self.expected_members)
 
     def vote(self, node: int) -> int:
         """The votes of ``node``."""
@@ -168,6 +182,10 @@ class Quorum:
 
     def __init__(self, config: QuorumConfig | None = None) -> None:
         self.config = config or QuorumConfig()
+        names = [m for m in self.config.expected_members if not isinstance(m, int)]
+        if names:
+            raise ConfigError(f"QUORUM: expected_members {names!r} are names; a Channel turns names into node "
+                              "ids (QuorumConfig.with_ids), elsewhere give node ids")
         self._store: QuorumStore = MemoryStore()
         self._clock: Callable[[], int] | None = None
         self.primary = False

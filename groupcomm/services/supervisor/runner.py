@@ -30,6 +30,7 @@ from typing import Any, Self
 
 import trio
 
+from groupcomm.errors import ConfigError
 from groupcomm.services.supervisor.local import (
     Action,
     Add,
@@ -140,6 +141,13 @@ class Supervisor:
         from groupcomm.io.channel import node_id_for
 
         channel = self.channel
+        placed = [p.name for p in self.node_spec.processes if p.cluster_placed]
+        if placed and not channel.quorum_config.fixed_members:
+            raise ConfigError(
+                f"{self.node_spec.source}: process {placed[0]!r} is placed by the cluster, which needs the "
+                "cluster's members listed: set [cluster] members = [...] in the node file (or the stack's "
+                "QUORUM expected_members); with 'highest seen' every visitor (groupcomm ps) adds a vote "
+                "for good and a first start into a partition can make both sides primary")
         ring = channel.ring_config
         self.fencing = Fencing.derive(self.node_spec.cluster, ring.token_timeout, ring.consensus_timeout)
         return NodeCore(self.node_spec.processes, me=channel.address, fencing=self.fencing,
@@ -461,7 +469,7 @@ def main(argv: list[str] | None = None) -> int:
     """``python -m groupcomm.services.supervisor.runner NODE.toml [--name NODE]``."""
     import argparse
 
-    from groupcomm.errors import ConfigError
+
 
     parser = argparse.ArgumentParser(prog="python -m groupcomm.services.supervisor.runner")
     parser.add_argument("node_file")

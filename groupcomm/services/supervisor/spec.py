@@ -168,6 +168,10 @@ class ClusterSettings:
 
     space: str = "groupcomm.supervisor"
     """The space supervisors publish their tables in; placed processes use ``SPACE/PROCESS``."""
+    members: tuple[str, ...] = ()
+    """The names of the cluster's supervisors: ``groupcomm supervise`` makes them the
+    QUORUM layer's ``expected_members``, so a majority of them is primary and visitors
+    (``groupcomm ps``) have no vote.  Placed processes need a listed cluster."""
     lease: Duration | None = None
     """How long a domain controller may run without its supervisor renewing its lease
     (default ``token_timeout + 4 * consensus``, so a membership change does not stop it)."""
@@ -461,6 +465,8 @@ def _cluster(value: Any, where: str) -> ClusterSettings:
         kw["space"] = _string(t["space"], f"{where}.space")
         if not kw["space"] or len(kw["space"].encode()) > 200:
             raise config_error(f"{where}.space", "expected a name of 1 to 200 bytes", kw["space"])
+    if "members" in t:
+        kw["members"] = _eligible(t["members"], f"{where}.members")
     for name in ("lease", "fencing_delay", "kill_allowance", "liveness_check"):
         if name in t:
             kw[name] = _duration(t[name], f"{where}.{name}")
