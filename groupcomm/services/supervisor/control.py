@@ -1,0 +1,347 @@
+"""The supervisor's control socket: how a supervised process talks to its supervisor (trio, server side).
+
+A supervisor listens on a Unix stream socket (mode 0600; its path reaches the
+children as ``GROUPCOMM_CONTROL``).  :mod:`.client` is the Python helper for
+the other side; any language can speak the protocol.
+
+Protocol
+--------
+
+Newline-delimited JSON, UTF-8, one object per line, each line at most
+:data:`MAX_LINE` bytes (64 KiB) before its ``\\n``.  The client sends
+requests, the server answers each with one line, in order::
+
+    {"op": "status", "process": NAME}  ->  {"ok": true, "process": NAME, "status": {...}}
+    {"op": "role",   "process": NAME}  ->  {"ok": true, "process": NAME, "role": ROLE, "epoch": EPOCH}
+    {"op": "table"}                    ->  {"ok": true, "table": [{...}, ...]}
+    {"op": "watch",  "process": NAME}  ->  {"ok": true, "process": NAME, "role": ROLE, "epoch": EPOCH}
+                                           then, whenever the supervisor changes NAME's role:
+                                           {"event": "role", "process": NAME, "role": ROLE, "epoch": EPOCH}
+
+``status`` is the process's row in the supervisor's table, ``table`` every
+row (their fields are the supervisor's; see docs/supervisor.rst).  ``ROLE`` is
+a string, ``EPOCH`` the domain-controller term (an integer) or ``null``.  A
+``watch`` answer carries the current role, so nothing is missed between
+reading the environment and subscribing; the connection then only carries
+events (anything the client sends on it closes it).
+
+Errors are answered ``{"ok": false, "error": "why"}``.  An unknown ``op`` or
+``process`` leaves the connection open; a line that is not a JSON object, not
+UTF-8 or too long is answered and the connection closed.  An answer that would
+exceed the line limit is replaced by an error.
+
+Limits (constructor arguments, defaults in brackets): at most
+``max_connections`` [64] connections at once (one more is answered
+``too many connections`` and closed); each connection queues at most
+``queue_lines`` [32] lines for sending, and a client that lets its queue
+overflow, or does not take a line within ``send_timeout`` [5 s], is
+disconnected -- a slow reader never slows the supervisor; a connection that
+has not sent a complete request for ``idle_timeout`` [60 s] is closed (watch
+connections excepted).  Only peers running as the supervisor's user or root
+are served (``SO_PEERCRED``).
+
+Use::
+
+    async with ControlServer(path, view) as control:   # owns its nursery; unlinks the socket on exit
+        ...
+        control.role_changed("web", "domain-controller", 7)
+
+``view`` is any object with the :class:`SupervisorView` methods.
+"""
+
+from __future__ import annotations
+
+import errno
+import json
+import logging
+import os
+import socket
+import stat
+import struct
+from collections.abc import Collection, Mapping, Sequence
+from contextlib import nullcontext
+from typing import Any, Protocol, Self
+
+import trio
+
+__all__ = ["MAX_LINE", "ControlServer", "SupervisorView"]
+
+MAX_LINE = 65536
+
+_log = logging.getLogger(__name__)
+_RESOURCE_ERRORS = {errno.EMFILE, errno.ENFILE, errno.ENOMEM, errno.ENOBUFS}
+_BROKEN = (trio.BrokenResourceError, trio.ClosedResourceError, OSError)     # the client went away
+
+
+class SupervisorView(Protocol):
+    """What the control socket asks the supervisor (the runner provides it)."""
+
+    def status(self, process: str) -> Mapping[str, Any]:
+        """The process's row as JSON-able values; KeyError if there is no such process."""
+        ...
+
+    def role(self, process: str) -> tuple[str, int | None]:
+        """The process's role and its DC epoch (None when it has none); KeyError if unknown."""
+        ...
+
+    def table(self) -> Sequence[Mapping[str, Any]]:
+        """Every row of the table, as JSON-able values."""
+        ...
+
+
+class _Closing(Exception):
+    """The request was answered and the connection must close."""
+
+
+class _Connection:
+    def __init__(self, stream: trio.SocketStream, queue_lines: int) -> None:
+        self.stream = stream
+        self.scope = trio.CancelScope()
+        self.outbox, self.pending = trio.open_memory_channel[bytes](queue_lines)
+        self.watching: str | None = None
+
+    def push(self, line: bytes) -> None:
+        """Queue a line; a client that lets its queue overflow is disconnected."""
+        try:
+            self.outbox.send_nowait(line)
+        except trio.WouldBlock:
+            self.scope.cancel()
+        except trio.ClosedResourceError:
+            pass
+
+
+class ControlServer:
+    """The control socket at ``path``, answering from ``view``: an async context manager owning its nursery."""
+
+    def __init__(self, path: str | os.PathLike[str], view: SupervisorView, *, max_connections: int = 64,
+                 max_line: int = MAX_LINE, queue_lines: int = 32, send_timeout: float = 5.0,
+                 idle_timeout: float = 60.0, peer_uids: Collection[int] | None = None) -> None:
+        self.path = os.fspath(path)
+        self.view = view
+        self.max_connections = max_connections
+        self.max_line = max_line
+        self.queue_lines = queue_lines
+        self.send_timeout = send_timeout
+        self.idle_timeout = idle_timeout
+        self.peer_uids = frozenset((os.getuid(), 0) if peer_uids is None else peer_uids)
+        self._connections: set[_Connection] = set()
+        self._listener: trio.SocketListener | None = None
+        self._inode: tuple[int, int] | None = None
+        self._nursery_manager: Any = None
+        self._nursery: trio.Nursery | None = None
+
+    @property
+    def connections(self) -> int:
+        """How many clients are connected now."""
+        return len(self._connections)
+
+    # ------------------------------------------------------------------ lifetime
+
+    async def __aenter__(self) -> Self:
+        await self._remove_stale()
+        sock = trio.socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        try:
+            await sock.bind(self.path)
+            os.chmod(self.path, 0o600)
+            st = os.stat(self.path)
+            self._inode = (st.st_dev, st.st_ino)
+            sock.listen(min(self.max_connections, socket.SOMAXCONN))
+        except BaseException:
+            sock.close()
+            self._unlink()
+            raise
+        self._listener = trio.SocketListener(sock)
+        self._nursery_manager = trio.open_nursery()
+        self._nursery = await self._nursery_manager.__aenter__()
+        self._nursery.start_soon(self._accept, self._nursery)
+        return self
+
+    async def __aexit__(self, *exc: object) -> bool:
+        assert self._nursery is not None and self._listener is not None
+        self._nursery.cancel_scope.cancel()
+        try:
+            return bool(await self._nursery_manager.__aexit__(*exc))
+        finally:
+            await self._listener.aclose()
+            self._unlink()
+
+    async def _remove_stale(self) -> None:
+        try:
+            st = os.lstat(self.path)
+        except FileNotFoundError:
+            return
+        if not stat.S_ISSOCK(st.st_mode):
+            raise FileExistsError(errno.EEXIST, "not a socket; refusing to replace it", self.path)
+        try:
+            with trio.fail_after(2.0):
+                probe = await trio.open_unix_socket(self.path)
+        except (OSError, trio.TooSlowError):
+            os.unlink(self.path)                       # nobody listens: a dead supervisor's socket
+            return
+        await probe.aclose()
+        raise OSError(errno.EADDRINUSE, "another supervisor is listening on this control socket", self.path)
+
+    def _unlink(self) -> None:
+        try:
+            st = os.stat(self.path)
+            if (st.st_dev, st.st_ino) == self._inode:  # never another supervisor's socket
+                os.unlink(self.path)
+        except FileNotFoundError:
+            pass
+
+    # ------------------------------------------------------------------ events
+
+    def role_changed(self, process: str, role: str, epoch: int | None) -> None:
+        """Tell every watcher of ``process`` its new role (never blocks)."""
+        line = self._encode({"event": "role", "process": process, "role": role, "epoch": epoch})
+        for conn in list(self._connections):
+            if conn.watching == process:
+                conn.push(line)
+
+    # ------------------------------------------------------------------ connections
+
+    async def _accept(self, nursery: trio.Nursery) -> None:
+        assert self._listener is not None
+        while True:
+            try:
+                stream = await self._listener.accept()
+            except OSError as e:
+                if e.errno not in _RESOURCE_ERRORS:
+                    raise
+                _log.warning("control socket %s: accept failed (%s); retrying", self.path, e)
+                await trio.sleep(0.1)
+                continue
+            refusal = self._refusal(stream)
+            if refusal is not None:
+                with trio.move_on_after(0.5):
+                    try:
+                        await stream.send_all(self._error(refusal))
+                    except (trio.BrokenResourceError, OSError):
+                        pass
+                await stream.aclose()
+                continue
+            conn = _Connection(stream, self.queue_lines)
+            self._connections.add(conn)
+            nursery.start_soon(self._serve, conn)
+
+    def _refusal(self, stream: trio.SocketStream) -> str | None:
+        if len(self._connections) >= self.max_connections:
+            return "too many connections"
+        try:
+            creds = stream.socket.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, struct.calcsize("3i"))
+            _, uid, _ = struct.unpack("3i", creds)
+        except OSError:
+            return "cannot identify the peer"
+        if uid not in self.peer_uids:
+            return "permission denied"
+        return None
+
+    async def _serve(self, conn: _Connection) -> None:
+        try:
+            with conn.scope:
+                async with trio.open_nursery() as nursery:
+                    nursery.start_soon(self._send, conn)
+                    try:
+                        await self._receive(conn)
+                    except _BROKEN:
+                        conn.scope.cancel()
+                    finally:
+                        conn.outbox.close()             # the sender drains what is queued, then ends
+        finally:
+            self._connections.discard(conn)
+            await conn.stream.aclose()
+
+    async def _send(self, conn: _Connection) -> None:
+        try:
+            async for line in conn.pending:
+                with trio.move_on_after(self.send_timeout) as timer:
+                    await conn.stream.send_all(line)
+                if timer.cancelled_caught:             # the client does not read
+                    conn.scope.cancel()
+                    return
+        except _BROKEN:
+            conn.scope.cancel()
+
+    async def _receive(self, conn: _Connection) -> None:
+        buffer = bytearray()
+        idle_at = trio.current_time() + self.idle_timeout    # a complete request is due by then
+        while True:
+            with trio.move_on_at(idle_at) if conn.watching is None else nullcontext() as idle:
+                data = await conn.stream.receive_some(65536)
+            if idle is not None and idle.cancelled_caught:
+                conn.push(self._error("idle for too long"))
+                return
+            if not data:
+                return
+            if conn.watching is not None:
+                return                                 # a watch connection takes no more requests
+            buffer += data
+            while (end := buffer.find(b"\n")) >= 0:
+                line = bytes(buffer[:end])
+                del buffer[:end + 1]
+                idle_at = trio.current_time() + self.idle_timeout
+                try:
+                    conn.push(self._answer(conn, line))
+                except _Closing as e:
+                    conn.push(self._error(str(e)))
+                    return
+                if conn.watching is not None:
+                    if buffer:
+                        return
+                    break
+            if len(buffer) > self.max_line:
+                conn.push(self._error(f"line too long (over {self.max_line} bytes)"))
+                return
+
+    # ------------------------------------------------------------------ requests
+
+    def _answer(self, conn: _Connection, line: bytes) -> bytes:
+        if len(line) > self.max_line:
+            raise _Closing(f"line too long (over {self.max_line} bytes)")
+        try:
+            request = json.loads(line.decode("utf-8"))
+        except (ValueError, RecursionError):
+            raise _Closing("malformed request: not JSON") from None
+        if not isinstance(request, dict):
+            raise _Closing("malformed request: not a JSON object")
+        op, process = request.get("op"), request.get("process")
+        if op not in ("status", "role", "table", "watch"):
+            return self._error(f"unknown op {op!r} (status, role, table, watch)")
+        if op != "table" and not isinstance(process, str):
+            return self._error(f"op {op!r} needs a \"process\" name")
+        try:
+            if op == "status":
+                answer = {"ok": True, "process": process, "status": dict(self.view.status(process))}
+            elif op == "table":
+                answer = {"ok": True, "table": [dict(row) for row in self.view.table()]}
+            else:
+                role, epoch = self.view.role(process)
+                answer = {"ok": True, "process": process, "role": role, "epoch": epoch}
+        except KeyError:
+            return self._error(f"no process {process!r}")
+        except Exception:                              # noqa: BLE001 -- a bug in the view must not end the server
+            _log.exception("control socket %s: answering %r failed", self.path, op)
+            return self._error("internal error")
+        try:
+            encoded = self._encode(answer)
+        except ValueError as e:
+            return self._error(str(e))
+        if op == "watch":
+            conn.watching = process
+        return encoded
+
+    def _encode(self, message: Mapping[str, Any]) -> bytes:
+        """One protocol line; ValueError if it is not JSON or too long."""
+        try:
+            line = json.dumps(message, separators=(",", ":"), allow_nan=False).encode() + b"\n"
+        except (TypeError, ValueError) as e:
+            _log.error("control socket %s: cannot encode %r: %s", self.path, message, e)
+            raise ValueError("internal error: the answer is not JSON") from None
+        if len(line) > self.max_line + 1:
+            raise ValueError(f"answer too long ({len(line) - 1} bytes, the limit is {self.max_line})")
+        return line
+
+    @staticmethod
+    def _error(why: str) -> bytes:
+        return json.dumps({"ok": False, "error": why}, separators=(",", ":")).encode() + b"\n"
+
