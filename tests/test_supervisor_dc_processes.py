@@ -389,7 +389,7 @@ def test_a_frozen_hosting_supervisor_loses_its_domain_controller_before_another_
 
         _, new = cluster.wait_starts(2, limit=failover_bound(f))
         assert new.node != old.node and new.epoch > old.epoch
-        assert new.at > cluster.sampler.life(old.pid).last_alive   # only after the old one was gone
+        assert new.at > cluster.sampler.life(old.pid).first_gone   # only after the old one was gone
         assert new.at - frozen > f.fencing_delay
 
         host.signal(signal.SIGCONT)                              # it rejoins: still one
@@ -442,7 +442,7 @@ def test_a_partition_between_namespaces_keeps_one_domain_controller(tmp_path):
 
         _, new = cluster.wait_starts(2, limit=failover_bound(f))   # the majority runs one
         assert new.node != old.node and new.epoch > old.epoch
-        assert new.at > cluster.sampler.life(old.pid).last_alive
+        assert new.at > cluster.sampler.life(old.pid).first_gone
         time.sleep(1.0)
         assert cluster.sampler.up() == [new.pid]
 
