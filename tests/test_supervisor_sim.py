@@ -57,7 +57,16 @@ def failover_bound(sim: SimCluster, sups: SimSupervisors) -> float:
 
 
 def one_dc(sups: SimSupervisors) -> bool:
-    return len(sups.running("dc")) == 1
+    return len(sups.running("dc", DOMAIN_CONTROLLER)) == 1
+
+
+def one_chosen_dc(sups: SimSupervisors) -> bool:
+    """Exactly one controller runs, and its node holds the term (not an old one on its way out)."""
+    running = sups.running("dc", DOMAIN_CONTROLLER)
+    if len(running) != 1:
+        return False
+    core = sups.core(running[0].node)
+    return core is not None and core.placement.lease_valid("dc", sups.sim.now_us)
 
 
 # --------------------------------------------------------------------------- the checks
@@ -243,6 +252,28 @@ def test_a_crashed_process_is_restarted_under_the_same_term() -> None:
     assert again.node == first.node and again.epoch == first.epoch and again.generation == first.generation + 1
 
 
+def test_a_live_switch_controller_is_promoted_in_place_and_demoted_by_a_restart() -> None:
+    spec = ProcessSpec(name="dc", command=("dc",), role=DOMAIN_CONTROLLER, restart="always", live_switch=True)
+    sim, sups = cluster(3, seed=13, specs=(spec,))
+    assert sups.run_until(lambda: one_dc(sups), 15)
+    standbys = [i for i in sups.running("dc") if i.role == "standby"]
+    (dc,) = sups.running("dc", DOMAIN_CONTROLLER)
+    assert len(standbys) == 2 and dc.generation == 1            # promoted in place, not restarted
+    assert {r.role for r in sups.table(dc.node)} == {DOMAIN_CONTROLLER}
+    assert {r.role for n in sim.nodes if n != dc.node for r in sups.table(n)} == {"standby"}
+    others = [n for n in sim.nodes if n != dc.node]
+    sim.partition([[dc.node], others])                          # the controller's node is alone
+    assert sups.run_until(lambda: not dc.alive, sups.fencing.lease + 1)
+    assert sups.run_until(lambda: one_dc(sups) and sups.running("dc", DOMAIN_CONTROLLER)[0].node in others,
+                          failover_bound(sim, sups))
+    assert sups.run_until(lambda: len([i for i in sups.running("dc") if i.node == dc.node]) == 1, 5)
+    assert [i.role for i in sups.running("dc") if i.node == dc.node] == ["standby"]   # restarted as one
+    sim.heal()
+    sups.run(15)
+    assert one_dc(sups)
+    check_safety(sups)
+
+
 def test_fencing_delay_shorter_than_the_rule_is_refused_naming_the_values() -> None:
     with pytest.raises(ConfigError, match=r"fencing_delay \(2s\) is shorter than token_timeout \(1s\)"):
         Fencing.derive(ClusterSettings(fencing_delay=2.0), token_timeout=1.0)
@@ -278,7 +309,8 @@ def supervisor_schedules(draw):
     seed = draw(st.integers(0, 2**16))
     eligible = draw(st.one_of(st.none(), st.lists(st.integers(1, n), min_size=2, max_size=n, unique=True)))
     plan = draw(st.lists(_step(n), min_size=1, max_size=14))
-    return n, seed, (tuple(sorted(eligible)) if eligible else None), plan
+    live_switch = draw(st.booleans())
+    return n, seed, (tuple(sorted(eligible)) if eligible else None), plan, live_switch
 
 
 def _apply(sim: SimCluster, sups: SimSupervisors, step: tuple) -> None:
@@ -312,14 +344,14 @@ def _apply(sim: SimCluster, sups: SimSupervisors, step: tuple) -> None:
 @settings(deadline=None, max_examples=max(6, settings().max_examples // 8))
 @given(supervisor_schedules())
 @example((5, 11, None, [("partition", (0, 0, 1, 1, 1)), ("run", 5.0), ("heal",), ("pause", 1, 8.0),
-                        ("run", 5.0), ("crash", 3)]))
-@example((5, 44, None, [("stop", 4), ("loss", 0.0), ("crash", 3), ("crash", 4)]))   # a soak run's find
+                        ("run", 5.0), ("crash", 3)], True))
+@example((5, 44, None, [("stop", 4), ("loss", 0.0), ("crash", 3), ("crash", 4)], False))   # a soak run's find
 @example((3, 2, (2, 3), [("stop", 2), ("run", 1.0), ("restart", 2), ("pause", 3, 4.0), ("cut", 1, 3, False),
-                         ("run", 2.5)]))
+                         ("run", 2.5)], False))
 def test_exactly_one_domain_controller_under_any_fault_schedule(schedule) -> None:
-    n, seed, eligible, plan = schedule
+    n, seed, eligible, plan, live_switch = schedule
     names = {node: f"n{node}" for node in range(1, n + 1)}
-    dc = ProcessSpec(name="dc", command=("dc",), role=DOMAIN_CONTROLLER, restart="always",
+    dc = ProcessSpec(name="dc", command=("dc",), role=DOMAIN_CONTROLLER, restart="always", live_switch=live_switch,
                      eligible=tuple(names[e] for e in eligible) if eligible else ())
     web = ProcessSpec(name="web", command=("web",), replicas=2, restart="always")
     sim, sups = cluster(n, seed=seed, specs=(dc, web), model=ProcessModel(hang=0.2))
@@ -336,12 +368,12 @@ def test_exactly_one_domain_controller_under_any_fault_schedule(schedule) -> Non
             sups.restart(node)
     assert sups.run_until(sim.converged, sim.settle_time), "the ring did not converge"
     sups.run(1.0)                                   # the spaces' merge round, if any
-    assert sups.run_until(lambda: one_dc(sups) and len(sups.running("web")) == 2,
+    assert sups.run_until(lambda: one_chosen_dc(sups) and len(sups.running("web")) == 2,
                           failover_bound(sim, sups) + sups.fencing.lease), (
         f"not exactly one DC / two replicas after stabilising: {sups.running('dc')} {sups.running('web')}")
-    chosen = sups.running("dc")[0]
+    chosen = sups.running("dc", DOMAIN_CONTROLLER)[0]
     sups.run(6.0)
-    assert sups.running("dc") == [chosen], "the domain controller moved on a stable network"
+    assert sups.running("dc", DOMAIN_CONTROLLER) == [chosen], "the domain controller moved on a stable network"
     assert len(sups.running("web")) == 2
     check_safety(sups, eligible={"dc": eligible})
     check_epochs_increase(sups)

@@ -318,6 +318,11 @@ class ClusterPlacement:
     def spaces(self) -> tuple[str, ...]:
         return tuple(self._by_space)
 
+    def is_leaving(self, name: str) -> bool:
+        """Whether ``name`` is being handed over (removed, or the supervisor stops)."""
+        placed = self._placed.get(name)
+        return placed is not None and placed.leaving
+
     def awaiting_stop(self) -> tuple[str, ...]:
         """The processes halted whose end :meth:`stopped` has not reported yet."""
         return tuple(name for name, placed in self._placed.items() if placed.awaiting_stop)

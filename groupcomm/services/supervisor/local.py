@@ -491,7 +491,7 @@ class LocalSupervisor:
         p = _Proc(spec=spec, since=now)
         self._procs[spec.name] = p
         self._changed = True
-        if start if start is not None else not spec.cluster_placed:
+        if start if start is not None else (not spec.cluster_placed or spec.standby):
                 self._launch(spec.name, p, now, out)
 
     def _change(self, now: int, spec: ProcessSpec, out: list[Action]) -> None:

@@ -9,6 +9,12 @@ asks for then fails at once, so a restart after the lease guard killed the
 process cannot revive it).  Both drivers use it: the trio
 :class:`~.runner.Supervisor` and the simulation (:mod:`.sim`).
 
+A ``live_switch`` domain controller runs as a standby wherever it can be
+hosted; the placement's :class:`~.cluster.Run` then promotes the running
+process in place (:class:`Promote`: the driver sets its lease and tells it its
+role), and a :class:`~.cluster.Halt` restarts it as a standby -- a demoted
+controller never runs on.
+
 Actions returned: the local supervisor's (:class:`~.local.StartProcess`,
 :class:`~.local.SendSignal`, :class:`~.local.RunProbe`,
 :class:`~.local.TableChanged`) and the placement's that need the group
@@ -18,6 +24,7 @@ Actions returned: the local supervisor's (:class:`~.local.StartProcess`,
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 
@@ -34,15 +41,23 @@ from groupcomm.services.supervisor.local import (
     Add,
     Event,
     LocalSupervisor,
+    ProcessRow,
     Remove,
+    Restart,
     Start,
     StartFailed,
     StartProcess,
     Stop,
+    TableChanged,
 )
-from groupcomm.services.supervisor.spec import ClusterSettings, ProcessSpec
+from groupcomm.services.supervisor.spec import (
+    DOMAIN_CONTROLLER,
+    STANDBY,
+    ClusterSettings,
+    ProcessSpec,
+)
 
-__all__ = ["Grant", "NodeCore"]
+__all__ = ["Grant", "NodeCore", "Promote"]
 
 
 @dataclass(frozen=True)
@@ -52,6 +67,17 @@ class Grant:
     role: str
     epoch: int | None
     lease_until: int | None
+
+
+@dataclass(frozen=True)
+class Promote:
+    """Make the running standby ``name`` the domain controller of ``epoch``: set its lease
+    until ``lease_until`` (the core's clock), then tell it its role."""
+
+    name: str
+    role: str
+    epoch: int
+    lease_until: int
 
 
 class NodeCore:
@@ -67,6 +93,8 @@ class NodeCore:
             if spec.cluster_placed:
                 self._initial += self.placement.add(now, spec)
         self._removing: set[str] = set()
+        self._promoted: dict[str, int] = {}        # standby -> the generation promoted
+        self._halted: dict[str, int] = {}          # standby -> the generation demoted (restarting)
 
     def initial_actions(self) -> list:
         out, self._initial = self._initial, []
@@ -113,7 +141,23 @@ class NodeCore:
         """The role, epoch and lease of placed process ``name`` (None: not placed)."""
         if name not in self.placement.names:
             return None
-        return Grant(self.placement.role(name), self.placement.epoch(name), self.placement.lease_until(name))
+        lease = self.placement.lease_until(name)
+        if self.local.spec(name).standby and lease is None:
+            return Grant(STANDBY, None, None)
+        return Grant(self.placement.role(name), self.placement.epoch(name), lease)
+
+    def table(self) -> tuple[ProcessRow, ...]:
+        """The process table, with the role each live placed process runs with now."""
+        return tuple(self._with_role(row) for row in self.local.table())
+
+    def _with_role(self, row: ProcessRow) -> ProcessRow:
+        if row.name not in self.placement.names or row.pid is None:
+            return row
+        if self.local.spec(row.name).standby:
+            role = DOMAIN_CONTROLLER if self._promoted.get(row.name) == row.generation else STANDBY
+        else:
+            role = self.placement.role(row.name)
+        return row if role == row.role else dataclasses.replace(row, role=role)
 
     # ------------------------------------------------------------------ plumbing
 
@@ -121,12 +165,35 @@ class NodeCore:
         out: list = []
         for action in actions:
             if isinstance(action, Run):
-                out += self.local.handle(now, Start(action.name))
+                out += self._run(now, action)
             elif isinstance(action, Halt):
-                out += self.local.handle(now, Stop(action.name))
+                out += self._halt(now, action.name)
             else:
                 out.append(action)
         return out
+
+    def _may_start(self, start: StartProcess, now: int) -> bool:
+        """A placed process starts only while placed here (a standby: while it may be promoted here)."""
+        name, placement = start.name, self.placement
+        if name not in placement.names or placement.is_leaving(name):
+            return False
+        return start.spec.standby or placement.lease_valid(name, now)
+
+    def _run(self, now: int, run: Run) -> list:
+        live = self.local.live()
+        if (self.local.spec(run.name).standby and run.name in live and run.name not in self._halted
+                and run.epoch is not None and run.lease_until is not None):
+            self._promoted[run.name] = live[run.name]
+            return [Promote(run.name, DOMAIN_CONTROLLER, run.epoch, run.lease_until), TableChanged(self.table())]
+        return self.local.handle(now, Start(run.name))
+
+    def _halt(self, now: int, name: str) -> list:
+        live = self.local.live()
+        self._promoted.pop(name, None)
+        if self.local.spec(name).standby and name in live and not self.placement.is_leaving(name):
+            self._halted[name] = live[name]                  # demoted: it runs again as a standby
+            return self.local.handle(now, Restart(name))
+        return self.local.handle(now, Stop(name))
 
     def _settle(self, now: int, actions: list) -> list:
         """Refuse starts the placement does not allow; report halted processes that are gone."""
@@ -134,16 +201,20 @@ class NodeCore:
         pending = list(actions)
         while pending:
             action = pending.pop(0)
-            if (isinstance(action, StartProcess) and action.name in self.placement.names
-                    and not self.placement.lease_valid(action.name, now)):
+            if isinstance(action, TableChanged):
+                action = TableChanged(self.table())
+            if isinstance(action, StartProcess) and action.spec.cluster_placed and not self._may_start(action, now):
                 pending += self.local.handle(now, StartFailed(action.name, action.generation,
                                                               "not placed on this node now"))
                 pending += self.local.handle(now, Stop(action.name))
                 continue
             out.append(action)
         live = self.local.live()
+        gone = {name for name, generation in self._halted.items() if live.get(name, generation + 1) > generation}
+        for name in gone:
+            del self._halted[name]
         for name in self.placement.awaiting_stop():
-            if name not in live:
+            if name not in live or name in gone:
                 done = self._placement(now, self.placement.stopped(now, name))
                 if name in self._removing and name not in self.placement.names:
                     self._removing.discard(name)

@@ -22,14 +22,15 @@ from groupcomm.events import View
 from groupcomm.layers.spaces import SpaceMessage, SpaceView
 from groupcomm.services.supervisor.cluster import JoinSpace, LeaveSpace, Publish, Renew
 from groupcomm.services.supervisor.lease import Lease, clock
-from groupcomm.services.supervisor.node_core import NodeCore
+from groupcomm.services.supervisor.node_core import NodeCore, Promote
 
 __all__ = ["GROUP_ACTIONS", "Launch", "PlacementLink"]
 
-GROUP_ACTIONS = (Renew, Publish, JoinSpace, LeaveSpace)
+GROUP_ACTIONS = (Renew, Publish, JoinSpace, LeaveSpace, Promote)
 """The core's actions this link carries out."""
 
 _US = 1_000_000
+_STANDBY_LEASE = 10 * 365 * 86400.0     # a standby's guard waits for a real lease (seconds)
 
 
 @dataclass
@@ -46,9 +47,11 @@ class Launch:
 class PlacementLink:
     """Connects a :class:`NodeCore` to a joined channel (see the module docstring)."""
 
-    def __init__(self, channel: Any, core: NodeCore, *, lease: float, wake: Any) -> None:
+    def __init__(self, channel: Any, core: NodeCore, *, lease: float, wake: Any,
+                 role_changed: Any = None) -> None:
         self.channel = channel
         self.core = core
+        self._role_changed = role_changed
         self._lease_seconds = lease
         self._wake = wake
         self._inbox: list[Any] = []
@@ -107,10 +110,13 @@ class PlacementLink:
 
     def act(self, now: int, action: Any) -> None:
         """Carry out one of :data:`GROUP_ACTIONS`."""
-        if isinstance(action, Renew):
+        if isinstance(action, Renew | Promote):
             lease = self._leases.get(action.name)
+            until = action.until if isinstance(action, Renew) else action.lease_until
             if lease is not None:
-                lease.renew(clock() + (action.until - now) / _US)
+                lease.renew(clock() + (until - now) / _US)
+            if isinstance(action, Promote) and self._role_changed is not None:
+                self._role_changed(action.name, action.role, action.epoch)   # after its lease is set
             return
         if isinstance(action, JoinSpace):
             self._left.discard(action.space)
@@ -130,11 +136,12 @@ class PlacementLink:
         env = {"GROUPCOMM_ROLE": grant.role}
         if grant.epoch is not None:
             env["GROUPCOMM_DC_EPOCH"] = str(grant.epoch)
-        if grant.lease_until is None:
+        standby = grant.lease_until is None and self.core.local.spec(name).standby
+        if grant.lease_until is None and not standby:
             return Launch(list(argv), (), env, None)
         self.close_lease(name)
         lease = self._leases[name] = Lease(self._lease_seconds)
-        until = clock() + (grant.lease_until - now) / _US
+        until = clock() + (_STANDBY_LEASE if standby else (grant.lease_until - now) / _US)
         return Launch(lease.command(argv, until=until), (lease.child_fd,), env, lease)
 
     def close_lease(self, name: str) -> None:

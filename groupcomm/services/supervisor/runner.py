@@ -19,10 +19,13 @@ answers ``groupcomm ps`` and ``groupcomm start|stop|restart``.
 
 from __future__ import annotations
 
+import dataclasses
+import itertools
 import os
 import signal
 import socket
 import sys
+import tempfile
 import time
 from collections.abc import Callable, Iterable
 from pathlib import Path
@@ -31,6 +34,8 @@ from typing import Any, Self
 import trio
 
 from groupcomm.errors import ConfigError
+from groupcomm.services.supervisor.cluster import Fencing
+from groupcomm.services.supervisor.control import ControlServer
 from groupcomm.services.supervisor.local import (
     Action,
     Add,
@@ -51,14 +56,19 @@ from groupcomm.services.supervisor.local import (
     Stop,
     TableChanged,
 )
-from groupcomm.services.supervisor.cluster import Fencing
 from groupcomm.services.supervisor.logfile import RotatingLog
 from groupcomm.services.supervisor.node_core import NodeCore
 from groupcomm.services.supervisor.placing import GROUP_ACTIONS, PlacementLink
 from groupcomm.services.supervisor.probes import ProbeTarget, run_probe
 from groupcomm.services.supervisor.remote import RemoteTable
 from groupcomm.services.supervisor.spawn import Child, spawn
-from groupcomm.services.supervisor.spec import NodeSpec, ProcessSpec, load_node_file, signal_number
+from groupcomm.services.supervisor.spec import (
+    DOMAIN_CONTROLLER,
+    NodeSpec,
+    ProcessSpec,
+    load_node_file,
+    signal_number,
+)
 from groupcomm.services.supervisor.table import Row, row_of
 
 __all__ = ["Supervisor", "main", "serve"]
@@ -106,6 +116,8 @@ class Supervisor:
         self._nursery: trio.Nursery | None = None
         self.channel = channel
         """The channel of the group this supervisor takes part in (None: local only)."""
+        self.control: ControlServer | None = None
+        """The control socket its processes reach it on (``GROUPCOMM_CONTROL``), once entered."""
         self.remote: RemoteTable | None = None
         """The group side (:mod:`.remote`), once entered with a channel."""
 
@@ -118,24 +130,30 @@ class Supervisor:
         else:
             self._core = self._cluster_core()
             self._local = self._core.local
-        self._rows = self._local.table()
+        self._rows = self._core.table()
         self._nursery_manager = trio.open_nursery()
         self._nursery = await self._nursery_manager.__aenter__()
         try:
             self._nursery.start_soon(self._timer)
+            self.control = await self._nursery.start(self._serve_control)
             if self.channel is not None:
                 self.remote = RemoteTable(self.channel, self.node_spec.cluster.space, node=self.name,
                                           rows=self.table, command=self._command)
                 await self.remote.start(self._nursery)
                 assert isinstance(self._core, NodeCore)
                 self.placement = PlacementLink(self.channel, self._core, lease=self.fencing.lease,
-                                               wake=self._wake_up)
+                                               wake=self._wake_up, role_changed=self.control.role_changed)
                 self.placement.start(self._nursery)
             self._apply(self._core.initial_actions())
         except BaseException as e:
             await self._close(type(e), e, e.__traceback__)
             raise
         return self
+
+    async def _serve_control(self, task_status: Any = trio.TASK_STATUS_IGNORED) -> None:
+        async with ControlServer(control_path(), _ControlView(self)) as control:
+            task_status.started(control)
+            await trio.sleep_forever()
 
     def _cluster_core(self) -> NodeCore:
         from groupcomm.io.channel import node_id_for
@@ -164,6 +182,7 @@ class Supervisor:
             if self.remote is not None:
                 with trio.CancelScope(shield=True):
                     await self.remote.stop(_LEAVE_TIMEOUT)
+
         finally:
             assert self._nursery is not None
             self._nursery.cancel_scope.cancel()
@@ -349,6 +368,8 @@ class Supervisor:
         env.update(spec.env)
         env.update(GROUPCOMM_NODE=self.name, GROUPCOMM_PROCESS=spec.name, GROUPCOMM_ROLE=spec.role,
                    GROUPCOMM_GENERATION=str(generation))
+        if self.control is not None:
+            env["GROUPCOMM_CONTROL"] = self.control.path
         return env
 
     def _cwd(self, spec: ProcessSpec) -> str:
@@ -423,6 +444,41 @@ class Supervisor:
                                           cwd=self._cwd(action.spec))
         if self._local is not None and action.name in self._local.names:
             self._feed(ProbeResult(action.name, action.generation, outcome, detail))
+
+
+def control_path() -> Path:
+    """Where this supervisor's control socket goes: ``$XDG_RUNTIME_DIR/groupcomm`` (else a
+    private directory in the temp dir), one socket per supervisor."""
+    runtime = os.environ.get("XDG_RUNTIME_DIR")
+    base = Path(runtime) / "groupcomm" if runtime else Path(tempfile.gettempdir()) / f"groupcomm-{os.getuid()}"
+    base.mkdir(mode=0o700, parents=True, exist_ok=True)
+    if base.stat().st_uid != os.getuid():
+        raise PermissionError(f"{base} belongs to another user; set XDG_RUNTIME_DIR")
+    return base / f"supervisor-{os.getpid()}-{next(_control_sockets)}.sock"
+
+
+_control_sockets = itertools.count(1)
+
+
+class _ControlView:
+    """What the control socket shows of a :class:`Supervisor`."""
+
+    def __init__(self, supervisor: Supervisor) -> None:
+        self._sup = supervisor
+
+    def status(self, process: str) -> dict[str, Any]:
+        return dataclasses.asdict(self._sup.row(process))
+
+    def role(self, process: str) -> tuple[str, int | None]:
+        row = self._sup.row(process)
+        core = self._sup._core
+        grant = core.grant(process) if isinstance(core, NodeCore) else None
+        if grant is None:
+            return row.role, None
+        return row.role, grant.epoch if row.role == DOMAIN_CONTROLLER else None
+
+    def table(self) -> list[dict[str, Any]]:
+        return [dataclasses.asdict(row) for row in self._sup.table()]
 
 
 def _stamp() -> str:

@@ -44,7 +44,7 @@ from groupcomm.services.supervisor.local import (
     StartProcess,
     TableChanged,
 )
-from groupcomm.services.supervisor.node_core import NodeCore
+from groupcomm.services.supervisor.node_core import NodeCore, Promote
 from groupcomm.services.supervisor.spec import (
     DOMAIN_CONTROLLER,
     ClusterSettings,
@@ -313,6 +313,11 @@ class SimSupervisors:
                 self._later(0.001, lambda n=node, p=probe: self._feed(n, p))
             elif t is TableChanged:
                 entry.table = action.rows
+            elif t is Promote:
+                for inst in self._live(node):
+                    if inst.name == action.name:     # the controller's run starts here
+                        inst.role, inst.epoch, inst.started = action.role, action.epoch, self.sim.now
+                        inst.lease_until = action.lease_until / _US + self._rng.uniform(*self.model.guard_latency)
             elif t is Renew:
                 for inst in self._live(node):
                     if inst.name == action.name and inst.lease_until is not None:

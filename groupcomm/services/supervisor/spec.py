@@ -42,6 +42,7 @@ from groupcomm.errors import ConfigError
 
 __all__ = [
     "DOMAIN_CONTROLLER",
+    "STANDBY",
     "Backoff",
     "ClusterSettings",
     "HealthCheck",
@@ -55,6 +56,8 @@ __all__ = [
 
 DOMAIN_CONTROLLER = "domain-controller"
 """The role of the process that runs on exactly one node of the primary component."""
+STANDBY = "standby"
+"""The role of a ``live_switch`` domain controller on the nodes that do not run the controller."""
 
 RestartPolicy = Literal["always", "on-failure", "never"]
 ProbeKind = Literal["command", "http", "tcp", "python"]
@@ -146,13 +149,20 @@ class ProcessSpec:
     replicas: int | None = None
     """Run this many instances cluster-wide (placed by the cluster supervisor) instead of one per node."""
     live_switch: bool = False
-    """The process can change role while running (it watches its role through
-    :mod:`~groupcomm.services.supervisor.client`); otherwise a role change restarts it."""
+    """A domain controller that can take the role while running: it runs as ``standby`` on
+    every node that can host it and is promoted in place (its role arrives through
+    :mod:`~groupcomm.services.supervisor.client`); losing the role restarts it as a standby.
+    Otherwise a domain controller runs only where it is the controller."""
 
     @property
     def cluster_placed(self) -> bool:
         """Whether the cluster decides where this runs (a domain controller or replicas)."""
         return self.role == DOMAIN_CONTROLLER or self.replicas is not None
+
+    @property
+    def standby(self) -> bool:
+        """A domain controller that runs as a standby until promoted (``live_switch``)."""
+        return self.role == DOMAIN_CONTROLLER and self.live_switch
 
 
 @dataclass(frozen=True)
@@ -296,6 +306,9 @@ def parse_process(entry: Mapping[str, Any], *, where: str = "<process>",
     if spec.role == DOMAIN_CONTROLLER and spec.replicas is not None:
         raise config_error(f"{where}: replicas", "a domain controller runs exactly once; drop 'replicas'",
                            spec.replicas)
+    if spec.live_switch and spec.role != DOMAIN_CONTROLLER:
+        raise config_error(f"{where}: live_switch", f"only a role = {DOMAIN_CONTROLLER!r} process switches role "
+                           "while running", True)
     if spec.eligible and not spec.cluster_placed:
         raise config_error(f"{where}: eligible",
                            f"only a role = {DOMAIN_CONTROLLER!r} or 'replicas' process is placed on eligible nodes")
