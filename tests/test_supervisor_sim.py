@@ -346,6 +346,10 @@ def _apply(sim: SimCluster, sups: SimSupervisors, step: tuple) -> None:
 @example((5, 11, None, [("partition", (0, 0, 1, 1, 1)), ("run", 5.0), ("heal",), ("pause", 1, 8.0),
                         ("run", 5.0), ("crash", 3)], True))
 @example((5, 44, None, [("stop", 4), ("loss", 0.0), ("crash", 3), ("crash", 4)], False))   # a soak run's find
+@example((3, 3727, None, [("loss", 0.0), ("restart", 3), ("stop", 2), ("crash", 3), ("pause", 2, 8.0), ("heal",),
+                          ("loss", 0.05), ("cut", 1, 1, False), ("run", 5.0), ("heal",), ("heal",), ("loss", 0.05),
+                          ("kill", 2, "dc"), ("run", 0.3)], True))   # a standby restarted after its hand-over
+@example((3, 3727, None, [("pause", 1, 0.5)], False))   # a hung old controller is not the chosen one
 @example((3, 2, (2, 3), [("stop", 2), ("run", 1.0), ("restart", 2), ("pause", 3, 4.0), ("cut", 1, 3, False),
                          ("run", 2.5)], False))
 def test_exactly_one_domain_controller_under_any_fault_schedule(schedule) -> None:
@@ -377,3 +381,23 @@ def test_exactly_one_domain_controller_under_any_fault_schedule(schedule) -> Non
     assert len(sups.running("web")) == 2
     check_safety(sups, eligible={"dc": eligible})
     check_epochs_increase(sups)
+
+
+def test_runtime_changes_of_a_placed_process_keep_its_placement() -> None:
+    """The runtime API: a new command restarts the controller under the same term; placement
+    settings cannot change under a running placement; a runtime add places a new process."""
+    from groupcomm.services.supervisor.local import Add, Change
+
+    sim, sups = cluster(3, seed=14)
+    assert sups.run_until(lambda: one_dc(sups), 15)
+    (dc,) = sups.running("dc")
+    sups.command(dc.node, Change(ProcessSpec(**{**DC.__dict__, "command": ("dc", "-v")})))
+    assert sups.run_until(lambda: one_dc(sups) and sups.running("dc")[0] is not dc, 3)
+    again = sups.running("dc")[0]
+    assert again.node == dc.node and again.epoch == dc.epoch and again.generation == dc.generation + 1
+    with pytest.raises(ValueError, match="eligible decide where it runs"):
+        sups.command(dc.node, Change(ProcessSpec(**{**DC.__dict__, "eligible": ("n1",)})))
+    for node in sim.nodes:
+        sups.command(node, Add(WEB))
+    assert sups.run_until(lambda: len(sups.running("web")) == 2, 5)
+    check_safety(sups)

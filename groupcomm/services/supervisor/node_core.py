@@ -39,6 +39,7 @@ from groupcomm.services.supervisor.cluster import (
 )
 from groupcomm.services.supervisor.local import (
     Add,
+    Change,
     Event,
     LocalSupervisor,
     ProcessRow,
@@ -107,10 +108,21 @@ class NodeCore:
         if isinstance(event, Add) and event.spec.cluster_placed:
             out = list(self.local.handle(now, Add(event.spec, False)))
             return self._settle(now, out + self.placement.add(now, event.spec))
+        if isinstance(event, Change) and (event.spec.cluster_placed or event.spec.name in self.placement.names):
+            self._check_change(event.spec)
         if isinstance(event, Remove) and event.name in self.placement.names:
             self._removing.add(event.name)
             return self._settle(now, self._placement(now, self.placement.remove(now, event.name)))
         return self._settle(now, self.local.handle(now, event))
+
+    def _check_change(self, spec: ProcessSpec) -> None:
+        """Placement settings cannot change under a running placement: they decide where it runs."""
+        old = self.local.spec(spec.name)
+        fields = ("role", "eligible", "replicas", "live_switch")
+        changed = [f for f in fields if getattr(old, f) != getattr(spec, f)]
+        if changed:
+            raise ValueError(f"process {spec.name!r}: {', '.join(changed)} decide where it runs and cannot "
+                             "change while it is placed; remove it and add it again")
 
     def ring_view(self, now: int, view: View) -> list:
         return self._settle(now, self._placement(now, self.placement.ring_view(now, view)))

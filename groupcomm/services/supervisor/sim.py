@@ -173,6 +173,11 @@ class SimSupervisors:
         """Freeze ``node``'s supervisor and ring (not its processes) for ``seconds``."""
         self.sim.pause(node, seconds)
 
+    def command(self, node: int, event: Any) -> None:
+        """Hand ``node``'s supervisor a local event or runtime command (``Add``, ``Change``,
+        ``Remove``, ``Start``, ``Stop``, ``Restart`` of :mod:`.local`); its errors propagate."""
+        self._apply(node, self._nodes[node].core.handle(self.sim.now_us, event))
+
     def kill_process(self, node: int, name: str) -> bool:
         """Kill ``name``'s live instance on ``node`` (SIGKILL from outside); False if none runs."""
         for inst in self._live(node):
