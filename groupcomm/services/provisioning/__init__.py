@@ -1,0 +1,17 @@
+"""Provisioning: bundles installed and started on groups of nodes (issue 12).
+
+The leaf pieces about bundles (blocking, no trio):
+
+* :mod:`.bundle` -- the artifact: a wheel or a ``.tar.gz`` carrying a
+  ``bundle.toml`` manifest, read safely (``read_bundle``), and the supervisor
+  ProcessSpec of an installed copy;
+* :mod:`.store` -- the node-local content-addressed store of bundle files
+  (``<root>/sha256/<hex>``), with a streaming writer and a byte quota;
+* :mod:`.signing` -- Ed25519 signing keys, detached ``FILE.sig`` signatures
+  and their verification against trusted public keys;
+* :mod:`.environments` -- one isolated environment (a venv) per installed
+  bundle version, built atomically and reused when complete.
+
+Nothing is imported here, so importing the package costs nothing and needs
+neither trio nor cryptography.
+"""
