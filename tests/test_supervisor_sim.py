@@ -350,6 +350,8 @@ def _apply(sim: SimCluster, sups: SimSupervisors, step: tuple) -> None:
                           ("loss", 0.05), ("cut", 1, 1, False), ("run", 5.0), ("heal",), ("heal",), ("loss", 0.05),
                           ("kill", 2, "dc"), ("run", 0.3)], True))   # a standby restarted after its hand-over
 @example((3, 3727, None, [("pause", 1, 0.5)], False))   # a hung old controller is not the chosen one
+@example((3, 17036, (1, 2), [("kill", 3, "web"), ("run", 2.5), ("pause", 1, 4.0), ("kill", 2, "web"), ("stop", 2)],
+          True))   # a standby left behind by a stopped supervisor was promoted too
 @example((3, 2, (2, 3), [("stop", 2), ("run", 1.0), ("restart", 2), ("pause", 3, 4.0), ("cut", 1, 3, False),
                          ("run", 2.5)], False))
 def test_exactly_one_domain_controller_under_any_fault_schedule(schedule) -> None:

@@ -318,6 +318,11 @@ class ClusterPlacement:
     def spaces(self) -> tuple[str, ...]:
         return tuple(self._by_space)
 
+    def can_host(self, name: str) -> bool:
+        """Whether this node is eligible to run ``name`` at all."""
+        placed = self._placed.get(name)
+        return placed is not None and (placed.eligible is None or self.me in placed.eligible)
+
     def is_leaving(self, name: str) -> bool:
         """Whether ``name`` is being handed over (removed, or the supervisor stops)."""
         placed = self._placed.get(name)

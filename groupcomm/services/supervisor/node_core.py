@@ -79,6 +79,7 @@ class Promote:
     role: str
     epoch: int
     lease_until: int
+    generation: int
 
 
 class NodeCore:
@@ -189,14 +190,15 @@ class NodeCore:
         name, placement = start.name, self.placement
         if name not in placement.names or placement.is_leaving(name):
             return False
-        return start.spec.standby or placement.lease_valid(name, now)
+        return (start.spec.standby and placement.can_host(name)) or placement.lease_valid(name, now)
 
     def _run(self, now: int, run: Run) -> list:
         live = self.local.live()
         if (self.local.spec(run.name).standby and run.name in live and run.name not in self._halted
                 and run.epoch is not None and run.lease_until is not None):
             self._promoted[run.name] = live[run.name]
-            return [Promote(run.name, DOMAIN_CONTROLLER, run.epoch, run.lease_until), TableChanged(self.table())]
+            return [Promote(run.name, DOMAIN_CONTROLLER, run.epoch, run.lease_until, live[run.name]),
+                    TableChanged(self.table())]
         return self.local.handle(now, Start(run.name))
 
     def _halt(self, now: int, name: str) -> list:

@@ -224,11 +224,13 @@ class SimSupervisors:
             self._after_step()
 
     def run_until(self, predicate: Callable[[], bool], timeout: float) -> bool:
-        end = self.sim.now + timeout
-        while self.sim.now < end:
+        """Run until ``predicate()`` holds (checked every ``step``); False after ``timeout`` seconds."""
+        end = self.sim.now_us + round(timeout * _US)
+        step = max(1, round(self.step * _US))
+        while self.sim.now_us < end:
             if predicate():
                 return True
-            self.run(min(self.step, end - self.sim.now))
+            self.run(min(step, end - self.sim.now_us) / _US)
         return predicate()
 
     def _after_step(self) -> None:
@@ -262,6 +264,8 @@ class SimSupervisors:
                 self.sim.leave(node)
                 self._nodes.pop(node, None)
                 self._leaving.discard(node)
+                for inst in self._live(node):        # the supervisor exits: what it left dies with it
+                    self._end(inst, "supervisor exited")
 
     def _in_any_space(self, node: int) -> bool:
         prefix = f"{self.space}/"
@@ -320,7 +324,7 @@ class SimSupervisors:
                 entry.table = action.rows
             elif t is Promote:
                 for inst in self._live(node):
-                    if inst.name == action.name:     # the controller's run starts here
+                    if inst.name == action.name and inst.generation == action.generation:   # its run starts here
                         inst.role, inst.epoch, inst.started = action.role, action.epoch, self.sim.now
                         inst.lease_until = action.lease_until / _US + self._rng.uniform(*self.model.guard_latency)
             elif t is Renew:
