@@ -128,7 +128,13 @@ def write_tar(path: Path, entries: Iterable[Entry]) -> Path:
             info.linkname = e.linkname
             info.mode = e.mode
             info.size = len(e.data) if e.size is None else e.size
-            tf.addfile(info, io.BytesIO(e.data) if info.isreg() else None)
+            if e.size is None:
+                tf.addfile(info, io.BytesIO(e.data) if info.isreg() else None)
+            else:  # a header that lies: write it and the real data by hand
+                block = info.tobuf(tf.format, tf.encoding, tf.errors) + e.data
+                block += bytes(-len(block) % tarfile.BLOCKSIZE)
+                tf.fileobj.write(block)
+                tf.offset += len(block)
     return path
 
 
