@@ -232,6 +232,17 @@ def test_bounds_on_size_and_member_count(tmp_path: Path) -> None:
         read_bundle(oversized, limits=Limits(manifest_bytes=1000))
 
 
+def test_a_huge_pax_header_is_stopped_by_the_stream_bound(tmp_path: Path) -> None:
+    path = tmp_path / "pax.tar.gz"
+    with tarfile.open(path, "w:gz", format=tarfile.PAX_FORMAT) as tf:
+        info = tarfile.TarInfo("a")
+        info.pax_headers = {"comment": "x" * (4 * 1024 * 1024)}  # read into memory by tarfile
+        tf.addfile(info, io.BytesIO(b""))
+    assert path.stat().st_size < 100_000
+    with pytest.raises(BundleError, match="expands to more than"):
+        read_bundle(path, limits=Limits(total_bytes=1024 * 1024, members=100))
+
+
 def test_tarball_without_manifest(tmp_path: Path) -> None:
     entries = [e for e in hello_entries("1.0") if e.name != "bundle.toml"]
     nested = write_tar(tmp_path / "nested.tar.gz", [*entries, Entry("sub/bundle.toml", manifest("1.0").encode())])
