@@ -352,6 +352,7 @@ def _apply(sim: SimCluster, sups: SimSupervisors, step: tuple) -> None:
 @example((3, 3727, None, [("pause", 1, 0.5)], False))   # a hung old controller is not the chosen one
 @example((3, 17036, (1, 2), [("kill", 3, "web"), ("run", 2.5), ("pause", 1, 4.0), ("kill", 2, "web"), ("stop", 2)],
           True))   # a standby left behind by a stopped supervisor was promoted too
+@example((5, 281, None, [("run", 0.05), ("pause", 1, 4.0), ("pause", 5, 4.0)], True))   # stable = no pause either
 @example((3, 2, (2, 3), [("stop", 2), ("run", 1.0), ("restart", 2), ("pause", 3, 4.0), ("cut", 1, 3, False),
                          ("run", 2.5)], False))
 def test_exactly_one_domain_controller_under_any_fault_schedule(schedule) -> None:
@@ -368,6 +369,7 @@ def test_exactly_one_domain_controller_under_any_fault_schedule(schedule) -> Non
     # The network becomes stable and every node runs again.
     sim.heal()
     sim.set_network()
+    assert sups.run_until(lambda: not any(sim.paused(n) for n in sim.live), 10), "a pause did not end"
     assert sups.run_until(lambda: not sups.leaving, 30), f"graceful stops did not finish: {sups.leaving}"
     for node in sim.nodes:
         if node not in sim.live:
