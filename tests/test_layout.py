@@ -147,3 +147,13 @@ def test_the_sans_io_layers_import_without_trio():
         capture_output=True, text=True, timeout=60, cwd=ROOT,
     )
     assert out.returncode == 0, out.stderr
+
+
+def test_every_package_is_installed() -> None:
+    """A package missing from pyproject's list is absent from a wheel (the editable install hides it)."""
+    import tomllib
+
+    root = Path(__file__).resolve().parent.parent
+    listed = set(tomllib.loads((root / "pyproject.toml").read_text())["tool"]["setuptools"]["packages"])
+    found = {".".join(init.parent.relative_to(root).parts) for init in (root / "groupcomm").rglob("__init__.py")}
+    assert found - listed == set(), f"add these to [tool.setuptools] packages: {sorted(found - listed)}"
