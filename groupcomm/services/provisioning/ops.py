@@ -28,7 +28,7 @@ people only: nothing orders or expires by it.
 from __future__ import annotations
 
 import math
-from typing import Annotated, Union
+from typing import Annotated
 
 import msgspec
 
@@ -116,7 +116,7 @@ class DeleteConfig(_Body, tag="delete-config"):
     key: ConfigKey
 
 
-Body = Union[InstallBundle, UninstallBundle, StartBundle, StopBundle, SetConfig, DeleteConfig]
+Body = InstallBundle | UninstallBundle | StartBundle | StopBundle | SetConfig | DeleteConfig
 
 
 class Op(msgspec.Struct, frozen=True, array_like=True, forbid_unknown_fields=True):
