@@ -48,7 +48,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from groupcomm.config.units import Duration, Size, config_error, parse_duration, parse_size
+from groupcomm.config.units import Duration, Size, config_error, parse_duration, parse_size, suggest_key
 from groupcomm.errors import ConfigError
 
 __all__ = [
@@ -249,11 +249,7 @@ _TOML_POSITION = re.compile(r"\(at line (\d+), column (\d+)\)")
 
 
 def _suggest(key: str, known: typing.Iterable[str]) -> str:
-    known = list(known)
-    close = difflib.get_close_matches(key, known, n=1)
-    if close:
-        return f" (did you mean {close[0]!r}?)"
-    return f" (known keys: {', '.join(sorted(known)) or 'none'})"
+    return suggest_key(key, known)
 
 
 def load_stack(

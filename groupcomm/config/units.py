@@ -7,6 +7,8 @@ A settings dataclass annotates a field with :class:`Duration` (seconds) or
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Iterable, Mapping
+import difflib
 import math
 import re
 from fractions import Fraction
@@ -14,7 +16,7 @@ from typing import Any
 
 from groupcomm.errors import ConfigError
 
-__all__ = ["Duration", "Size", "parse_duration", "parse_size", "config_error"]
+__all__ = ["Duration", "Size", "check_keys", "config_error", "parse_duration", "parse_size", "suggest_key"]
 
 
 def config_error(where: str, problem: str, value: Any = dataclasses.MISSING) -> ConfigError:
@@ -22,6 +24,25 @@ def config_error(where: str, problem: str, value: Any = dataclasses.MISSING) -> 
     if value is not dataclasses.MISSING:
         message += f" (got {value!r})"
     return ConfigError(message)
+
+
+def suggest_key(key: str, known: Iterable[str]) -> str:
+    """`` (did you mean 'x'?)`` for the closest known key, else `` (known keys: ...)``."""
+    known = sorted(known)
+    close = difflib.get_close_matches(key, known, n=1)
+    if close:
+        return f" (did you mean {close[0]!r}?)"
+    return f" (known keys: {', '.join(known) or 'none'})"
+
+
+def check_keys(table: Mapping[str, Any], known: Iterable[str], where: str, *, separator: str = ": ",
+               error: type[ConfigError] = ConfigError) -> None:
+    """Raise ``error`` naming the first key of ``table`` not in ``known`` (``WHERE<separator>KEY``),
+    with the closest known key as a hint."""
+    known = set(known)
+    for key in table:
+        if key not in known:
+            raise error(f"{where}{separator}{key}: unknown key{suggest_key(key, known)}")
 
 
 # --------------------------------------------------------------------------- durations and sizes

@@ -12,6 +12,14 @@ The leaf pieces about bundles (blocking, no trio):
 * :mod:`.environments` -- one isolated environment (a venv) per installed
   bundle version, built atomically and reused when complete.
 
+The replicated desired state of a group (sans-IO):
+
+* :mod:`.ops` -- the operations on a group's desired state (install,
+  uninstall, start, stop, set and delete configuration), one validating decoder;
+* :mod:`.state` -- ``GroupState`` (the pure desired state), ``GroupReplica``
+  (operations accepted only where delivered in a regular primary configuration,
+  rejected read-only elsewhere; state transfer) and its SQLite store.
+
 Nothing is imported here, so importing the package costs nothing and needs
 neither trio nor cryptography.
 """

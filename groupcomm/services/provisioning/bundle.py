@@ -55,7 +55,6 @@ and the field or member.
 
 from __future__ import annotations
 
-import difflib
 import email.parser
 import gzip
 import hashlib
@@ -78,6 +77,7 @@ from packaging.utils import (
 )
 from packaging.version import InvalidVersion, Version
 
+from groupcomm.config.units import check_keys
 from groupcomm.errors import ConfigError
 from groupcomm.services.supervisor.spec import ProcessSpec, parse_process
 
@@ -254,11 +254,7 @@ def _process_spec(manifest: Manifest, home: str, python: str, name: str, cwd: st
 
 
 def _known(table: Mapping[str, Any], known: set[str], where: str) -> None:
-    for key in table:
-        if key not in known:
-            close = difflib.get_close_matches(key, sorted(known), n=1)
-            hint = f"did you mean {close[0]!r}?" if close else f"known: {', '.join(sorted(known))}"
-            raise BundleError(f"{where}: {key}: unknown key ({hint})")
+    check_keys(table, known, where, error=BundleError)
 
 
 # --------------------------------------------------------------------------- reading a file

@@ -26,7 +26,6 @@ and resolved by the driver against :attr:`NodeSpec.base_dir`.
 from __future__ import annotations
 
 import dataclasses
-import difflib
 import re
 import signal
 import tomllib
@@ -37,7 +36,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 from groupcomm.config.loader import substitute_env
-from groupcomm.config.units import Duration, Size, config_error, parse_duration, parse_size
+from groupcomm.config.units import Duration, Size, check_keys, config_error, parse_duration, parse_size
 from groupcomm.errors import ConfigError
 
 __all__ = [
@@ -329,21 +328,13 @@ def _substitute(value: Any, environ: Mapping[str, str] | None, where: str) -> An
 
 
 def _unknown(table: Mapping[str, Any], known: set[str], where: str) -> None:
-    for key in table:
-        if key not in known:
-            close = difflib.get_close_matches(key, sorted(known), n=1)
-            hint = f" (did you mean {close[0]!r}?)" if close else f" (known: {', '.join(sorted(known))})"
-            raise ConfigError(f"{where}: {key}: unknown key{hint}")
+    check_keys(table, known, where)
 
 
 def _table(value: Any, where: str, known: set[str]) -> dict[str, Any]:
     if not isinstance(value, dict):
         raise config_error(where, "expected a table such as { key = value, ... }", value)
-    for key in value:
-        if key not in known:
-            close = difflib.get_close_matches(key, sorted(known), n=1)
-            hint = f" (did you mean {close[0]!r}?)" if close else f" (known: {', '.join(sorted(known))})"
-            raise ConfigError(f"{where}.{key}: unknown key{hint}")
+    check_keys(value, known, where, separator=".")
     return value
 
 
