@@ -128,14 +128,16 @@ def test_server_refuses_unknown_blobs_and_non_requests(tmp_path):
 class FakeNet:
     """Delivers a Puller's asks to per-member behaviours after ``latency`` µs.
 
-    ``delays``: another latency for some members.  A behaviour maps an ask's payload to ``("ok", bytes)``, ``("error", text)`` or
+    ``delays``, ``have_delays``: another latency for some members' chunk / Have answers.  A behaviour maps an ask's payload to ``("ok", bytes)``, ``("error", text)`` or
     None (no answer: lost, or the member hangs).
     """
 
-    def __init__(self, behaviours: dict, latency: int = 1000, delays: dict | None = None) -> None:
+    def __init__(self, behaviours: dict, latency: int = 1000, delays: dict | None = None,
+                 have_delays: dict | None = None) -> None:
         self.behaviours = behaviours
         self.latency = latency
         self.delays = delays or {}
+        self.have_delays = have_delays or {}
         self.sent: list[tuple[int, object]] = []       # (member, decoded request)
         self.max_chunks_out = 0
         """The most chunk requests answered but not yet delivered at once (lossless runs: in flight)."""
@@ -151,13 +153,17 @@ class FakeNet:
             for ask in puller.take():
                 request = decode(ask.payload)
                 self.sent.append((ask.member, request))
+                if type(request) is ChunkRequest:    # the memory bound: within `window` chunks of the written
+                    assert request.offset < puller.progress[0] + puller.window * puller.chunk
                 behaviour = self.behaviours.get(ask.member)
                 outcome = behaviour(ask.payload) if behaviour else None
                 if outcome is not None:
                     if type(request) is ChunkRequest:
                         chunks_out.add(ask.token)
                     seq += 1
-                    heapq.heappush(pending, (now + self.delays.get(ask.member, self.latency), seq, ask.token, outcome))
+                    delays = self.delays if type(request) is ChunkRequest else self.have_delays
+                    latency = delays.get(ask.member, self.latency)
+                    heapq.heappush(pending, (now + latency, seq, ask.token, outcome))
             self.max_chunks_out = max(self.max_chunks_out, len(chunks_out))
             self.progress.append(puller.progress)
             if puller.finished:
@@ -251,6 +257,35 @@ def test_window_one_asks_one_chunk_at_a_time(world):
     assert [r.offset for _, r in net.sent if type(r) is ChunkRequest] == list(range(0, len(data), 100_000))
 
 
+def test_a_slow_member_holds_back_the_window_of_a_fast_one(world):
+    data, digest, servers, dest = world
+    net = FakeNet({m: serving(s) for m, s in servers.items()}, delays={2: 50_000})
+    puller = puller_for(dest, digest, len(data), [2, 3], window=3, chunk=64 * 1024)
+    net.run(puller)
+    assert puller.state == "done" and dest.path(digest).read_bytes() == data
+    assert {m for m, r in net.sent if type(r) is ChunkRequest} == {2, 3}
+
+
+@pytest.mark.parametrize("mangle", [
+    lambda c: Chunk(c.digest, c.offset + 1, c.data),
+    lambda c: Chunk(c.digest, c.offset, c.data[:-1]),
+    lambda c: Chunk("cd" * 32, c.offset, c.data),
+    lambda c: HaveReply(c.digest, 3),
+])
+def test_a_member_answering_the_wrong_bytes_is_dropped(world, mangle):
+    data, digest, servers, dest = world
+
+    def wrong(payload):
+        answer = decode(servers[2].answer(payload))
+        return ("ok", encode(mangle(answer) if type(answer) is Chunk else answer))
+    net = FakeNet({2: wrong, 3: serving(servers[3])})
+    puller = puller_for(dest, digest, len(data), [2, 3])
+    net.run(puller)
+    assert puller.state == "done" and puller.attempts == 1
+    assert list(puller.problems) == [2]
+    assert dest.path(digest).read_bytes() == data
+
+
 def test_a_member_dying_mid_transfer_is_replaced_after_the_timeout(world):
     data, digest, servers, dest = world
     net = FakeNet({2: hang_after(servers[2], 1), 3: serving(servers[3])})
@@ -317,7 +352,7 @@ def test_a_corrupt_server_is_blamed_and_the_pull_retried_once_elsewhere(world):
 
 def test_a_corrupt_lone_server_is_blamed_and_the_pull_retried_once_elsewhere(world):
     data, digest, servers, dest = world
-    net = FakeNet({2: corrupting(servers[2]), 3: serving(servers[3])}, delays={3: 100_000})
+    net = FakeNet({2: corrupting(servers[2]), 3: serving(servers[3])}, have_delays={3: 100_000})
     puller = puller_for(dest, digest, len(data), [2, 3])
     net.run(puller)
     assert puller.state == "done", puller.reason
