@@ -406,6 +406,14 @@ def test_a_holder_with_another_size_is_not_used(world):
     assert not any(type(r) is ChunkRequest for _, r in net.sent)
 
 
+def test_bad_parameters_are_refused(tmp_path):
+    store = Store(tmp_path / "d")
+    for kw in ({"digest": "AB" * 32}, {"chunk": 0}, {"chunk": MAX_CHUNK + 1}, {"window": 0}, {"size": -1}):
+        args = {"digest": D, "size": 10, **kw}
+        with pytest.raises(ValueError):
+            Puller(args.pop("digest"), args.pop("size"), [1], lambda: store.open_writer(D, 10), now=0, **args)
+
+
 def test_no_candidates_fails_at_once(tmp_path):
     puller = puller_for(Store(tmp_path / "d"), D, 10, [])
     assert puller.state == "failed" and puller.take() == []

@@ -53,7 +53,12 @@ from typing import Annotated, NamedTuple, Protocol
 import msgspec
 from msgspec import Meta, Struct
 
-from groupcomm.services.provisioning.store import DigestMismatch, StoreError
+from groupcomm.services.provisioning.store import (
+    DigestMismatch,
+    Store,
+    StoreError,
+    check_digest,
+)
 
 __all__ = [
     "CHUNK",
@@ -175,7 +180,7 @@ class BlobReader(Protocol):
 class StoreReader:
     """A :class:`BlobReader` over a :class:`~.store.Store` (blocking file reads)."""
 
-    def __init__(self, store) -> None:
+    def __init__(self, store: Store) -> None:
         self.store = store
 
     def size(self, digest: str) -> int:
@@ -279,6 +284,7 @@ class Puller:
                  window: int = 4, timeout_us: int = 10_000_000, retries: int = 2) -> None:
         if not 1 <= chunk <= MAX_CHUNK:
             raise ValueError(f"chunk must be 1..{MAX_CHUNK} bytes (got {chunk})")
+        check_digest(digest)
         if window < 1:
             raise ValueError(f"window must be at least 1 (got {window})")
         if size < 0:
