@@ -18,7 +18,11 @@ The replicated desired state of a group (sans-IO):
   uninstall, start, stop, set and delete configuration), one validating decoder;
 * :mod:`.state` -- ``GroupState`` (the pure desired state), ``GroupReplica``
   (operations accepted only where delivered in a regular primary configuration,
-  rejected read-only elsewhere; state transfer) and its SQLite store.
+  rejected read-only elsewhere; state transfer) and its SQLite store;
+* :mod:`.reconcile` -- desired state of the node's groups against what it
+  has: the fetch / install / start / stop / uninstall actions that converge;
+* :mod:`.transfer` -- pulling a bundle file from the members that hold it:
+  wire schema, ``Server``, ``Puller`` (windowed, verified by SHA-256).
 
 Nothing is imported here, so importing the package costs nothing and needs
 neither trio nor cryptography.
