@@ -240,7 +240,7 @@ class SimSupervisors:
             fire()
         for inst in self.instances:
             if inst.alive and inst.lease_until is not None and now / _US >= inst.lease_until:
-                self._end(inst, "lease lapsed (guard)")
+                self._die(inst, -9, "lease lapsed (guard)")
         for node, entry in list(self._nodes.items()):
             if self.sim.paused(node):
                 continue
@@ -378,12 +378,13 @@ class SimSupervisors:
                                 lambda i=inst: i.alive and self._die(i, 0, "stopped"))
 
     def _die(self, inst: SimInstance, status: int, why: str) -> None:
-        self._end(inst, why)
-        self._feed(inst.node, Exited(inst.name, inst.generation, status))
+        """The instance ends while its supervisor lives: it is told (as waitpid would)."""
+        if inst.alive:
+            self._end(inst, why)
+            self._feed(inst.node, Exited(inst.name, inst.generation, status))
 
     def _end(self, inst: SimInstance, why: str) -> None:
+        """The instance ends (its supervisor is gone too, or tells it through :meth:`_die`)."""
         if inst.alive:
             inst.ended = self.sim.now
             inst.why = why
-            if why.startswith("lease"):
-                self._feed(inst.node, Exited(inst.name, inst.generation, -9))
