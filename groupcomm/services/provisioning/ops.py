@@ -7,13 +7,26 @@ and applied by every member at the same point of the total order (see
 ==================  ===============================================  ==========
 body                fields                                           tag
 ==================  ===============================================  ==========
-InstallBundle       group, name, version, digest, size, filename     install
+InstallBundle       group, name, version, digest, size, filename,    install
+                    signature
 UninstallBundle     group, name                                      uninstall
 StartBundle         group, name                                      start
 StopBundle          group, name                                      stop
 SetConfig           group, pid, key, value                           set-config
 DeleteConfig        group, pid, key                                  delete-config
+SetGroupPolicy      group, trusted_keys                              policy
+AdoptState          group, state                                     adopt
+BeginRollout        env, plan_digest, plan, roles, targets, batch,   plan-begin
+                    health_timeout, force, rollback_of
+ReportHealth        env, revision, node, healthy, detail             plan-report
+AdvanceRollout      env, revision, batch                             plan-advance
+EndRollout          env, revision, succeeded, reason                 plan-end
 ==================  ===============================================  ==========
+
+The first eight change one group's state (:mod:`.state`); the ``plan-*``
+bodies change the cluster's deployment-plan record (:mod:`.rollout`), multicast
+in its own space, and name an environment instead of a group (their
+:attr:`Op.group` is :data:`PLANS`).
 
 Encoding: msgpack arrays (``array_like``), the body's tag first, so fields are
 positional and unknown tags fail.  Every string and number is bounded (the
@@ -35,7 +48,18 @@ import msgspec
 from groupcomm.errors import GroupcommError
 
 __all__ = [
+    "PLANS",
+    "AdoptState",
+    "AdvanceRollout",
+    "BeginRollout",
     "Body",
+    "BundleRef",
+    "EndRollout",
+    "GroupBody",
+    "PlanBody",
+    "ReportHealth",
+    "RoleTarget",
+    "SetGroupPolicy",
     "DeleteConfig",
     "InstallBundle",
     "MalformedOp",
@@ -49,8 +73,17 @@ __all__ = [
     "new_op_id",
 ]
 
-MAX_OP_BYTES = 128 * 1024
-"""An encoded operation is at most this long (a config value is the only large field)."""
+MAX_OP_BYTES = 1000 * 1024
+"""An encoded operation is at most this long (the large ones: :class:`AdoptState`, a plan)."""
+MAX_STATE_BYTES = 960 * 1024
+"""A group state snapshot an :class:`AdoptState` carries is at most this long."""
+MAX_PLAN_BYTES = 64 * 1024
+"""A plan file (``plan.toml``) is at most this long."""
+MAX_TRUSTED_KEYS = 32
+MAX_TARGETS = 1000
+"""Nodes one rollout may target."""
+PLANS = "@plans"
+"""What :attr:`Op.group` is for a plan body (not a valid group name, so it names no group)."""
 
 GroupName = Annotated[str, msgspec.Meta(pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,99}\Z")]
 BundleName = Annotated[str, msgspec.Meta(pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,99}\Z")]
@@ -67,6 +100,15 @@ ConfigValue = Annotated[str, msgspec.Meta(max_length=64 * 1024)]
 OpId = Annotated[str, msgspec.Meta(min_length=1, max_length=200)]
 NodeName = Annotated[str, msgspec.Meta(min_length=1, max_length=100)]
 UserName = Annotated[str, msgspec.Meta(max_length=100)]
+EnvName = GroupName
+"""A plan environment (``preprod``, ``prod``): spelled like a group."""
+RoleName = GroupName
+Signature = Annotated[bytes, msgspec.Meta(max_length=64)]
+"""An Ed25519 signature (64 bytes) of the bundle (:func:`.signing.signed_message`); empty: unsigned."""
+RawPublicKey = Annotated[bytes, msgspec.Meta(min_length=32, max_length=32)]
+"""An Ed25519 public key, raw."""
+Detail = Annotated[str, msgspec.Meta(max_length=1000)]
+Revision = Annotated[int, msgspec.Meta(ge=0, le=(1 << 63) - 1)]
 
 
 class MalformedOp(GroupcommError):
@@ -86,6 +128,7 @@ class InstallBundle(_Body, tag="install"):
     digest: Digest
     size: Size
     filename: FileName
+    signature: Signature = b""
 
 
 class UninstallBundle(_Body, tag="uninstall"):
@@ -116,7 +159,112 @@ class DeleteConfig(_Body, tag="delete-config"):
     key: ConfigKey
 
 
-Body = InstallBundle | UninstallBundle | StartBundle | StopBundle | SetConfig | DeleteConfig
+class SetGroupPolicy(_Body, tag="policy"):
+    """From now on the group accepts only bundles signed by one of ``trusted_keys`` (empty: any bundle)."""
+
+    group: GroupName
+    trusted_keys: Annotated[tuple[RawPublicKey, ...], msgspec.Meta(max_length=MAX_TRUSTED_KEYS)] = ()
+
+
+class AdoptState(_Body, tag="adopt"):
+    """A member that restarted with a newer stored state than the group's offers it (cold start).
+
+    ``state``: a :meth:`.state.GroupState.snapshot`; accepted only if its revision
+    is higher than the group's (revisions grow along the one line of primary
+    components, so the highest one stored anywhere is the latest)."""
+
+    group: GroupName
+    state: Annotated[bytes, msgspec.Meta(max_length=MAX_STATE_BYTES)]
+
+
+# ----------------------------------------------------------------- deployment plans
+
+
+class BundleRef(msgspec.Struct, frozen=True, array_like=True, forbid_unknown_fields=True):
+    """A bundle file a plan role deploys (resolved from the plan by the node that applies it)."""
+
+    name: BundleName
+    version: Version
+    digest: Digest
+    size: Size
+    filename: FileName
+    signature: Signature = b""
+
+
+class RoleTarget(msgspec.Struct, frozen=True, array_like=True, forbid_unknown_fields=True):
+    """One target node of a rollout and the role it gets."""
+
+    node: NodeName
+    role: RoleName
+
+
+class BeginRollout(_Body, tag="plan-begin"):
+    """Roll ``plan`` out to environment ``env``: ``roles`` (role -> bundles and configuration), on
+    ``targets`` in batches of ``batch`` nodes, each batch healthy within ``health_timeout`` seconds.
+
+    ``rollback_of``: this rollout restores revision N of the environment (0: a new plan).
+    ``force``: the promotion gate was overridden (recorded)."""
+
+    env: EnvName
+    plan_digest: Digest
+    plan: Annotated[str, msgspec.Meta(max_length=MAX_PLAN_BYTES)]
+    roles: Annotated[dict[RoleName, tuple[tuple[BundleRef, ...], dict[Pid, dict[ConfigKey, ConfigValue]]]],
+                     msgspec.Meta(max_length=100)]
+    targets: Annotated[tuple[RoleTarget, ...], msgspec.Meta(max_length=MAX_TARGETS)]
+    batch: Annotated[int, msgspec.Meta(ge=1, le=MAX_TARGETS)]
+    health_timeout: Annotated[float, msgspec.Meta(gt=0, le=86400)]
+    force: bool = False
+    rollback_of: Revision = 0
+
+    @property
+    def group(self) -> str:
+        return PLANS
+
+
+class ReportHealth(_Body, tag="plan-report"):
+    """Target ``node`` of rollout ``revision`` of ``env`` runs its role healthy (or not: ``detail``)."""
+
+    env: EnvName
+    revision: Revision
+    node: NodeName
+    healthy: bool
+    detail: Detail = ""
+
+    @property
+    def group(self) -> str:
+        return PLANS
+
+
+class AdvanceRollout(_Body, tag="plan-advance"):
+    """The rollout's batches up to ``batch`` (0-based) switch to the new revision."""
+
+    env: EnvName
+    revision: Revision
+    batch: Annotated[int, msgspec.Meta(ge=0, le=MAX_TARGETS)]
+
+    @property
+    def group(self) -> str:
+        return PLANS
+
+
+class EndRollout(_Body, tag="plan-end"):
+    """The rollout ends: every target at the new revision (``succeeded``) or every one back at the
+    previous revision (rolled back, for ``reason``)."""
+
+    env: EnvName
+    revision: Revision
+    succeeded: bool
+    reason: Detail = ""
+
+    @property
+    def group(self) -> str:
+        return PLANS
+
+
+GroupBody = (InstallBundle | UninstallBundle | StartBundle | StopBundle | SetConfig | DeleteConfig
+             | SetGroupPolicy | AdoptState)
+PlanBody = BeginRollout | ReportHealth | AdvanceRollout | EndRollout
+Body = GroupBody | PlanBody
 
 
 class Op(msgspec.Struct, frozen=True, array_like=True, forbid_unknown_fields=True):
