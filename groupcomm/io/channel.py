@@ -62,13 +62,13 @@ from groupcomm.layers.quorum import QuorumConfig
 from groupcomm.layers.rpc import ALL, Mode, Reply
 from groupcomm.io.space import Handler, Services, Space
 from groupcomm.io.state_dir import MemberState, open_member_state
-from groupcomm.layers.spaces import Merge, SpaceMessage, SpacesConfig, SpaceView
+from groupcomm.layers.spaces import Merge, SpaceMessage, SpacesConfig, SpaceView, StateInstalled, StateRequest
 from groupcomm.layers.unicast import UnicastConfig
 from groupcomm.io.udp import UdpConfig, UdpSockets, UdpuConfig, open_sockets, open_unicast, parse_host
 
 __all__ = ["Channel", "ChannelConfig", "open_channel", "node_id_for"]
 
-_OBSERVED = (View, Merge, SpaceView, SpaceMessage)
+_OBSERVED = (View, Merge, SpaceView, SpaceMessage, StateRequest, StateInstalled)
 """What :meth:`Channel.add_observer` sees."""
 
 _log = logging.getLogger("groupcomm.channel")
@@ -395,8 +395,9 @@ class Channel:
 
     def add_observer(self, observe: Callable[[object], None]) -> None:
         """Call ``observe(item)`` with every ring :class:`~groupcomm.events.View` (transitional
-        too), :class:`~groupcomm.layers.spaces.Merge`, :class:`~groupcomm.layers.spaces.SpaceView`
-        and :class:`~groupcomm.layers.spaces.SpaceMessage` (of every space, joined through
+        too), :class:`~groupcomm.layers.spaces.Merge`, :class:`~groupcomm.layers.spaces.SpaceView`,
+        :class:`~groupcomm.layers.spaces.SpaceMessage`, :class:`~groupcomm.layers.spaces.StateRequest`
+        and :class:`~groupcomm.layers.spaces.StateInstalled` (of every space, joined through
         :meth:`call_member` or not), in delivery order, as the channel routes them.
 
         For services that must see ring and space views in one order (the supervisor's
@@ -404,6 +405,32 @@ class Channel:
         block or raise, and must not call the channel; hand the items to a task instead.
         """
         self._observers.append(observe)
+
+    def claim_space(self, name: str, *, on_request: Handler | None = None) -> None:
+        """An observer (:meth:`add_observer`) serves space ``name``, joined through :meth:`call_member`.
+
+        Its :class:`~groupcomm.layers.spaces.StateRequest` items are then left to
+        the observer, which answers each with :meth:`provide_state` (else a joiner
+        is told at once that this member has no state), and requests in the space
+        (:meth:`space_request`) are answered by ``on_request``."""
+        self._services.claimed.add(name)
+        if on_request is not None:
+            self._services.handlers[name] = on_request
+
+    def release_space(self, name: str) -> None:
+        """Undo :meth:`claim_space`."""
+        self._services.claimed.discard(name)
+        self._services.handlers.pop(name, None)
+
+    def provide_state(self, request: StateRequest, state: bytes | None) -> None:
+        """Answer a claimed space's state request with a snapshot (None: no state)."""
+        self._services.provide(request, state)
+
+    async def space_request(self, space: str, payload: bytes, *, to: int | list[int] | tuple[int, ...] | None = None,
+                            mode: Mode = ALL, timeout: float = 2.0) -> dict[int, Reply]:
+        """:meth:`Space.request <groupcomm.io.space.Space.request>` for a space joined through
+        :meth:`call_member` (a claimed one)."""
+        return await self._services.request(space, payload, to=to, mode=mode, timeout=timeout)
 
     def _observed(self, handle: Callable[[Any], None]) -> Callable[[Any], None]:
         observers = self._observers

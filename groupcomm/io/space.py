@@ -328,6 +328,8 @@ class Services:
         self.channel = channel
         self.spaces: dict[str, Space] = {}
         self.handlers: dict[str, Handler] = {}
+        self.claimed: set[str] = set()
+        """Spaces whose state transfers an observer of the channel answers (Channel.claim_space)."""
         self._waiting: dict[int, tuple[trio.Event, list]] = {}
         self._direct: dict[int, tuple[trio.Event, list]] = {}
         self.closed = False
@@ -447,7 +449,8 @@ class Services:
             return
         space = self.spaces.get(request.space)
         if space is None:
-            self.provide(request, None)
+            if request.space not in self.claimed:
+                self.provide(request, None)
         else:
             space.deliver(request)
 
