@@ -613,3 +613,14 @@ class SupervisorMachine(RuleBasedStateMachine):
 
 SupervisorMachine.TestCase.settings = settings(max_examples=150, stateful_step_count=40, deadline=None)
 TestSupervisorCore = SupervisorMachine.TestCase
+
+
+def test_a_node_file_keeps_its_provisioning_table_for_the_agent_with_variables_substituted() -> None:
+    text = '[provisioning]\nstate_dir = "${BASE}/n1"\n[provisioning.sync.default]\nbundles = { mode = "node" }\n'
+    node = parse_node(text, source="n1.toml", environ={"BASE": "/srv"})
+    assert node.provisioning == {"state_dir": "/srv/n1", "sync": {"default": {"bundles": {"mode": "node"}}}}
+    assert parse_node('node = "n1"\n').provisioning is None
+    with pytest.raises(ConfigError, match="provisioning"):
+        parse_node('provisioning = 3\n', source="n1.toml")
+    with pytest.raises(ConfigError, match="provisionning"):
+        parse_node('[provisionning]\n', source="n1.toml")

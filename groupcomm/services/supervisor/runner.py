@@ -19,6 +19,7 @@ answers ``groupcomm ps`` and ``groupcomm start|stop|restart``.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import itertools
 import os
@@ -28,6 +29,7 @@ import sys
 import tempfile
 import time
 from collections.abc import Callable, Iterable
+from contextlib import AbstractAsyncContextManager
 from pathlib import Path
 from typing import Any, Self
 
@@ -497,10 +499,14 @@ def describe(row: ProcessRow) -> str:
 
 async def serve(node: str | os.PathLike[str] | NodeSpec, *, name: str | None = None,
                 announce: Callable[[str], Any] | None = None, channel: Any = None,
+                attach: Callable[[Supervisor], AbstractAsyncContextManager[Any]] | None = None,
                 task_status: Any = trio.TASK_STATUS_IGNORED) -> None:
     """Run a supervisor until SIGINT or SIGTERM, then stop its processes; print state changes.
 
-    ``channel``: attach it to that channel's group (see :class:`Supervisor`)."""
+    ``channel``: attach it to that channel's group (see :class:`Supervisor`).
+    ``attach(supervisor)``: an async context manager that lives inside the
+    supervisor's lifetime (entered once it runs, exited before it stops its
+    processes): the provisioning agent."""
     shown: dict[str, tuple[str, int | None]] = {}
 
     def changed(rows: tuple[ProcessRow, ...]) -> None:
@@ -514,9 +520,12 @@ async def serve(node: str | os.PathLike[str] | NodeSpec, *, name: str | None = N
             if announce is not None:
                 where = f" in space {sup.space.name!r} as member {channel.address}" if channel is not None else ""
                 announce(f"supervising {len(sup.table())} process(es) on node {sup.name!r}{where}")
-            task_status.started(sup)
-            async for _ in signals:
-                break
+            async with contextlib.AsyncExitStack() as stack:
+                if attach is not None:
+                    await stack.enter_async_context(attach(sup))
+                task_status.started(sup)
+                async for _ in signals:
+                    break
             if announce is not None:
                 announce("stopping...")
 

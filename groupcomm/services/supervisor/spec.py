@@ -207,6 +207,9 @@ class NodeSpec:
     """Where relative ``cwd`` and log directories start: the node file's directory."""
     cluster: ClusterSettings = ClusterSettings()
     """The ``[cluster]`` table."""
+    provisioning: Mapping[str, Any] | None = None
+    """The ``[provisioning]`` table as written (``${VAR}`` substituted), for the provisioning
+    agent (:mod:`groupcomm.services.provisioning.settings` checks it); None: no agent."""
 
     def process(self, name: str) -> ProcessSpec:
         for p in self.processes:
@@ -243,7 +246,7 @@ def parse_node(text: str, *, source: str = "<node>", base_dir: str = "",
         data = tomllib.loads(text)
     except tomllib.TOMLDecodeError as e:
         raise ConfigError(f"{source}: not valid TOML: {e}") from None
-    _unknown(data, {"node", "process", "cluster"}, source)
+    _unknown(data, {"node", "process", "cluster", "provisioning"}, source)
     node = data.get("node", "")
     if not isinstance(node, str):
         raise config_error(f"{source}: node", "expected a string", node)
@@ -260,7 +263,13 @@ def parse_node(text: str, *, source: str = "<node>", base_dir: str = "",
         seen.add(spec.name)
         processes.append(spec)
     cluster = _cluster(_substitute(data.get("cluster", {}), environ, f"{source}: cluster"), f"{source}: cluster")
-    return NodeSpec(source=source, processes=tuple(processes), node=node, base_dir=base_dir, cluster=cluster)
+    provisioning = data.get("provisioning")
+    if provisioning is not None:
+        if not isinstance(provisioning, dict):
+            raise ConfigError(f"{source}: 'provisioning' must be a [provisioning] table")
+        provisioning = _substitute(provisioning, environ, f"{source}: provisioning")
+    return NodeSpec(source=source, processes=tuple(processes), node=node, base_dir=base_dir, cluster=cluster,
+                    provisioning=provisioning)
 
 
 def parse_process(entry: Mapping[str, Any], *, where: str = "<process>",
