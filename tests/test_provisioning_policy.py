@@ -35,7 +35,9 @@ from groupcomm.services.provisioning.reconcile import merge
 from groupcomm.services.provisioning.state import (
     GroupReplica,
     GroupState,
+    HistoryEntry,
     MemoryGroupStore,
+    SqliteGroupStore,
 )
 
 D1, D2, D3 = "1" * 64, "2" * 64, "3" * 64
@@ -395,3 +397,20 @@ def test_effective_never_holds_what_the_inbound_rules_exclude_unless_the_overlay
             # the overlay counts exactly where this node's changes go to the overlay
             body = StopBundle("g", name) if kind == "bundles" else DeleteConfig("g", name, "k")
             assert (p.outbound("g", body) == LOCAL) == (route in ("overridden", "local"))
+
+
+def test_the_overlay_is_a_group_state_kept_in_its_own_store_across_a_restart(tmp_path):
+    """No new schema: the driver keeps each group's overlay in a second SqliteGroupStore (its history is the
+    node's log of local changes)."""
+    p = policy(SLAVE)
+    overlay = GroupState("web")
+    change = op(SetConfig("web", "shop.http", "port", "8080"))
+    assert p.outbound("web", change.body) == LOCAL
+    overlay = overlay.apply(change)
+    with SqliteGroupStore(tmp_path / "local.sqlite3") as store:
+        store.save("web", overlay, [HistoryEntry(overlay.revision, change)])
+    with SqliteGroupStore(tmp_path / "local.sqlite3") as store:
+        restored, history = store.load("web")
+    assert restored == overlay and [h.op for h in history] == [change]
+    replicated = state("web", SetConfig("web", "shop.http", "port", "80"))
+    assert p.effective("web", replicated, restored).configs == {"shop.http": {"port": "8080"}}
