@@ -200,6 +200,18 @@ async def test_a_restarted_channel_uses_higher_ring_seqs_though_the_clock_steppe
     assert (member_dir(tmp_path, cluster, "a") / DB_NAME).exists()
 
 
+async def test_a_channel_tells_its_state_directory_for_services_to_keep_theirs_in(tmp_path, caplog):
+    udp, cluster = loopback(), f"test-{uuid.uuid4().hex[:8]}"
+    (tmp_path / "file").write_text("not a directory")
+    with trio.fail_after(20):
+        async with open_channel(cluster=cluster, name="a", udp=udp, ring=FAST, state_dir=tmp_path) as ch:
+            assert ch.state_dir == member_dir(tmp_path, cluster, "a")
+        with caplog.at_level(logging.WARNING, logger="groupcomm.state"):
+            async with open_channel(cluster=cluster, name="b", udp=udp, ring=FAST,
+                                    state_dir=tmp_path / "file") as ch:
+                assert ch.state_dir is None             # no directory: services must be told one
+
+
 async def test_a_channel_whose_state_directory_cannot_be_written_warns_and_runs(tmp_path, caplog):
     (tmp_path / "file").write_text("not a directory")
     udp, cluster = loopback(), f"test-{uuid.uuid4().hex[:8]}"

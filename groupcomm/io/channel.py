@@ -238,6 +238,13 @@ class Channel:
         return self._view
 
     @property
+    def state_dir(self) -> Path | None:
+        """This member's durable state directory (``<root>/<cluster>/<name>``, see
+        :mod:`groupcomm.io.state_dir`), once running; None without one."""
+        state = self._state
+        return state.state.path if state is not None and state.state is not None else None
+
+    @property
     def max_payload(self) -> int:
         """Largest payload :meth:`send` accepts (the FRAG layer's ``max_message``)."""
         self._require_member()
