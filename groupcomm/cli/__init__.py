@@ -7,7 +7,9 @@
 - ``keygen``, ``key`` (:mod:`groupcomm.cli.keys`): the cluster key file and its rotation;
 - ``supervise`` (:mod:`groupcomm.cli.supervise`): keep a node's processes alive;
 - ``ps``, ``start``, ``stop``, ``restart`` (:mod:`groupcomm.cli.ps`): the cluster's
-  processes, through the supervisors' group.
+  processes, through the supervisors' group;
+- ``group``, ``bundle``, ``config``, ``plan``, ``cluster`` (:mod:`groupcomm.cli.provisioning`):
+  provisioning, through the local provisioning agent.
 
 Errors a user can cause print one line, ``groupcomm: error: ...``, on stderr
 (:mod:`groupcomm.cli.errors`); ``groupcomm --debug COMMAND`` shows the
@@ -21,7 +23,7 @@ import argparse
 import signal
 
 import groupcomm
-from groupcomm.cli import demo, keys, node, probe, ps, simulate, supervise
+from groupcomm.cli import demo, keys, node, probe, provisioning, ps, simulate, supervise
 from groupcomm.cli.errors import EXIT_FAILED, EXIT_OK, EXIT_USAGE, interrupted, report
 
 __all__ = ["EXIT_FAILED", "EXIT_INTERRUPTED", "EXIT_OK", "EXIT_USAGE", "build_parser", "main"]
@@ -48,7 +50,7 @@ exit status:
 'groupcomm COMMAND --help' describes each command's options.
 """
 
-COMMANDS = (demo, simulate, node, probe, keys, supervise, ps)
+COMMANDS = (demo, simulate, node, probe, keys, supervise, ps, provisioning)
 
 
 def build_parser() -> argparse.ArgumentParser:
