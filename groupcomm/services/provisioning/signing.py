@@ -54,8 +54,10 @@ __all__ = [
     "read_signature",
     "sign",
     "signed_message",
+    "signed_message_for",
     "verify",
     "verify_file",
+    "verify_raw",
     "write_signature",
 ]
 
@@ -167,10 +169,30 @@ def load_public_keys(path: str | Path) -> list[PublicKey]:
 
 def signed_message(bundle: Bundle) -> bytes:
     """The bytes a bundle's signature covers (see the module docstring)."""
-    name = bundle.manifest.name.encode()
-    version = bundle.manifest.version.encode()
-    return (_DOMAIN + bytes.fromhex(bundle.sha256)
-            + len(name).to_bytes(2, "big") + name + len(version).to_bytes(2, "big") + version)
+    return signed_message_for(bundle.manifest.name, bundle.manifest.version, bundle.sha256)
+
+
+def signed_message_for(name: str, version: str, digest: str) -> bytes:
+    """The bytes the signature of bundle ``name`` ``version`` whose file has SHA-256 ``digest``
+    (lowercase hex) covers: what :func:`signed_message` gives for that bundle, without the file."""
+    raw_name = name.encode()
+    raw_version = version.encode()
+    return (_DOMAIN + bytes.fromhex(digest)
+            + len(raw_name).to_bytes(2, "big") + raw_name + len(raw_version).to_bytes(2, "big") + raw_version)
+
+
+def verify_raw(message: bytes, signature: bytes, trusted_raw_keys: Iterable[bytes]) -> str | None:
+    """The key id of the first of ``trusted_raw_keys`` (raw 32-byte Ed25519 keys) whose signature
+    over ``message`` ``signature`` is; None if none is (also for a malformed key or signature).
+
+    Pure and deterministic: every replica of a group gives the same answer."""
+    for raw in trusted_raw_keys:
+        try:
+            Ed25519PublicKey.from_public_bytes(raw).verify(signature, message)
+        except (InvalidSignature, ValueError):
+            continue
+        return hashlib.sha256(raw).hexdigest()[:16]
+    return None
 
 
 def sign(bundle: Bundle, key: SigningKey) -> bytes:
@@ -210,14 +232,10 @@ def read_signature(path: str | Path) -> bytes:
 
 def verify(bundle: Bundle, signature: bytes, trusted: Iterable[PublicKey]) -> str:
     """The id of the trusted key whose signature ``signature`` is; SignatureError if none."""
-    message = signed_message(bundle)
     trusted = list(trusted)
-    for key in trusted:
-        try:
-            Ed25519PublicKey.from_public_bytes(key.raw).verify(signature, message)
-        except InvalidSignature:
-            continue
-        return key.key_id
+    key_id = verify_raw(signed_message(bundle), signature, [key.raw for key in trusted])
+    if key_id is not None:
+        return key_id
     ids = ", ".join(k.key_id for k in trusted) or "none"
     raise SignatureError(f"{bundle.path}: bundle {bundle.manifest.name} {bundle.manifest.version} "
                          f"(sha256 {bundle.sha256[:12]}): no trusted key verifies its signature "
