@@ -2,11 +2,11 @@
 
 Every group ``G`` is the space ``groupcomm.provisioning/G`` (:func:`group_space`).
 Its desired state (:class:`GroupState`: which bundles at which version, started
-or not, and the configuration key/values) changes only by operations
-(:mod:`.ops`) multicast in that space.  Each member's :class:`GroupReplica` is
-fed, in delivery order, the ring views, the space's views and messages, and
-the space's state transfers, and decides about every operation where it is
-delivered:
+or not, the configuration key/values, and the keys bundles must be signed by)
+changes only by operations (:mod:`.ops`) multicast in that space.  Each
+member's :class:`GroupReplica` is fed, in delivery order, the ring views, the
+space's views and messages, and the space's state transfers, and decides about
+every operation where it is delivered:
 
 * **Accepted** when delivered in a *regular, primary* ring configuration (the
   ring :class:`~groupcomm.events.View`'s ``primary`` flag; anything delivered
@@ -17,12 +17,20 @@ delivered:
   partition is read-only and says so), :data:`DUPLICATE` (the ``op_id`` was
   accepted already: a retried proposal, applied once), :data:`WRONG_GROUP`, or
   what the state refuses (:class:`OpRefused`: e.g. uninstalling a bundle the
-  group does not have).
+  group does not have, a bundle no trusted key signed, a plan operation).
 
 Every member of the space delivers the same operations at the same points of
 the total order with the same configuration and the same state, so every
 member makes the same decision.  Malformed payloads are counted
 (:attr:`GroupReplica.dropped`) and ignored, identically everywhere.
+
+Signatures: once a ``SetGroupPolicy`` with trusted keys is accepted, the group
+refuses every ``InstallBundle`` whose ``signature`` no trusted key verifies
+over :func:`.signing.signed_message_for` (name, version, digest).  The check is
+part of the replicated decision, so every member refuses alike before anything
+is installed.  A policy does not touch the bundles the group already has
+(uninstall them, or install signed versions over them); an empty key list
+lifts the requirement.
 
 Nothing is merged: only a primary component writes.  A node that was offline
 or on the minority side gets the primary side's state (and history) through
@@ -30,28 +38,58 @@ the space's state transfer when it joins or after the merge
 (:mod:`groupcomm.layers.spaces`: the most recent primary side's state wins), so
 an uninstall made while it was away is simply in what it receives.  The first
 member of a space keeps the state it loaded from its store (a node starting
-alone resumes where it stopped; see :class:`GroupReplica` for the cold-start
-caveat); a transfer of ``None`` (no member of a primary configuration had any
-state) starts the group over from the empty state at revision 0.
+alone resumes where it stopped); a transfer of ``None`` (no member of a primary
+configuration had any state) starts the group over from the empty state at
+revision 0.
+
+Cold start (every node restarted): the first node to join the space may have
+an older store than a later joiner.  A joiner whose own state has a higher
+revision than the one it receives installs the received one anyway (it must be
+identical to the others at that point of the order) and offers its own with an
+``AdoptState`` operation (the :class:`Adopt` output, which the driver
+multicasts in the space).  It is accepted like any operation, in a regular
+primary configuration, if its revision is higher than the group's then; the
+group's state becomes the offered one.  Revisions only grow, by one per
+accepted operation, along the one line of primary components (a primary
+component starts from the state of the previous one, by transfer), so the
+highest revision stored anywhere is the latest state.  Operations accepted
+between the restart and the adoption, on the older line, are replaced by the
+adopted state if it is still newer (and the adoption is refused, keeping
+them, otherwise): offer early, i.e. multicast :class:`Adopt` at once.
 
 Bounds: :data:`RECENT_OP_IDS` op_ids are remembered for duplicates (part of the
 replicated state, so every member answers a retry alike; a retry is recognised
 while fewer than that many operations were accepted since the original); the
 history keeps the last ``history_limit`` accepted operations
-(:data:`DEFAULT_HISTORY`), in memory and in the store; a group holds at most
-:data:`MAX_BUNDLES` bundles and :data:`MAX_CONFIG_KEYS` configuration keys.
+(:data:`DEFAULT_HISTORY`), in memory and in the store (an accepted adoption is
+recorded without the snapshot it carried); a group holds at most
+:data:`MAX_BUNDLES` bundles, :data:`MAX_CONFIG_KEYS` configuration keys and
+:data:`MAX_CONFIG_BYTES` of configuration.  A group at all its bounds at once
+(long op_ids, names and versions) has a snapshot larger than
+:data:`~.ops.MAX_STATE_BYTES`, so it cannot be offered by ``AdoptState``: the
+replica then logs why and offers nothing (the group keeps the older state, as
+before the cold-start fix).  Real groups are far below that (1000 bundles with
+ordinary names and 4096 op_ids like ``node-12:1234567``: about 190 KiB; at
+every bound at once: about 1.5 MiB).
+
+Generic: :class:`GroupReplica` replicates any :class:`ReplicatedState` (its
+``state_type``), so the cluster's deployment-plan record (:mod:`.rollout`)
+is replicated by the same code in its own space.
 
 Persistence: :class:`SqliteGroupStore` (one SQLite file per node, WAL,
-``synchronous=FULL``): the snapshot of each group and its history, written in
-one transaction per accepted operation or installed state.
-:class:`MemoryGroupStore` is the same in memory (tests, the simulator).
+``synchronous=FULL``): the snapshot of each group (or other replicated record)
+and its history, written in one transaction per accepted operation or
+installed state.  :class:`MemoryGroupStore` is the same in memory (tests, the
+simulator).
 """
 
 from __future__ import annotations
 
+import hashlib
+import logging
 import sqlite3
 from collections import deque
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Annotated, Protocol, Self
@@ -62,6 +100,9 @@ from groupcomm.errors import GroupcommError
 from groupcomm.events import View
 from groupcomm.layers.spaces import SpaceView
 from groupcomm.services.provisioning.ops import (
+    MAX_STATE_BYTES,
+    MAX_TRUSTED_KEYS,
+    AdoptState,
     BundleName,
     ConfigKey,
     ConfigValue,
@@ -74,7 +115,9 @@ from groupcomm.services.provisioning.ops import (
     Op,
     OpId,
     Pid,
+    RawPublicKey,
     SetConfig,
+    SetGroupPolicy,
     Size,
     StartBundle,
     StopBundle,
@@ -83,15 +126,20 @@ from groupcomm.services.provisioning.ops import (
     decode_op,
     encode_op,
 )
+from groupcomm.services.provisioning.signing import signed_message_for, verify_raw
 
 __all__ = [
     "DEFAULT_HISTORY",
     "DUPLICATE",
+    "MAX_BUNDLES",
+    "MAX_CONFIG_BYTES",
+    "MAX_CONFIG_KEYS",
     "READ_ONLY",
     "RECENT_OP_IDS",
     "SPACE_PREFIX",
     "WRONG_GROUP",
     "Accepted",
+    "Adopt",
     "BundleDesired",
     "GroupReplica",
     "GroupState",
@@ -101,11 +149,15 @@ __all__ = [
     "OpRefused",
     "Rejected",
     "ReplicaOutput",
+    "ReplicatedState",
     "SqliteGroupStore",
     "StateChanged",
     "StateCorrupt",
+    "adopt_state",
     "group_space",
 ]
+
+_log = logging.getLogger("groupcomm.provisioning")
 
 SPACE_PREFIX = "groupcomm.provisioning/"
 RECENT_OP_IDS = 4096
@@ -115,10 +167,15 @@ DEFAULT_HISTORY = 1000
 MAX_BUNDLES = 1000
 MAX_CONFIG_KEYS = 10_000
 """Configuration keys of a group, all PIDs together."""
+MAX_CONFIG_BYTES = 256 * 1024
+"""Configuration of a group, all PIDs together: the sum of len(pid) + len(key) + UTF-8 len(value)."""
 
 READ_ONLY = "read-only: this side of the partition is not primary"
 DUPLICATE = "duplicate: this operation was accepted already"
 WRONG_GROUP = "wrong group: the operation names another group"
+
+_GROUP_BODIES = (InstallBundle, UninstallBundle, StartBundle, StopBundle, SetConfig, DeleteConfig,
+                 SetGroupPolicy, AdoptState)
 
 
 def group_space(group: str) -> str:
@@ -132,6 +189,59 @@ class OpRefused(GroupcommError):
 
 class StateCorrupt(GroupcommError):
     """A snapshot or stored state that does not decode or violates its bounds."""
+
+
+class ReplicatedState(Protocol):
+    """A value :class:`GroupReplica` replicates (:class:`GroupState`; the plans record).
+
+    A pure value: :meth:`apply` returns a new one.  ``state_type(name)`` is the
+    empty state of ``name`` at revision 0; :attr:`revision` goes up by one per
+    applied operation; :attr:`recent` holds the recently applied op_ids (part of
+    the value, so every member recognises a retry alike).  ``AdoptState``
+    operations never reach :meth:`apply`: the replica handles them
+    (:func:`adopt_state`)."""
+
+    @property
+    def group(self) -> str: ...
+
+    @property
+    def revision(self) -> int: ...
+
+    @property
+    def recent(self) -> tuple[str, ...]: ...
+
+    def has_applied(self, op_id: str) -> bool:
+        """Whether ``op_id`` is among the recently applied operations."""
+
+    def check(self, op: Op) -> None:
+        """Raise :class:`OpRefused` if :meth:`apply` would refuse ``op``."""
+
+    def apply(self, op: Op) -> ReplicatedState:
+        """The state after ``op`` (``self`` for a recent op_id); :class:`OpRefused` if refused."""
+
+    def snapshot(self) -> bytes:
+        """This state as bytes."""
+
+    @staticmethod
+    def restore(data: bytes) -> ReplicatedState:
+        """The state in ``data`` (from :meth:`snapshot`); :class:`StateCorrupt` if it is not valid."""
+
+
+def adopt_state(current: ReplicatedState, body: AdoptState, state_type: type) -> ReplicatedState:
+    """The state an ``AdoptState`` turns ``current`` into: the offered snapshot, decoded with
+    ``state_type.restore``, if it names the same group and its revision is higher.
+
+    Raises :class:`OpRefused` otherwise (also for a snapshot that does not decode)."""
+    try:
+        offered = state_type.restore(body.state)
+    except StateCorrupt as exc:
+        raise OpRefused(f"adopt: the offered state does not decode: {exc}") from None
+    if offered.group != current.group:
+        raise OpRefused(f"adopt: the offered state is of {offered.group!r}, not {current.group!r}")
+    if offered.revision <= current.revision:
+        raise OpRefused(f"adopt: the offered revision {offered.revision} is not newer than "
+                        f"revision {current.revision} of {current.group!r}")
+    return offered
 
 
 # --------------------------------------------------------------------------- the value
@@ -150,48 +260,87 @@ class BundleDesired(msgspec.Struct, frozen=True, array_like=True, forbid_unknown
 class GroupState(msgspec.Struct, frozen=True, array_like=True, forbid_unknown_fields=True):
     """One group's desired state, a pure value: :meth:`apply` returns a new one.
 
-    ``recent``: the last :data:`RECENT_OP_IDS` accepted op_ids, oldest first."""
+    ``recent``: the last :data:`RECENT_OP_IDS` accepted op_ids, oldest first.
+    ``trusted_keys``: raw Ed25519 keys (set by ``SetGroupPolicy``); while any,
+    only bundles signed by one of them are accepted.  (It is the last field:
+    snapshots from before it decode, with no keys.)"""
 
     group: GroupName
     revision: Annotated[int, msgspec.Meta(ge=0, le=(1 << 63) - 1)] = 0
     bundles: Annotated[dict[BundleName, BundleDesired], msgspec.Meta(max_length=MAX_BUNDLES)] = {}
     configs: dict[Pid, dict[ConfigKey, ConfigValue]] = {}
     recent: Annotated[tuple[OpId, ...], msgspec.Meta(max_length=RECENT_OP_IDS)] = ()
+    trusted_keys: Annotated[tuple[RawPublicKey, ...], msgspec.Meta(max_length=MAX_TRUSTED_KEYS)] = ()
 
     def has_applied(self, op_id: str) -> bool:
         """Whether ``op_id`` is among the recently accepted operations."""
         return op_id in self.recent
 
+    @property
+    def config_bytes(self) -> int:
+        """The size of the configuration as :data:`MAX_CONFIG_BYTES` counts it."""
+        return sum(_entry_bytes(pid, key, value)
+                   for pid, keys in self.configs.items() for key, value in keys.items())
+
     def check(self, op: Op) -> None:
         """Raise :class:`OpRefused` if :meth:`apply` would refuse ``op`` (duplicates are not refused)."""
         body = op.body
+        t = type(body)
+        if t not in _GROUP_BODIES:
+            raise OpRefused(f"not a group operation: {body.__struct_config__.tag}")
         if body.group != self.group:
             raise OpRefused(WRONG_GROUP)
-        t = type(body)
         if t is InstallBundle:
             if body.name not in self.bundles and len(self.bundles) >= MAX_BUNDLES:
                 raise OpRefused(f"group {self.group!r} already has {MAX_BUNDLES} bundles")
+            self._check_signature(body)
         elif t is UninstallBundle or t is StartBundle or t is StopBundle:
             if body.name not in self.bundles:
                 raise OpRefused(f"no bundle {body.name!r} in group {self.group!r}")
         elif t is SetConfig:
-            if (body.key not in self.configs.get(body.pid, {})
-                    and sum(map(len, self.configs.values())) >= MAX_CONFIG_KEYS):
-                raise OpRefused(f"group {self.group!r} already has {MAX_CONFIG_KEYS} configuration keys")
-        elif t is DeleteConfig and body.key not in self.configs.get(body.pid, {}):
-            raise OpRefused(f"no configuration key {body.key!r} in {body.pid!r} of group {self.group!r}")
+            self._check_config_bounds(body)
+        elif t is DeleteConfig:
+            if body.key not in self.configs.get(body.pid, {}):
+                raise OpRefused(f"no configuration key {body.key!r} in {body.pid!r} of group {self.group!r}")
+        elif t is AdoptState:
+            adopt_state(self, body, GroupState)
+        # SetGroupPolicy: any key list is accepted (the schema bounds it)
+
+    def _check_signature(self, body: InstallBundle) -> None:
+        if not self.trusted_keys:
+            return
+        message = signed_message_for(body.name, body.version, body.digest)
+        if verify_raw(message, body.signature, self.trusted_keys) is None:
+            what = "is not signed" if not body.signature else "has a signature no trusted key verifies"
+            raise OpRefused(f"bundle {body.name} {body.version} (sha256 {body.digest[:12]}) {what}: "
+                            f"group {self.group!r} accepts only bundles signed by one of its "
+                            f"{len(self.trusted_keys)} trusted keys")
+
+    def _check_config_bounds(self, body: SetConfig) -> None:
+        old = self.configs.get(body.pid, {}).get(body.key)
+        if old is None and sum(map(len, self.configs.values())) >= MAX_CONFIG_KEYS:
+            raise OpRefused(f"group {self.group!r} already has {MAX_CONFIG_KEYS} configuration keys")
+        grows = _entry_bytes(body.pid, body.key, body.value) - (
+            0 if old is None else _entry_bytes(body.pid, body.key, old))
+        # a state over the bound (stored before it existed) may still shrink
+        if grows > 0 and self.config_bytes + grows > MAX_CONFIG_BYTES:
+            raise OpRefused(f"configuration of group {self.group!r} would exceed {MAX_CONFIG_BYTES} bytes "
+                            f"(pid + key + value, all keys together)")
 
     def apply(self, op: Op) -> GroupState:
         """The state after ``op``: revision + 1 and the change (``self`` again for a duplicate op_id).
 
         Raises :class:`OpRefused` (nothing changed) for what :meth:`check` refuses.
-        Installing a bundle the group has replaces its file and keeps whether it is started."""
+        Installing a bundle the group has replaces its file and keeps whether it is started.
+        ``AdoptState`` gives the offered state itself (:func:`adopt_state`: its own revision)."""
         if self.has_applied(op.op_id):
             return self
-        self.check(op)
         body = op.body
-        bundles, configs = self.bundles, self.configs
         t = type(body)
+        if t is AdoptState and body.group == self.group:
+            return adopt_state(self, body, GroupState)
+        self.check(op)
+        bundles, configs, trusted_keys = self.bundles, self.configs, self.trusted_keys
         if t is InstallBundle:
             old = bundles.get(body.name)
             bundles = {**bundles, body.name: BundleDesired(body.version, body.digest, body.size, body.filename,
@@ -203,13 +352,17 @@ class GroupState(msgspec.Struct, frozen=True, array_like=True, forbid_unknown_fi
                                                                      started=t is StartBundle)}
         elif t is SetConfig:
             configs = {**configs, body.pid: {**configs.get(body.pid, {}), body.key: body.value}}
-        else:                                                   # DeleteConfig
+        elif t is DeleteConfig:
             keys = {k: v for k, v in configs[body.pid].items() if k != body.key}
             configs = {p: v for p, v in configs.items() if p != body.pid}
             if keys:
                 configs[body.pid] = keys
+        elif t is SetGroupPolicy:
+            trusted_keys = tuple(dict.fromkeys(body.trusted_keys))
+        else:                               # check() let through a body this method does not know
+            raise AssertionError(f"GroupState.apply: unhandled {t.__name__}")
         recent = (self.recent + (op.op_id,))[-RECENT_OP_IDS:]
-        return GroupState(self.group, self.revision + 1, bundles, configs, recent)
+        return GroupState(self.group, self.revision + 1, bundles, configs, recent, trusted_keys)
 
     def snapshot(self) -> bytes:
         """This state as bytes (msgpack)."""
@@ -224,17 +377,21 @@ class GroupState(msgspec.Struct, frozen=True, array_like=True, forbid_unknown_fi
             raise StateCorrupt(f"group state: {exc}") from None
 
 
+def _entry_bytes(pid: str, key: str, value: str) -> int:
+    return len(pid) + len(key) + len(value.encode())
+
+
 class HistoryEntry(msgspec.Struct, frozen=True, array_like=True, forbid_unknown_fields=True):
-    """An accepted operation and the revision it made."""
+    """An accepted operation and the revision it made (an ``AdoptState`` without its snapshot)."""
 
     revision: int
     op: Op
 
 
 class _Transfer(msgspec.Struct, frozen=True, array_like=True, forbid_unknown_fields=True):
-    """What a state transfer carries: the state and the history tail."""
+    """What a state transfer carries: the state's snapshot and the history tail."""
 
-    state: GroupState
+    state: bytes
     history: list[HistoryEntry]
 
 
@@ -247,15 +404,18 @@ _transfer_decoder = msgspec.msgpack.Decoder(_Transfer)
 
 
 class GroupStore(Protocol):
-    """Where a replica keeps its group's state and history (the node's own copy)."""
+    """Where a replica keeps its group's state and history (the node's own copy).
 
-    def load(self, group: str) -> tuple[GroupState, list[HistoryEntry]]:
+    ``state_type`` (a :class:`ReplicatedState` class) decodes what is stored and
+    makes the empty state."""
+
+    def load(self, group: str, state_type: type = GroupState) -> tuple[ReplicatedState, list[HistoryEntry]]:
         """The stored state and history of ``group`` (the empty state at revision 0 if none)."""
 
-    def save(self, group: str, state: GroupState, new_history: Sequence[HistoryEntry]) -> None:
+    def save(self, group: str, state: ReplicatedState, new_history: Sequence[HistoryEntry]) -> None:
         """Store ``state`` and append ``new_history``, atomically."""
 
-    def replace(self, group: str, state: GroupState, history: Sequence[HistoryEntry]) -> None:
+    def replace(self, group: str, state: ReplicatedState, history: Sequence[HistoryEntry]) -> None:
         """Store ``state`` with exactly ``history`` (after a state transfer), atomically."""
 
 
@@ -264,17 +424,22 @@ class MemoryGroupStore:
 
     def __init__(self, history_limit: int = DEFAULT_HISTORY) -> None:
         self.history_limit = history_limit
-        self._groups: dict[str, tuple[GroupState, list[HistoryEntry]]] = {}
+        self._groups: dict[str, tuple[ReplicatedState, list[HistoryEntry]]] = {}
 
-    def load(self, group: str) -> tuple[GroupState, list[HistoryEntry]]:
-        state, history = self._groups.get(group, (GroupState(group), []))
+    def load(self, group: str, state_type: type = GroupState) -> tuple[ReplicatedState, list[HistoryEntry]]:
+        if group not in self._groups:
+            return state_type(group), []
+        state, history = self._groups[group]
+        if not isinstance(state, state_type):
+            raise StateCorrupt(f"the stored state of {group!r} is a {type(state).__name__}, "
+                               f"not a {state_type.__name__}")
         return state, list(history)
 
-    def save(self, group: str, state: GroupState, new_history: Sequence[HistoryEntry]) -> None:
+    def save(self, group: str, state: ReplicatedState, new_history: Sequence[HistoryEntry]) -> None:
         _, history = self._groups.get(group, (None, []))
         self._groups[group] = (state, (history + list(new_history))[-self.history_limit:])
 
-    def replace(self, group: str, state: GroupState, history: Sequence[HistoryEntry]) -> None:
+    def replace(self, group: str, state: ReplicatedState, history: Sequence[HistoryEntry]) -> None:
         self._groups[group] = (state, list(history)[-self.history_limit:])
 
 
@@ -296,9 +461,10 @@ CREATE TABLE IF NOT EXISTS group_history (
 class SqliteGroupStore:
     """A :class:`GroupStore` in one SQLite file (WAL, ``synchronous=FULL``: a returned save survives a crash).
 
-    Tables: ``group_state(grp, revision, state)`` (the :meth:`GroupState.snapshot`)
+    Tables: ``group_state(grp, revision, state)`` (the state's ``snapshot()``)
     and ``group_history(grp, revision, op)`` (encoded :class:`~.ops.Op`; the last
-    ``history_limit`` per group).  Use from one thread."""
+    ``history_limit`` per group).  ``grp`` is the replicated record's name: a
+    group, or ``@plans`` for the deployment-plan record.  Use from one thread."""
 
     def __init__(self, path: str | Path, history_limit: int = DEFAULT_HISTORY) -> None:
         self.path = Path(path)
@@ -318,32 +484,32 @@ class SqliteGroupStore:
         self.close()
 
     def groups(self) -> list[str]:
-        """The groups with a stored state."""
+        """The records with a stored state (groups, and ``@plans`` if stored here)."""
         return [row[0] for row in self._db.execute("SELECT grp FROM group_state ORDER BY grp")]
 
-    def load(self, group: str) -> tuple[GroupState, list[HistoryEntry]]:
+    def load(self, group: str, state_type: type = GroupState) -> tuple[ReplicatedState, list[HistoryEntry]]:
         row = self._db.execute("SELECT state FROM group_state WHERE grp = ?", (group,)).fetchone()
         if row is None:
-            return GroupState(group), []
-        state = GroupState.restore(bytes(row[0]))
+            return state_type(group), []
+        state = state_type.restore(bytes(row[0]))
         if state.group != group:
-            raise StateCorrupt(f"the stored state of group {group!r} names group {state.group!r}")
+            raise StateCorrupt(f"the stored state of {group!r} names {state.group!r}")
         history = []
         for revision, data in self._db.execute(
                 "SELECT revision, op FROM group_history WHERE grp = ? ORDER BY revision", (group,)):
             try:
                 history.append(HistoryEntry(revision, decode_op(bytes(data))))
             except MalformedOp as exc:
-                raise StateCorrupt(f"group {group!r} history revision {revision}: {exc}") from None
+                raise StateCorrupt(f"{group!r} history revision {revision}: {exc}") from None
         return state, history
 
-    def save(self, group: str, state: GroupState, new_history: Sequence[HistoryEntry]) -> None:
+    def save(self, group: str, state: ReplicatedState, new_history: Sequence[HistoryEntry]) -> None:
         self._write(group, state, new_history, replace=False)
 
-    def replace(self, group: str, state: GroupState, history: Sequence[HistoryEntry]) -> None:
+    def replace(self, group: str, state: ReplicatedState, history: Sequence[HistoryEntry]) -> None:
         self._write(group, state, history, replace=True)
 
-    def _write(self, group: str, state: GroupState, rows: Iterable[HistoryEntry], *, replace: bool) -> None:
+    def _write(self, group: str, state: ReplicatedState, rows: Iterable[HistoryEntry], *, replace: bool) -> None:
         db = self._db
         db.execute("BEGIN IMMEDIATE")
         try:
@@ -367,7 +533,7 @@ class SqliteGroupStore:
 
 @dataclass(frozen=True)
 class Accepted:
-    """``op`` was accepted here and made ``revision``."""
+    """``op`` was accepted here and made ``revision`` (an ``AdoptState`` comes without its snapshot)."""
 
     op: Op
     revision: int
@@ -385,10 +551,20 @@ class Rejected:
 class StateChanged:
     """The desired state is now ``state`` (after an accepted operation or a state transfer)."""
 
-    state: GroupState
+    state: ReplicatedState
 
 
-ReplicaOutput = Accepted | Rejected | StateChanged
+@dataclass(frozen=True)
+class Adopt:
+    """Multicast ``payload`` in the replica's space: an encoded ``AdoptState`` operation (``op_id``)
+    offering this node's stored state at ``revision``, newer than the one it just received."""
+
+    payload: bytes
+    op_id: str
+    revision: int
+
+
+ReplicaOutput = Accepted | Rejected | StateChanged | Adopt
 
 
 # --------------------------------------------------------------------------- the replica
@@ -402,22 +578,36 @@ class GroupReplica:
     ring :class:`~groupcomm.events.View` to :meth:`ring_view`, the space's views
     to :meth:`space_view` and messages to :meth:`message`; answer the space's
     state requests with :meth:`state_request` and hand a received state to
-    :meth:`install_state`; multicast what :meth:`propose` returns in the space.
+    :meth:`install_state`; multicast in the space what :meth:`propose` returns
+    and the payload of every :class:`Adopt` output.
 
-    Cold start: the first member of the space keeps the state it loaded, and
-    every later joiner receives that one, even if a node that joins later has a
-    newer copy in its store -- start the node that stopped last first, or let
-    the members compare :attr:`revision` before joining.
+    ``state_type``: the :class:`ReplicatedState` replicated (:class:`GroupState`;
+    the plans record passes its own, with ``space``: default
+    :func:`group_space` of ``group``).  ``node``: this node's name, for the op_ids
+    of the ``AdoptState`` operations it proposes; ``clock``: their ``Op.at``
+    (wall-clock seconds, for people; default 0.0).
+
+    Cold start: a joiner whose own (stored) state is newer than the one it
+    receives installs the received one and returns an :class:`Adopt` offering
+    its own; the group takes it if it is still newer where it is delivered
+    (see the module docstring).  A state too large for an ``AdoptState``
+    (:data:`~.ops.MAX_STATE_BYTES`), or a record whose name is no valid group
+    name, is not offered: the replica logs why and keeps the received state.
     """
 
-    def __init__(self, group: str, store: GroupStore, *, history_limit: int = DEFAULT_HISTORY) -> None:
+    def __init__(self, group: str, store: GroupStore, *, history_limit: int = DEFAULT_HISTORY,
+                 state_type: type = GroupState, space: str | None = None, node: str = "-",
+                 clock: Callable[[], float] | None = None) -> None:
         if history_limit < 1:
             raise ValueError("history_limit must be >= 1")
         self.group = group
-        self.space = group_space(group)
+        self.space = space if space is not None else group_space(group)
+        self.state_type = state_type
+        self.node = node
+        self._clock = clock
         self._store = store
-        state, history = store.load(group)
-        self._state = state
+        state, history = store.load(group, state_type)
+        self._state: ReplicatedState = state
         self._history: deque[HistoryEntry] = deque(history, maxlen=history_limit)
         self._primary = False
         self._transitional = False
@@ -427,7 +617,7 @@ class GroupReplica:
         """Malformed operations received (counted and ignored)."""
 
     @property
-    def state(self) -> GroupState:
+    def state(self) -> ReplicatedState:
         return self._state
 
     @property
@@ -475,10 +665,16 @@ class GroupReplica:
             return []
         if not self.writable:
             return [Rejected(op.op_id, READ_ONLY)]
+        if op.group != self.group:
+            return [Rejected(op.op_id, WRONG_GROUP)]
         if self._state.has_applied(op.op_id):
             return [Rejected(op.op_id, DUPLICATE)]
         try:
-            state = self._state.apply(op)
+            if type(op.body) is AdoptState:
+                state = adopt_state(self._state, op.body, self.state_type)
+                op = msgspec.structs.replace(op, body=AdoptState(op.body.group, b""))   # history stays small
+            else:
+                state = self._state.apply(op)
         except OpRefused as exc:
             return [Rejected(op.op_id, str(exc))]
         entry = HistoryEntry(state.revision, op)
@@ -491,29 +687,58 @@ class GroupReplica:
 
     def state_request(self) -> bytes:
         """The snapshot a joiner of the space gets (state and history), taken now."""
-        return _encoder.encode(_Transfer(self._state, list(self._history)))
+        return _encoder.encode(_Transfer(self._state.snapshot(), list(self._history)))
 
     def install_state(self, data: bytes | None) -> list[ReplicaOutput]:
         """Replace the state with a transferred one (None: the group starts over, empty, at revision 0).
 
-        Raises :class:`StateCorrupt` if ``data`` does not decode (the provider is a
-        member running this code: that is a bug, not a network error)."""
+        Also returns an :class:`Adopt` if the state replaced had a higher revision
+        (see the class docstring).  Raises :class:`StateCorrupt` if ``data`` does
+        not decode (the provider is a member running this code: that is a bug,
+        not a network error)."""
         if data is None:
-            transfer = _Transfer(GroupState(self.group), [])
+            state, history = self.state_type(self.group), []
         else:
             try:
                 transfer = _transfer_decoder.decode(data)
             except (msgspec.DecodeError, msgspec.ValidationError) as exc:
-                raise StateCorrupt(f"state transfer of group {self.group!r}: {exc}") from None
-            if transfer.state.group != self.group:
-                raise StateCorrupt(f"state transfer for group {self.group!r} carries group "
-                                   f"{transfer.state.group!r}")
-        history = transfer.history[-(self._history.maxlen or 1):]
-        self._store.replace(self.group, transfer.state, history)
-        self._state = transfer.state
+                raise StateCorrupt(f"state transfer of {self.group!r}: {exc}") from None
+            state = self.state_type.restore(transfer.state)
+            if state.group != self.group:
+                raise StateCorrupt(f"state transfer for group {self.group!r} carries group {state.group!r}")
+            history = transfer.history[-(self._history.maxlen or 1):]
+        own = self._state
+        self._store.replace(self.group, state, history)
+        self._state = state
         self._history.clear()
         self._history.extend(history)
-        return [StateChanged(transfer.state)]
+        outputs: list[ReplicaOutput] = [StateChanged(state)]
+        if own.revision > state.revision:
+            adopt = self._offer(own, state.revision)
+            if adopt is not None:
+                outputs.append(adopt)
+        return outputs
+
+    def _offer(self, own: ReplicatedState, received: int) -> Adopt | None:
+        snapshot = own.snapshot()
+        if len(snapshot) > MAX_STATE_BYTES:
+            _log.warning("%s: not offering stored revision %d over the received revision %d: its snapshot "
+                         "of %d bytes exceeds %d", self.group, own.revision, received, len(snapshot),
+                         MAX_STATE_BYTES)
+            return None
+        # The same snapshot offered twice is the same operation: a content-derived op_id makes it a duplicate.
+        op_id = f"{self.node}:adopt:{own.revision}:{hashlib.sha256(snapshot).hexdigest()[:16]}"
+        op = Op(op_id, self.node, "", self._clock() if self._clock is not None else 0.0,
+                AdoptState(self.group, snapshot))
+        try:
+            payload = encode_op(op)
+        except MalformedOp as exc:
+            _log.warning("%s: not offering stored revision %d over the received revision %d: %s",
+                         self.group, own.revision, received, exc)
+            return None
+        _log.info("%s: offering stored revision %d over the received revision %d (%s)",
+                  self.group, own.revision, received, op_id)
+        return Adopt(payload, op_id, own.revision)
 
     # ------------------------------------------------------------------ local
 
@@ -523,6 +748,6 @@ class GroupReplica:
         Raises :class:`OpRefused` for an operation on another group and
         :class:`~.ops.MalformedOp` for an invalid one; a read-only side still
         multicasts (every member rejects it alike)."""
-        if op.body.group != self.group:
+        if op.group != self.group:
             raise OpRefused(WRONG_GROUP)
         return encode_op(op)
