@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import getpass
 import json
 import os
 import shutil
@@ -75,6 +76,7 @@ class FakeNode:
     def __init__(self) -> None:
         self.calls: list[tuple[str, tuple, dict]] = []
         self.fail: dict[str, BaseException] = {}
+        self.users: list[str | None] = []
         self.rollout_outcome = "succeeded"
 
     def _record(self, method: str, *args: Any, **kwargs: Any) -> None:
@@ -102,8 +104,9 @@ class FakeNode:
         progress(Progress("n2", "installing", "hello 2.0"))
         return 4
 
-    async def start_bundle(self, name, *, group):
+    async def start_bundle(self, name, *, group, user=None):     # the one that takes the audit's user
         self._record("start_bundle", name, group=group)
+        self.users.append(user)
         return 5
 
     async def stop_bundle(self, name, *, group):
@@ -306,6 +309,7 @@ def test_bundle_start_stop_uninstall_and_list(agent, capsys):
         status, out, _ = cli(capsys, "bundle", verb, "hello", "--group", "web")
         assert status == 0 and out.endswith(f"hello in group web (revision {revision})\n")
         assert agent.node.calls[-1] == (method, ("hello",), {"group": "web"})
+    assert agent.node.users == [getpass.getuser()]          # the requesting peer's user, for the audit log
     status, out, _ = cli(capsys, "bundle", "list")
     lines = out.splitlines()
     assert status == 0 and agent.node.calls[-1] == ("bundles", ("default",), {})
@@ -615,3 +619,34 @@ def test_format_progress():
     assert format_progress({"batch": 2, "node": "n3", "step": "health", "health": "failing",
                             "detail": "GET / 500"}) == "[batch 2] n3 health GET / 500 health failing"
     assert format_progress({"node": "n1", "step": "fetching", "done": 3, "total": 9}) == "n1 fetching (3/9)"
+
+
+class Chatty(FakeNode):
+    async def apply_plan(self, plan_path, *, env, batch=None, force=False, progress=None):
+        for n in range(50):                       # no checkpoint in between: the queue cannot drain
+            progress({"node": "n1", "step": f"step {n}"})
+        return {"env": env, "outcome": "succeeded"}
+
+
+def test_progress_a_client_cannot_take_is_dropped_never_the_answer(runtime):
+    from groupcomm.services.provisioning.control import (
+        ProvisioningClient,
+        RequestFailed,
+        RequestInvalid,
+    )
+
+    chatty = Agent(default_socket("n1", create_dir=True), Chatty(), queue_lines=4)
+    seen: list[dict] = []
+    try:
+        client = ProvisioningClient(chatty.path)
+        result = trio.run(lambda: client.apply_plan("/p/plan.toml", env="prod", progress=seen.append))
+        assert result == {"env": "prod", "outcome": "succeeded"}
+        assert [e["step"] for e in seen] == ["step 0", "step 1", "step 2", "step 3"]
+        assert chatty.server.dropped_progress == 46
+        chatty.node.fail["leave_group"] = Refused("not in group 'x'")
+        with pytest.raises(RequestFailed, match="^not in group 'x'$"):
+            trio.run(client.leave_group, "x")
+        with pytest.raises(RequestInvalid, match="unknown op 'nope'"):
+            trio.run(client.request, "nope")
+    finally:
+        chatty.stop()

@@ -35,7 +35,9 @@ false); ``plan_status`` (env = null); ``plan_history`` (env);
 ``rollback_plan`` (env, to = null); ``cluster_status`` (group = null, env =
 null); ``history`` (group = null).  File paths must be absolute (the agent
 does not share the client's working directory).  Results are the API's values
-as JSON (:func:`to_json`: structs and dataclasses become objects).
+as JSON (:func:`to_json`: structs and dataclasses become objects).  The API
+methods that take a ``user`` keyword (the audit log's "who") get the user name
+of the peer (``SO_PEERCRED``), not the agent's own.
 
 The long operations (``install_bundle``, ``apply_plan``, ``rollback_plan``)
 stream ``{"progress": EVENT}`` lines before their answer.  Progress is
@@ -80,6 +82,7 @@ import inspect
 import json
 import logging
 import os
+import pwd
 import socket
 import stat
 import struct
@@ -313,49 +316,73 @@ class Request:
         return out
 
 
+def _by(method: Callable[..., Any], args: Mapping[str, Any]) -> dict[str, Any]:
+    """``user=`` the requesting peer's user name, for the API methods that take it (the audit log
+    records who made a change, not the agent's own user)."""
+    try:
+        takes_user = "user" in inspect.signature(method).parameters
+    except (TypeError, ValueError):
+        return {}
+    return {"user": args[_PEER]} if takes_user else {}
+
+
+_PEER = "\0peer"                                        # the peer's user name, among a call's arguments
 _GROUP = {"group": (_string, _REQUIRED)}
 _NAMED = {"name": (_string, _REQUIRED), **_GROUP}
 
 REQUESTS: dict[str, Request] = {
-    "create_group": Request(_GROUP, lambda n, a, p: n.create_group(a["group"])),
-    "join_group": Request(_GROUP, lambda n, a, p: n.join_group(a["group"])),
-    "leave_group": Request(_GROUP, lambda n, a, p: n.leave_group(a["group"])),
+    "create_group": Request(_GROUP, lambda n, a, p: n.create_group(a["group"], **_by(n.create_group, a))),
+    "join_group": Request(_GROUP, lambda n, a, p: n.join_group(a["group"], **_by(n.join_group, a))),
+    "leave_group": Request(_GROUP, lambda n, a, p: n.leave_group(a["group"], **_by(n.leave_group, a))),
     "groups": Request({}, lambda n, a, p: n.groups()),
     "install_bundle": Request(
         {"path": (_absolute, _REQUIRED), **_GROUP, "signature": (_optional(_absolute), None),
          "start": (_flag, False)},
         lambda n, a, p: n.install_bundle(a["path"], group=a["group"], signature=a["signature"], start=a["start"],
-                                         progress=p),
+                                         progress=p, **_by(n.install_bundle, a)),
         streams=True),
-    "start_bundle": Request(_NAMED, lambda n, a, p: n.start_bundle(a["name"], group=a["group"])),
-    "stop_bundle": Request(_NAMED, lambda n, a, p: n.stop_bundle(a["name"], group=a["group"])),
-    "uninstall_bundle": Request(_NAMED, lambda n, a, p: n.uninstall_bundle(a["name"], group=a["group"])),
+    "start_bundle": Request(_NAMED, lambda n, a, p: n.start_bundle(a["name"], group=a["group"], **_by(n.start_bundle, a))),
+    "stop_bundle": Request(_NAMED, lambda n, a, p: n.stop_bundle(a["name"], group=a["group"], **_by(n.stop_bundle, a))),
+    "uninstall_bundle": Request(_NAMED, lambda n, a, p: n.uninstall_bundle(a["name"], group=a["group"],
+                                                                   **_by(n.uninstall_bundle, a))),
     "bundles": Request(_GROUP, lambda n, a, p: n.bundles(a["group"])),
     "set_config": Request({"pid": (_string, _REQUIRED), "values": (_strings, _REQUIRED), **_GROUP},
-                          lambda n, a, p: n.set_config(a["pid"], a["values"], group=a["group"])),
+                          lambda n, a, p: n.set_config(a["pid"], a["values"], group=a["group"],
+                                                       **_by(n.set_config, a))),
     "delete_config": Request({"pid": (_string, _REQUIRED), "key": (_optional(_string), None), **_GROUP},
-                             lambda n, a, p: n.delete_config(a["pid"], a["key"], group=a["group"])),
+                             lambda n, a, p: n.delete_config(a["pid"], a["key"], group=a["group"],
+                                                          **_by(n.delete_config, a))),
     "get_config": Request({"pid": (_string, _REQUIRED), **_GROUP},
                           lambda n, a, p: n.get_config(a["pid"], group=a["group"])),
     "configs": Request(_GROUP, lambda n, a, p: n.configs(a["group"])),
     "require_signatures": Request({**_GROUP, "keys": (_lines, _REQUIRED)},
-                                  lambda n, a, p: n.require_signatures(a["group"], _public_keys(a["keys"]))),
+                                  lambda n, a, p: n.require_signatures(a["group"], _public_keys(a["keys"]),
+                                                                       **_by(n.require_signatures, a))),
     "plan_diff": Request({"plan_path": (_absolute, _REQUIRED), "env": (_string, _REQUIRED)},
                          lambda n, a, p: n.plan_diff(a["plan_path"], env=a["env"])),
     "apply_plan": Request(
         {"plan_path": (_absolute, _REQUIRED), "env": (_string, _REQUIRED), "batch": (_optional(_count), None),
          "force": (_flag, False)},
-        lambda n, a, p: n.apply_plan(a["plan_path"], env=a["env"], batch=a["batch"], force=a["force"], progress=p),
+        lambda n, a, p: n.apply_plan(a["plan_path"], env=a["env"], batch=a["batch"], force=a["force"], progress=p,
+                                     **_by(n.apply_plan, a)),
         streams=True),
     "plan_status": Request({"env": (_optional(_string), None)}, lambda n, a, p: n.plan_status(a["env"])),
     "plan_history": Request({"env": (_string, _REQUIRED)}, lambda n, a, p: n.plan_history(a["env"])),
     "rollback_plan": Request({"env": (_string, _REQUIRED), "to": (_optional(_count), None)},
-                             lambda n, a, p: n.rollback_plan(a["env"], to=a["to"], progress=p), streams=True),
+                             lambda n, a, p: n.rollback_plan(a["env"], to=a["to"], progress=p,
+                                                             **_by(n.rollback_plan, a)), streams=True),
     "cluster_status": Request({"group": (_optional(_string), None), "env": (_optional(_string), None)},
                               lambda n, a, p: n.cluster_status(group=a["group"], env=a["env"])),
     "history": Request({"group": (_optional(_string), None)}, lambda n, a, p: n.history(group=a["group"])),
 }
 """Every request the server takes, by ``op``."""
+
+
+def _user_name(uid: int) -> str:
+    try:
+        return pwd.getpwuid(uid).pw_name
+    except KeyError:
+        return str(uid)
 
 
 def _reason(exc: BaseException) -> GroupcommError | None:
@@ -469,7 +496,7 @@ class ProvisioningControlServer:
                 _log.warning("provisioning socket %s: accept failed (%s); retrying", self.path, e)
                 await trio.sleep(0.1)
                 continue
-            refusal = self._refusal(stream)
+            refusal, user = self._refusal(stream)
             if refusal is not None:
                 with trio.move_on_after(0.5):
                     try:
@@ -484,21 +511,22 @@ class ProvisioningControlServer:
                 await stream.aclose()
                 continue
             self._connections += 1
-            nursery.start_soon(self._serve, stream)
+            nursery.start_soon(self._serve, stream, user)
 
-    def _refusal(self, stream: trio.SocketStream) -> str | None:
+    def _refusal(self, stream: trio.SocketStream) -> tuple[str | None, str]:
+        """Why the peer is not served (None: it is), and its user name."""
         if self._connections >= self.max_connections:
-            return "too many connections"
+            return "too many connections", ""
         try:
             creds = stream.socket.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, struct.calcsize("3i"))
             _, uid, _ = struct.unpack("3i", creds)
         except OSError:
-            return "cannot identify the peer"
+            return "cannot identify the peer", ""
         if uid not in self.peer_uids:
-            return "permission denied"
-        return None
+            return "permission denied", ""
+        return None, _user_name(uid)
 
-    async def _serve(self, stream: trio.SocketStream) -> None:
+    async def _serve(self, stream: trio.SocketStream, user: str) -> None:
         buffer = bytearray()
         try:
             while True:
@@ -506,7 +534,7 @@ class ProvisioningControlServer:
                     line = await self._next_line(stream, buffer)
                     if line is None:
                         return
-                    await self._handle(stream, self._parse(line))
+                    await self._handle(stream, self._parse(line), user)
                 except _Closing as e:
                     with trio.move_on_after(self.send_timeout):
                         await stream.send_all(self._error(str(e), "usage"))
@@ -554,7 +582,7 @@ class ProvisioningControlServer:
             raise _Closing("malformed request: not a JSON object")
         return request
 
-    async def _handle(self, stream: trio.SocketStream, request: dict[str, Any]) -> None:
+    async def _handle(self, stream: trio.SocketStream, request: dict[str, Any], user: str) -> None:
         op = request.get("op")
         spec = REQUESTS.get(op) if isinstance(op, str) else None
         if spec is None:
@@ -565,6 +593,7 @@ class ProvisioningControlServer:
         except _BadRequest as e:
             await self._send(stream, self._error(f"{op}: {e}", "usage"))
             return
+        args[_PEER] = user
         if not spec.streams:
             await self._send(stream, await self._call(op, spec, args, lambda event: None))
             return
