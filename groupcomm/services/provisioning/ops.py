@@ -100,6 +100,8 @@ ConfigValue = Annotated[str, msgspec.Meta(max_length=64 * 1024)]
 OpId = Annotated[str, msgspec.Meta(min_length=1, max_length=200)]
 NodeName = Annotated[str, msgspec.Meta(min_length=1, max_length=100)]
 UserName = Annotated[str, msgspec.Meta(max_length=100)]
+StateName = Annotated[str, msgspec.Meta(pattern=r"^(@plans|[A-Za-z0-9][A-Za-z0-9_.-]{0,99})\Z")]
+"""A group's name, or :data:`PLANS` (the replicated states an :class:`AdoptState` may name)."""
 EnvName = GroupName
 """A plan environment (``preprod``, ``prod``): spelled like a group."""
 RoleName = GroupName
@@ -173,7 +175,7 @@ class AdoptState(_Body, tag="adopt"):
     is higher than the group's (revisions grow along the one line of primary
     components, so the highest one stored anywhere is the latest)."""
 
-    group: GroupName
+    group: StateName
     state: Annotated[bytes, msgspec.Meta(max_length=MAX_STATE_BYTES)]
 
 
