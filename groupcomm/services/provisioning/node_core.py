@@ -33,7 +33,7 @@ from typing import Protocol
 
 from groupcomm.events import View
 from groupcomm.layers.spaces import SpaceView
-from groupcomm.services.provisioning.ops import PLANS, MalformedOp, Op, encode_op
+from groupcomm.services.provisioning.ops import PLANS, MalformedOp, Op
 from groupcomm.services.provisioning.policy import LOCAL, Refusal, SyncPolicy
 from groupcomm.services.provisioning.reconcile import Actual
 from groupcomm.services.provisioning.rollout import (
