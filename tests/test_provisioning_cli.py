@@ -14,6 +14,7 @@ import json
 import os
 import shutil
 import socket
+import sys
 import tempfile
 import threading
 from io import StringIO
@@ -650,3 +651,13 @@ def test_progress_a_client_cannot_take_is_dropped_never_the_answer(runtime):
             trio.run(client.request, "nope")
     finally:
         chatty.stop()
+
+
+def test_without_rich_a_terminal_gets_plain_text(monkeypatch):
+    monkeypatch.setitem(sys.modules, "rich.console", None)          # import fails as if rich were missing
+    out = StringIO()
+    with ProgressView("rich", out) as view:
+        view({"batch": 1, "node": "n1", "step": "installing"})
+    render_status({"rows": [{"node": "n1", "health": "ok"}]}, out=out, rich=True)
+    assert view.mode == "plain"
+    assert out.getvalue().splitlines() == ["[batch 1] n1 installing", "rows:", "NODE  HEALTH", "n1    ok"]
