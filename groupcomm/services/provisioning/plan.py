@@ -485,9 +485,10 @@ def plan_state_name(env: str) -> str:
 def role_state(env: str, revision: int, bundles: Sequence[BundleRef], configs: Mapping[str, Mapping[str, str]]
                ) -> GroupState:
     """The desired state a node playing a role gets: every bundle at its version, started, and the configuration."""
-    return GroupState(plan_state_name(env), revision,
-                      {b.name: BundleDesired(b.version, b.digest, b.size, b.filename, True) for b in bundles},
-                      {pid: dict(keys) for pid, keys in configs.items()})
+    return GroupState(group=plan_state_name(env), revision=revision,
+                      bundles={b.name: BundleDesired(b.version, b.digest, b.size, b.filename, started=True)
+                               for b in bundles},
+                      configs={pid: dict(keys) for pid, keys in configs.items()})
 
 
 @dataclass(frozen=True)
