@@ -46,6 +46,7 @@ from groupcomm.services.provisioning.rollout import (
     awaiting_health,
     current_assignments,
     desired_for,
+    find_rollout,
     history,
     report_due,
     rollback_to,
@@ -128,8 +129,11 @@ def test_begin_advance_report_end_and_what_nodes_want() -> None:
     state = PlansState()
     assert (state.group, state.revision) == (PLANS, 0)
     first = begin(batch=2)
-    state = apply_all(state, first)
+    started = op(first, op_id="lead:begin")
+    state = state.apply(started)
     run = state.running("preprod")
+    assert find_rollout(state, "preprod", "lead:begin") is run and run.op_id == "lead:begin"
+    assert find_rollout(state, "preprod", "other") is None and find_rollout(state, "prod", "lead:begin") is None
     assert (run.revision, run.outcome, run.batch_reached, run.batches, run.origin_node, run.user) == \
         (1, "running", -1, 2, "lead", "alice")
     assert state.revision == 1

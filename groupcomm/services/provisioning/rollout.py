@@ -115,6 +115,7 @@ __all__ = [
     "awaiting_health",
     "current_assignments",
     "desired_for",
+    "find_rollout",
     "history",
     "report_due",
     "rollback_to",
@@ -172,6 +173,8 @@ class RolloutRecord(msgspec.Struct, frozen=True, array_like=True, forbid_unknown
     health: Annotated[dict[NodeName, Health], msgspec.Meta(max_length=MAX_TARGETS)] = {}
     ended_at: float = 0.0
     ended_by: Annotated[str, msgspec.Meta(max_length=100)] = ""
+    op_id: Annotated[str, msgspec.Meta(max_length=200)] = ""
+    """The op_id of the BeginRollout that started it (:func:`find_rollout`)."""
 
     @property
     def batches(self) -> int:
@@ -340,7 +343,8 @@ class PlansState(msgspec.Struct, frozen=True, array_like=True, forbid_unknown_fi
             record = RolloutRecord(
                 revision=hist.last_revision + 1, plan_digest=body.plan_digest, plan=body.plan,
                 roles=body.roles, targets=body.targets, batch=body.batch, health_timeout=body.health_timeout,
-                force=body.force, rollback_of=body.rollback_of, origin_node=op.origin_node, user=op.user, at=op.at)
+                force=body.force, rollback_of=body.rollback_of, origin_node=op.origin_node, user=op.user, at=op.at,
+                op_id=op.op_id)
             envs[body.env] = _trim(EnvHistory(record.revision, (*hist.revisions, record)))
         else:
             hist = envs[body.env]
@@ -661,6 +665,13 @@ def status(plans: PlansState, env: str | None = None) -> list[RolloutStatus]:
     """The newest rollout of each environment (or of ``env``), environments in name order."""
     envs = sorted(plans.envs) if env is None else [env] if env in plans.envs else []
     return [_row(e, plans.envs[e].revisions[-1]) for e in envs if plans.envs[e].revisions]
+
+
+def find_rollout(plans: PlansState, env: str, op_id: str) -> RolloutRecord | None:
+    """The rollout of ``env`` that the BeginRollout ``op_id`` started (None: not accepted, or no longer kept):
+    what ``plan apply`` watches until its outcome is no longer ``running``."""
+    hist = plans.envs.get(env)
+    return next((r for r in reversed(hist.revisions) if r.op_id == op_id), None) if hist is not None else None
 
 
 def history(plans: PlansState, env: str) -> list[RolloutStatus]:
