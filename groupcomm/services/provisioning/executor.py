@@ -16,8 +16,10 @@ round concurrently until there are none).
 What each action does (everything blocking -- pip, tar, SHA-256, file
 writes, scans -- runs in worker threads; at most
 :attr:`ExecutorSettings.max_fetches` fetches and
-:attr:`ExecutorSettings.max_installs` installs at once; a second ``run`` of an
-action already running waits for the first and returns):
+:attr:`ExecutorSettings.max_installs` installs at once; a second ``run`` of a
+fetch, install or gc already running waits for the first and returns None;
+starts, stops, configuration changes and uninstalls of one bundle run one
+after the other):
 
 * :class:`~.reconcile.Fetch` -- ``puller.pull(digest, size, holders(group))``
   (a :class:`~.fetching.ChannelPuller`: verified by SHA-256 when stored).

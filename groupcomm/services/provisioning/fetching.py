@@ -103,8 +103,8 @@ async def drive_pull(requester: Requester, puller: Puller, *, request_timeout: f
     async def ask(a: Ask) -> None:
         try:
             replies = await requester.request(a.payload, to=a.member, mode=ALL, timeout=request_timeout)
-        except (GroupcommError, OSError, ValueError, trio.ClosedResourceError) as e:  # closed, a bad target
-            send.send_nowait((a.token, None, f"request failed: {e}"))
+        except Exception as e:  # noqa: BLE001 -- the channel closed, a bad target: this member is dropped
+            send.send_nowait((a.token, None, f"request failed: {type(e).__name__}: {e}"))
             return
         reply = replies.get(a.member)
         if reply is not None and reply.ok:
