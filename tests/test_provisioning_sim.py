@@ -1,0 +1,348 @@
+"""The provisioning service proven in simulation (issue 12, Proof: "Simulation (Hypothesis)").
+
+Every simulated node runs the real ProvisioningCore on SimCluster's real layers
+(groupcomm.services.provisioning.sim); the executor is faked (a node has what
+it wants after a small delay; a bundle version in ``bad`` fails its health
+check).  Fixed scenarios first, then the property over random schedules of
+group, bundle, configuration and plan operations with partitions, merges,
+crashes and restarts:
+
+(a) after stabilisation every live node's replicated state of each of its groups
+    is the same, is what the last accepted operation made, and every accepted
+    operation turned a state some earlier acceptance made into the next one;
+(b) no operation is accepted in a configuration that is not regular and primary;
+(c) every rollout ends with every target at the new revision or every one at
+    the previous one, and the (fake) nodes run exactly that;
+(d) two nodes that delivered an operation in the same configuration decided alike.
+"""
+
+from __future__ import annotations
+
+import hashlib
+
+from groupcomm.layers.quorum import QuorumConfig
+from groupcomm.services.provisioning.node_core import DEFAULT_GROUP
+from groupcomm.services.provisioning.ops import (
+    AdoptState,
+    BeginRollout,
+    BundleRef,
+    DeleteConfig,
+    InstallBundle,
+    SetConfig,
+    StartBundle,
+    StopBundle,
+    UninstallBundle,
+)
+from groupcomm.services.provisioning.plan import (
+    EnvRole,
+    EnvSpec,
+    choose_targets,
+    plan_state_name,
+)
+from groupcomm.services.provisioning.policy import SyncPolicy
+from groupcomm.services.provisioning.rollout import desired_for
+from groupcomm.services.provisioning.sim import SimProvisioning
+from groupcomm.services.provisioning.state import (
+    READ_ONLY,
+    Accepted,
+    GroupState,
+    Rejected,
+    group_space,
+)
+from groupcomm.services.provisioning.status import CLUSTER_SPACE
+from groupcomm.testing import SimCluster
+
+PLAN_TEXT = """\
+[plan]
+name = "shop"
+[roles.web]
+bundles = ["web.whl"]
+[roles.app]
+bundles = ["app.tar.gz"]
+[environments.preprod]
+roles = { web = { group = "default", nodes = 2 }, app = { group = "default", nodes = 1 } }
+"""
+ENV = "preprod"
+
+
+def digest(name: str, version: str) -> str:
+    return hashlib.sha256(f"{name}-{version}".encode()).hexdigest()
+
+
+def install(name: str, version: str = "1.0", group: str = DEFAULT_GROUP) -> InstallBundle:
+    return InstallBundle(group, name, version, digest(name, version), 10, f"{name}-{version}.tar.gz")
+
+
+def cluster(n: int = 3, seed: int = 1, **kw) -> tuple[SimCluster, SimProvisioning]:
+    sim = SimCluster(n, seed=seed, stack="sim", quorum=QuorumConfig(expected_votes=n))
+    prov = SimProvisioning(sim, seed=seed, **kw)
+    assert prov.run_until(prov.settled, 20), "the cluster did not settle"
+    return sim, prov
+
+
+def decided(prov: SimProvisioning, op_id: str, nodes) -> bool:
+    return all(prov.answer(n, op_id) is not None for n in nodes)
+
+
+def accept(prov: SimProvisioning, node: int, body, nodes=None) -> str:
+    """Propose ``body`` at ``node`` and wait until every one of ``nodes`` accepted it."""
+    nodes = prov.running if nodes is None else nodes
+    op_id = prov.propose(node, body)
+    assert prov.run_until(lambda: decided(prov, op_id, nodes), 5), f"{op_id} not delivered"
+    for n in nodes:
+        assert type(prov.answer(n, op_id)) is Accepted, (n, prov.answer(n, op_id))
+    return op_id
+
+
+def runs(prov: SimProvisioning, node: int, name: str, version: str) -> bool:
+    proc = prov.actual(node).processes.get(name)
+    return proc is not None and proc.version == version and proc.state == "running"
+
+
+def rollout_body(prov: SimProvisioning, node: int, version: str, *, batch: int = 1,
+                 timeout: float = 5.0) -> BeginRollout:
+    """web on the two oldest members of the default group, app on the next (choose_targets)."""
+    core = prov.core(node)
+    members = [prov.names[m] for m in core.replica(DEFAULT_GROUP).members]
+    spec = EnvSpec(ENV, (EnvRole("web", DEFAULT_GROUP, 2), EnvRole("app", DEFAULT_GROUP, 1)), batch, timeout, None)
+    targets = choose_targets(spec, {DEFAULT_GROUP: members})
+    roles = {r: ((BundleRef(r, version, digest(r, version), 10, f"{r}-{version}.tar.gz"),), {r: {"v": version}})
+             for r in ("web", "app")}
+    return BeginRollout(env=ENV, plan_digest=digest("plan", version), plan=PLAN_TEXT, roles=roles,
+                        targets=targets, batch=batch, health_timeout=timeout)
+
+
+def last_rollout(prov: SimProvisioning, node: int):
+    return prov.core(node).plans_state.envs[ENV].revisions[-1]
+
+
+# --------------------------------------------------------------------------- the checks
+
+
+def check_decisions(prov: SimProvisioning) -> None:
+    """(b) and (d): accepted only in a regular primary view; one decision per op and configuration."""
+    for rec in prov.accepts:
+        assert rec.view is not None and rec.view.primary and not rec.view.transitional, (
+            f"{rec.accepted.op.op_id} accepted at n{rec.node} in {rec.view}")
+    by_config: dict[tuple, tuple[str, object]] = {}
+    for rec in prov.answer_log:
+        key = (rec.op_id, rec.view.ring_id if rec.view else None, rec.view.transitional if rec.view else None)
+        verdict = "accepted" if type(rec.result) is Accepted else rec.result.reason
+        first = by_config.setdefault(key, (verdict, rec))
+        assert first[0] == verdict, f"{rec.op_id}: n{first[1].node} {first[0]!r}, n{rec.node} {verdict!r}"
+
+
+def check_replicas(prov: SimProvisioning) -> None:
+    """(a): the members of each space agree, on what the last acceptance made; each acceptance
+    turned a state made by an earlier one (or the empty state) into the next."""
+    known: dict[str, set[bytes]] = {}
+    for rec in prov.accepts:
+        made = known.setdefault(rec.space, {type(rec.before)(rec.before.group).snapshot()})
+        op = rec.accepted.op
+        if type(op.body) is AdoptState:
+            assert rec.after.snapshot() in made, f"{op.op_id} adopted a state no acceptance made"
+            assert rec.after.revision > rec.before.revision
+        else:
+            assert rec.before.snapshot() in made, f"{op.op_id} accepted at n{rec.node} on an unknown state"
+            assert rec.before.apply(op) == rec.after and rec.after.revision == rec.accepted.revision
+        made.add(rec.after.snapshot())
+    spaces = {CLUSTER_SPACE} | {group_space(g) for n in prov.running for g in prov.core(n).groups}
+    for space in spaces:
+        replicas = prov.replicas(space)
+        states = {r.state.snapshot() for r in replicas.values()}
+        assert len(states) == 1, f"{space}: members disagree"
+        last = [rec.after for rec in prov.accepts if rec.space == space]
+        state = next(iter(replicas.values())).state
+        if last:
+            assert state == last[-1], f"{space}: at revision {state.revision}, the last acceptance made " \
+                                      f"revision {last[-1].revision}"
+        for node, r in replicas.items():
+            if space != CLUSTER_SPACE:      # the cluster policy: the node acts on the replicated state
+                group = space.removeprefix(group_space(""))
+                assert prov.desired(node)[group] == r.state
+
+
+def check_rollouts(prov: SimProvisioning) -> None:
+    """(c): no rollout runs; the last one of each environment left every target at its revision
+    (succeeded) or at the previous succeeded one (rolled back), and the nodes run exactly that."""
+    assert len({prov.core(n).plans_state.snapshot() for n in prov.running}) == 1
+    state = prov.core(prov.running[0]).plans_state
+    for env, hist in state.envs.items():
+        last = hist.revisions[-1]
+        assert last.outcome in ("succeeded", "rolled-back"), f"{env}: revision {last.revision} {last.outcome}"
+        previous = hist.last_succeeded
+        for t in last.targets:
+            node = prov.ids[t.node]
+            want = desired_for(t.node, state).get(plan_state_name(env))
+            if last.outcome == "succeeded":
+                assert want == last.assignment(env, t.node).state
+            else:
+                before = previous.assignment(env, t.node) if previous is not None else None
+                assert want == (before.state if before is not None else None), (t.node, want)
+            for name, b in (want.bundles.items() if want is not None else ()):
+                assert runs(prov, node, name, b.version) or b.version in prov.bad, (t.node, name, b.version)
+
+
+# --------------------------------------------------------------------------- scenarios
+
+
+def test_install_and_start_on_a_group_of_three_runs_everywhere() -> None:
+    _sim, prov = cluster(3, seed=1)
+    accept(prov, 1, install("hello"))
+    accept(prov, 2, StartBundle(DEFAULT_GROUP, "hello"))
+    assert prov.run_until(lambda: prov.settled() and all(runs(prov, n, "hello", "1.0") for n in prov.running), 10)
+    accept(prov, 3, install("hello", "2.0"))                  # an upgrade keeps it started
+    assert prov.run_until(lambda: prov.settled() and all(runs(prov, n, "hello", "2.0") for n in prov.running), 10)
+    check_decisions(prov)
+    check_replicas(prov)
+
+
+def test_an_uninstall_made_while_a_node_was_crashed_reaches_it_when_it_restarts() -> None:
+    sim, prov = cluster(3, seed=2)
+    accept(prov, 1, install("hello"))
+    accept(prov, 1, install("other"))
+    accept(prov, 1, StartBundle(DEFAULT_GROUP, "other"))
+    assert prov.run_until(lambda: prov.settled() and runs(prov, 3, "other", "1.0"), 10)
+    prov.crash(3)
+    assert prov.run_until(lambda: sim.converged() and prov.core(1).replica(DEFAULT_GROUP).writable, 10)
+    accept(prov, 2, UninstallBundle(DEFAULT_GROUP, "other"), nodes=[1, 2])
+    assert prov.disks[3].store.load(DEFAULT_GROUP)[0].revision == 3             # its disk missed it
+    assert {e.name for e in prov.actual(3).envs} == {"hello", "other"}
+    prov.restart(3)
+    assert prov.run_until(prov.settled, 20)
+    assert "other" not in prov.core(3).replica(DEFAULT_GROUP).state.bundles
+    assert {e.name for e in prov.actual(3).envs} == {"hello"} and not prov.actual(3).processes
+    check_decisions(prov)
+    check_replicas(prov)
+
+
+def test_a_minority_side_is_read_only_and_changes_nothing_anywhere() -> None:
+    sim, prov = cluster(3, seed=3)
+    accept(prov, 1, install("hello"))
+    before = {n: prov.core(n).replica(DEFAULT_GROUP).state for n in prov.running}
+    plans_before = prov.core(1).plans_state
+    rollout = rollout_body(prov, 3, "1.0")
+    sim.partition([[1, 2], [3]])
+    assert prov.run_until(lambda: not prov.core(3).replica(DEFAULT_GROUP).writable
+                          and set(prov.core(1).replica(DEFAULT_GROUP).members) == {1, 2}, 10)
+    bodies = [install("other"), StartBundle(DEFAULT_GROUP, "hello"), StopBundle(DEFAULT_GROUP, "hello"),
+              SetConfig(DEFAULT_GROUP, "org.x", "port", "80"), UninstallBundle(DEFAULT_GROUP, "hello"),
+              DeleteConfig(DEFAULT_GROUP, "org.x", "port"), rollout]
+    ops = [prov.propose(3, body) for body in bodies]
+    assert prov.run_until(lambda: all(decided(prov, o, [3]) for o in ops), 5)
+    assert [prov.answer(3, o) for o in ops] == [Rejected(o, READ_ONLY) for o in ops]
+    prov.run(2.0)
+    for n in prov.running:
+        assert prov.core(n).replica(DEFAULT_GROUP).state == before[n]
+        assert prov.core(n).plans_state == plans_before
+    sim.heal()
+    assert prov.run_until(prov.settled, 20)
+    assert not [rec for rec in prov.accepts if rec.accepted.op.op_id in ops]
+    assert prov.core(3).replica(DEFAULT_GROUP).state == before[1]
+    check_decisions(prov)
+    check_replicas(prov)
+
+
+def test_a_node_policy_change_stays_local() -> None:
+    policy = SyncPolicy.from_toml({"default": {"configs": {"mode": "node"}}})
+    _sim, prov = cluster(3, seed=4, policies={2: policy})
+    op_id = prov.propose(2, SetConfig(DEFAULT_GROUP, "org.x", "port", "81"))
+    assert type(prov.answer(2, op_id)) is Accepted                  # answered locally, at once
+    prov.run(2.0)
+    assert not prov.accepts and all(prov.answer(n, op_id) is None for n in (1, 3))
+    assert prov.desired(2)[DEFAULT_GROUP].configs == {"org.x": {"port": "81"}}
+    for n in prov.running:
+        assert prov.core(n).replica(DEFAULT_GROUP).state == GroupState(DEFAULT_GROUP)
+    for n in (1, 3):
+        assert prov.desired(n)[DEFAULT_GROUP].configs == {}
+    # the cluster's configuration does not reach node 2 (mode node), its bundles do
+    accept(prov, 1, SetConfig(DEFAULT_GROUP, "org.x", "port", "80"))
+    accept(prov, 1, install("hello"))
+    assert prov.desired(2)[DEFAULT_GROUP].configs == {"org.x": {"port": "81"}}
+    assert "hello" in prov.desired(2)[DEFAULT_GROUP].bundles
+    assert prov.desired(1)[DEFAULT_GROUP].configs == {"org.x": {"port": "80"}}
+
+
+def test_a_rollout_of_two_batches_succeeds() -> None:
+    _sim, prov = cluster(3, seed=5)
+    body = rollout_body(prov, 1, "1.0", batch=2)
+    accept(prov, 2, body)
+    assert last_rollout(prov, 1).batches == 2
+    assert prov.run_until(lambda: last_rollout(prov, 1).outcome != "running", 30)
+    run = last_rollout(prov, 1)
+    assert run.outcome == "succeeded" and run.batch_reached == 1, run.reason
+    assert prov.run_until(prov.settled, 10)
+    for t in run.targets:
+        assert runs(prov, prov.ids[t.node], t.role, "1.0")
+    check_rollouts(prov)
+    check_decisions(prov)
+    check_replicas(prov)
+
+
+def succeed_first(prov: SimProvisioning) -> None:
+    accept(prov, 1, rollout_body(prov, 1, "1.0"))
+    assert prov.run_until(lambda: last_rollout(prov, 1).outcome == "succeeded", 30)
+
+
+def test_a_rollout_whose_new_version_fails_rolls_every_target_back() -> None:
+    _sim, prov = cluster(3, seed=6, bad={"2.0"})
+    succeed_first(prov)
+    accept(prov, 3, rollout_body(prov, 3, "2.0"))
+    assert prov.run_until(lambda: last_rollout(prov, 1).outcome != "running", 30)
+    run = last_rollout(prov, 1)
+    assert run.outcome == "rolled-back" and "health check failed" in run.reason, run.reason
+    assert prov.run_until(prov.settled, 10)
+    for t in run.targets:
+        assert runs(prov, prov.ids[t.node], t.role, "1.0"), t
+        first = prov.core(1).plans_state.envs[ENV].get(1)
+        assert desired_for(t.node, prov.core(1).plans_state)[plan_state_name(ENV)] == \
+            first.assignment(ENV, t.node).state
+    check_rollouts(prov)
+    check_decisions(prov)
+    check_replicas(prov)
+
+
+def test_the_driving_node_crashes_mid_rollout_and_another_member_ends_it() -> None:
+    sim, prov = cluster(3, seed=7)
+    succeed_first(prov)
+    accept(prov, 1, rollout_body(prov, 1, "2.0", timeout=3.0))
+    (driver,) = [n for n in prov.running if prov.core(n).is_rollout_driver()]
+    assert prov.run_until(lambda: last_rollout(prov, driver).batch_reached >= 0, 10)
+    prov.crash(driver)
+    others = [n for n in sim.nodes if n != driver]
+    assert prov.run_until(lambda: last_rollout(prov, others[0]).outcome != "running", 30)
+    ended = last_rollout(prov, others[0])
+    assert ended.ended_by != prov.names[driver]
+    prov.restart(driver)
+    assert prov.run_until(prov.settled, 20)
+    check_rollouts(prov)
+    check_decisions(prov)
+    check_replicas(prov)
+
+
+def test_a_full_cluster_cold_start_with_the_oldest_store_first_keeps_the_newest_state() -> None:
+    sim, prov = cluster(3, seed=8)
+    accept(prov, 1, install("hello"))
+    oldest = 2
+    prov.crash(oldest)
+    rest = [n for n in sim.nodes if n != oldest]
+    assert prov.run_until(lambda: sim.converged() and prov.core(1).replica(DEFAULT_GROUP).writable, 10)
+    accept(prov, 1, StartBundle(DEFAULT_GROUP, "hello"), nodes=rest)
+    accept(prov, 3, install("other"), nodes=rest)
+    newest = prov.core(1).replica(DEFAULT_GROUP).state
+    for n in rest:
+        prov.crash(n)
+    prov.restart(oldest)
+    prov.run(1.0)
+    assert prov.core(oldest).replica(DEFAULT_GROUP).revision == 1
+    for n in rest:
+        prov.restart(n)
+        prov.run(0.2)
+    assert prov.run_until(prov.settled, 30)
+    for n in sim.nodes:
+        assert prov.core(n).replica(DEFAULT_GROUP).state == newest
+        assert runs(prov, n, "hello", "1.0") and "other" in {e.name for e in prov.actual(n).envs}
+    assert [rec.accepted.revision for rec in prov.accepts if type(rec.accepted.op.body) is AdoptState
+            and rec.node == oldest] == [3]
+    check_decisions(prov)
+    check_replicas(prov)
