@@ -5,7 +5,9 @@
   ``hello_bundle``: ``python -m hello_bundle PORT`` serves HTTP on 127.0.0.1
   and answers ``GET /`` with its version;
 * :func:`build_tarball` -- the same program as a ``.tar.gz`` bundle;
-* :func:`write_tar` -- a ``.tar.gz`` of arbitrary (also hostile) members.
+* :func:`write_tar` -- a ``.tar.gz`` of arbitrary (also hostile) members;
+* :func:`greeter_wheel` -- a hello bundle configured by groupcomm: answers ``VERSION GREETING GREETING``
+  (from its configuration file and variable) on the port its configuration names.
 """
 
 from __future__ import annotations
@@ -13,11 +15,13 @@ from __future__ import annotations
 import base64
 import hashlib
 import io
+import json
 import tarfile
 import zipfile
 from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 BUNDLE_NAME = "hello-bundle"
 DIST = "hello_bundle"
@@ -155,3 +159,63 @@ def build_tarball(directory: Path, version: str, *, manifest_text: str | None = 
     """The hello bundle of ``version`` as ``hello-bundle-VERSION.tar.gz`` in ``directory``."""
     entries = [*hello_entries(version, manifest_text=manifest_text), *extra]
     return write_tar(directory / f"{BUNDLE_NAME}-{version}.tar.gz", entries)
+
+
+# --------------------------------------------------------------------------- the greeter
+
+GREETER_MAIN = '''import http.server
+import os
+import sys
+import tomllib
+
+from hello_bundle import VERSION
+
+with open(os.environ["GROUPCOMM_CONFIG_FILE"], "rb") as f:
+    CONFIG = tomllib.load(f).get("org.example.hello", {})
+BODY = " ".join([VERSION, CONFIG.get("greeting", "-"),
+                 os.environ.get("GROUPCOMM_CONFIG_ORG_EXAMPLE_HELLO_GREETING", "-")]).encode()
+
+
+class Handler(http.server.BaseHTTPRequestHandler):
+    def do_GET(self):
+        self.send_response(200)
+        self.send_header("Content-Length", str(len(BODY)))
+        self.end_headers()
+        self.wfile.write(BODY)
+
+    def log_message(self, *args):
+        pass
+
+
+with http.server.HTTPServer(("127.0.0.1", int(sys.argv[1])), Handler) as server:
+    server.serve_forever()
+'''
+"""Answers GET / with ``VERSION GREETING-FROM-THE-FILE GREETING-FROM-THE-ENVIRONMENT``."""
+
+GREETER_MANIFEST = '''name = "hello-bundle"
+version = "{version}"
+config = {pids}
+
+[start]
+command = ["${{BUNDLE_PYTHON}}", "-m", "hello_bundle", "${{{port_var}:8080}}"]
+restart = "always"
+stop_grace = "2s"
+
+[health]
+kind = "http"
+url = "http://127.0.0.1:${{{port_var}:8080}}/"
+interval = "1s"
+'''
+
+
+def greeter_manifest(version: str, *, port_var: str = "GROUPCOMM_CONFIG_ORG_EXAMPLE_HELLO_PORT",
+                     pids: tuple[str, ...] = ("org.example.hello",)) -> str:
+    """The greeter's ``bundle.toml``: it reads ``pids`` and listens on the port ``${port_var}`` names."""
+    return GREETER_MANIFEST.format(version=version, port_var=port_var, pids=json.dumps(list(pids)))
+
+
+def greeter_wheel(directory: Path, version: str, **manifest: Any) -> Path:
+    """A wheel of the greeter (:data:`GREETER_MAIN`) at ``version``; ``manifest``: see :func:`greeter_manifest`."""
+    directory.mkdir(parents=True, exist_ok=True)
+    return build_wheel(directory, version, manifest_text=greeter_manifest(version, **manifest),
+                       extra_files={"hello_bundle/__main__.py": GREETER_MAIN.encode()})

@@ -49,61 +49,10 @@ from groupcomm.services.provisioning.state import BundleDesired, GroupState
 from groupcomm.services.provisioning.store import Store
 from groupcomm.services.supervisor.runner import Supervisor
 from groupcomm.services.supervisor.spec import NodeSpec, ProcessSpec
-from tests.bundles import BUNDLE_NAME, build_wheel
+from tests.bundles import BUNDLE_NAME, build_wheel, greeter_manifest, greeter_wheel
 
 PID = "org.example.hello"
 PROCESS = process_name(BUNDLE_NAME)
-
-GREETER_MAIN = '''import http.server
-import os
-import sys
-import tomllib
-
-from hello_bundle import VERSION
-
-with open(os.environ["GROUPCOMM_CONFIG_FILE"], "rb") as f:
-    CONFIG = tomllib.load(f).get("org.example.hello", {})
-BODY = " ".join([VERSION, CONFIG.get("greeting", "-"),
-                 os.environ.get("GROUPCOMM_CONFIG_ORG_EXAMPLE_HELLO_GREETING", "-")]).encode()
-
-
-class Handler(http.server.BaseHTTPRequestHandler):
-    def do_GET(self):
-        self.send_response(200)
-        self.send_header("Content-Length", str(len(BODY)))
-        self.end_headers()
-        self.wfile.write(BODY)
-
-    def log_message(self, *args):
-        pass
-
-
-with http.server.HTTPServer(("127.0.0.1", int(sys.argv[1])), Handler) as server:
-    server.serve_forever()
-'''
-"""Answers GET / with ``VERSION GREETING-FROM-THE-FILE GREETING-FROM-THE-ENVIRONMENT``."""
-
-GREETER_MANIFEST = '''name = "hello-bundle"
-version = "{version}"
-config = ["org.example.hello"]
-
-[start]
-command = ["${{BUNDLE_PYTHON}}", "-m", "hello_bundle", "${{GROUPCOMM_CONFIG_ORG_EXAMPLE_HELLO_PORT:8080}}"]
-restart = "always"
-stop_grace = "2s"
-
-[health]
-kind = "http"
-url = "http://127.0.0.1:${{GROUPCOMM_CONFIG_ORG_EXAMPLE_HELLO_PORT:8080}}/"
-interval = "1s"
-'''
-
-
-def greeter_wheel(directory: Path, version: str) -> Path:
-    directory.mkdir(parents=True, exist_ok=True)
-    return build_wheel(directory, version, manifest_text=GREETER_MANIFEST.format(version=version),
-                       extra_files={"hello_bundle/__main__.py": GREETER_MAIN.encode()})
-
 
 def free_port() -> int:
     with socket.socket() as s:
@@ -295,7 +244,7 @@ async def test_installs_are_bounded_by_the_settings(tmp_path):
     wheels = {}
     for i in range(3):
         name = f"b{i}"
-        text = GREETER_MANIFEST.format(version="1.0").replace('"hello-bundle"', f'"{name}"')
+        text = greeter_manifest("1.0").replace('"hello-bundle"', f'"{name}"')
         (tmp_path / name).mkdir()
         wheels[name] = ("1.0", build_wheel(tmp_path / name, "1.0", dist=name, manifest_text=text), False)
         store.put_file(wheels[name][1])
