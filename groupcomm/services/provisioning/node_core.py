@@ -33,7 +33,7 @@ from typing import Protocol
 
 from groupcomm.events import View
 from groupcomm.layers.spaces import SpaceView
-from groupcomm.services.provisioning.ops import PLANS, MalformedOp, Op
+from groupcomm.services.provisioning.ops import PLANS, MalformedOp, Op, check_group_name
 from groupcomm.services.provisioning.policy import LOCAL, Refusal, SyncPolicy
 from groupcomm.services.provisioning.reconcile import Actual
 from groupcomm.services.provisioning.rollout import (
@@ -41,6 +41,7 @@ from groupcomm.services.provisioning.rollout import (
     PlansState,
     RolloutDriver,
     awaiting_health,
+    current_assignments,
     desired_for,
 )
 from groupcomm.services.provisioning.state import (
@@ -201,9 +202,15 @@ class ProvisioningCore:
         """Join the cluster space and every group's space."""
         return [JoinSpace(CLUSTER_SPACE)] + [JoinSpace(group_space(g)) for g in self._groups]
 
+    def spaces(self) -> set[str]:
+        """The provisioning spaces this node is in (or joining)."""
+        return set(self._by_space)
+
     def join_group(self, group: str) -> list[CoreAction]:
-        """Join ``group`` (a group exists while a node is in it: creating one is joining it)."""
-        GroupState(group)                   # the name is checked when the first op is encoded; check now
+        """Join ``group`` (a group exists while a node is in it: creating one is joining it).
+
+        Raises :class:`~groupcomm.errors.ConfigError` for a name that is not a group name."""
+        check_group_name(group)
         if group in self._groups:
             return []
         self._groups.append(group)
@@ -356,6 +363,21 @@ class ProvisioningCore:
     def group_states(self) -> Mapping[str, GroupState]:
         """The replicated state of each of this node's groups."""
         return {g: self.replicas[g].state for g in self._groups}
+
+    def plan_roles(self) -> dict[str, tuple[int, str]]:
+        """Env -> (the rollout revision, the role) this node runs from each environment."""
+        plans = self.plans.state
+        out = {}
+        for env in sorted(plans.envs):
+            a = current_assignments(plans, env).get(self.node)
+            if a is not None:
+                out[env] = (a.state.revision, a.role)
+        return out
+
+    def plan_digests(self) -> set[str]:
+        """Every bundle file the plan record references (kept in the store: others may pull them)."""
+        return {ref.digest for hist in self.plans.state.envs.values() for r in hist.revisions
+                for refs, _ in r.roles.values() for ref in refs}
 
     def live_nodes(self) -> list[str]:
         """The names of the cluster space's members that published a status."""

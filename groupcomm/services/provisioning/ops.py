@@ -45,7 +45,7 @@ from typing import Annotated
 
 import msgspec
 
-from groupcomm.errors import GroupcommError
+from groupcomm.errors import ConfigError, GroupcommError
 
 __all__ = [
     "PLANS",
@@ -54,20 +54,21 @@ __all__ = [
     "BeginRollout",
     "Body",
     "BundleRef",
+    "DeleteConfig",
     "EndRollout",
     "GroupBody",
-    "PlanBody",
-    "ReportHealth",
-    "RoleTarget",
-    "SetGroupPolicy",
-    "DeleteConfig",
     "InstallBundle",
     "MalformedOp",
     "Op",
+    "PlanBody",
+    "ReportHealth",
+    "RoleTarget",
     "SetConfig",
+    "SetGroupPolicy",
     "StartBundle",
     "StopBundle",
     "UninstallBundle",
+    "check_group_name",
     "decode_op",
     "encode_op",
     "new_op_id",
@@ -305,6 +306,15 @@ def decode_op(data: bytes) -> Op:
     if not math.isfinite(op.at):
         raise MalformedOp("Op.at is not a finite number")
     return op
+
+
+def check_group_name(name: str, what: str = "group") -> str:
+    """``name`` if it is a valid group (or environment) name, else ConfigError saying what a name is."""
+    try:
+        return msgspec.convert(name, GroupName)
+    except msgspec.ValidationError:
+        raise ConfigError(f"{what} name {name!r}: expected 1 to 100 letters, digits, '_', '.', '-', "
+                          "starting with a letter or digit") from None
 
 
 def new_op_id(node: str, counter: int) -> str:
