@@ -333,3 +333,13 @@ def test_a_bad_node_file_is_one_line_and_exit_2(tmp_path, capsys):
     out = subprocess.run([PY, "-m", "groupcomm.services.supervisor.runner", str(node)], capture_output=True,
                          text=True, timeout=LIMIT, check=False)
     assert out.returncode == 2 and out.stderr.count("\n") == 1 and "restart" in out.stderr
+
+
+async def test_an_idle_supervisor_sleeps_until_its_next_deadline(tmp_path, monkeypatch):
+    # Its timer used to wake itself after every tick: a supervisor with nothing to do spun at full speed.
+    ticks = []
+    real_tick = Supervisor._core_tick
+    monkeypatch.setattr(Supervisor, "_core_tick", lambda self: ticks.append(1) or real_tick(self))
+    async with Supervisor([], name="idle"):
+        await trio.sleep(0.5)
+    assert len(ticks) < 20, f"{len(ticks)} ticks in 0.5 s with nothing to do"

@@ -110,6 +110,7 @@ class Supervisor:
         self._logs: dict[str, RotatingLog] = {}
         self._queue: list[Event] = []
         self._busy = False
+        self._ticking = False
         self._wake = trio.Event()
         self._changed = trio.Event()
         self._rows: tuple[ProcessRow, ...] = ()
@@ -306,6 +307,9 @@ class Supervisor:
         self._apply(self._core.handle(self.now(), event))
 
     def _apply(self, actions: list[Action]) -> None:
+        """Carry out ``actions`` (and the queued events'), then let the timer look at the core's
+        deadline again -- unless the timer itself is the caller: it looks anyway, and waking it
+        would make it spin."""
         assert self._core is not None
         self._busy = True
         try:
@@ -317,7 +321,8 @@ class Supervisor:
                 actions = self._core.handle(self.now(), self._queue.pop(0))
         finally:
             self._busy = False
-        self._wake.set()
+        if not self._ticking:
+            self._wake.set()
 
     def _wake_up(self) -> None:
         self._wake.set()
@@ -337,7 +342,11 @@ class Supervisor:
             with trio.move_on_at((deadline - self._anchor) / 1_000_000 if deadline is not None else float("inf")):
                 await self._wake.wait()
             self._wake = trio.Event()
-            self._apply(self._core_tick())
+            self._ticking = True
+            try:
+                self._apply(self._core_tick())
+            finally:
+                self._ticking = False
 
     def _do(self, action: Action) -> None:
         if isinstance(action, GROUP_ACTIONS):
