@@ -10,11 +10,17 @@ With ``--cluster`` (and the options of ``groupcomm node``: ``--stack``,
 the supervisor space and answers ``groupcomm ps`` and ``groupcomm
 start|stop|restart`` (:mod:`groupcomm.services.supervisor.remote`).  On
 SIGINT/SIGTERM it stops its processes, then leaves the group.
+
+A node file with a ``[provisioning]`` table (and ``--cluster``) also runs the
+provisioning agent (:mod:`groupcomm.services.provisioning.node`) with its
+control socket, which ``groupcomm group|bundle|config|plan|cluster`` talk to.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
+import functools
 import socket
 from typing import Any
 
@@ -46,6 +52,25 @@ def add_parser(commands: Any) -> None:
     p.set_defaults(run=run)
 
 
+@contextlib.asynccontextmanager
+async def provisioning_agent(node: Any, channel: Any, name: str, announce: Any, supervisor: Any) -> Any:
+    """The provisioning agent of the node file's ``[provisioning]`` table, and its control socket."""
+    from groupcomm.services.provisioning.control import (
+        ProvisioningControlServer,
+        default_socket,
+    )
+    from groupcomm.services.provisioning.node import ProvisioningNode
+    from groupcomm.services.provisioning.settings import parse_provisioning
+
+    settings, path = parse_provisioning(node.provisioning, source=node.source, base_dir=node.base_dir,
+                                        member_dir=channel.state_dir)
+    path = path or default_socket(name, create_dir=True)
+    async with ProvisioningNode(channel, supervisor, settings, name=name) as agent, \
+            ProvisioningControlServer(path, agent):
+        announce(f"provisioning agent of node {name!r} on {path} (state in {settings.state_dir})")
+        yield agent
+
+
 def run(args: argparse.Namespace) -> int:
     import trio
 
@@ -53,6 +78,9 @@ def run(args: argparse.Namespace) -> int:
     from groupcomm.services.supervisor.spec import load_node_file
 
     node = load_node_file(args.node_file)            # a ConfigError becomes one line and exit 2
+    if node.provisioning is not None:                # checked before anything starts (state_dir aside)
+        from groupcomm.services.provisioning.settings import parse_provisioning
+        parse_provisioning(node.provisioning, source=node.source, base_dir=node.base_dir, member_dir="/")
     name = args.name or node.node or socket.gethostname()
 
     def announce(line: str) -> None:
@@ -62,6 +90,8 @@ def run(args: argparse.Namespace) -> int:
         given = [f"--{o.replace('_', '-')}" for o in _CHANNEL_ONLY if getattr(args, o) is not None]
         if given:
             raise UsageError(f"{', '.join(given)} need(s) --cluster")
+        if node.provisioning is not None:
+            raise UsageError(f"{args.node_file}: the [provisioning] agent needs --cluster")
         trio.run(lambda: serve(node, name=name, announce=announce))
         return EXIT_OK
 
@@ -79,7 +109,10 @@ def run(args: argparse.Namespace) -> int:
                                               "expected_members": list(node.cluster.members)}}
         async with open_channel(settings.stack, cluster=args.cluster, name=name, **kwargs) as ch:
             joined = True
-            await serve(node, name=name, announce=announce, channel=ch)
+            attach = None
+            if node.provisioning is not None:
+                attach = functools.partial(provisioning_agent, node, ch, name, announce)
+            await serve(node, name=name, announce=announce, channel=ch, attach=attach)
 
     try:
         trio.run(attached)

@@ -132,7 +132,7 @@ from groupcomm.services.provisioning.state import (
 from groupcomm.services.provisioning.status import CLUSTER_SPACE, NodeStatus, StatusRow
 from groupcomm.services.provisioning.store import Store
 
-__all__ = ["GroupInfo", "NoAnswer", "ProvisioningError", "ProvisioningNode", "ProvisioningSettings", "Refused"]
+__all__ = ["GroupInfo", "NoAnswer", "NotConverged", "ProvisioningError", "ProvisioningNode", "ProvisioningSettings", "Refused"]
 
 logger = logging.getLogger("groupcomm.provisioning")
 
@@ -145,6 +145,10 @@ class ProvisioningError(GroupcommError):
 
 class Refused(ProvisioningError):
     """The cluster did not accept an operation; the message is the reason every member gives."""
+
+
+class NotConverged(ProvisioningError):
+    """An accepted change that does not run on every node it should (the message names them)."""
 
 
 class NoAnswer(ProvisioningError):
@@ -173,6 +177,8 @@ class ProvisioningSettings:
     """How often the rollout loop looks at health and the driver's deadlines."""
     converge_timeout: float = 600.0
     """How long ``install_bundle(progress=...)`` waits for the group's nodes."""
+    health_wait: float = 30.0
+    """How long ``install_bundle(start=True, progress=...)`` waits for started processes to be healthy."""
     python: str | None = None
     """The interpreter bundle environments are made with (None: this one)."""
 
@@ -364,10 +370,13 @@ class ProvisioningNode:
             except _CHANNEL_GONE:
                 return
 
-    async def _until(self, predicate: Callable[[], bool], timeout: float, what: str) -> None:
+    async def _until(self, predicate: Callable[[], bool], timeout: float, what: str, *,
+                     tick: float = math.inf) -> None:
+        """Wait until ``predicate()`` holds, checked after every delivery (and every ``tick`` s)."""
         with trio.move_on_after(timeout):
             while not predicate():
-                await self._changed.wait()
+                with trio.move_on_after(tick):
+                    await self._changed.wait()
             return
         raise NoAnswer(f"{what}: not done within {timeout:g} s")
 
@@ -460,15 +469,21 @@ class ProvisioningNode:
         if start:
             revision = await self.submit(StartBundle(group, bundle.name), user=user)
         if progress is not None:
-            await self.wait_bundle(group, bundle.name, bundle.version, started=start, progress=progress)
+            problems = await self.wait_bundle(group, bundle.name, bundle.version, started=start, progress=progress)
+            if problems:
+                raise NotConverged(f"{bundle.name} {bundle.version} was accepted on group {group!r} (revision "
+                                   f"{revision}) but does not run everywhere: " + "; ".join(problems))
         return revision
 
     async def wait_bundle(self, group: str, name: str, version: str, *, started: bool = False,
-                          progress: ProgressCallback | None = None, timeout: float | None = None) -> bool:
-        """Wait until every member of ``group`` runs ``name`` at ``version`` (installed, or started
-        with ``started``) or failed it; whether all succeeded.  ``progress`` sees each node's steps."""
+                          progress: ProgressCallback | None = None, timeout: float | None = None) -> list[str]:
+        """Wait until every member of ``group`` has ``name`` at ``version`` (installed; with
+        ``started``, started and healthy, or still unhealthy after ``settings.health_wait``) or
+        failed it; one line per node where it does not run as asked.  ``progress`` sees each
+        node's steps.  :class:`NoAnswer` after ``timeout`` (default ``settings.converge_timeout``)."""
         seen: dict[str, tuple] = {}
         goal = "started" if started else "installed"
+        running_since: list[float] = []
 
         def done() -> bool:
             rows = self._rows_of(group, name)
@@ -482,15 +497,23 @@ class ProvisioningNode:
                     if row is not None and row.reason:
                         detail += f": {row.reason}"
                     progress(Progress(node, step, detail, health=health))
-            return bool(rows) and all(
-                row is not None and row.desired_version == version
-                and ((row.state == goal and row.actual_version == version
-                      and (not started or row.healthy)) or row.state == "failed")
-                for row in rows.values())
+            if not rows or not all(row is not None and row.desired_version == version
+                                   and ((row.state == goal and row.actual_version == version)
+                                        or row.state == "failed") for row in rows.values()):
+                return False
+            if not started or all(row.healthy or row.state == "failed" for row in rows.values()):
+                return True
+            # every process runs: give their health checks health_wait to pass, then tell what is
+            if not running_since:
+                running_since.append(trio.current_time())
+            return trio.current_time() - running_since[0] >= self.settings.health_wait
 
         await self._until(done, timeout if timeout is not None else self.settings.converge_timeout,
-                          f"{name} {version} on group {group!r}")
-        return all(row is not None and row.state != "failed" for row in self._rows_of(group, name).values())
+                          f"{name} {version} on group {group!r}", tick=1.0)
+        return [f"{node}: {row.state if row is not None else 'missing'}"
+                + (f" ({row.reason})" if row is not None and row.reason else "")
+                for node, row in sorted(self._rows_of(group, name).items())
+                if row is None or row.state == "failed" or (started and not row.healthy)]
 
     def _rows_of(self, group: str, name: str) -> dict[str, StatusRow | None]:
         return {s.node: next((r for r in s.rows if r.name == name), None)
@@ -669,12 +692,14 @@ class ProvisioningNode:
                 self.executor.pin(digest)
             desired = self.core.desired()
             configs = merge(desired).configs
-            actions = reconcile(desired, self.executor.actual())
+            before = self.executor.actual()
+            actions = reconcile(desired, before)
             if actions:
                 async with trio.open_nursery() as nursery:
                     for action in actions:
                         nursery.start_soon(self._run_action, action, configs)
-                self._reconcile_wake.set()          # again at once: the next step may be ready
+                if self.executor.actual() != before:
+                    self._reconcile_wake.set()      # again at once: the next step may be ready
             self._publish_wake.set()
 
     async def _run_action(self, action: Any, configs: Any) -> None:
