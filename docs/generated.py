@@ -129,8 +129,15 @@ def _describe(action: argparse.Action) -> str:
     return text or "\\ "
 
 
+_HEADINGS = "~^\""
+"""Title underlines of sub-command sections, by depth (``groupcomm key``, then ``groupcomm key add``, ...)."""
+
+
 def parser_rst(parser: argparse.ArgumentParser) -> str:
-    """The reference of a parser and its sub-commands, with Sphinx ``program`` / ``option`` directives."""
+    """The reference of a parser and its sub-commands, with Sphinx ``program`` / ``option`` directives.
+
+    Sub-commands with sub-commands of their own (``groupcomm bundle install``)
+    get sections one level down, under their parent's."""
     prog = parser.prog
     lines = []
     if parser.description:
@@ -142,19 +149,29 @@ def parser_rst(parser: argparse.ArgumentParser) -> str:
         lines += [f".. option:: {_signature(action)}", "", "   " + _describe(action), ""]
     lines += _epilog(parser)
     for name, help_text, sub in _subcommands(parser):
-        title = f"{prog} {name}"
-        lines += [title, "~" * len(title), ""]
-        if help_text:
-            lines += [help_text[0].upper() + help_text[1:] + ("" if help_text.endswith(".") else "."), ""]
-        if sub.description and sub.description != help_text:
-            lines += [sub.description, ""]
-        lines += [f".. program:: {title}", "", "::", ""]
-        lines += ["   " + line for line in sub.format_usage().strip().splitlines()]
-        lines.append("")
-        for action in _options(sub):
-            lines += [f".. option:: {_signature(action)}", "", "   " + _describe(action), ""]
-        lines += _epilog(sub)
+        lines += _command_rst(f"{prog} {name}", help_text, sub, 0)
     return "\n".join(lines)
+
+
+def _command_rst(title: str, help_text: str, parser: argparse.ArgumentParser, depth: int) -> list[str]:
+    """The section of one sub-command ``title``, then those of its own sub-commands."""
+    if depth >= len(_HEADINGS):
+        raise ValueError(f"{title}: sub-commands nested deeper than {len(_HEADINGS)} levels")
+    lines = [title, _HEADINGS[depth] * len(title), ""]
+    sentence = help_text[0].upper() + help_text[1:] + ("" if help_text.endswith(".") else ".") if help_text else ""
+    if sentence:
+        lines += [sentence, ""]
+    if parser.description and parser.description not in (help_text, sentence):
+        lines += [parser.description, ""]
+    lines += [f".. program:: {title}", "", "::", ""]
+    lines += ["   " + line for line in parser.format_usage().strip().splitlines()]
+    lines.append("")
+    for action in _options(parser):
+        lines += [f".. option:: {_signature(action)}", "", "   " + _describe(action), ""]
+    lines += _epilog(parser)
+    for name, sub_help, sub in _subcommands(parser):
+        lines += _command_rst(f"{title} {name}", sub_help, sub, depth + 1)
+    return lines
 
 
 def _epilog(parser: argparse.ArgumentParser) -> list[str]:
