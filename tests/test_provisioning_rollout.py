@@ -36,6 +36,7 @@ from groupcomm.services.provisioning.plan import (
     planned_assignments,
     role_state,
 )
+from groupcomm.services.provisioning.reconcile import merge
 from groupcomm.services.provisioning.rollout import (
     HISTORY,
     RESEND_AFTER,
@@ -172,6 +173,17 @@ def test_begin_advance_report_end_and_what_nodes_want() -> None:
     assert {n: desired_for(n, state).get("plan.preprod") for n in ("n1", "n2", "n3", "n4")} == \
         {"n1": want("preprod", 1, first, "n1"), "n2": want("preprod", 1, first, "n2"),
          "n3": want("preprod", 1, first, "n3"), "n4": None}
+
+
+def test_a_node_in_two_environments_runs_what_was_rolled_out_last() -> None:
+    # n1 plays web in preprod and in prod: the environment rolled out last comes first (wins the merge).
+    pre, prod = begin("preprod", ("n1",), version="1.0"), begin("prod", ("n1",), version="2.0", digest="b", force=True)
+    state = succeed(succeed(PlansState(), pre), prod)
+    assert list(desired_for("n1", state)) == ["plan.prod", "plan.preprod"]
+    assert merge(desired_for("n1", state)).bundles["hello"].desired.version == "2.0"
+    state = succeed(state, begin("preprod", ("n1",), version="3.0", digest="c"))
+    assert list(desired_for("n1", state)) == ["plan.preprod", "plan.prod"]
+    assert merge(desired_for("n1", state)).bundles["hello"].desired.version == "3.0"
 
 
 def test_refusals_name_the_reason_and_change_nothing() -> None:

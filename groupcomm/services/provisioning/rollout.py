@@ -36,8 +36,12 @@ revision's role if the node is switched, else the last succeeded revision's
 role if the node was a target there, else nothing.  So while a rollout runs
 every target is at the new revision (switched) or at the previous one; once
 it succeeded every target is at the new one; once it was rolled back every
-one is at the previous one again.  Environments come in name order (the
-first wins a conflict in :func:`.reconcile.merge`).
+one is at the previous one again.  When a node plays roles in several
+environments that want the same bundle or key differently, the environment
+whose assignment comes from the most recently begun rollout wins (they come
+first, for :func:`.reconcile.merge`; :attr:`RolloutRecord.begun` is the
+record's own revision when the rollout began, the same on every member): a
+node in both preprod and prod runs what was rolled out last.
 
 **The driver** (:class:`RolloutDriver`), run by the one member the node core
 chooses (the oldest member of the plans space in a regular primary view),
@@ -175,6 +179,8 @@ class RolloutRecord(msgspec.Struct, frozen=True, array_like=True, forbid_unknown
     ended_by: Annotated[str, msgspec.Meta(max_length=100)] = ""
     op_id: Annotated[str, msgspec.Meta(max_length=200)] = ""
     """The op_id of the BeginRollout that started it (:func:`find_rollout`)."""
+    begun: Revision = 0
+    """The plan record's revision made by its BeginRollout (orders rollouts across environments)."""
 
     @property
     def batches(self) -> int:
@@ -344,7 +350,7 @@ class PlansState(msgspec.Struct, frozen=True, array_like=True, forbid_unknown_fi
                 revision=hist.last_revision + 1, plan_digest=body.plan_digest, plan=body.plan,
                 roles=body.roles, targets=body.targets, batch=body.batch, health_timeout=body.health_timeout,
                 force=body.force, rollback_of=body.rollback_of, origin_node=op.origin_node, user=op.user, at=op.at,
-                op_id=op.op_id)
+                op_id=op.op_id, begun=self.revision + 1)
             envs[body.env] = _trim(EnvHistory(record.revision, (*hist.revisions, record)))
         else:
             hist = envs[body.env]
@@ -409,19 +415,32 @@ def _trim(hist: EnvHistory) -> EnvHistory:
 # --------------------------------------------------------------------------- what nodes want
 
 
-def _assignment(env: str, hist: EnvHistory, node: str) -> Assignment | None:
+def _source(hist: EnvHistory, node: str) -> RolloutRecord | None:
+    """The rollout ``node``'s assignment in this environment comes from (None: it has none)."""
     run = hist.running
     if run is not None and run.is_switched(node):
-        return run.assignment(env, node)
+        return run
     ok = hist.last_succeeded
-    return ok.assignment(env, node) if ok is not None else None
+    return ok if ok is not None and ok.role_of(node) is not None else None
+
+
+def _assignment(env: str, hist: EnvHistory, node: str) -> Assignment | None:
+    record = _source(hist, node)
+    return record.assignment(env, node) if record is not None else None
 
 
 def desired_for(node: str, plans: PlansState) -> dict[str, GroupState]:
-    """``plan.<env>`` -> the desired state ``node`` gets from each environment (see the module docstring)."""
-    out: dict[str, GroupState] = {}
+    """``plan.<env>`` -> the desired state ``node`` gets from each environment, the most recently
+    begun rollout first (see the module docstring)."""
+    sources = []
     for env in sorted(plans.envs):
-        a = _assignment(env, plans.envs[env], node)
+        record = _source(plans.envs[env], node)
+        if record is not None:
+            sources.append((-record.begun, env, record))
+    sources.sort(key=lambda s: s[:2])
+    out: dict[str, GroupState] = {}
+    for _, env, record in sources:
+        a = record.assignment(env, node)
         if a is not None:
             out[plan_state_name(env)] = a.state
     return out
