@@ -138,3 +138,72 @@ async def test_operations_on_a_group_this_node_is_not_in_are_refused_with_the_wa
             while [(g.name, g.joined, g.members) for g in node.groups()] != [
                     ("default", True, ("n1",)), ("web", True, ("n1",))]:
                 await trio.sleep(0.05)                    # its next status says it is in web
+
+
+PLAN = """
+[plan]
+name = "shop"
+
+[roles.web]
+bundles = ["{wheel}"]
+config."org.example.hello" = {{ greeting = "{greeting}" }}
+
+[environments.preprod]
+health_timeout = "{timeout}"
+roles = {{ web = {{ group = "web-pre", nodes = 2 }} }}
+
+[environments.prod]
+requires = "preprod"
+health_timeout = "{timeout}"
+roles = {{ web = {{ group = "default", nodes = 3 }} }}
+"""
+
+
+def write_plan(path: Path, wheel: Path, greeting: str, timeout: str = "60s") -> Path:
+    path.write_text(PLAN.format(wheel=wheel, greeting=greeting, timeout=timeout))
+    return path
+
+
+async def test_a_plan_rolls_out_to_preprod_then_prod_and_a_failing_version_is_rolled_back(tmp_path):
+    port_of = {f"n{i}": free_port() for i in (1, 2, 3)}
+    v1, v2 = (greeter_wheel(tmp_path / f"w{v}", v, port_var="GROUPCOMM_CONFIG_NODE_PORT", pids=(PID, "node"))
+              for v in ("1.0", "2.0"))
+    broken = greeter_wheel(tmp_path / "w3", "3.0", port_var="GROUPCOMM_CONFIG_NODE_BAD", pids=(PID, "node"))
+    async with cluster(tmp_path, ["n1", "n2", "n3"]) as nodes:
+        with trio.fail_after(300):
+            for node in nodes:
+                await node.set_config("node", {"port": str(port_of[node.name]), "bad": "1"})
+            for node in nodes[:2]:
+                await node.join_group("web-pre")
+            while ("web-pre", ("n1", "n2")) not in [(g.name, g.members) for g in nodes[2].groups()]:
+                await trio.sleep(0.05)                    # n3 hears of the group from their statuses
+            ports = list(port_of.values())
+
+            first = write_plan(tmp_path / "v1.toml", v1, "one")
+            with pytest.raises(Refused, match="preprod"):              # the promotion gate
+                await nodes[2].apply_plan(first, env="prod")
+            seen: list[Progress] = []
+            pre = await nodes[2].apply_plan(first, env="preprod", progress=seen.append)
+            assert (pre.outcome, [n.health for n in pre.nodes]) == ("succeeded", ["healthy", "healthy"])
+            assert {p.node for p in seen} == {"n1", "n2"}
+            await all_serve(ports[:2], "1.0 one one")
+            assert await get(ports[2]) is None                         # n3 is not in preprod
+            prod = await nodes[0].apply_plan(first, env="prod")
+            assert prod.outcome == "succeeded" and len(prod.nodes) == 3
+            await all_serve(ports, "1.0 one one")
+
+            second = write_plan(tmp_path / "v2.toml", v2, "two")
+            diff = await nodes[1].plan_diff(second, env="prod")
+            assert diff.changed and "2.0" in str(diff)
+            assert (await nodes[1].apply_plan(second, env="prod", force=True)).forced
+            await all_serve(ports, "2.0 two two")
+
+            bad = write_plan(tmp_path / "v3.toml", broken, "three", timeout="4s")
+            result = await nodes[1].apply_plan(bad, env="prod", force=True)
+            assert result.outcome == "rolled-back" and "not healthy within 4s" in result.reason
+            await all_serve(ports, "2.0 two two")                       # every target back at revision 2
+            assert [r.outcome for r in nodes[2].plan_history("prod")] == ["rolled-back", "succeeded", "succeeded"]
+
+            back = await nodes[0].rollback_plan("prod")                 # to the last succeeded before 2
+            assert back.outcome == "succeeded" and back.rollback_of == prod.revision
+            await all_serve(ports, "1.0 one one")
