@@ -144,6 +144,10 @@ class FakeNode:
         self._record("require_signatures", group, [k.key_id for k in keys])
         return 10
 
+    async def require_plan_signatures(self, env, keys):
+        self._record("require_plan_signatures", env, [k.key_id for k in keys])
+        return 11
+
     async def plan_diff(self, plan_path, *, env):
         self._record("plan_diff", plan_path, env=env)
         return {"env": env, "changes": [{"node": "n1", "bundle": "hello", "from": "1.0", "to": "2.0"}]}
@@ -281,6 +285,16 @@ def test_require_signatures_sends_the_keys_of_a_file(agent, capsys, tmp_path):
     status, out, _ = cli(capsys, "group", "require-signatures", "web", str(tmp_path / "trusted"))
     assert status == 0 and out == "group web: 1 trusted key(s) (revision 10)\n"
     assert agent.node.calls[-1] == ("require_signatures", ("web", [key.public.key_id]), {})
+
+
+def test_plan_require_signatures_sends_the_keys_of_a_file(agent, capsys, tmp_path):
+    from groupcomm.services.provisioning.signing import generate_signing_key
+
+    key = generate_signing_key(tmp_path / "signing.pem")
+    (tmp_path / "trusted").write_text(f"{key.public.to_line()}\n")
+    status, out, _ = cli(capsys, "plan", "require-signatures", "--env", "prod", str(tmp_path / "trusted"))
+    assert status == 0 and out == "environment prod: 1 trusted key(s) (revision 11)\n"
+    assert agent.node.calls[-1] == ("require_plan_signatures", ("prod", [key.public.key_id]), {})
 
 
 def test_bundle_install_streams_progress_as_plain_lines(agent, capsys, tmp_path, monkeypatch):

@@ -186,6 +186,36 @@ def test_a_node_in_two_environments_runs_what_was_rolled_out_last() -> None:
     assert merge(desired_for("n1", state)).bundles["hello"].desired.version == "3.0"
 
 
+def test_an_environment_that_requires_signatures_refuses_unsigned_bundles_forced_or_not() -> None:
+    from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+    from cryptography.hazmat.primitives.serialization import Encoding, PublicFormat
+
+    from groupcomm.services.provisioning.ops import SetEnvPolicy
+    from groupcomm.services.provisioning.signing import signed_message_for
+
+    key, other = Ed25519PrivateKey.generate(), Ed25519PrivateKey.generate()
+    raw = key.public_key().public_bytes(Encoding.Raw, PublicFormat.Raw)
+    state = apply_all(PlansState(), SetEnvPolicy("prod", (raw,)))
+    assert state.trusted_keys == {"prod": (raw,)}
+
+    def signed(body: BeginRollout, signer) -> BeginRollout:
+        roles = {role: (tuple(msgspec.structs.replace(r, signature=signer.sign(
+                    signed_message_for(r.name, r.version, r.digest))) for r in refs), configs)
+                 for role, (refs, configs) in body.roles.items()}
+        return msgspec.structs.replace(body, roles=roles)
+
+    unsigned = begin("prod", force=True)
+    for body, why in ((unsigned, "is not signed: environment 'prod'"),
+                      (signed(unsigned, other), "is not signed by a trusted key")):
+        with pytest.raises(OpRefused, match=why):
+            state.apply(op(body))
+    assert begin("preprod") and state.apply(op(begin("preprod"))).running("preprod")    # other envs: free
+    assert state.apply(op(signed(unsigned, key))).running("prod")
+    lifted = apply_all(state, SetEnvPolicy("prod", ()))
+    assert lifted.trusted_keys == {} and lifted.apply(op(unsigned)).running("prod")
+    assert PlansState.restore(lifted.snapshot()) == lifted
+
+
 def test_refusals_name_the_reason_and_change_nothing() -> None:
     state = apply_all(PlansState(), begin(batch=2))
 

@@ -119,6 +119,12 @@ def add_parser(commands: Any) -> None:
     p = _verb(plan, "history", "the rollouts of an environment", data=True)
     _env_option(p)
     p.set_defaults(run=_run(_plan_history))
+    p = _verb(plan, "require-signatures", "deploy only bundles signed by one of the listed keys in an environment")
+    _env_option(p)
+    p.add_argument("keys", metavar="KEYS_FILE",
+                   help="trusted public keys, one 'ed25519 BASE64 [comment]' line each (an empty file lifts "
+                        "the requirement)")
+    p.set_defaults(run=_run(_plan_require_signatures))
     p = _verb(plan, "rollback", "roll an environment back to its previous revision (or --to REV)", data=True)
     _env_option(p)
     p.add_argument("--to", type=_natural, metavar="REV", help="the revision to return to")
@@ -275,6 +281,16 @@ async def _require_signatures(client: Any, args: argparse.Namespace) -> int:
     result = await client.require_signatures(args.group, keys)
     _accepted(f"group {args.group}: {len(keys)} trusted key(s)" if keys else
               f"group {args.group}: signatures no longer required", result)
+    return EXIT_OK
+
+
+async def _plan_require_signatures(client: Any, args: argparse.Namespace) -> int:
+    from groupcomm.services.provisioning.signing import load_public_keys
+
+    keys = [key.to_line() for key in load_public_keys(args.keys)]
+    result = await client.require_plan_signatures(args.env, keys)
+    _accepted(f"environment {args.env}: {len(keys)} trusted key(s)" if keys else
+              f"environment {args.env}: signatures no longer required", result)
     return EXIT_OK
 
 

@@ -28,7 +28,8 @@ takes its default, an unknown one is an error): ``create_group``,
 group, signature = null, start = false); ``start_bundle``, ``stop_bundle``,
 ``uninstall_bundle`` (name, group); ``bundles`` (group); ``set_config`` (pid,
 values: object of strings, group); ``delete_config`` (pid, key = null, group);
-``get_config`` (pid, group); ``configs`` (group); ``require_signatures``
+``get_config`` (pid, group); ``configs`` (group); ``require_plan_signatures`` (env, keys);
+``require_signatures``
 (group, keys: list of ``ed25519 <base64> [comment]`` lines); ``plan_diff``
 (plan_path, env); ``apply_plan`` (plan_path, env, batch = null, force =
 false); ``plan_status`` (env = null); ``plan_history`` (env);
@@ -358,6 +359,9 @@ REQUESTS: dict[str, Request] = {
     "require_signatures": Request({**_GROUP, "keys": (_lines, _REQUIRED)},
                                   lambda n, a, p: n.require_signatures(a["group"], _public_keys(a["keys"]),
                                                                        **_by(n.require_signatures, a))),
+    "require_plan_signatures": Request({"env": (_string, _REQUIRED), "keys": (_lines, _REQUIRED)},
+                                       lambda n, a, p: n.require_plan_signatures(
+                                           a["env"], _public_keys(a["keys"]), **_by(n.require_plan_signatures, a))),
     "plan_diff": Request({"plan_path": (_absolute, _REQUIRED), "env": (_string, _REQUIRED)},
                          lambda n, a, p: n.plan_diff(a["plan_path"], env=a["env"])),
     "apply_plan": Request(
@@ -775,6 +779,10 @@ class ProvisioningClient:
     async def require_signatures(self, group: str, keys: Sequence[str]) -> Any:
         """``keys``: ``ed25519 <base64> [comment]`` lines (``PublicKey.to_line()``)."""
         return await self.request("require_signatures", group=group, keys=list(keys))
+
+    async def require_plan_signatures(self, env: str, keys: Sequence[str]) -> Any:
+        """``keys``: ``ed25519 <base64> [comment]`` lines (``PublicKey.to_line()``)."""
+        return await self.request("require_plan_signatures", env=env, keys=list(keys))
 
     async def plan_diff(self, plan_path: str | os.PathLike[str], *, env: str) -> Any:
         return await self.request("plan_diff", plan_path=_abspath(plan_path), env=env)

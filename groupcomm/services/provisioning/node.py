@@ -84,6 +84,7 @@ from groupcomm.services.provisioning.ops import (
     MalformedOp,
     Op,
     SetConfig,
+    SetEnvPolicy,
     SetGroupPolicy,
     StartBundle,
     StopBundle,
@@ -535,6 +536,12 @@ class ProvisioningNode:
     async def require_signatures(self, group: str, keys: Sequence[PublicKey], *, user: str | None = None) -> int:
         """From now on ``group`` accepts only bundles signed by one of ``keys`` (empty: any bundle)."""
         return await self.submit(SetGroupPolicy(group, tuple(k.raw for k in keys)), user=user)
+
+    async def require_plan_signatures(self, env: str, keys: Sequence[PublicKey], *, user: str | None = None) -> int:
+        """From now on rollouts of environment ``env`` deploy only bundles signed by one of ``keys``
+        (empty: any bundle)."""
+        check_group_name(env, "environment")
+        return await self.submit(SetEnvPolicy(env, tuple(k.raw for k in keys)), user=user)
 
     # ------------------------------------------------------------------ configuration
 

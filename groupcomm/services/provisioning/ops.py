@@ -21,6 +21,7 @@ BeginRollout        env, plan_digest, plan, roles, targets, batch,   plan-begin
 ReportHealth        env, revision, node, healthy, detail             plan-report
 AdvanceRollout      env, revision, batch                             plan-advance
 EndRollout          env, revision, succeeded, reason                 plan-end
+SetEnvPolicy        env, trusted_keys                                plan-policy
 ==================  ===============================================  ==========
 
 The first eight change one group's state (:mod:`.state`); the ``plan-*``
@@ -64,6 +65,7 @@ __all__ = [
     "ReportHealth",
     "RoleTarget",
     "SetConfig",
+    "SetEnvPolicy",
     "SetGroupPolicy",
     "StartBundle",
     "StopBundle",
@@ -264,9 +266,20 @@ class EndRollout(_Body, tag="plan-end"):
         return PLANS
 
 
+class SetEnvPolicy(_Body, tag="plan-policy"):
+    """From now on rollouts of ``env`` deploy only bundles signed by one of ``trusted_keys`` (empty: any)."""
+
+    env: EnvName
+    trusted_keys: Annotated[tuple[RawPublicKey, ...], msgspec.Meta(max_length=MAX_TRUSTED_KEYS)] = ()
+
+    @property
+    def group(self) -> str:
+        return PLANS
+
+
 GroupBody = (InstallBundle | UninstallBundle | StartBundle | StopBundle | SetConfig | DeleteConfig
              | SetGroupPolicy | AdoptState)
-PlanBody = BeginRollout | ReportHealth | AdvanceRollout | EndRollout
+PlanBody = BeginRollout | ReportHealth | AdvanceRollout | EndRollout | SetEnvPolicy
 Body = GroupBody | PlanBody
 
 

@@ -22,6 +22,7 @@ from groupcomm.services.provisioning.ops import (
     Op,
     ReportHealth,
     SetConfig,
+    SetEnvPolicy,
     SetGroupPolicy,
     StartBundle,
     StopBundle,
@@ -253,6 +254,9 @@ def describe_op(op: Op) -> str:
         what = f"rollback to revision {b.rollback_of}" if b.rollback_of else "apply plan"
         return (f"{what} on {b.env} ({b.plan_digest[:12]}, {len(b.targets)} node(s), batch {b.batch}"
                 f"{', forced past the promotion gate' if b.force else ''})")
+    if t is SetEnvPolicy:
+        return (f"environment {b.env}: require signatures from {len(b.trusted_keys)} key(s)" if b.trusted_keys
+                else f"environment {b.env}: accept unsigned bundles")
     if t is ReportHealth:
         return f"{b.env} revision {b.revision}: {b.node} {'healthy' if b.healthy else 'unhealthy: ' + b.detail}"
     if t is AdvanceRollout:

@@ -29,6 +29,12 @@ outcome and reason, the batch reached, each target's health report).
 Reports, advances and ends naming a revision that is not the running one are
 refused (a stale driver).
 
+**Signatures.**  :class:`~.ops.SetEnvPolicy` gives an environment trusted
+Ed25519 keys; from then on a BeginRollout of it (forced or a rollback too) is
+refused unless every bundle it deploys carries a signature one of them
+verifies (:func:`.signing.signed_message_for`): checked by every replica
+alike, before any node installs anything.
+
 **What a node wants** (:func:`desired_for`): for each environment, a
 synthetic group state ``plan.<env>`` (:func:`.plan.role_state`: the role's
 bundles at their versions, started, and its configuration) -- the running
@@ -82,10 +88,12 @@ from groupcomm.services.provisioning.ops import (
     OpId,
     Pid,
     PlanBody,
+    RawPublicKey,
     ReportHealth,
     Revision,
     RoleName,
     RoleTarget,
+    SetEnvPolicy,
     UserName,
 )
 from groupcomm.services.provisioning.plan import (
@@ -95,6 +103,7 @@ from groupcomm.services.provisioning.plan import (
     plan_state_name,
     role_state,
 )
+from groupcomm.services.provisioning.signing import signed_message_for, verify_raw
 from groupcomm.services.provisioning.state import (
     RECENT_OP_IDS,
     WRONG_GROUP,
@@ -134,7 +143,7 @@ MAX_ENVIRONMENTS = 100
 RESEND_AFTER = 5.0
 """Seconds after which a proposal that has not shown in the record is proposed again (same op_id)."""
 _DETAIL = 1000
-_PLAN_BODIES = (BeginRollout, ReportHealth, AdvanceRollout, EndRollout)
+_PLAN_BODIES = (BeginRollout, ReportHealth, AdvanceRollout, EndRollout, SetEnvPolicy)
 
 Outcome = Literal["running", "succeeded", "rolled-back"]
 Roles = dict[RoleName, tuple[tuple[BundleRef, ...], dict[Pid, dict[ConfigKey, ConfigValue]]]]
@@ -246,6 +255,8 @@ class PlansState(msgspec.Struct, frozen=True, array_like=True, forbid_unknown_fi
     revision: Annotated[int, msgspec.Meta(ge=0, le=(1 << 63) - 1)] = 0
     envs: Annotated[dict[EnvName, EnvHistory], msgspec.Meta(max_length=MAX_ENVIRONMENTS)] = {}
     recent: Annotated[tuple[OpId, ...], msgspec.Meta(max_length=RECENT_OP_IDS)] = ()
+    trusted_keys: Annotated[dict[EnvName, tuple[RawPublicKey, ...]], msgspec.Meta(max_length=MAX_ENVIRONMENTS)] = {}
+    """Env -> the keys one of which must have signed every bundle a rollout of it deploys."""
 
     def has_applied(self, op_id: str) -> bool:
         """Whether ``op_id`` is among the recently accepted operations."""
@@ -270,7 +281,12 @@ class PlansState(msgspec.Struct, frozen=True, array_like=True, forbid_unknown_fi
         if type(body) not in _PLAN_BODIES:
             raise OpRefused(f"not a deployment-plan operation: {type(body).__name__}")
         if type(body) is BeginRollout:
+            self._check_signatures(body)
             self._check_begin(body)
+            return
+        if type(body) is SetEnvPolicy:
+            if body.trusted_keys and body.env not in self.trusted_keys and len(self.trusted_keys) >= MAX_ENVIRONMENTS:
+                raise OpRefused(f"the cluster already has {MAX_ENVIRONMENTS} environments with trusted keys")
             return
         run = self.running(body.env)
         if run is None or run.revision != body.revision:
@@ -298,6 +314,21 @@ class PlansState(msgspec.Struct, frozen=True, array_like=True, forbid_unknown_fi
             if waiting:
                 raise OpRefused(_clip(f"revision {run.revision} of {body.env!r} cannot succeed: not healthy: "
                                       + ", ".join(waiting)))
+
+    def _check_signatures(self, body: BeginRollout) -> None:
+        """Every bundle must be signed by a trusted key of the environment, if it has any (a forced
+        rollout and a rollback too: the gate is about promotion, this is about what runs)."""
+        keys = self.trusted_keys.get(body.env)
+        if not keys:
+            return
+        for role, (refs, _) in sorted(body.roles.items()):
+            for ref in refs:
+                message = signed_message_for(ref.name, ref.version, ref.digest)
+                if not ref.signature or verify_raw(message, ref.signature, keys) is None:
+                    state = "is not signed" if not ref.signature else "is not signed by a trusted key"
+                    raise OpRefused(f"bundle {ref.name} {ref.version} (sha256 {ref.digest[:12]}) of role "
+                                    f"{role!r} {state}: environment {body.env!r} deploys only bundles "
+                                    f"signed by one of its {len(keys)} trusted key(s)")
 
     def _check_begin(self, body: BeginRollout) -> None:
         env = body.env
@@ -344,7 +375,12 @@ class PlansState(msgspec.Struct, frozen=True, array_like=True, forbid_unknown_fi
         body = op.body
         envs = dict(self.envs)
         t = type(body)
-        if t is BeginRollout:
+        trusted = self.trusted_keys
+        if t is SetEnvPolicy:
+            trusted = {e: k for e, k in trusted.items() if e != body.env}
+            if body.trusted_keys:
+                trusted[body.env] = tuple(dict.fromkeys(body.trusted_keys))
+        elif t is BeginRollout:
             hist = envs.get(body.env, EnvHistory())
             record = RolloutRecord(
                 revision=hist.last_revision + 1, plan_digest=body.plan_digest, plan=body.plan,
@@ -365,7 +401,7 @@ class PlansState(msgspec.Struct, frozen=True, array_like=True, forbid_unknown_fi
                                               reason=body.reason, ended_at=op.at, ended_by=op.origin_node)
             envs[body.env] = _trim(EnvHistory(hist.last_revision, (*hist.revisions[:-1], run)))
         recent = (*self.recent, op.op_id)[-RECENT_OP_IDS:]
-        return PlansState(self.group, self.revision + 1, envs, recent)
+        return PlansState(self.group, self.revision + 1, envs, recent, trusted)
 
     def snapshot(self) -> bytes:
         """This record as bytes (msgpack)."""
