@@ -488,6 +488,37 @@ def _run_and_get(bundle: Bundle, home: Path, python: Path) -> str:
         proc.stderr.close()
 
 
+def test_removing_the_last_other_version_during_an_install_does_not_break_it(tmp_path: Path, monkeypatch) -> None:
+    # The reconciler upgrades with "install 2.0" and "uninstall 1.0" at once: remove() deleted the
+    # bundle's (empty) directory while install() was building, and its final rename failed.
+    import threading
+
+    (tmp_path / "v1").mkdir()
+    (tmp_path / "v2").mkdir()
+    b1 = read_bundle(build_tarball(tmp_path / "v1", "1.0"))
+    b2 = read_bundle(build_tarball(tmp_path / "v2", "2.0"))
+    envs = Environments(tmp_path / "envs")
+    envs.install(b1)
+    built, removed = threading.Event(), threading.Event()
+    real_build = Environments._build
+
+    def slow_build(self, bundle, env, home):
+        real_build(self, bundle, env, home)
+        built.set()
+        assert removed.wait(10)
+
+    monkeypatch.setattr(Environments, "_build", slow_build)
+    result: list = []
+    worker = threading.Thread(target=lambda: result.append(envs.install(b2)))
+    worker.start()
+    assert built.wait(30)
+    assert envs.remove(BUNDLE_NAME, "1.0") == 1
+    removed.set()
+    worker.join(30)
+    assert result and result[0].version == "2.0" and envs.installed(b2) == result[0]
+    assert [e.version for e in envs.list()] == ["2.0"]
+
+
 @pytest.mark.parametrize("build", [build_wheel, build_tarball])
 def test_install_run_reinstall_remove(tmp_path: Path, build) -> None:
     (tmp_path / "v1").mkdir()

@@ -158,12 +158,15 @@ class Environments:
                 return done
             if home.exists():  # not complete: not ours to keep (e.g. a marker for other bytes)
                 self._discard(home)
-            home.parent.mkdir(parents=True, exist_ok=True)
             build = Path(tempfile.mkdtemp(dir=self._tmp, prefix=f"{bundle.name}-{bundle.version}-"))
             try:
                 self._build(bundle, build / "env", home)
-                os.rename(build / "env", home)
-                _fsync_dir(home.parent)
+                # The name's directory is made and filled under its lock: remove() of another
+                # version deletes it when empty, under the same lock.
+                with self._lock_for(home.parent):
+                    home.parent.mkdir(parents=True, exist_ok=True)
+                    os.rename(build / "env", home)
+                    _fsync_dir(home.parent)
             finally:
                 shutil.rmtree(build, ignore_errors=True)
             installed = self.installed(bundle)
@@ -263,10 +266,11 @@ class Environments:
                 if home.exists():
                     self._discard(home)
                     removed += 1
-        try:
-            name_dir.rmdir()
-        except OSError:
-            pass  # other versions remain
+        with self._lock_for(name_dir):
+            try:
+                name_dir.rmdir()
+            except OSError:
+                pass  # other versions remain (or one is being installed)
         return removed
 
     def _discard(self, home: Path) -> None:
