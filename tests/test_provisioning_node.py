@@ -169,10 +169,13 @@ async def test_a_plan_rolls_out_to_preprod_then_prod_and_a_failing_version_is_ro
     v1, v2 = (greeter_wheel(tmp_path / f"w{v}", v, port_var="GROUPCOMM_CONFIG_NODE_PORT", pids=(PID, "node"))
               for v in ("1.0", "2.0"))
     broken = greeter_wheel(tmp_path / "w3", "3.0", port_var="GROUPCOMM_CONFIG_NODE_BAD", pids=(PID, "node"))
+    refusing = socket.socket()                       # bound, never listening: the broken version's health fails
+    refusing.bind(("127.0.0.1", 0))
     async with cluster(tmp_path, ["n1", "n2", "n3"]) as nodes:
-        with trio.fail_after(300):
+        with trio.fail_after(300), refusing:
+            bad_port = str(refusing.getsockname()[1])
             for node in nodes:
-                await node.set_config("node", {"port": str(port_of[node.name]), "bad": "1"})
+                await node.set_config("node", {"port": str(port_of[node.name]), "bad": bad_port})
             for node in nodes[:2]:
                 await node.join_group("web-pre")
             while ("web-pre", ("n1", "n2")) not in [(g.name, g.members) for g in nodes[2].groups()]:
@@ -200,7 +203,7 @@ async def test_a_plan_rolls_out_to_preprod_then_prod_and_a_failing_version_is_ro
 
             bad = write_plan(tmp_path / "v3.toml", broken, "three", timeout="4s")
             result = await nodes[1].apply_plan(bad, env="prod", force=True)
-            assert result.outcome == "rolled-back" and "not healthy within 4s" in result.reason
+            assert result.outcome == "rolled-back" and "batch 1/3 not healthy within 4s" in result.reason
             await all_serve(ports, "2.0 two two")                       # every target back at revision 2
             assert [r.outcome for r in nodes[2].plan_history("prod")] == ["rolled-back", "succeeded", "succeeded"]
 
