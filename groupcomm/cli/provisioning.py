@@ -61,8 +61,8 @@ def add_parser(commands: Any) -> None:
                       "from a member that has it and run it as a supervised process once started.")
     p = _verb(bundle, "install", "install a bundle file on every member of a group", data=True)
     p.add_argument("file", metavar="FILE", help="the bundle (.whl or .tar.gz)")
-    p.add_argument("--signature", metavar="FILE.sig", help="its detached signature (default: FILE.sig if the "
-                                                            "group requires signatures)")
+    p.add_argument("--signature", metavar="FILE.sig", help="its detached signature (default: FILE.sig when "
+                                                            "that file exists)")
     p.add_argument("--start", action="store_true", help="start it once installed")
     _group_option(p)
     p.set_defaults(run=_run(_bundle_install))

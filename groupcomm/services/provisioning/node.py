@@ -100,7 +100,6 @@ from groupcomm.services.provisioning.overview import (
     bundle_statuses,
     cluster_status,
     describe_op,
-    node_status,
 )
 from groupcomm.services.provisioning.plan import (
     Plan,
@@ -178,6 +177,8 @@ class ProvisioningSettings:
     """How often the rollout loop looks at health and the driver's deadlines."""
     converge_timeout: float = 600.0
     """How long ``install_bundle(progress=...)`` waits for the group's nodes."""
+    retry_failed_after: float = 60.0
+    """A bundle file whose fetch, install or start failed is tried again after this long."""
     health_wait: float = 30.0
     """How long ``install_bundle(start=True, progress=...)`` waits for started processes to be healthy."""
     python: str | None = None
@@ -261,6 +262,7 @@ class ProvisioningNode:
         self._sends_send, self._sends_recv = trio.open_memory_channel[tuple[str, bytes]](math.inf)
         self._exit = contextlib.AsyncExitStack()
         self._view_seen = False
+        self._failed_at: dict[str, float] = {}
 
     # ------------------------------------------------------------------ life
 
@@ -430,6 +432,12 @@ class ProvisioningNode:
         except NotInGroup as exc:
             raise Refused(str(exc)) from None
 
+    def _replica(self, group: str) -> Any:
+        try:
+            return self.core.replica(group)
+        except NotInGroup as exc:
+            raise Refused(str(exc)) from None
+
     def groups(self) -> list[GroupInfo]:
         """Every group this node is in or hears of from the others' statuses, by name."""
         core = self.core
@@ -455,7 +463,7 @@ class ProvisioningNode:
         when that exists).  With ``progress``, also waits until every member of
         the group has it installed (started, with ``start``) or failed, calling
         ``progress(Progress)`` as they go (at most ``settings.converge_timeout``)."""
-        self.core.replica(group)                               # NotInGroup before any work
+        self._replica(group)                                   # not in the group: before any work
         path = Path(path)
         bundle = await trio.to_thread.run_sync(read_bundle, path)
         sig_path = Path(signature) if signature is not None else path.with_name(path.name + ".sig")
@@ -521,17 +529,21 @@ class ProvisioningNode:
                 for s in self.core.board.statuses() if group in s.groups}
 
     async def start_bundle(self, name: str, *, group: str = DEFAULT_GROUP, user: str | None = None) -> int:
+        """Make bundle ``name`` of ``group`` run (as a supervised process with its health check)."""
         return await self.submit(StartBundle(group, name), user=user)
 
     async def stop_bundle(self, name: str, *, group: str = DEFAULT_GROUP, user: str | None = None) -> int:
+        """Stop bundle ``name`` of ``group`` (it stays installed)."""
         return await self.submit(StopBundle(group, name), user=user)
 
     async def uninstall_bundle(self, name: str, *, group: str = DEFAULT_GROUP, user: str | None = None) -> int:
+        """Remove bundle ``name`` from ``group`` (stopped and uninstalled on every member, also on
+        members that are down now: they apply it when they return)."""
         return await self.submit(UninstallBundle(group, name), user=user)
 
     def bundles(self, group: str = DEFAULT_GROUP) -> list[BundleStatus]:
         """The bundles ``group`` wants, with each member's actual row."""
-        return bundle_statuses(self.core.replica(group).state, self.core.board.statuses())
+        return bundle_statuses(self._replica(group).state, self.core.board.statuses())
 
     async def require_signatures(self, group: str, keys: Sequence[PublicKey], *, user: str | None = None) -> int:
         """From now on ``group`` accepts only bundles signed by one of ``keys`` (empty: any bundle)."""
@@ -571,11 +583,12 @@ class ProvisioningNode:
         return dict(self._effective(group).configs.get(pid, {}))
 
     def configs(self, group: str = DEFAULT_GROUP) -> dict[str, dict[str, str]]:
+        """Every configuration PID this node applies for ``group`` (its sync policy applied)."""
         return {pid: dict(v) for pid, v in sorted(self._effective(group).configs.items())}
 
     def _effective(self, group: str) -> GroupState:
         core = self.core
-        return core.policy.effective(group, core.replica(group).state, core.local[group])
+        return core.policy.effective(group, self._replica(group).state, core.local[group])
 
     # ------------------------------------------------------------------ plans
 
@@ -682,7 +695,7 @@ class ProvisioningNode:
         group of this node and the plan record; oldest first."""
         core = self.core
         if group is not None:
-            histories = {group: core.replica(group).history}
+            histories = {group: self._replica(group).history}
         else:
             histories = {g: r.history for g, r in core.replicas.items()}
             histories[PLANS] = core.plans.history
@@ -697,6 +710,7 @@ class ProvisioningNode:
             self._reconcile_wake = trio.Event()
             for digest in self.core.plan_digests():
                 self.executor.pin(digest)
+            self._retry_old_failures()
             desired = self.core.desired()
             configs = merge(desired).configs
             before = self.executor.actual()
@@ -708,6 +722,19 @@ class ProvisioningNode:
                 if self.executor.actual() != before:
                     self._reconcile_wake.set()      # again at once: the next step may be ready
             self._publish_wake.set()
+
+    def _retry_old_failures(self) -> None:
+        """Forget failures older than ``retry_failed_after`` (the next round tries again)."""
+        now = trio.current_time()
+        failed = self.executor.actual().failed
+        for digest in list(self._failed_at):
+            if digest not in failed:
+                del self._failed_at[digest]
+        for digest in failed:
+            since = self._failed_at.setdefault(digest, now)
+            if now - since >= self.settings.retry_failed_after:
+                del self._failed_at[digest]
+                self.executor.retry_failed([digest])
 
     async def _run_action(self, action: Any, configs: Any) -> None:
         try:
@@ -742,12 +769,7 @@ class ProvisioningNode:
 
     def status(self) -> NodeStatus:
         """This node's status as it publishes it."""
-        core = self.core
-        roles = {env: (a_rev, role) for env, (a_rev, role) in core.plan_roles().items()}
-        return node_status(self.name, core.node_id, core.groups,
-                           {g: r.revision for g, r in core.replicas.items()},
-                           core.desired(), self.executor.actual(), plan_roles=roles,
-                           read_only=core.read_only_groups())
+        return self.core.status(self.executor.actual())
 
 
 def _user() -> str:

@@ -34,6 +34,7 @@ from typing import Protocol
 from groupcomm.events import View
 from groupcomm.layers.spaces import SpaceView
 from groupcomm.services.provisioning.ops import PLANS, MalformedOp, Op, check_group_name
+from groupcomm.services.provisioning.overview import node_status
 from groupcomm.services.provisioning.policy import LOCAL, Refusal, SyncPolicy
 from groupcomm.services.provisioning.reconcile import Actual
 from groupcomm.services.provisioning.rollout import (
@@ -395,6 +396,22 @@ class ProvisioningCore:
         for op in ops:
             actions += self.propose(op)
         return actions
+
+    def status(self, actual: Actual) -> NodeStatus:
+        """This node's status to publish, given what it has (``actual``)."""
+        return node_status(self.node, self.node_id, self._groups,
+                           {g: r.revision for g, r in self.replicas.items()}, self.desired(), actual,
+                           plan_roles=self.plan_roles(), read_only=self.read_only_groups(),
+                           local_pids=self.local_config_pids())
+
+    def local_config_pids(self) -> set[str]:
+        """Configuration PIDs this node's sync policy does not share in some group it is in."""
+        out = set()
+        for g in self._groups:
+            for pid in set(self.replicas[g].state.configs) | set(self.local[g].configs):
+                if self.policy.route(g, "configs", pid) != "shared":
+                    out.add(pid)
+        return out
 
     def read_only_groups(self) -> list[str]:
         return [g for g in self._groups if not self.replicas[g].writable]

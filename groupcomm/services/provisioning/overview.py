@@ -8,6 +8,7 @@ replicas, the plan record and the statuses every node published) and its
 
 from __future__ import annotations
 
+import datetime
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 
@@ -37,6 +38,7 @@ __all__ = [
     "BundleStatus",
     "ClusterRow",
     "ClusterStatus",
+    "ConfigRow",
     "NodeBundle",
     "Progress",
     "audit_entries",
@@ -100,12 +102,22 @@ class ClusterRow:
 
 
 @dataclass(frozen=True)
+class ConfigRow:
+    """``cluster status``: the version of one configuration PID on one node."""
+
+    node: str
+    pid: str
+    version: str
+    """:func:`~.status.config_version` of the values the node applies."""
+
+
+@dataclass(frozen=True)
 class ClusterStatus:
     """The overview: every node's bundles, configuration versions, and what is out of sync."""
 
     rows: tuple[ClusterRow, ...]
-    configs: Mapping[str, Mapping[str, str]]
-    """Node -> PID -> configuration version (:func:`~.status.config_version`)."""
+    configs: tuple[ConfigRow, ...]
+    """The shared configuration PIDs (not those a node's sync policy keeps local), by node."""
     out_of_sync: tuple[str, ...]
     """One line per difference (a bundle not at its desired version or state, a PID whose version
     differs between nodes of a group, a node behind its group's revision)."""
@@ -119,11 +131,14 @@ class AuditEntry:
 
     group: str
     revision: int
-    at: float
+    time: str
+    """When, by the proposing node's clock (UTC, ISO 8601)."""
     node: str
     user: str
     what: str
     op_id: str
+    at: float
+    """The same instant in seconds since the epoch."""
 
 
 # --------------------------------------------------------------------------- a node's own status
@@ -132,8 +147,12 @@ class AuditEntry:
 def node_status(node: str, node_id: int, groups: Iterable[str], revisions: Mapping[str, int],
                 desired: Mapping[str, GroupState], actual: Actual, *,
                 plan_roles: Mapping[str, tuple[int, str]] | None = None,
-                read_only: Iterable[str] = ()) -> NodeStatus:
-    """The :class:`~.status.NodeStatus` a node publishes (``desired`` as the core's ``desired()``)."""
+                read_only: Iterable[str] = (), local_pids: Iterable[str] = ()) -> NodeStatus:
+    """The :class:`~.status.NodeStatus` a node publishes (``desired`` as the core's ``desired()``).
+
+    ``local_pids``: configuration PIDs its sync policy keeps on this node: their versions are
+    not published (they differ between nodes by design)."""
+    local = set(local_pids)
     plan = merge(desired)
     rows = []
     for row in actual_rows(desired, actual):
@@ -143,7 +162,8 @@ def node_status(node: str, node_id: int, groups: Iterable[str], revisions: Mappi
         rows.append(StatusRow(row.name, wanted.group if wanted is not None else "", row.desired_version,
                               row.actual_version, row.state, healthy, row.reason[:2000]))
     return NodeStatus(node=node, node_id=node_id, groups=tuple(groups), revisions=dict(revisions),
-                      rows=tuple(rows), configs={pid: config_version(v) for pid, v in plan.configs.items()},
+                      rows=tuple(rows),
+                      configs={pid: config_version(v) for pid, v in plan.configs.items() if pid not in local},
                       plan=dict(plan_roles or {}), read_only=tuple(read_only))
 
 
@@ -223,7 +243,8 @@ def cluster_status(statuses: Iterable[NodeStatus], *, group: str | None = None,
         if len(versions) > 1:
             holders = ", ".join(f"{s.node}={s.configs[pid]}" for s in chosen if pid in s.configs)
             out_of_sync.append(f"configuration {pid} differs between nodes: {holders}")
-    return ClusterStatus(tuple(rows), {s.node: dict(s.configs) for s in chosen}, tuple(out_of_sync),
+    configs = tuple(ConfigRow(s.node, pid, version) for s in chosen for pid, version in sorted(s.configs.items()))
+    return ClusterStatus(tuple(rows), configs, tuple(out_of_sync),
                          {s.node: s.read_only for s in chosen if s.read_only})
 
 
@@ -266,10 +287,14 @@ def describe_op(op: Op) -> str:
     return t.__name__
 
 
+def _iso(at: float) -> str:
+    return datetime.datetime.fromtimestamp(at, datetime.UTC).isoformat(timespec="seconds").replace("+00:00", "Z")
+
+
 def audit_entries(histories: Mapping[str, Iterable[HistoryEntry]]) -> list[AuditEntry]:
     """Group (or ``@plans``) -> accepted history, as one list, oldest first."""
-    out = [AuditEntry(group if group != PLANS else "plans", e.revision, e.op.at, e.op.origin_node, e.op.user,
-                      describe_op(e.op), e.op.op_id)
+    out = [AuditEntry(group if group != PLANS else "plans", e.revision, _iso(e.op.at), e.op.origin_node, e.op.user,
+                      describe_op(e.op), e.op.op_id, e.op.at)
            for group, entries in histories.items() for e in entries]
     out.sort(key=lambda a: (a.at, a.group, a.revision))
     return out

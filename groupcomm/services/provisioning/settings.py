@@ -6,6 +6,13 @@
     state_dir = "/var/lib/groupcomm/n1"   # default: <the member's state directory>/provisioning
     store_quota = "2GiB"                  # the most the bundle store may hold (default: no limit)
     op_timeout = "30s"                    # how long an operation waits for its own delivery
+    health_wait = "30s"                   # `bundle install --start` waits this long for health
+    converge_timeout = "10m"              # `bundle install` waits this long for every member
+    retry_failed_after = "60s"            # a failed fetch/install/start is tried again after this
+    reconcile_interval = "1s"             # the reconciler also runs this often without a change
+    publish_interval = "200ms"            # status publications at most this often
+    republish_interval = "5s"             # ... and at least this often
+    rollout_interval = "500ms"            # health reports and the rollout driver look this often
     socket = "/run/groupcomm/n1.sock"     # the control socket (default: see control.default_socket)
     [provisioning.sync.default]           # sync policies, see groupcomm.services.provisioning.policy
     bundles = { mode = "cluster" }
@@ -28,7 +35,9 @@ from groupcomm.services.provisioning.policy import SyncPolicy
 
 __all__ = ["parse_provisioning"]
 
-_KEYS = {"state_dir", "store_quota", "op_timeout", "socket", "sync"}
+_TIMERS = ("op_timeout", "health_wait", "converge_timeout", "retry_failed_after", "reconcile_interval",
+           "publish_interval", "republish_interval", "rollout_interval")
+_KEYS = {"state_dir", "store_quota", "socket", "sync", *_TIMERS}
 
 
 def parse_provisioning(table: Mapping[str, Any], *, source: str, base_dir: str | os.PathLike[str] = "",
@@ -58,11 +67,12 @@ def parse_provisioning(table: Mapping[str, Any], *, source: str, base_dir: str |
     kwargs: dict[str, Any] = {"state_dir": state_dir}
     if "store_quota" in table:
         kwargs["store_quota"] = parse_size(table["store_quota"], where=f"{where}.store_quota")
-    if "op_timeout" in table:
-        timeout = parse_duration(table["op_timeout"], where=f"{where}.op_timeout")
-        if timeout <= 0:
-            raise config_error(f"{where}.op_timeout", "must be positive", table["op_timeout"])
-        kwargs["op_timeout"] = timeout
+    for timer in _TIMERS:
+        if timer in table:
+            seconds = parse_duration(table[timer], where=f"{where}.{timer}")
+            if seconds <= 0:
+                raise config_error(f"{where}.{timer}", "must be positive", table[timer])
+            kwargs[timer] = seconds
     if "sync" in table:
         kwargs["policy"] = SyncPolicy.from_toml(table["sync"], f"{where}.sync")
     return ProvisioningSettings(**kwargs), path("socket")
