@@ -675,3 +675,26 @@ def test_without_rich_a_terminal_gets_plain_text(monkeypatch):
     render_status({"rows": [{"node": "n1", "health": "ok"}]}, out=out, rich=True)
     assert view.mode == "plain"
     assert out.getvalue().splitlines() == ["[batch 1] n1 installing", "rows:", "NODE  HEALTH", "n1    ok"]
+
+
+def test_bundle_keygen_and_sign_need_no_agent_and_make_a_signature_the_group_check_accepts(capsys, tmp_path):
+    from groupcomm.services.provisioning.bundle import read_bundle
+    from groupcomm.services.provisioning.signing import (
+        load_public_keys,
+        read_signature,
+        verify,
+    )
+    from tests.bundles import build_tarball
+
+    wheel = build_tarball(tmp_path, "1.0")
+    status, out, _ = cli(capsys, "bundle", "keygen", str(tmp_path / "k.pem"))
+    assert status == 0 and out.startswith("ed25519 ")
+    (tmp_path / "trusted").write_text(out)
+    status, out, err = cli(capsys, "bundle", "keygen", str(tmp_path / "k.pem"))
+    assert status == 2 and "exists already" in err
+    status, out, _ = cli(capsys, "bundle", "sign", str(wheel), "--key", str(tmp_path / "k.pem"))
+    assert status == 0 and out.startswith(f"{wheel}.sig: hello-bundle 1.0 signed with key ")
+    bundle = read_bundle(wheel)
+    assert verify(bundle, read_signature(f"{wheel}.sig"), load_public_keys(tmp_path / "trusted"))
+    status, _, err = cli(capsys, "bundle", "sign", str(wheel), "--key", str(tmp_path / "none.pem"))
+    assert status == 2 and err.count("\n") == 1 and "none.pem" in err

@@ -18,6 +18,7 @@ rolled back; 2 a bad option, a bad file, no agent to ask.
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from collections.abc import Awaitable, Callable
 from typing import Any
@@ -76,6 +77,17 @@ def add_parser(commands: Any) -> None:
     p = _verb(bundle, "list", "the group's bundles: desired, and each node's actual state", data=True)
     _group_option(p)
     p.set_defaults(run=_run(_bundle_list))
+    p = bundle.add_parser("keygen", help="make an Ed25519 signing key (no agent needed)",
+                          description="Write a new Ed25519 signing key to KEY (mode 0600, refused if KEY exists) "
+                                      "and print its public key line, for 'require-signatures' key files.")
+    p.add_argument("key", metavar="KEY", help="where to write the private key")
+    p.set_defaults(run=_bundle_keygen)
+    p = bundle.add_parser("sign", help="sign a bundle file (no agent needed)",
+                          description="Write FILE.sig, the detached Ed25519 signature of the bundle FILE with KEY "
+                                      "(covers its SHA-256, name and version).")
+    p.add_argument("file", metavar="FILE", help="the bundle (.whl or .tar.gz)")
+    p.add_argument("--key", required=True, metavar="KEY", help="the signing key ('bundle keygen')")
+    p.set_defaults(run=_bundle_sign)
 
     config = _command(commands, "config", "replicated configuration of a group: set, get, list, delete",
                       "Configuration is key=value pairs under a PID, delivered to the bundles that use the PID.")
@@ -291,6 +303,33 @@ async def _plan_require_signatures(client: Any, args: argparse.Namespace) -> int
     result = await client.require_plan_signatures(args.env, keys)
     _accepted(f"environment {args.env}: {len(keys)} trusted key(s)" if keys else
               f"environment {args.env}: signatures no longer required", result)
+    return EXIT_OK
+
+
+def _bundle_keygen(args: argparse.Namespace) -> int:
+    from groupcomm.services.provisioning.signing import generate_signing_key
+
+    if os.path.lexists(args.key):
+        raise UsageError(f"{args.key}: exists already (a key is never overwritten)")
+    print(generate_signing_key(args.key).public.to_line())
+    return EXIT_OK
+
+
+def _bundle_sign(args: argparse.Namespace) -> int:
+    from groupcomm.services.provisioning.bundle import read_bundle
+    from groupcomm.services.provisioning.signing import (
+        SignatureError,
+        load_signing_key,
+        write_signature,
+    )
+
+    bundle = read_bundle(args.file)
+    try:
+        key = load_signing_key(args.key)
+    except SignatureError as exc:
+        raise UsageError(str(exc)) from None
+    path = write_signature(bundle, key)
+    print(f"{path}: {bundle.name} {bundle.version} signed with key {key.public.key_id}")
     return EXIT_OK
 
 
