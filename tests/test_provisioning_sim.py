@@ -20,12 +20,14 @@ from __future__ import annotations
 
 import hashlib
 
+import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from groupcomm.layers.quorum import QuorumConfig
 from groupcomm.services.provisioning.node_core import DEFAULT_GROUP
 from groupcomm.services.provisioning.ops import (
+    PLANS,
     AdoptState,
     BeginRollout,
     BundleRef,
@@ -161,6 +163,16 @@ def check_replicas(prov: SimProvisioning) -> None:
         if last:
             assert state == last[-1], f"{space}: at revision {state.revision}, the last acceptance made " \
                                       f"revision {last[-1].revision}"
+        # the primary history, replayed by revision, makes it (when it is one line: no adoption, no restart
+        # of a group from scratch)
+        group = PLANS if space == CLUSTER_SPACE else space.removeprefix(group_space(""))
+        history = prov.primary_history(group)
+        if [r for r, _ in history] == list(range(1, len(history) + 1)) and \
+                not any(type(o.body) is AdoptState for _, o in history):
+            replay = type(state)(group)
+            for _, o in history:
+                replay = replay.apply(o)
+            assert replay == state, f"{space}: the primary history replayed is not the replicas' state"
         for node, r in replicas.items():
             if space != CLUSTER_SPACE:      # the cluster policy: the node acts on the replicated state
                 group = space.removeprefix(group_space(""))
@@ -386,7 +398,8 @@ def _step(n: int):
         st.builds(lambda a: ("crash", a), node),
         st.builds(lambda a: ("restart", a), node),
         st.builds(lambda order: ("outage", tuple(order)), st.permutations(range(1, n + 1))),
-        st.builds(lambda groups: ("partition", tuple(groups)), st.lists(st.integers(0, 2), min_size=n, max_size=n)),
+        st.builds(lambda groups, t: ("partition", tuple(groups), t),
+                  st.lists(st.integers(0, 2), min_size=n, max_size=n), st.sampled_from([0.0, 0.001, 0.003, 0.01])),
         st.just(("heal",)),
         st.builds(lambda a, g: ("join", a, g), node, st.sampled_from(GROUPS[1:])),
         st.builds(lambda a, g: ("leave", a, g), node, st.sampled_from(GROUPS)),
@@ -413,6 +426,11 @@ def _apply(sim: SimCluster, prov: SimProvisioning, step: tuple) -> None:
     elif kind == "restart" and step[1] not in running:
         prov.restart(step[1])
     elif kind == "partition":
+        # an operation in flight while the configuration changes (delivered in the transitional one, or not)
+        writer = next((w for w in running if DEFAULT_GROUP in prov.core(w).groups), None)
+        if writer is not None:
+            prov.propose(writer, SetConfig(DEFAULT_GROUP, "org.split", "v", str(sim.now)))
+            prov.run(step[2])
         groups: dict[int, list[int]] = {}
         for node, g in zip(sim.nodes, step[1]):
             groups.setdefault(g, []).append(node)
@@ -430,7 +448,7 @@ def _apply(sim: SimCluster, prov: SimProvisioning, step: tuple) -> None:
                 prov.run(0.5)
         for node in order:
             prov.restart(node)
-            prov.run(0.3)
+            prov.run(1.0)       # one at a time (see the xfail test: nodes starting a space together)
     elif kind == "heal":
         sim.heal()
     elif kind == "join" and step[1] in running:
@@ -464,7 +482,34 @@ def test_replicated_state_and_rollouts_under_any_fault_schedule(schedule) -> Non
     for node in sim.nodes:
         if node not in prov.running:
             prov.restart(node)
+            prov.run(1.0)       # one at a time (see the xfail test: nodes starting a space together)
     assert prov.run_until(prov.settled, 60), "the cluster did not settle"
     check_decisions(prov)
     check_replicas(prov)
     check_rollouts(prov)
+
+
+@pytest.mark.xfail(strict=True, reason="state.py: members that start a space together keep their own stored "
+                                       "states (no transfer, no Adopt): replicas diverge; reported to the lead")
+def test_nodes_restarting_together_with_different_disks_end_with_the_newest_state() -> None:
+    """A soak run's find (seed 45477): after an outage two nodes come back at the same time and start the
+    spaces together (every member of the first view is joining: nobody provides a state), one with a newer
+    disk than the other."""
+    sim, prov = cluster(3, seed=9)
+    prov.crash(3)
+    assert prov.run_until(lambda: sim.converged() and prov.core(1).replica(DEFAULT_GROUP).writable, 10)
+    accept(prov, 1, install("hello"), nodes=[1, 2])
+    newest = prov.core(1).replica(DEFAULT_GROUP).state
+    prov.crash(1)
+    prov.crash(2)
+    prov.restart(1)
+    prov.restart(3)                                   # node 3's disk is older than node 1's
+    assert prov.run_until(lambda: sim.converged() and set(prov.core(1).replica(DEFAULT_GROUP).members) == {1, 3},
+                          10)
+    prov.run(2.0)
+    prov.restart(2)
+    assert prov.run_until(prov.settled, 30), "the cluster did not settle"
+    for n in sim.nodes:
+        assert prov.core(n).replica(DEFAULT_GROUP).state == newest, n
+    check_decisions(prov)
+    check_replicas(prov)
