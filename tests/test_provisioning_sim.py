@@ -467,7 +467,7 @@ def _apply(sim: SimCluster, prov: SimProvisioning, step: tuple) -> None:
         prov.run(0.1)
 
 
-@settings(deadline=None, max_examples=max(6, settings().max_examples // 8))
+@settings(deadline=None, max_examples=max(6, settings().max_examples // 4))
 @given(provisioning_schedules())
 def test_replicated_state_and_rollouts_under_any_fault_schedule(schedule) -> None:
     n, seed, plan = schedule
