@@ -47,12 +47,13 @@ from groupcomm.services.provisioning.plan import (
     role_state,
 )
 from groupcomm.services.provisioning.policy import SyncPolicy
-from groupcomm.services.provisioning.rollout import desired_for
+from groupcomm.services.provisioning.rollout import desired_for, rollback_to
 from groupcomm.services.provisioning.sim import SimProvisioning
 from groupcomm.services.provisioning.state import (
     READ_ONLY,
     Accepted,
     GroupState,
+    OpRefused,
     Rejected,
     group_space,
 )
@@ -318,6 +319,25 @@ def test_a_rollout_whose_new_version_fails_rolls_every_target_back() -> None:
     check_replicas(prov)
 
 
+def test_plan_rollback_restores_the_previous_succeeded_revision_on_every_target() -> None:
+    _sim, prov = cluster(3, seed=10)
+    succeed_first(prov)
+    accept(prov, 2, rollout_body(prov, 2, "2.0"))
+    assert prov.run_until(lambda: last_rollout(prov, 1).outcome == "succeeded", 30)
+    back = rollback_to(prov.core(3).plans_state, ENV)
+    assert back.rollback_of == 1
+    accept(prov, 3, back)
+    assert prov.run_until(lambda: last_rollout(prov, 1).outcome != "running", 30)
+    run = last_rollout(prov, 1)
+    assert run.outcome == "succeeded" and run.revision == 3 and run.rollback_of == 1, run.reason
+    assert prov.run_until(prov.settled, 10)
+    for t in run.targets:
+        assert runs(prov, prov.ids[t.node], t.role, "1.0"), t
+    check_rollouts(prov)
+    check_decisions(prov)
+    check_replicas(prov)
+
+
 def test_the_driving_node_crashes_mid_rollout_and_another_member_ends_it() -> None:
     sim, prov = cluster(3, seed=7)
     succeed_first(prov)
@@ -405,6 +425,7 @@ def _step(n: int):
         st.builds(lambda a, g: ("leave", a, g), node, st.sampled_from(GROUPS)),
         st.builds(lambda a, v, b: ("plan", a, v, b), node, st.sampled_from(["1.0", "2.0", BAD]),
                   st.integers(1, 2)),
+        st.builds(lambda a: ("rollback", a), node),
     )
 
 
@@ -462,6 +483,12 @@ def _apply(sim: SimCluster, prov: SimProvisioning, step: tuple) -> None:
             body = rollout_body(prov, step[1], step[2], batch=step[3], timeout=3.0)
         except PlanError:
             return                                  # too few members in view to choose targets
+        prov.propose(step[1], body)
+    elif kind == "rollback" and step[1] in running:
+        try:
+            body = rollback_to(prov.core(step[1]).plans_state, ENV)
+        except OpRefused:
+            return                                  # nothing to roll back to (or a rollout runs)
         prov.propose(step[1], body)
     if kind != "run":
         prov.run(0.1)
