@@ -333,7 +333,11 @@ def greeter(tmp_path: Path, version: str, *, health_url: str | None = None, dela
         default = f'url = "http://127.0.0.1:${{{PORT_VAR}:8080}}/"'
         assert default in manifest
         manifest = manifest.replace(default, f'url = "{health_url}"')
-    main = (f"import time\ntime.sleep({delay})\n" if delay else "") + GREETER_MAIN
+    main = GREETER_MAIN
+    if delay:                   # unhealthy while it sleeps: the supervisor must not restart it meanwhile
+        main = f"import time\ntime.sleep({delay})\n" + main
+        manifest = manifest.replace('interval = "1s"\n', 'interval = "1s"\nfailures = 60\n')
+        assert "failures = 60" in manifest
     return build_wheel(directory, version, manifest_text=manifest,
                        extra_files={"hello_bundle/__main__.py": main.encode()})
 
@@ -566,6 +570,8 @@ def test_kill_9_of_the_node_driving_a_rollout_mid_rollout_another_member_ends_it
         ends = ("prod revision 1: succeeded", "prod revision 1: rolled back")
         ended = [(node, what) for node, what in plans if what.startswith(ends)]
         assert len(ended) == 1 and ended[0][0] in survivors, plans            # another member ended it
+        if status["outcome"] == "succeeded":                                  # ... after switching the rest
+            assert [n for n, what in plans if what == "prod revision 1: switch batch 2"] in (["n2"], ["n3"]), plans
 
 
 def test_a_restarted_node_keeps_its_state_and_applies_an_uninstall_made_while_it_was_down(tmp_path):
