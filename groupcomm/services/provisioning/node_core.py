@@ -105,10 +105,16 @@ class LeaveSpace:
 
 @dataclass(frozen=True)
 class Multicast:
-    """Multicast ``payload`` in ``space``."""
+    """Multicast ``payload`` in ``space``; ``safe``: with safe delivery (``space_send(..., safe=True)``).
+
+    Operations and offers are safe: a replica accepts what it delivers in a regular configuration, and
+    only safe delivery makes that every member of the configuration's business (an agreed operation
+    can be delivered and accepted by a side that a partition cuts off just after, and never by the
+    primary side that goes on: an Accepted answer, lost)."""
 
     space: str
     payload: bytes
+    safe: bool = False
 
 
 @dataclass(frozen=True)
@@ -260,7 +266,7 @@ class ProvisioningCore:
         :class:`~.state.OpRefused` (a policy refusal, another group) and
         :class:`~.ops.MalformedOp` for an invalid op."""
         if op.group == PLANS:
-            return [Multicast(CLUSTER_SPACE, OP_FRAME + self.plans.propose(op))]
+            return [Multicast(CLUSTER_SPACE, OP_FRAME + self.plans.propose(op), safe=True)]
         replica = self.replica(op.group)
         decision = self.policy.outbound(op.group, op.body)
         if isinstance(decision, Refusal):
@@ -270,7 +276,7 @@ class ProvisioningCore:
             self._local_store.save(op.group, state, [])
             self.local[op.group] = state
             return [self._answer(op.op_id, Accepted(op, state.revision)), DesiredChanged()]
-        return [Multicast(replica.space, OP_FRAME + replica.propose(op))]
+        return [Multicast(replica.space, OP_FRAME + replica.propose(op), safe=True)]
 
     def publish(self, status: NodeStatus) -> list[CoreAction]:
         """Multicast this node's status in the cluster space."""
@@ -331,7 +337,7 @@ class ProvisioningCore:
             elif t is StateChanged:
                 actions.append(DesiredChanged())
             elif t is Adopt:
-                actions.append(Multicast(replica.space, OP_FRAME + out.payload))
+                actions.append(Multicast(replica.space, OP_FRAME + out.payload, safe=True))
         return actions
 
     def _answer(self, op_id: str, result: Accepted | Rejected) -> Answer:

@@ -440,7 +440,7 @@ class SimProvisioning:
         for action in actions:
             t = type(action)
             if t is Multicast:
-                self._defer(node, lambda a=action: services.send(node, a.space, a.payload))
+                self._defer(node, lambda a=action: services.send(node, a.space, a.payload, a.safe))
             elif t is Answer:
                 rec = AnswerRecord(self.sim.now, node, action.op_id, action.result, entry.view)
                 self.answers[node][action.op_id] = rec
