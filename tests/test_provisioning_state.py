@@ -54,6 +54,7 @@ from groupcomm.services.provisioning.state import (
     MAX_CONFIG_BYTES,
     READ_ONLY,
     RECENT_OP_IDS,
+    STARTING,
     WRONG_GROUP,
     Accepted,
     Adopt,
@@ -297,6 +298,50 @@ def test_sqlite_store_refuses_a_corrupt_row(tmp_path: Path) -> None:
     db.close()
     with SqliteGroupStore(path) as store, pytest.raises(StateCorrupt):
         store.load("web")
+
+
+def test_members_that_start_a_space_together_compare_their_stored_states_and_take_the_newest() -> None:
+    # After a full outage two nodes found the space together: nobody transfers a state.  Each claims
+    # its stored one; until every founder's claim is delivered every operation is refused alike.
+    stores = {1: MemoryGroupStore(), 2: MemoryGroupStore(), 3: MemoryGroupStore()}
+    newer = GroupState("web").apply(install("hello", "1.0")).apply(install("hello", "2.0"))
+    older = GroupState("web").apply(install("hello", "1.0"))
+    stores[1].replace("web", older, [])
+    stores[2].replace("web", newer, [HistoryEntry(2, install("hello", "2.0"))])
+    a, b = (GroupReplica("web", stores[n], node=f"n{n}", node_id=n) for n in (1, 2))
+    for r in (a, b):
+        r.ring_view(ring((1, 2), 4))
+    founding = SpaceView((1, 2), (1, 2), (), group_space("web"), (1, 4, 0))
+    claims = {n: r.space_view(founding) for n, r in ((1, a), (2, b))}
+    assert all(type(c[0]) is Adopt for c in claims.values())
+    assert (a.state, a.read_only_reason) == (GroupState("web"), STARTING)
+    early = install("other")
+    for r in (a, b):                                  # delivered before the claims: refused alike
+        assert r.message(1, encode_op(early)) == [Rejected(early.op_id, STARTING)]
+    # A third node joins meanwhile: the transfer tells it whose claims are still awaited.
+    c = GroupReplica("web", stores[3], node="n3", node_id=3)
+    c.ring_view(ring((1, 2, 3), 5))
+    c.space_view(SpaceView((1, 2, 3), (3,), (), group_space("web"), (1, 5, 0)))
+    c.install_state(a.state_request())
+    assert c.read_only_reason == STARTING
+    for sender in (2, 1):                              # the newer claim first, then the older one
+        outs = {n: r.message(sender, claims[sender][0].payload) for n, r in ((1, a), (2, b), (3, c))}
+    assert all(out == [StateChanged(newer)] for out in outs.values())
+    assert a.state == b.state == c.state == newer and a.writable and c.writable
+    assert [e.revision for e in b.history] == [2] and a.history == []      # the winner keeps its history
+    assert stores[1].load("web")[0] == newer
+
+
+def test_a_founder_that_leaves_before_its_claim_is_not_waited_for() -> None:
+    stored = MemoryGroupStore()
+    stored.replace("web", GroupState("web").apply(install()), [])
+    a = GroupReplica("web", stored, node="n1", node_id=1)
+    a.ring_view(ring((1, 2), 4))
+    claim = a.space_view(SpaceView((1, 2), (1, 2), (), group_space("web"), (1, 4, 0)))
+    assert a.message(1, claim[0].payload) == []                      # still waiting for node 2
+    assert a.space_view(SpaceView((1,), (), (2,), group_space("web"), (1, 4, 1))) == [
+        StateChanged(stored.load("web")[0])]
+    assert a.writable and a.revision == 1
 
 
 # --------------------------------------------------------------------------- simulation

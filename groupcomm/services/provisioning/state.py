@@ -172,6 +172,7 @@ MAX_CONFIG_BYTES = 256 * 1024
 
 READ_ONLY = "read-only: this side of the partition is not primary"
 DUPLICATE = "duplicate: this operation was accepted already"
+STARTING = "starting: the stored states of the members that started the group together are being compared"
 WRONG_GROUP = "wrong group: the operation names another group"
 
 _GROUP_BODIES = (InstallBundle, UninstallBundle, StartBundle, StopBundle, SetConfig, DeleteConfig,
@@ -393,6 +394,8 @@ class _Transfer(msgspec.Struct, frozen=True, array_like=True, forbid_unknown_fie
 
     state: bytes
     history: list[HistoryEntry]
+    founders: tuple[int, ...] = ()
+    """Founders whose stored state has not been delivered yet (see :class:`GroupReplica`)."""
 
 
 _encoder = msgspec.msgpack.Encoder()
@@ -593,22 +596,36 @@ class GroupReplica:
     (see the module docstring).  A state too large for an ``AdoptState``
     (:data:`~.ops.MAX_STATE_BYTES`), or a record whose name is no valid group
     name, is not offered: the replica logs why and keeps the received state.
+
+    Founders: when several members start the space together (its first view
+    has only joiners, e.g. after a full outage), nobody transfers a state and
+    each would keep its own stored one.  With ``node_id`` (this member's id)
+    each founder then starts from the empty state, multicasts its stored one
+    (an ``AdoptState`` *claim*, also when it is empty) and refuses every
+    operation (:data:`STARTING`) until the claim of every founder still in the
+    space has been delivered; the claim with the highest revision wins (the
+    newest along the one line of primary components), the same at every member
+    since all see the same claims in the same order.  Claims are not
+    operations: they are not answered and not in the history.
     """
 
     def __init__(self, group: str, store: GroupStore, *, history_limit: int = DEFAULT_HISTORY,
                  state_type: type = GroupState, space: str | None = None, node: str = "-",
-                 clock: Callable[[], float] | None = None) -> None:
+                 node_id: int | None = None, clock: Callable[[], float] | None = None) -> None:
         if history_limit < 1:
             raise ValueError("history_limit must be >= 1")
         self.group = group
         self.space = space if space is not None else group_space(group)
         self.state_type = state_type
         self.node = node
+        self.node_id = node_id
         self._clock = clock
+        self._founders: set[int] | None = None      # founders whose claim is awaited (None: settled)
         self._store = store
         state, history = store.load(group, state_type)
         self._state: ReplicatedState = state
         self._history: deque[HistoryEntry] = deque(history, maxlen=history_limit)
+        self._own: tuple[ReplicatedState, list[HistoryEntry]] = (state, list(history))   # kept while founding
         self._primary = False
         self._transitional = False
         self.members: tuple[int, ...] = ()
@@ -631,12 +648,15 @@ class GroupReplica:
 
     @property
     def writable(self) -> bool:
-        """Whether an operation delivered now would be accepted (a regular primary configuration)."""
-        return self._primary and not self._transitional
+        """Whether an operation delivered now would be accepted (a regular primary configuration,
+        founders' stored states compared)."""
+        return self._primary and not self._transitional and self._founders is None
 
     @property
     def read_only_reason(self) -> str | None:
         """Why this side refuses writes now (None: it accepts them)."""
+        if self._founders is not None:
+            return STARTING
         return None if self.writable else READ_ONLY
 
     # ------------------------------------------------------------------ inputs in total order
@@ -652,9 +672,49 @@ class GroupReplica:
 
     def space_view(self, view: SpaceView) -> list[ReplicaOutput]:
         """A view of a space (only this group's space matters)."""
-        if view.space == self.space:
-            self.members = tuple(view.members)
-        return []
+        if view.space != self.space:
+            return []
+        was_member = self.node_id is not None and self.node_id in self.members
+        self.members = tuple(view.members)
+        if self._founders is not None:
+            self._founders -= set(view.left)
+            return self._settle_if_claimed()
+        founding = (self.node_id is not None and not was_member and len(view.members) > 1
+                    and set(view.members) <= set(view.joined) and self.node_id in view.members)
+        if not founding:
+            return []
+        own = self._state
+        self._own = (own, list(self._history))
+        self._founders = set(view.members)
+        self._state = self.state_type(self.group)
+        self._history.clear()
+        # Every founder claims, an empty state too (the others wait for each claim).
+        claim = self._offer(own, 0, kind="claim") or self._offer(self._state, 0, kind="claim")
+        return [claim] if claim is not None else []
+
+    def _claimed(self, sender: int, op: Op) -> list[ReplicaOutput]:
+        """An AdoptState while founders' states are compared: a founder's claim, or a joiner's
+        offer; the newest wins (it is not an operation: no answer, no history)."""
+        assert self._founders is not None
+        self._founders.discard(sender)
+        try:
+            state = adopt_state(self._state, op.body, self.state_type)
+        except OpRefused:
+            pass                                      # not newer than the best so far
+        else:
+            self._state = state
+            own_state, own_history = self._own
+            same = state.revision == own_state.revision and state.snapshot() == own_state.snapshot()
+            self._history.clear()
+            self._history.extend(own_history if same else [])
+        return self._settle_if_claimed()
+
+    def _settle_if_claimed(self) -> list[ReplicaOutput]:
+        if self._founders:
+            return []
+        self._founders = None
+        self._store.replace(self.group, self._state, list(self._history))
+        return [StateChanged(self._state)]
 
     def message(self, sender: int, payload: bytes) -> list[ReplicaOutput]:
         """An operation multicast in the space by ``sender``: accept or reject it here."""
@@ -663,6 +723,10 @@ class GroupReplica:
         except MalformedOp:
             self.dropped += 1
             return []
+        if self._founders is not None:
+            if type(op.body) is AdoptState and op.group == self.group:
+                return self._claimed(sender, op)
+            return [Rejected(op.op_id, STARTING)]
         if not self.writable:
             return [Rejected(op.op_id, READ_ONLY)]
         if op.group != self.group:
@@ -687,7 +751,8 @@ class GroupReplica:
 
     def state_request(self) -> bytes:
         """The snapshot a joiner of the space gets (state and history), taken now."""
-        return _encoder.encode(_Transfer(self._state.snapshot(), list(self._history)))
+        return _encoder.encode(_Transfer(self._state.snapshot(), list(self._history),
+                                         tuple(sorted(self._founders or ()))))
 
     def install_state(self, data: bytes | None) -> list[ReplicaOutput]:
         """Replace the state with a transferred one (None: the group starts over, empty, at revision 0).
@@ -696,6 +761,7 @@ class GroupReplica:
         (see the class docstring).  Raises :class:`StateCorrupt` if ``data`` does
         not decode (the provider is a member running this code: that is a bug,
         not a network error)."""
+        founders: tuple[int, ...] = ()
         if data is None:
             state, history = self.state_type(self.group), []
         else:
@@ -707,7 +773,10 @@ class GroupReplica:
             if state.group != self.group:
                 raise StateCorrupt(f"state transfer for group {self.group!r} carries group {state.group!r}")
             history = transfer.history[-(self._history.maxlen or 1):]
+            founders = transfer.founders
         own = self._state
+        self._own = (own, list(self._history))
+        self._founders = set(founders) if founders else None
         self._store.replace(self.group, state, history)
         self._state = state
         self._history.clear()
@@ -719,7 +788,7 @@ class GroupReplica:
                 outputs.append(adopt)
         return outputs
 
-    def _offer(self, own: ReplicatedState, received: int) -> Adopt | None:
+    def _offer(self, own: ReplicatedState, received: int, *, kind: str = "adopt") -> Adopt | None:
         snapshot = own.snapshot()
         if len(snapshot) > MAX_STATE_BYTES:
             _log.warning("%s: not offering stored revision %d over the received revision %d: its snapshot "
@@ -727,7 +796,7 @@ class GroupReplica:
                          MAX_STATE_BYTES)
             return None
         # The same snapshot offered twice is the same operation: a content-derived op_id makes it a duplicate.
-        op_id = f"{self.node}:adopt:{own.revision}:{hashlib.sha256(snapshot).hexdigest()[:16]}"
+        op_id = f"{self.node}:{kind}:{own.revision}:{hashlib.sha256(snapshot).hexdigest()[:16]}"
         op = Op(op_id, self.node, "", self._clock() if self._clock is not None else 0.0,
                 AdoptState(self.group, snapshot))
         try:
