@@ -164,7 +164,9 @@ def node_status(node: str, node_id: int, groups: Iterable[str], revisions: Mappi
     return NodeStatus(node=node, node_id=node_id, groups=tuple(groups), revisions=dict(revisions),
                       rows=tuple(rows),
                       configs={pid: config_version(v) for pid, v in plan.configs.items() if pid not in local},
-                      plan=dict(plan_roles or {}), read_only=tuple(read_only))
+                      plan=dict(plan_roles or {}), read_only=tuple(read_only),
+                      plan_bundles={name[len("plan."):]: tuple(sorted(state.bundles))
+                                    for name, state in desired.items() if name.startswith("plan.")})
 
 
 # --------------------------------------------------------------------------- views
@@ -214,11 +216,13 @@ def cluster_status(statuses: Iterable[NodeStatus], *, group: str | None = None,
     for s in chosen:
         for r in s.rows:
             source = r.source
-            if source.startswith("plan."):
+            if env is not None:
+                if r.name not in s.plan_bundles.get(env, ()):
+                    continue                       # not a bundle of env's role (ties: another env won it)
+                role = f"{env}/{s.plan[env][1]}"
+            elif source.startswith("plan."):
                 e = source[len("plan."):]
                 role = f"{e}/{s.plan[e][1]}" if e in s.plan else source
-                if env is not None and e != env:
-                    continue
             else:
                 role = source or "-"
                 if group is not None and source not in ("", group):

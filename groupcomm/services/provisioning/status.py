@@ -82,6 +82,8 @@ class NodeStatus(Struct, frozen=True, array_like=True, forbid_unknown_fields=Tru
     """Environment -> (the plan revision this node runs, its role there)."""
     read_only: Annotated[tuple[_Name, ...], Meta(max_length=1000)] = ()
     """The groups where this node's side refuses writes now (not primary)."""
+    plan_bundles: Annotated[dict[_Name, tuple[_Name, ...]], Meta(max_length=1000)] = {}
+    """Environment -> the bundles its role here deploys (another environment may win the bundle)."""
 
 
 _encoder = msgspec.msgpack.Encoder()
