@@ -58,14 +58,11 @@ from groupcomm.services.provisioning.reconcile import (
     Start,
     Stop,
     Uninstall,
-    actual_rows,
-    merge,
     reconcile,
 )
 from groupcomm.services.provisioning.rollout import (
     HealthReporter,
     RolloutDriver,
-    current_assignments,
 )
 from groupcomm.services.provisioning.state import (
     Accepted,
@@ -77,13 +74,10 @@ from groupcomm.services.provisioning.state import (
 )
 from groupcomm.services.provisioning.status import (
     CLUSTER_SPACE,
-    NodeStatus,
-    StatusRow,
-    config_version,
 )
 from groupcomm.testing.sim import SimCluster
 
-__all__ = ["AcceptRecord", "AnswerRecord", "HostModel", "SimHost", "SimProvisioning", "node_status"]
+__all__ = ["AcceptRecord", "AnswerRecord", "HostModel", "SimHost", "SimProvisioning"]
 
 _US = 1_000_000
 BAD_DETAIL = "health check failed"
@@ -156,28 +150,6 @@ class _Node:
     """A reconcile pass is being carried out."""
     again: bool = False
     """The desired state changed during the pass: run another one after it."""
-
-
-def node_status(core: ProvisioningCore, actual: Actual) -> NodeStatus:
-    """The :class:`~.status.NodeStatus` a node publishes (what :meth:`.node.ProvisioningNode.status` builds)."""
-    desired = core.desired()
-    plan = merge(desired)
-    rows = []
-    for row in actual_rows(desired, actual):
-        wanted = plan.bundles.get(row.name)
-        proc = actual.processes.get(row.name)
-        healthy = None if proc is None else proc.state == "running"
-        rows.append(StatusRow(row.name, wanted.group if wanted is not None else "", row.desired_version,
-                              row.actual_version, row.state, healthy, row.reason[:2000]))
-    roles = {}
-    for env in sorted(core.plans_state.envs):
-        a = current_assignments(core.plans_state, env).get(core.node)
-        if a is not None:
-            roles[env] = (a.state.revision, a.role)
-    return NodeStatus(node=core.node, node_id=core.node_id, groups=tuple(core.groups),
-                      revisions={g: r.revision for g, r in core.replicas.items()}, rows=tuple(rows),
-                      configs={pid: config_version(v) for pid, v in plan.configs.items()}, plan=roles,
-                      read_only=tuple(core.read_only_groups()))
 
 
 class SimProvisioning:
@@ -460,7 +432,7 @@ class SimProvisioning:
     def _publish(self, node: int) -> None:
         entry = self._nodes.get(node)
         if entry is not None:
-            status = node_status(entry.core, self.disks[node].host.actual())
+            status = entry.core.status(self.disks[node].host.actual())
             self._apply(node, entry.core.publish(status))
 
     def _rollout(self, node: int) -> None:
