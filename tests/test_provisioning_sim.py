@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import hashlib
 
-import pytest
 from hypothesis import example, given, settings
 from hypothesis import strategies as st
 
@@ -378,8 +377,8 @@ def test_a_full_cluster_cold_start_with_the_oldest_store_first_keeps_the_newest_
     for n in sim.nodes:
         assert prov.core(n).replica(DEFAULT_GROUP).state == newest
         assert runs(prov, n, "hello", "1.0") and "other" in {e.name for e in prov.actual(n).envs}
-    assert [rec.accepted.revision for rec in prov.accepts if type(rec.accepted.op.body) is AdoptState
-            and rec.node == oldest] == [3]
+    # The newer stores' claims (AdoptState) replaced it: claims are not operations, nobody accepted one.
+    assert not [rec for rec in prov.accepts if type(rec.accepted.op.body) is AdoptState]
     check_decisions(prov)
     check_replicas(prov)
 
@@ -505,9 +504,6 @@ def test_replicated_state_and_rollouts_under_any_fault_schedule(schedule) -> Non
     run_schedule(schedule)
 
 
-@pytest.mark.xfail(strict=True, reason="state.py founders: a founder that receives a transfer before the claims "
-                                       "settle compares it with the empty state, offers nothing, and its stored "
-                                       "newer state is lost; reported to the lead")
 def test_founders_that_receive_a_transfer_keep_their_newer_stored_state() -> None:
     """A soak run's find: n1, n3 accept two ops while n2 is cut off, crash, and restart together; n2 (revision
     0) is still in the space.  Every node ends at revision 0: the accepted ops are lost."""

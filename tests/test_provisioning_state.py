@@ -320,11 +320,13 @@ def test_members_that_start_a_space_together_compare_their_stored_states_and_tak
         assert r.message(1, encode_op(early)) == [Rejected(early.op_id, STARTING)]
     # A third node joins meanwhile: the transfer tells it whose claims are still awaited.
     c = GroupReplica("web", stores[3], node="n3", node_id=3)
-    c.ring_view(ring((1, 2, 3), 5))
-    c.space_view(SpaceView((1, 2, 3), (3,), (), group_space("web"), (1, 5, 0)))
-    c.install_state(a.state_request())
-    assert c.read_only_reason == STARTING
-    for sender in (2, 1):                              # the newer claim first, then the older one
+    joined = SpaceView((1, 2, 3), (3,), (), group_space("web"), (1, 5, 0))
+    for r in (a, b, c):
+        r.ring_view(ring((1, 2, 3), 5))
+        assert r.space_view(joined) == []            # a and b now await node 3's claim too
+    claims[3] = c.install_state(a.state_request())[1:]
+    assert type(claims[3][0]) is Adopt and c.read_only_reason == STARTING
+    for sender in (2, 1, 3):                          # the newer claim first, then the older ones
         outs = {n: r.message(sender, claims[sender][0].payload) for n, r in ((1, a), (2, b), (3, c))}
     assert all(out == [StateChanged(newer)] for out in outs.values())
     assert a.state == b.state == c.state == newer and a.writable and c.writable

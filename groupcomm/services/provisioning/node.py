@@ -259,7 +259,7 @@ class ProvisioningNode:
         self._publish_wake = trio.Event()
         self._waiting: dict[str, trio.Event] = {}
         self._changed = trio.Event()
-        self._sends_send, self._sends_recv = trio.open_memory_channel[tuple[str, bytes]](math.inf)
+        self._sends_send, self._sends_recv = trio.open_memory_channel[tuple[str, bytes, bool]](math.inf)
         self._exit = contextlib.AsyncExitStack()
         self._view_seen = False
         self._failed_at: dict[str, float] = {}
@@ -356,7 +356,7 @@ class ProvisioningNode:
             elif t is DesiredChanged:
                 self._reconcile_wake.set()
             elif t is Multicast:
-                self._sends_send.send_nowait((action.space, action.payload))
+                self._sends_send.send_nowait((action.space, action.payload, action.safe))
             elif t is JoinSpace:
                 space = action.space
                 self.channel.claim_space(space)
@@ -366,10 +366,10 @@ class ProvisioningNode:
                 self.channel.call_member(lambda now, m, s=space: m.leave_space(now, s), quiet=True)
 
     async def _send_loop(self) -> None:
-        async for space, payload in self._sends_recv:
+        async for space, payload, safe in self._sends_recv:
             try:
                 await self.channel.call_member_when_room(
-                    lambda now, m, s=space, p=payload: m.space_send(now, s, p, False))
+                    lambda now, m, s=space, p=payload, f=safe: m.space_send(now, s, p, f))
             except _CHANNEL_GONE:
                 return
 

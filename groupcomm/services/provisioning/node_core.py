@@ -183,7 +183,8 @@ class ProvisioningCore:
         self._groups: list[str] = groups
         self.replicas: dict[str, GroupReplica] = {g: self._replica(g) for g in groups}
         self.local: dict[str, GroupState] = {g: local_store.load(g)[0] for g in groups}
-        self.plans = GroupReplica(PLANS, store, state_type=PlansState, space=CLUSTER_SPACE, node=node)
+        self.plans = GroupReplica(PLANS, store, state_type=PlansState, space=CLUSTER_SPACE, node=node,
+                                  node_id=node_id)
         self.board = StatusBoard()
         self.answers: OrderedDict[str, Accepted | Rejected] = OrderedDict()
         self.dropped = 0
@@ -196,7 +197,7 @@ class ProvisioningCore:
         self.reporter = HealthReporter(node, self.next_op_id, user=user)
 
     def _replica(self, group: str) -> GroupReplica:
-        return GroupReplica(group, self._store, node=self.node)
+        return GroupReplica(group, self._store, node=self.node, node_id=self.node_id)
 
     # ------------------------------------------------------------------ what the node is in
 
@@ -294,10 +295,10 @@ class ProvisioningCore:
         replica = self._by_space.get(view.space)
         if replica is None:
             return []
-        replica.space_view(view)
+        actions = self._outputs(replica, replica.space_view(view))
         if view.space == CLUSTER_SPACE:
             self.board.view(view.members)
-        return [DesiredChanged()]
+        return actions + [DesiredChanged()]
 
     def message(self, space: str, sender: int, payload: bytes) -> list[CoreAction]:
         replica = self._by_space.get(space)

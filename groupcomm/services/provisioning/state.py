@@ -671,26 +671,37 @@ class GroupReplica:
         return []
 
     def space_view(self, view: SpaceView) -> list[ReplicaOutput]:
-        """A view of a space (only this group's space matters)."""
+        """A view of a space (only this group's space matters).
+
+        With ``node_id``: a member already in the space awaits the claim of every
+        member the view adds; a founder (nobody in the view was in the space
+        before) awaits every member's and claims its own stored state now; a
+        joiner of a space with members learns what to await from its transfer."""
         if view.space != self.space:
             return []
-        was_member = self.node_id is not None and self.node_id in self.members
+        me = self.node_id
+        was_member = me is not None and me in self.members
         self.members = tuple(view.members)
-        if self._founders is not None:
-            self._founders -= set(view.left)
-            return self._settle_if_claimed()
-        founding = (self.node_id is not None and not was_member and len(view.members) > 1
-                    and set(view.members) <= set(view.joined) and self.node_id in view.members)
-        if not founding:
+        if me is None or me not in view.members:
             return []
-        own = self._state
+        pending = self._founders if self._founders is not None else set()
+        if was_member:
+            pending |= set(view.joined) - {me}
+            pending -= set(view.left)
+            self._founders = pending
+            return self._settle_if_claimed()
+        if not set(view.members) <= set(view.joined):
+            return []                                 # joining members: the transfer says what to await
+        own = self._state                             # founding: nobody transfers a state
         self._own = (own, list(self._history))
         self._founders = set(view.members)
         self._state = self.state_type(self.group)
         self._history.clear()
-        # Every founder claims, an empty state too (the others wait for each claim).
-        claim = self._offer(own, 0, kind="claim") or self._offer(self._state, 0, kind="claim")
-        return [claim] if claim is not None else []
+        return [self._claim(own)]
+
+    def _claim(self, own: ReplicatedState) -> Adopt:
+        """This member's claim: its stored state (the empty one if that cannot be offered)."""
+        return self._offer(own, 0, kind="claim") or self._offer(self.state_type(self.group), 0, kind="claim")
 
     def _claimed(self, sender: int, op: Op) -> list[ReplicaOutput]:
         """An AdoptState while founders' states are compared: a founder's claim, or a joiner's
@@ -775,14 +786,20 @@ class GroupReplica:
             history = transfer.history[-(self._history.maxlen or 1):]
             founders = transfer.founders
         own = self._state
-        self._own = (own, list(self._history))
-        self._founders = set(founders) if founders else None
+        if self._founders is not None and self._own[0].revision > own.revision:
+            own = self._own[0]                        # founding: what this node stored, not the reset state
+        else:
+            self._own = (own, list(self._history))
         self._store.replace(self.group, state, history)
         self._state = state
         self._history.clear()
         self._history.extend(history)
         outputs: list[ReplicaOutput] = [StateChanged(state)]
-        if own.revision > state.revision:
+        if self.node_id is not None:
+            # Every member awaits this joiner's claim (the provider's view added it): make it.
+            self._founders = set(founders) | {self.node_id}
+            outputs.append(self._claim(own))
+        elif own.revision > state.revision:
             adopt = self._offer(own, state.revision)
             if adopt is not None:
                 outputs.append(adopt)
