@@ -500,6 +500,10 @@ def _apply(sim: SimCluster, prov: SimProvisioning, step: tuple) -> None:
 @example((5, 186, [("op", 5, DEFAULT_GROUP, "install", "hello", "1.0"), ("run", 3.0), ("run", 3.0),
                    ("partition", (1, 0, 0, 2, 0), 0.003), ("op", 4, DEFAULT_GROUP, "set-config", "other", "2.0"),
                    ("partition", (2, 0, 1, 2, 0), 0.01)]))
+# a soak run's find: n1 (web's only member) crashed; n4 joined web while n1 rejoined after its restart: the
+# views' "joined" lists differ between the two, so each must await claims relative to its own previous view
+@example((5, 2000, [("run", 0.05), ("run", 0.05), ("op", 5, DEFAULT_GROUP, "set-config", "other", "1.0"),
+                    ("plan", 1, "2.0", 1), ("rollback", 4), ("crash", 1), ("rollback", 4), ("join", 4, "web")]))
 def test_replicated_state_and_rollouts_under_any_fault_schedule(schedule) -> None:
     run_schedule(schedule)
 

@@ -323,8 +323,9 @@ def test_members_that_start_a_space_together_compare_their_stored_states_and_tak
     joined = SpaceView((1, 2, 3), (3,), (), group_space("web"), (1, 5, 0))
     for r in (a, b, c):
         r.ring_view(ring((1, 2, 3), 5))
-        assert r.space_view(joined) == []            # a and b now await node 3's claim too
-    claims[3] = c.install_state(a.state_request())[1:]
+    assert a.space_view(joined) == b.space_view(joined) == []     # a and b now await node 3's claim too
+    claims[3] = c.space_view(joined)                              # node 3 claims as it joins
+    assert c.install_state(a.state_request()) == [StateChanged(GroupState("web"))]
     assert type(claims[3][0]) is Adopt and c.read_only_reason == STARTING
     for sender in (2, 1, 3):                          # the newer claim first, then the older ones
         outs = {n: r.message(sender, claims[sender][0].payload) for n, r in ((1, a), (2, b), (3, c))}

@@ -620,7 +620,8 @@ class GroupReplica:
         self.node = node
         self.node_id = node_id
         self._clock = clock
-        self._founders: set[int] | None = None      # founders whose claim is awaited (None: settled)
+        self._founders: set[int] | None = None      # members whose claim is awaited (None: settled)
+        self._claim_sent = False                    # this member claimed when it joined
         self._store = store
         state, history = store.load(group, state_type)
         self._state: ReplicatedState = state
@@ -674,29 +675,28 @@ class GroupReplica:
         """A view of a space (only this group's space matters).
 
         With ``node_id``: a member already in the space awaits the claim of every
-        member the view adds; a founder (nobody in the view was in the space
-        before) awaits every member's and claims its own stored state now; a
-        joiner of a space with members learns what to await from its transfer."""
+        member the view adds (relative to its own previous view: the views' own
+        ``joined`` lists differ between members after a merge); a member joining
+        the space claims its stored state at once and awaits everybody's -- if
+        others had a state, its transfer replaces what it awaits with what its
+        provider awaited at that point."""
         if view.space != self.space:
             return []
         me = self.node_id
-        was_member = me is not None and me in self.members
+        before = set(self.members) if me is not None and me in self.members else set()
         self.members = tuple(view.members)
         if me is None or me not in view.members:
             return []
-        pending = self._founders if self._founders is not None else set()
-        if was_member:
-            pending |= set(view.joined) - {me}
-            pending -= set(view.left)
-            self._founders = pending
+        if before:
+            pending = (self._founders or set()) | (set(view.members) - before)
+            self._founders = pending & set(view.members)
             return self._settle_if_claimed()
-        if not set(view.members) <= set(view.joined):
-            return []                                 # joining members: the transfer says what to await
-        own = self._state                             # founding: nobody transfers a state
+        own = self._state                             # joining: claim what this node stored
         self._own = (own, list(self._history))
         self._founders = set(view.members)
         self._state = self.state_type(self.group)
         self._history.clear()
+        self._claim_sent = True
         return [self._claim(own)]
 
     def _claim(self, own: ReplicatedState) -> Adopt:
@@ -724,6 +724,7 @@ class GroupReplica:
         if self._founders:
             return []
         self._founders = None
+        self._claim_sent = False
         self._store.replace(self.group, self._state, list(self._history))
         return [StateChanged(self._state)]
 
@@ -796,9 +797,12 @@ class GroupReplica:
         self._history.extend(history)
         outputs: list[ReplicaOutput] = [StateChanged(state)]
         if self.node_id is not None:
-            # Every member awaits this joiner's claim (the provider's view added it): make it.
+            # Every member awaits this member's claim (the provider's view added it): it was made when
+            # this member joined, or is made now (a member of the side that lost a merge).
             self._founders = set(founders) | {self.node_id}
-            outputs.append(self._claim(own))
+            if not self._claim_sent:
+                outputs.append(self._claim(own))
+            self._claim_sent = False
         elif own.revision > state.revision:
             adopt = self._offer(own, state.revision)
             if adopt is not None:
