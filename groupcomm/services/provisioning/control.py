@@ -78,15 +78,11 @@ from __future__ import annotations
 
 import dataclasses
 import enum
-import errno
 import inspect
 import json
 import logging
 import os
 import pwd
-import socket
-import stat
-import struct
 import tempfile
 from collections.abc import Callable, Collection, Mapping, Sequence
 from pathlib import Path
@@ -96,6 +92,7 @@ import msgspec
 import trio
 
 from groupcomm.errors import ConfigError, GroupcommError
+from groupcomm.services.unix_socket import UnixSocketServer
 
 __all__ = [
     "MAX_ANSWER",
@@ -121,7 +118,6 @@ SOCKET_PREFIX = "provisioning-"
 SOCKET_SUFFIX = ".sock"
 
 _log = logging.getLogger(__name__)
-_RESOURCE_ERRORS = {errno.EMFILE, errno.ENFILE, errno.ENOMEM, errno.ENOBUFS}
 _BROKEN = (trio.BrokenResourceError, trio.ClosedResourceError, OSError)
 
 
@@ -422,113 +418,41 @@ class ProvisioningControlServer:
         self.peer_uids = frozenset((os.getuid(), 0) if peer_uids is None else peer_uids)
         self.dropped_progress = 0
         """Progress events dropped because a client read too slowly."""
-        self._connections = 0
-        self._listener: trio.SocketListener | None = None
-        self._inode: tuple[int, int] | None = None
-        self._nursery_manager: Any = None
-        self._nursery: trio.Nursery | None = None
+        self._server = UnixSocketServer(self.path, what="provisioning agent", serve=self._serve_peer,
+                                        refuse=self._refuse, max_connections=max_connections,
+                                        peer_uids=self.peer_uids)
 
     @property
     def connections(self) -> int:
         """How many clients are connected now."""
-        return self._connections
+        return self._server.connections
 
     # ------------------------------------------------------------------ lifetime
 
     async def __aenter__(self) -> Self:
-        await self._remove_stale()
-        sock = trio.socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-        try:
-            await sock.bind(self.path)
-            os.chmod(self.path, 0o600)
-            st = os.stat(self.path)
-            self._inode = (st.st_dev, st.st_ino)
-            sock.listen(min(self.max_connections, socket.SOMAXCONN))
-        except BaseException:
-            sock.close()
-            self._unlink()
-            raise
-        self._listener = trio.SocketListener(sock)
-        self._nursery_manager = trio.open_nursery()
-        self._nursery = await self._nursery_manager.__aenter__()
-        self._nursery.start_soon(self._accept, self._nursery)
+        await self._server.__aenter__()
         return self
 
     async def __aexit__(self, *exc: object) -> bool:
-        assert self._nursery is not None and self._listener is not None
-        self._nursery.cancel_scope.cancel()
-        try:
-            return bool(await self._nursery_manager.__aexit__(*exc))
-        finally:
-            await self._listener.aclose()
-            self._unlink()
-
-    async def _remove_stale(self) -> None:
-        try:
-            st = os.lstat(self.path)
-        except FileNotFoundError:
-            return
-        if not stat.S_ISSOCK(st.st_mode):
-            raise FileExistsError(errno.EEXIST, "not a socket; refusing to replace it", self.path)
-        try:
-            with trio.fail_after(2.0):
-                probe = await trio.open_unix_socket(self.path)
-        except (OSError, trio.TooSlowError):
-            os.unlink(self.path)                       # nobody listens: a dead agent's socket
-            return
-        await probe.aclose()
-        raise OSError(errno.EADDRINUSE, "another provisioning agent is listening on this socket", self.path)
-
-    def _unlink(self) -> None:
-        try:
-            st = os.stat(self.path)
-            if (st.st_dev, st.st_ino) == self._inode:  # never another agent's socket
-                os.unlink(self.path)
-        except FileNotFoundError:
-            pass
+        return await self._server.__aexit__(*exc)
 
     # ------------------------------------------------------------------ connections
 
-    async def _accept(self, nursery: trio.Nursery) -> None:
-        assert self._listener is not None
-        while True:
+    async def _refuse(self, stream: trio.SocketStream, reason: str) -> None:
+        with trio.move_on_after(0.5):
             try:
-                stream = await self._listener.accept()
-            except OSError as e:
-                if e.errno not in _RESOURCE_ERRORS:
-                    raise
-                _log.warning("provisioning socket %s: accept failed (%s); retrying", self.path, e)
-                await trio.sleep(0.1)
-                continue
-            refusal, user = self._refusal(stream)
-            if refusal is not None:
-                with trio.move_on_after(0.5):
-                    try:
-                        await stream.send_all(self._error(refusal, "failed"))
-                    except _BROKEN:
-                        pass
-                with trio.move_on_after(0.05):         # take the request sent meanwhile: closing a Unix
-                    try:                               # socket with unread data resets it, losing the answer
-                        await stream.receive_some(self.max_line)
-                    except _BROKEN:
-                        pass
-                await stream.aclose()
-                continue
-            self._connections += 1
-            nursery.start_soon(self._serve, stream, user)
+                await stream.send_all(self._error(reason, "failed"))
+            except _BROKEN:
+                pass
+        with trio.move_on_after(0.05):         # take the request sent meanwhile: closing a Unix
+            try:                               # socket with unread data resets it, losing the answer
+                await stream.receive_some(self.max_line)
+            except _BROKEN:
+                pass
+        await stream.aclose()
 
-    def _refusal(self, stream: trio.SocketStream) -> tuple[str | None, str]:
-        """Why the peer is not served (None: it is), and its user name."""
-        if self._connections >= self.max_connections:
-            return "too many connections", ""
-        try:
-            creds = stream.socket.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, struct.calcsize("3i"))
-            _, uid, _ = struct.unpack("3i", creds)
-        except OSError:
-            return "cannot identify the peer", ""
-        if uid not in self.peer_uids:
-            return "permission denied", ""
-        return None, _user_name(uid)
+    async def _serve_peer(self, stream: trio.SocketStream, uid: int) -> None:
+        await self._serve(stream, _user_name(uid))
 
     async def _serve(self, stream: trio.SocketStream, user: str) -> None:
         buffer = bytearray()
@@ -546,7 +470,6 @@ class ProvisioningControlServer:
         except* _BROKEN:
             pass                                       # the client went away (or did not read)
         finally:
-            self._connections -= 1
             await stream.aclose()
 
     async def _next_line(self, stream: trio.SocketStream, buffer: bytearray) -> bytes | None:

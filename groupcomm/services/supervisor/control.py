@@ -51,25 +51,22 @@ Use::
 
 from __future__ import annotations
 
-import errno
 import json
 import logging
 import os
-import socket
-import stat
-import struct
 from collections.abc import Collection, Mapping, Sequence
 from contextlib import nullcontext
 from typing import Any, Protocol, Self
 
 import trio
 
+from groupcomm.services.unix_socket import UnixSocketServer
+
 __all__ = ["MAX_LINE", "ControlServer", "SupervisorView"]
 
 MAX_LINE = 65536
 
 _log = logging.getLogger(__name__)
-_RESOURCE_ERRORS = {errno.EMFILE, errno.ENFILE, errno.ENOMEM, errno.ENOBUFS}
 _BROKEN = (trio.BrokenResourceError, trio.ClosedResourceError, OSError)     # the client went away
 
 
@@ -125,10 +122,9 @@ class ControlServer:
         self.idle_timeout = idle_timeout
         self.peer_uids = frozenset((os.getuid(), 0) if peer_uids is None else peer_uids)
         self._connections: set[_Connection] = set()
-        self._listener: trio.SocketListener | None = None
-        self._inode: tuple[int, int] | None = None
-        self._nursery_manager: Any = None
-        self._nursery: trio.Nursery | None = None
+        self._server = UnixSocketServer(self.path, what="supervisor", serve=self._serve_stream,
+                                        refuse=self._refuse, max_connections=max_connections,
+                                        peer_uids=self.peer_uids)
 
     @property
     def connections(self) -> int:
@@ -138,56 +134,11 @@ class ControlServer:
     # ------------------------------------------------------------------ lifetime
 
     async def __aenter__(self) -> Self:
-        await self._remove_stale()
-        sock = trio.socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-        try:
-            await sock.bind(self.path)
-            os.chmod(self.path, 0o600)
-            st = os.stat(self.path)
-            self._inode = (st.st_dev, st.st_ino)
-            sock.listen(min(self.max_connections, socket.SOMAXCONN))
-        except BaseException:
-            sock.close()
-            self._unlink()
-            raise
-        self._listener = trio.SocketListener(sock)
-        self._nursery_manager = trio.open_nursery()
-        self._nursery = await self._nursery_manager.__aenter__()
-        self._nursery.start_soon(self._accept, self._nursery)
+        await self._server.__aenter__()
         return self
 
     async def __aexit__(self, *exc: object) -> bool:
-        assert self._nursery is not None and self._listener is not None
-        self._nursery.cancel_scope.cancel()
-        try:
-            return bool(await self._nursery_manager.__aexit__(*exc))
-        finally:
-            await self._listener.aclose()
-            self._unlink()
-
-    async def _remove_stale(self) -> None:
-        try:
-            st = os.lstat(self.path)
-        except FileNotFoundError:
-            return
-        if not stat.S_ISSOCK(st.st_mode):
-            raise FileExistsError(errno.EEXIST, "not a socket; refusing to replace it", self.path)
-        try:
-            with trio.fail_after(2.0):
-                probe = await trio.open_unix_socket(self.path)
-        except (OSError, trio.TooSlowError):
-            os.unlink(self.path)                       # nobody listens: a dead supervisor's socket
-            return
-        await probe.aclose()
-        raise OSError(errno.EADDRINUSE, "another supervisor is listening on this control socket", self.path)
-
-    def _unlink(self) -> None:
-        try:
-            st = os.stat(self.path)
-            if (st.st_dev, st.st_ino) == self._inode:  # never another supervisor's socket
-                os.unlink(self.path)
-        except FileNotFoundError:
-            pass
+        return await self._server.__aexit__(*exc)
 
     # ------------------------------------------------------------------ events
 
@@ -200,41 +151,18 @@ class ControlServer:
 
     # ------------------------------------------------------------------ connections
 
-    async def _accept(self, nursery: trio.Nursery) -> None:
-        assert self._listener is not None
-        while True:
+    async def _refuse(self, stream: trio.SocketStream, reason: str) -> None:
+        with trio.move_on_after(0.5):
             try:
-                stream = await self._listener.accept()
-            except OSError as e:
-                if e.errno not in _RESOURCE_ERRORS:
-                    raise
-                _log.warning("control socket %s: accept failed (%s); retrying", self.path, e)
-                await trio.sleep(0.1)
-                continue
-            refusal = self._refusal(stream)
-            if refusal is not None:
-                with trio.move_on_after(0.5):
-                    try:
-                        await stream.send_all(self._error(refusal))
-                    except (trio.BrokenResourceError, OSError):
-                        pass
-                await stream.aclose()
-                continue
-            conn = _Connection(stream, self.queue_lines)
-            self._connections.add(conn)
-            nursery.start_soon(self._serve, conn)
+                await stream.send_all(self._error(reason))
+            except (trio.BrokenResourceError, OSError):
+                pass
+        await stream.aclose()
 
-    def _refusal(self, stream: trio.SocketStream) -> str | None:
-        if len(self._connections) >= self.max_connections:
-            return "too many connections"
-        try:
-            creds = stream.socket.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, struct.calcsize("3i"))
-            _, uid, _ = struct.unpack("3i", creds)
-        except OSError:
-            return "cannot identify the peer"
-        if uid not in self.peer_uids:
-            return "permission denied"
-        return None
+    async def _serve_stream(self, stream: trio.SocketStream, uid: int) -> None:
+        conn = _Connection(stream, self.queue_lines)
+        self._connections.add(conn)
+        await self._serve(conn)
 
     async def _serve(self, conn: _Connection) -> None:
         try:
