@@ -76,6 +76,7 @@ from groupcomm.services.provisioning.status import (
     CLUSTER_SPACE,
 )
 from groupcomm.testing.sim import SimCluster
+from groupcomm.testing.stepping import SteppedHarness
 
 __all__ = ["AcceptRecord", "AnswerRecord", "HostModel", "SimHost", "SimProvisioning"]
 
@@ -152,7 +153,7 @@ class _Node:
     """The desired state changed during the pass: run another one after it."""
 
 
-class SimProvisioning:
+class SimProvisioning(SteppedHarness):
     """A provisioning node on every node of ``sim`` (built with ``stack=...``).
 
     ``names``: node id -> node name (default ``n<ID>``); ``policies``: node id ->
@@ -293,27 +294,6 @@ class SimProvisioning:
         return True
 
     # ------------------------------------------------------------------ time
-
-    def run(self, seconds: float) -> None:
-        """Advance virtual time by ``seconds``."""
-        end = self.sim.now_us + round(seconds * _US)
-        step = max(1, round(self.step * _US))
-        while self.sim.now_us < end:
-            until = min(end, self.sim.now_us + step)
-            if self._timers:
-                until = min(until, max(self._timers[0][0], self.sim.now_us + 1))
-            self.sim.run((until - self.sim.now_us) / _US)
-            self._after_step()
-
-    def run_until(self, predicate: Callable[[], bool], timeout: float) -> bool:
-        """Run until ``predicate()`` holds (checked every ``step``); False after ``timeout`` seconds."""
-        end = self.sim.now_us + round(timeout * _US)
-        step = max(1, round(self.step * _US))
-        while self.sim.now_us < end:
-            if predicate():
-                return True
-            self.run(min(step, end - self.sim.now_us) / _US)
-        return predicate()
 
     def _after_step(self) -> None:
         now = self.sim.now_us

@@ -51,6 +51,7 @@ from groupcomm.services.supervisor.spec import (
     ProcessSpec,
 )
 from groupcomm.testing.sim import SimCluster
+from groupcomm.testing.stepping import SteppedHarness
 
 __all__ = ["ProcessModel", "SimInstance", "SimSupervisors", "overlapping"]
 
@@ -112,7 +113,7 @@ class _Node:
     table: tuple[ProcessRow, ...] = ()
 
 
-class SimSupervisors:
+class SimSupervisors(SteppedHarness):
     """Supervisors on every node of ``sim`` (built with ``stack=...``), each with its process specs.
 
     ``nodes``: node id -> the specs of its node file; ``names``: node id -> node
@@ -211,27 +212,6 @@ class SimSupervisors:
         return tuple(self._nodes)
 
     # ------------------------------------------------------------------ time
-
-    def run(self, seconds: float) -> None:
-        """Advance virtual time by ``seconds``."""
-        end = self.sim.now_us + round(seconds * _US)
-        step = max(1, round(self.step * _US))
-        while self.sim.now_us < end:
-            until = min(end, self.sim.now_us + step)
-            if self._timers:
-                until = min(until, max(self._timers[0][0], self.sim.now_us + 1))
-            self.sim.run((until - self.sim.now_us) / _US)
-            self._after_step()
-
-    def run_until(self, predicate: Callable[[], bool], timeout: float) -> bool:
-        """Run until ``predicate()`` holds (checked every ``step``); False after ``timeout`` seconds."""
-        end = self.sim.now_us + round(timeout * _US)
-        step = max(1, round(self.step * _US))
-        while self.sim.now_us < end:
-            if predicate():
-                return True
-            self.run(min(step, end - self.sim.now_us) / _US)
-        return predicate()
 
     def _after_step(self) -> None:
         now = self.sim.now_us
