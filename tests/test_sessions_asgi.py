@@ -7,6 +7,7 @@ runs it under a real server (Hypercorn on trio) with real HTTP requests.
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import math
 
@@ -23,6 +24,7 @@ from groupcomm.services.sessions.asgi import SessionData, SessionMiddleware
 from groupcomm.services.sessions.errors import SessionUnavailable
 from groupcomm.services.sessions.ids import new_session_id, parse_cookie_value
 from groupcomm.services.sessions.memory import MemorySessionStore
+from groupcomm.services.sessions.record import Limits
 
 
 async def counter_app(scope, receive, send):
@@ -308,7 +310,7 @@ async def test_an_unavailable_session_answers_503_with_retry_after():
 
 
 async def test_a_full_node_answers_503_and_keeps_its_sessions():
-    store = MemorySessionStore("node-a", max_sessions=1)
+    store = MemorySessionStore("node-a", limits=Limits(max_sessions=1))
     app = SessionMiddleware(counter_app, store)
     async with client(app) as first, client(app) as second:
         assert (await first.get("/inc")).status_code == 200
@@ -317,8 +319,24 @@ async def test_a_full_node_answers_503_and_keeps_its_sessions():
         assert (await first.get("/inc")).text == "2"
 
 
+async def test_sessions_expire_after_max_inactive_and_expired_ones_make_room():
+    now = [1000.0]
+    store = MemorySessionStore("node-a", limits=Limits(max_sessions=1), max_inactive=60, clock=lambda: now[0])
+    app = SessionMiddleware(counter_app, store)
+    async with client(app) as old, client(app) as new:
+        await old.get("/inc")
+        now[0] += 59
+        assert (await old.get("/read")).text == "1"              # a read keeps it alive too
+        now[0] += 59
+        assert (await new.get("/inc")).status_code == 503        # the node is full of a live session
+        now[0] += 2
+        assert (await new.get("/inc")).text == "1"               # the expired one made room
+        gone = await old.get("/read")
+        assert gone.text == "0" and "Max-Age=0" in set_cookie(gone)
+
+
 async def test_a_too_large_session_answers_500_and_logs_it(caplog):
-    store = MemorySessionStore("node-a", max_session_bytes=100)
+    store = MemorySessionStore("node-a", limits=Limits(max_session_bytes=100))
     async with client(SessionMiddleware(counter_app, store)) as http:
         with caplog.at_level(logging.ERROR):
             out = await http.get("/big")
@@ -362,6 +380,22 @@ async def test_lifespan_and_websocket_pass_through_untouched():
         passed_scope, passed_receive, passed_send = seen[-1]
         assert passed_scope is scope and "session" not in scope
         assert passed_receive is receive_nothing and isinstance(passed_send, Recorder)
+
+
+def test_runs_under_asyncio_too():
+    async def counter(scope, receive, send):
+        session = scope["session"]
+        session["count"] = session.get("count", 0) + 1
+        await asyncio.sleep(0)
+        await send({"type": "http.response.start", "status": 200, "headers": []})
+        await send({"type": "http.response.body", "body": str(session["count"]).encode()})
+
+    async def three_requests():
+        store = MemorySessionStore("node-a")
+        async with client(SessionMiddleware(counter, store)) as http:
+            return [(await http.get("/")).text for _ in range(3)]
+
+    assert asyncio.run(three_requests()) == ["1", "2", "3"]
 
 
 async def test_under_hypercorn_on_trio_with_real_http():

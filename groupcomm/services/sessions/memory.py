@@ -1,41 +1,34 @@
 """An in-memory :class:`~groupcomm.services.sessions.asgi.SessionStore`: one node, no replication.
 
 For tests and single-node deployments.  It keeps the contract of the replicated
-store where it can: values are stored msgpack-encoded (so a request never shares
-objects with the store, and an unencodable value fails at save), every save bumps
-the version, one request at a time holds a session (a second request for it waits
-until the first one is released), sessions expire after ``max_inactive`` seconds
-without a request, and the limits are enforced with the documented policy: when
-``max_sessions`` or ``max_bytes`` is reached, expired sessions are reaped first,
-then new sessions are refused with :class:`SessionsFull`; a live session is never
-evicted.  Runs under any async library anyio supports (trio, asyncio).
+store: the records are :class:`~groupcomm.services.sessions.record.Session` (values
+msgpack-encoded, so a request never shares objects with the store and an
+unencodable value fails at save; every save is ``version + 1``) in a
+:class:`~groupcomm.services.sessions.record.SessionTable` within its
+:class:`~groupcomm.services.sessions.record.Limits` (its policy: expired sessions
+are reaped first, then new sessions are refused with ``SessionsFull``; a live
+session is never evicted); one request at a time holds a session (a second
+request for it waits until the first is released); a session expires
+``max_inactive`` seconds after its last request.  Runs under any async library
+anyio supports (trio, asyncio).
 """
 
 from __future__ import annotations
 
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
 
 import anyio
-import msgpack
 
 from groupcomm.services.sessions.asgi import SessionData
-from groupcomm.services.sessions.errors import (
-    SessionsFull,
-    SessionTooLarge,
-    SessionUnavailable,
-)
+from groupcomm.services.sessions.errors import SessionUnavailable
 from groupcomm.services.sessions.ids import new_session_id
-
-_EMPTY = msgpack.packb({})
-
-
-@dataclass
-class _Entry:
-    data: bytes
-    version: int
-    last_access: float
+from groupcomm.services.sessions.record import (
+    DEFAULT_MAX_INACTIVE,
+    Limits,
+    Session,
+    SessionTable,
+)
 
 
 class _Gate:
@@ -48,94 +41,79 @@ class _Gate:
 
 
 class MemorySessionStore:
-    """Sessions in a dict of this process (see the module doc)."""
+    """Sessions in a :class:`SessionTable` of this process (see the module doc)."""
 
     def __init__(
         self,
         node_name: str = "local",
         *,
-        max_sessions: int = 100_000,
-        max_bytes: int = 256 << 20,
-        max_session_bytes: int = 256 << 10,
-        max_inactive: float = 1800.0,
-        clock: Callable[[], float] = time.monotonic,
+        limits: Limits | None = None,
+        max_inactive: float = DEFAULT_MAX_INACTIVE,
+        clock: Callable[[], float] = time.time,
     ) -> None:
         self.node_name = node_name
-        self.max_sessions = max_sessions
-        self.max_bytes = max_bytes
-        self.max_session_bytes = max_session_bytes
         self.max_inactive = max_inactive
+        self._table = SessionTable(limits)
         self._clock = clock
-        self._entries: dict[str, _Entry] = {}
         self._gates: dict[str, _Gate] = {}
-        self._bytes = 0
 
     def __len__(self) -> int:
-        return len(self._entries)
+        return len(self._table)
 
     @property
-    def bytes_used(self) -> int:
+    def used_bytes(self) -> int:
         """Encoded bytes of every session held."""
-        return self._bytes
+        return self._table.used_bytes
 
     def session_ids(self) -> list[str]:
         """The ids of every session held."""
-        return list(self._entries)
+        return self._table.ids()
 
     def version(self, session_id: str) -> int | None:
         """The stored version of a session, None if there is none."""
-        entry = self._entries.get(session_id)
-        return entry.version if entry else None
+        session = self._table.get(session_id)
+        return session.version if session else None
 
     def values(self, session_id: str) -> dict | None:
         """A copy of a session's stored values, None if there is none (does not touch it)."""
-        entry = self._entries.get(session_id)
-        return msgpack.unpackb(entry.data) if entry else None
+        session = self._table.get(session_id)
+        return session.values() if session else None
 
     async def load(self, session_id: str) -> SessionData | None:
         """The session, reserved for the caller until :meth:`release`; None if unknown or expired."""
         if self._live(session_id) is None:
             return None                              # unknown ids never make a gate
         await self._acquire(session_id)
-        entry = self._live(session_id)               # it may have ended while we waited
-        if entry is None:
+        session = self._live(session_id)             # it may have ended while we waited
+        if session is None:
             await self.release(session_id)
             return None
-        entry.last_access = self._clock()
-        return SessionData(session_id, msgpack.unpackb(entry.data), entry.version)
+        now = self._clock()
+        self._table.put(session.touched(now), now)
+        return SessionData(session_id, session.values(), session.version)
 
     async def create(self) -> SessionData:
-        """A new empty session, reserved for the caller; SessionsFull at the limits."""
-        if len(self._entries) >= self.max_sessions or self._bytes >= self.max_bytes:
-            self.reap()
-        if len(self._entries) >= self.max_sessions or self._bytes + len(_EMPTY) > self.max_bytes:
-            raise SessionsFull(f"node {self.node_name} holds {len(self._entries)} sessions, {self._bytes} bytes")
-        session_id = new_session_id()
-        self._entries[session_id] = _Entry(_EMPTY, 0, self._clock())
-        self._bytes += len(_EMPTY)
-        await self._acquire(session_id)
-        return SessionData(session_id, {}, 0)
+        """A new empty session, reserved for the caller; SessionsFull (TableFull) at the limits."""
+        now = self._clock()
+        session = Session.new(new_session_id(), now=now, max_inactive=self.max_inactive,
+                              limit=self._table.limits.max_session_bytes)
+        self._table.put(session, now)
+        await self._acquire(session.id)
+        return SessionData(session.id, {}, session.version)
 
     async def save(self, session: SessionData) -> None:
         """Store the values; ``session.version`` becomes the new version."""
-        entry = self._entries.get(session.id)
-        if entry is None:
+        stored = self._table.get(session.id)
+        if stored is None:
             raise SessionUnavailable(f"session {session.id} ended while a request used it")
-        data = msgpack.packb(session.values)
-        if len(data) > self.max_session_bytes:
-            raise SessionTooLarge(len(data), self.max_session_bytes)
-        grown = len(data) - len(entry.data)
-        if grown > 0 and self._bytes + grown > self.max_bytes:
-            raise SessionsFull(f"node {self.node_name} has no room for {grown} more bytes")
-        self._bytes += grown
-        entry.data = data
-        entry.version += 1
-        entry.last_access = self._clock()
-        session.version = entry.version
+        now = self._clock()
+        changed = stored.with_values(session.values, now=now, limit=self._table.limits.max_session_bytes)
+        self._table.put(changed, now)
+        session.version = changed.version
 
     async def invalidate(self, session_id: str) -> None:
         """Forget the session and release its reservation."""
-        self._drop(session_id)
+        self._table.remove(session_id)
         await self.release(session_id)
 
     async def release(self, session_id: str) -> None:
@@ -148,27 +126,16 @@ class MemorySessionStore:
         if gate.waiting == 0:
             del self._gates[session_id]
 
-    def reap(self) -> int:
-        """Forget every expired session that no request holds; how many were forgotten."""
-        now = self._clock()
-        expired = [sid for sid, entry in self._entries.items()
-                   if now - entry.last_access > self.max_inactive and sid not in self._gates]
-        for session_id in expired:
-            self._drop(session_id)
-        return len(expired)
+    def reap(self) -> list[str]:
+        """Forget every expired session; their ids."""
+        return self._table.reap(self._clock())
 
-    def _live(self, session_id: str) -> _Entry | None:
-        entry = self._entries.get(session_id)
-        if entry is not None and self._clock() - entry.last_access > self.max_inactive \
-                and session_id not in self._gates:
-            self._drop(session_id)
+    def _live(self, session_id: str) -> Session | None:
+        session = self._table.get(session_id)
+        if session is not None and session.expired(self._clock()):
+            self._table.remove(session_id)
             return None
-        return entry
-
-    def _drop(self, session_id: str) -> None:
-        entry = self._entries.pop(session_id, None)
-        if entry is not None:
-            self._bytes -= len(entry.data)
+        return session
 
     async def _acquire(self, session_id: str) -> None:
         gate = self._gates.setdefault(session_id, _Gate())
