@@ -14,6 +14,7 @@ import math
 import httpx
 import pytest
 import trio
+import trio.lowlevel
 import trio.testing
 from hypercorn.config import Config
 from hypercorn.trio import serve
@@ -354,6 +355,31 @@ async def test_an_app_that_fails_saves_nothing_and_releases_the_session():
             await http.get("/boom")
         with trio.fail_after(5):
             assert (await http.get("/read")).text == "1"   # not -1, and not stuck behind /boom
+
+
+async def test_a_cancelled_request_releases_its_session():
+    class CheckpointingStore(MemorySessionStore):
+        async def release(self, session_id):
+            await trio.lowlevel.checkpoint()         # a store that awaits here, as a replicated one may
+            await super().release(session_id)
+
+    async def hanging_app(scope, receive, send):
+        await trio.sleep_forever()
+
+    store = CheckpointingStore("node-a")
+    sent = Recorder([])
+    await SessionMiddleware(counter_app, store)(http_scope("/inc"), receive_nothing, sent)
+    cookie = sent.headers()[b"set-cookie"].split(b";")[0]
+    with trio.CancelScope() as client_gone:
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(SessionMiddleware(hanging_app, store), http_scope("/", cookie), receive_nothing,
+                               Recorder([]))
+            await trio.testing.wait_all_tasks_blocked()
+            client_gone.cancel()
+    sent = Recorder([])
+    with trio.fail_after(5):
+        await SessionMiddleware(counter_app, store)(http_scope("/inc", cookie), receive_nothing, sent)
+    assert sent.messages[1]["body"] == b"2"
 
 
 async def test_concurrent_requests_for_one_session_are_serialised():

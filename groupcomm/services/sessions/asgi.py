@@ -41,6 +41,8 @@ from collections.abc import Awaitable, Callable, Iterator, MutableMapping
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
+import anyio
+
 from groupcomm.services.sessions.errors import (
     SessionError,
     SessionsFull,
@@ -107,7 +109,8 @@ class SessionStore(Protocol):
         ...
 
     async def release(self, session_id: str) -> None:
-        """The request that loaded or created the session is over."""
+        """The request that loaded or created the session is over (called shielded from
+        cancellation, also after a failed or cancelled request: it must not wait long)."""
         ...
 
 
@@ -216,8 +219,10 @@ class SessionMiddleware:
             await self.app({**scope, "session": session}, receive, response.send)
             await response.finish()
         finally:
-            for session_id in reserved:
-                await self.store.release(session_id)
+            # also when the request was cancelled (client gone): the next request must not wait forever
+            with anyio.CancelScope(shield=True):
+                for session_id in reserved:
+                    await self.store.release(session_id)
 
     async def _load(self, scope: Scope) -> tuple[SessionData | None, str | None]:
         """The session named by the request's cookie and that cookie's value, or (None, a value sent)."""
