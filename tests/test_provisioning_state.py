@@ -25,7 +25,7 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 from groupcomm.events import RingId, View
 from groupcomm.layers.quorum import QuorumConfig
-from groupcomm.layers.spaces import SpaceMessage, SpaceView
+from groupcomm.layers.spaces import SpaceMessage, SpaceView, Synced
 from groupcomm.services.provisioning.ops import (
     MAX_STATE_BYTES,
     PLANS,
@@ -52,6 +52,7 @@ from groupcomm.services.provisioning.signing import signed_message, signed_messa
 from groupcomm.services.provisioning.state import (
     DUPLICATE,
     MAX_CONFIG_BYTES,
+    MERGING,
     READ_ONLY,
     RECENT_OP_IDS,
     STARTING,
@@ -176,12 +177,21 @@ def sview(members: tuple[int, ...], seq: int) -> SpaceView:
     return SpaceView(members, members, (), group_space("web"), (min(members), seq, 0))
 
 
-def feed(replicas: list[GroupReplica], event) -> list[list]:
-    """Deliver ``event`` to every replica; returns each one's outputs."""
+def settled_view(r: GroupReplica, view: View) -> list:
+    """``view`` and, if it starts one, the end of the spaces' SYNC round (as the layer delivers them)."""
+    out = r.ring_view(view)
+    return out + r.synced() if not view.transitional else out
+
+
+def feed(replicas: list[GroupReplica], event, *, sync: bool = True) -> list[list]:
+    """Deliver ``event`` to every replica (a regular view with the SYNC round's end, unless ``sync``
+    is False); returns each one's outputs."""
     outs = []
     for r in replicas:
         if type(event) is View:
-            outs.append(r.ring_view(event))
+            outs.append(settled_view(r, event) if sync else r.ring_view(event))
+        elif type(event) is Synced:
+            outs.append(r.synced())
         elif type(event) is SpaceView:
             outs.append(r.space_view(event))
         else:
@@ -226,7 +236,7 @@ def test_replica_accepts_only_in_a_regular_primary_configuration_the_same_everyw
 
 def test_replica_counts_malformed_ops_and_rejects_other_groups() -> None:
     r = GroupReplica("web", MemoryGroupStore())
-    r.ring_view(ring((1,), 4))
+    settled_view(r, ring((1,), 4))
     assert r.message(1, b"\x93junk") == [] and r.message(1, b"") == []
     assert r.dropped == 2
     other = install(group="db")
@@ -238,14 +248,14 @@ def test_replica_counts_malformed_ops_and_rejects_other_groups() -> None:
 
 def test_replica_state_transfer_carries_state_and_history_and_none_starts_over() -> None:
     a, b = GroupReplica("web", MemoryGroupStore()), GroupReplica("web", MemoryGroupStore(), history_limit=2)
-    a.ring_view(ring((1,), 4))
+    settled_view(a, ring((1,), 4))
     for o in [install("x"), install("y"), op(UninstallBundle("web", "x"))]:
         a.message(1, a.propose(o))
     out = b.install_state(a.state_request())
     assert out == [StateChanged(a.state)] and b.state == a.state and b.revision == 3
     assert b.history == a.history[-2:]
     # the received op_ids travel with the state: a retry is a duplicate at b too
-    b.ring_view(ring((1, 2), 8))
+    settled_view(b, ring((1, 2), 8))
     assert b.message(1, encode_op(a.history[-1].op)) == [Rejected(a.history[-1].op.op_id, DUPLICATE)]
     # nobody had any state: the group starts over, and b offers its own (newer) state
     out = b.install_state(None)
@@ -267,7 +277,7 @@ def test_sqlite_store_round_trip_and_restart(tmp_path: Path) -> None:
     with SqliteGroupStore(path, history_limit=3) as store:
         assert store.load("web") == (GroupState("web"), [])
         r = GroupReplica("web", store)
-        r.ring_view(ring((1,), 4))
+        settled_view(r, ring((1,), 4))
         for o in [install("x"), op(SetConfig("web", "p", "k", "v")), op(StartBundle("web", "x")),
                   op(StopBundle("web", "x"))]:
             assert type(r.message(1, r.propose(o))[0]) is Accepted
@@ -310,7 +320,7 @@ def test_members_that_start_a_space_together_compare_their_stored_states_and_tak
     stores[2].replace("web", newer, [HistoryEntry(2, install("hello", "2.0"))])
     a, b = (GroupReplica("web", stores[n], node=f"n{n}", node_id=n) for n in (1, 2))
     for r in (a, b):
-        r.ring_view(ring((1, 2), 4))
+        settled_view(r, ring((1, 2), 4))
     founding = SpaceView((1, 2), (1, 2), (), group_space("web"), (1, 4, 0))
     claims = {n: r.space_view(founding) for n, r in ((1, a), (2, b))}
     assert all(type(c[0]) is Adopt for c in claims.values())
@@ -322,7 +332,7 @@ def test_members_that_start_a_space_together_compare_their_stored_states_and_tak
     c = GroupReplica("web", stores[3], node="n3", node_id=3)
     joined = SpaceView((1, 2, 3), (3,), (), group_space("web"), (1, 5, 0))
     for r in (a, b, c):
-        r.ring_view(ring((1, 2, 3), 5))
+        settled_view(r, ring((1, 2, 3), 5))
     assert a.space_view(joined) == b.space_view(joined) == []     # a and b now await node 3's claim too
     claims[3] = c.space_view(joined)                              # node 3 claims as it joins
     assert c.install_state(a.state_request()) == [StateChanged(GroupState("web"))]
@@ -339,7 +349,7 @@ def test_a_founder_that_leaves_before_its_claim_is_not_waited_for() -> None:
     stored = MemoryGroupStore()
     stored.replace("web", GroupState("web").apply(install()), [])
     a = GroupReplica("web", stored, node="n1", node_id=1)
-    a.ring_view(ring((1, 2), 4))
+    settled_view(a, ring((1, 2), 4))
     claim = a.space_view(SpaceView((1, 2), (1, 2), (), group_space("web"), (1, 4, 0)))
     assert a.message(1, claim[0].payload) == []                      # still waiting for node 2
     assert a.space_view(SpaceView((1,), (), (2,), group_space("web"), (1, 4, 1))) == [
@@ -381,6 +391,8 @@ class SimProvisioningGroup:
         t = type(event)
         if t is View:
             self._out(node, replica.ring_view(event))
+        elif t is Synced:
+            self._out(node, replica.synced())
         elif t is SpaceView:
             self._out(node, replica.space_view(event))
         elif t is SpaceMessage and event.space == self.space:
@@ -502,7 +514,7 @@ def test_group_state_handles_every_group_body_and_refuses_plan_bodies() -> None:
         newer.apply(op(AdoptState("web", s.snapshot())))
     # the replica rejects a plan operation (the same everywhere) instead of failing
     r = GroupReplica("web", MemoryGroupStore())
-    r.ring_view(ring((1,), 4))
+    settled_view(r, ring((1,), 4))
     plan_op = op(plan_bodies()[0])
     assert plan_op.group == PLANS
     with pytest.raises(OpRefused):
@@ -620,7 +632,7 @@ def test_a_state_too_large_to_adopt_is_not_offered_and_the_reason_is_logged(capl
 def replica_at(revision: int, node: str, ops: list[Op] | None = None) -> GroupReplica:
     """A replica whose store has a state made by ``ops`` (default: ``revision`` config settings)."""
     r = GroupReplica("web", MemoryGroupStore(), node=node)
-    r.ring_view(ring((1,), 2))
+    settled_view(r, ring((1,), 2))
     for o in ops or [op(SetConfig("web", "p", "k", str(i))) for i in range(revision)]:
         assert type(r.message(1, r.propose(o))[0]) is Accepted
     r.ring_view(ring((1,), 3, transitional=True))
@@ -644,8 +656,11 @@ def test_a_joiner_with_a_newer_store_offers_it_and_every_member_adopts_it() -> N
     # the same state offered again is the same operation
     assert replica_at(4, "n2", shared + tail).install_state(old.state_request())[1] == adopt
     members = [old, new]
+    # a merging ring view: refused alike until the spaces' SYNC round ended
+    feed(members, ring((1, 2), 8, primary=False), sync=False)
+    assert feed(members, (2, adopt.payload)) == [[Rejected(adopt.op_id, MERGING)]] * 2
+    feed(members, Synced(RingId(1, 8)))
     # not in a regular primary configuration: read-only, as any operation
-    feed(members, ring((1, 2), 8, primary=False))
     assert feed(members, (2, adopt.payload)) == [[Rejected(adopt.op_id, READ_ONLY)]] * 2
     feed(members, ring((1, 2), 12))
     outs = feed(members, (2, adopt.payload))
@@ -678,7 +693,7 @@ def test_an_adoption_survives_in_the_sqlite_history(tmp_path: Path) -> None:
     with SqliteGroupStore(tmp_path / "p.sqlite") as store:
         r = GroupReplica("web", store)
         r.install_state(old.state_request())
-        r.ring_view(ring((1, 2), 8))
+        settled_view(r, ring((1, 2), 8))
         assert r.message(2, adopt.payload)[0].revision == 3
     with SqliteGroupStore(tmp_path / "p.sqlite") as store:
         state, history = store.load("web")
@@ -728,7 +743,7 @@ def test_the_replica_replicates_any_state_type(tmp_path: Path) -> None:
     with SqliteGroupStore(tmp_path / "p.sqlite") as disk:
         a = tally(disk, "n1")
         assert a.space == "test.tally" and a.state == Tally("web")
-        a.ring_view(ring((1,), 4))
+        settled_view(a, ring((1,), 4))
         adds = [op(SetConfig("web", "p", "k", "abc")), op(SetConfig("web", "p", "k", "de"))]
         for o in adds:
             assert a.message(1, a.propose(o))[0] == Accepted(o, a.revision)
@@ -746,7 +761,7 @@ def test_the_replica_replicates_any_state_type(tmp_path: Path) -> None:
         fresh = tally(MemoryGroupStore())
         out = a.install_state(fresh.state_request())
         assert out[0] == StateChanged(Tally("web")) and type(out[1]) is Adopt
-        a.ring_view(ring((1, 2), 8))
+        settled_view(a, ring((1, 2), 8))
         assert a.message(1, out[1].payload)[0].revision == 2 and a.state.total == 5
     mem = MemoryGroupStore()
     mem.save("web", GroupState("web"), [])

@@ -32,6 +32,7 @@ from groupcomm.layers.spaces import (
     SpaceView,
     StateInstalled,
     StateRequest,
+    Synced,
 )
 from groupcomm.testing import SimCluster
 
@@ -120,6 +121,31 @@ def test_spaces_merge_after_a_partition_heals() -> None:
     assert merges and {(m.components, m.primary) for _, m in merges} == {(((1, 2), (3, 4)), (1, 2))}
     assert {node for node, _ in merges} == {1, 2, 3, 4}
     check_views_agree(sim)
+
+
+def test_every_sync_round_ends_with_synced_at_the_same_point_everywhere() -> None:
+    # What follows a merging view at every member, in order: the space view the round made, then Synced --
+    # and nothing of the space in between that a member could decide on differently.
+    sim = cluster(4)
+    for n in (1, 2, 3, 4):
+        sim.services.join(n, "s")
+    sim.run(0.3)
+    seen: dict[int, list] = {n: [] for n in (1, 2, 3, 4)}
+    sim.services.add_observer(lambda node, ev: seen[node].append(ev) if type(ev) in (Synced, SpaceView) else None)
+    sim.partition([[1, 2], [3, 4]])                # members leaving start no round
+    assert sim.run_until(lambda: last_view(sim, 1, "s").members == (1, 2)
+                         and last_view(sim, 3, "s").members == (3, 4), timeout=15)
+    for events in seen.values():
+        events.clear()
+    sim.heal()
+    assert sim.run_until(lambda: all(any(type(e) is Synced for e in seen[n])
+                                     and any(type(e) is SpaceView and len(e.members) == 4 for e in seen[n])
+                                     for n in (1, 2, 3, 4)), timeout=20)
+    ends = {n: [e for e in seen[n] if type(e) is Synced][-1] for n in seen}
+    assert len(set(ends.values())) == 1                         # the same round, the merged ring's
+    for n, events in seen.items():                             # the merged space view came before it
+        merged = [e for e in events if type(e) is SpaceView and len(e.members) == 4]
+        assert merged and events.index(merged[-1]) < events.index(ends[n])
 
 
 def merges_seen(sim: SimCluster) -> list[Merge]:

@@ -32,46 +32,80 @@ import hashlib
 import logging
 import math
 import os
+import time
+import zlib
+from collections import deque
+from collections.abc import AsyncIterator, Awaitable, Callable
+from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from operator import itemgetter
 from pathlib import Path
-import time
-import zlib
-from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
-from collections import deque
-from contextlib import asynccontextmanager
 
 import trio
 
 from groupcomm.config import Size, build_stack, load_stack
-from groupcomm.errors import ChannelClosed, ConfigError, DeliveryOverflow, NotOperational, QueueFull
-from groupcomm.events import Direct, Message, View
-from groupcomm.layers.frag import FragConfig, Pieces
-from groupcomm.io.probe import is_probe_request, probe_response
 from groupcomm.config.keys import KeyFile, read_key_file
-from groupcomm.core.seal import OVERHEAD as SEAL_OVERHEAD, CryptoConfig, Seal
-from groupcomm.layers.wire import HEADER_SIZE, PROBE_MAGIC, PROTOCOL_VERSION, RING_MAGIC, RING_TOKEN, SENDER, TYPE_OFFSET
-from groupcomm.layers.wire import datagram_version
-from groupcomm.layers.fd import FdConfig
-from groupcomm.io.pump import Pump, TargetSet, attach, detach, now_us
 from groupcomm.core.ring import RingConfig, SendTo, SendToAll
-from groupcomm.layers.member import Member
-from groupcomm.layers.router import Router
-from groupcomm.layers.quorum import QuorumConfig
-from groupcomm.layers.rpc import ALL, Mode, Reply
+from groupcomm.core.seal import OVERHEAD as SEAL_OVERHEAD
+from groupcomm.core.seal import CryptoConfig, Seal
+from groupcomm.errors import (
+    ChannelClosed,
+    ConfigError,
+    DeliveryOverflow,
+    NotOperational,
+    QueueFull,
+)
+from groupcomm.events import Direct, Message, View
+from groupcomm.io.probe import is_probe_request, probe_response
+from groupcomm.io.pump import Pump, TargetSet, attach, detach, now_us
 from groupcomm.io.space import Handler, Services, Space
 from groupcomm.io.state_dir import MemberState, open_member_state
-from groupcomm.layers.spaces import Merge, SpaceMessage, SpacesConfig, SpaceView, StateInstalled, StateRequest
+from groupcomm.io.udp import (
+    UdpConfig,
+    UdpSockets,
+    UdpuConfig,
+    open_sockets,
+    open_unicast,
+    parse_host,
+)
+from groupcomm.layers.fd import FdConfig
+from groupcomm.layers.frag import FragConfig, Pieces
+from groupcomm.layers.member import Member
+from groupcomm.layers.quorum import QuorumConfig
+from groupcomm.layers.router import Router
+from groupcomm.layers.rpc import ALL, Mode, Reply
+from groupcomm.layers.spaces import (
+    Merge,
+    SpaceMessage,
+    SpacesConfig,
+    SpaceView,
+    StateInstalled,
+    StateRequest,
+    Synced,
+)
 from groupcomm.layers.unicast import UnicastConfig
-from groupcomm.io.udp import UdpConfig, UdpSockets, UdpuConfig, open_sockets, open_unicast, parse_host
+from groupcomm.layers.wire import (
+    PROBE_MAGIC,
+    PROTOCOL_VERSION,
+    RING_MAGIC,
+    RING_TOKEN,
+    SENDER,
+    TYPE_OFFSET,
+    datagram_version,
+)
 
-__all__ = ["Channel", "ChannelConfig", "open_channel", "node_id_for"]
+__all__ = ["Channel", "ChannelConfig", "node_id_for", "open_channel"]
 
-_OBSERVED = (View, Merge, SpaceView, SpaceMessage, StateRequest, StateInstalled)
+_OBSERVED = (View, Merge, Synced, SpaceView, SpaceMessage, StateRequest, StateInstalled)
 """What :meth:`Channel.add_observer` sees."""
 
 _log = logging.getLogger("groupcomm.channel")
+
+
+def _for_observers(item: object) -> None:
+    """An output only observers (:meth:`Channel.add_observer`) see."""
+
 
 _US = 1_000_000
 _MAX_DATAGRAM = 65536
@@ -180,7 +214,8 @@ class Channel:
         self._services = Services(self)
         self._observers: list[Callable[[object], None]] = []
         routes = {SendToAll: self._send_to_all, SendTo: self._send_to, list: self._deliver_run,
-                  View: self._deliver_view, Merge: self._deliver_event, Direct: self._deliver_event}
+                  View: self._deliver_view, Merge: self._deliver_event, Direct: self._deliver_event,
+                  Synced: _for_observers}
         routes.update(self._services.routes())
         for kind in _OBSERVED:
             routes[kind] = self._observed(routes[kind])
@@ -403,8 +438,9 @@ class Channel:
     def add_observer(self, observe: Callable[[object], None]) -> None:
         """Call ``observe(item)`` with every ring :class:`~groupcomm.events.View` (transitional
         too), :class:`~groupcomm.layers.spaces.Merge`, :class:`~groupcomm.layers.spaces.SpaceView`,
-        :class:`~groupcomm.layers.spaces.SpaceMessage`, :class:`~groupcomm.layers.spaces.StateRequest`
-        and :class:`~groupcomm.layers.spaces.StateInstalled` (of every space, joined through
+        :class:`~groupcomm.layers.spaces.SpaceMessage`, :class:`~groupcomm.layers.spaces.StateRequest`,
+        :class:`~groupcomm.layers.spaces.StateInstalled` and :class:`~groupcomm.layers.spaces.Synced`
+        (of every space, joined through
         :meth:`call_member` or not), in delivery order, as the channel routes them.
 
         For services that must see ring and space views in one order (the supervisor's

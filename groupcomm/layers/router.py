@@ -17,7 +17,15 @@ from groupcomm.core.ring import SendTo, SendToAll
 from groupcomm.events import Direct, View
 from groupcomm.layers.member import DirectDone
 from groupcomm.layers.rpc import RequestDone
-from groupcomm.layers.spaces import Merge, SpaceMessage, SpaceRequest, SpaceView, StateInstalled, StateRequest
+from groupcomm.layers.spaces import (
+    Merge,
+    SpaceMessage,
+    SpaceRequest,
+    SpaceView,
+    StateInstalled,
+    StateRequest,
+    Synced,
+)
 
 __all__ = ["OUTPUTS", "Router"]
 
@@ -27,6 +35,7 @@ OUTPUTS: dict[type, str] = {
     list: "a run of channel :class:`~groupcomm.events.Message` objects, in delivery order",
     View: "a ring view (transitional or regular; ``primary`` set by the quorum rule)",
     Merge: "after a merge: the sides and which one was primary",
+    Synced: "the spaces' SYNC round after a merging ring view ended (the same point everywhere)",
     Direct: "a point-to-point message (``send_to``) arrived",
     SpaceView: "a space's membership changed",
     SpaceMessage: "a message for a space this member is in",

@@ -81,8 +81,19 @@ from groupcomm.layers.wire import (
 )
 
 __all__ = [
-    "SpaceView", "SpaceMessage", "SpaceRequest", "StateRequest", "StateInstalled", "Merge",
-    "RingSend", "UnicastSend", "SpaceLayer", "SpacesConfig", "STATE_CHUNK_SIZE", "check_space_name",
+    "STATE_CHUNK_SIZE",
+    "Merge",
+    "RingSend",
+    "SpaceLayer",
+    "SpaceMessage",
+    "SpaceRequest",
+    "SpaceView",
+    "SpacesConfig",
+    "StateInstalled",
+    "StateRequest",
+    "Synced",
+    "UnicastSend",
+    "check_space_name",
 ]
 
 # The frames of this layer (JOIN, LEAVE, SYNC, DATA, STATE_REQ, STATE_DONE and
@@ -167,6 +178,15 @@ class StateInstalled(NamedTuple):
 
     space: str
     state: bytes | None
+
+
+class Synced(NamedTuple):
+    """The SYNC round after a merging ring view ended (every member's claims delivered): from here on
+    every member of ``ring_id`` has the same spaces (and views).  Output at the same point of the total
+    order everywhere, also when no space changed, after the :class:`Merge` (if any) and the space views
+    the round changed."""
+
+    ring_id: RingId
 
 
 class Merge(NamedTuple):
@@ -649,6 +669,7 @@ class SpaceLayer:
                 self._emit_view(space, after, joined, left)
             if after:
                 self._settle(space, after, sync, rank_of)
+        self._out.append(Synced(self.ring_id))
         self._stable()
         self._check_providers()
 

@@ -19,10 +19,26 @@ from typing import Any, Protocol
 
 from groupcomm.events import Direct, View
 from groupcomm.layers.member import DirectDone, Member
-from groupcomm.layers.rpc import ALL, Mode, Reply, RequestDone, no_handler, reply_failed, reply_with
-from groupcomm.layers.spaces import Merge, SpaceMessage, SpaceRequest, SpaceView, StateInstalled, StateRequest
+from groupcomm.layers.rpc import (
+    ALL,
+    Mode,
+    Reply,
+    RequestDone,
+    no_handler,
+    reply_failed,
+    reply_with,
+)
+from groupcomm.layers.spaces import (
+    Merge,
+    SpaceMessage,
+    SpaceRequest,
+    SpaceView,
+    StateInstalled,
+    StateRequest,
+    Synced,
+)
 
-__all__ = ["ServiceApps", "SimRequest", "SimDriver"]
+__all__ = ["ServiceApps", "SimDriver", "SimRequest"]
 
 
 class SimDriver(Protocol):
@@ -203,7 +219,7 @@ class ServiceApps:
         handlers: dict[type, Callable[[Any], None]] = {
             SpaceView: space_view, SpaceMessage: space_message, SpaceRequest: request,
             StateRequest: state_request, StateInstalled: state_installed, RequestDone: request_done,
-            Direct: app.direct.append, DirectDone: direct_done, View: _ignore, Merge: _ignore,
+            Direct: app.direct.append, DirectDone: direct_done, View: _ignore, Merge: _ignore, Synced: _ignore,
         }
         return {t: self._observed(node, handle) for t, handle in handlers.items()}
 

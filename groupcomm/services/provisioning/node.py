@@ -61,6 +61,7 @@ from groupcomm.layers.spaces import (
     SpaceView,
     StateInstalled,
     StateRequest,
+    Synced,
 )
 from groupcomm.services.provisioning.bundle import read_bundle
 from groupcomm.services.provisioning.environments import Environments
@@ -296,8 +297,13 @@ class ProvisioningNode:
         self.channel.claim_space(CLUSTER_SPACE, on_request=serve_blobs(self.store))
         nursery = await stack.enter_async_context(trio.open_nursery())
         stack.callback(nursery.cancel_scope.cancel)         # runs first on exit
-        if self.channel.view is not None:
-            self._inbox.append(self.channel.view)
+        view = self.channel.view
+        if view is not None:                                # installed before we looked
+            self._inbox.append(view)
+            merging: list[bool] = []
+            self.channel.call_member(lambda now, m: merging.append(m.spaces.merging), quiet=True)
+            if merging and not merging[0]:                  # ... and its SYNC round over too
+                self._inbox.append(Synced(view.ring_id))
         self.channel.add_observer(self._observe)
         self._act(core.start())
         self._wake.set()
@@ -312,7 +318,7 @@ class ProvisioningNode:
 
     def _observe(self, item: Any) -> None:
         t = type(item)
-        if t is not View:
+        if t is not View and t is not Synced:
             if t not in (SpaceView, SpaceMessage, StateRequest, StateInstalled):
                 return
             if item.space != CLUSTER_SPACE and not item.space.startswith(SPACE_PREFIX):
@@ -330,6 +336,8 @@ class ProvisioningNode:
                 t = type(item)
                 if t is View:
                     self._act(core.ring_view(item))
+                elif t is Synced:
+                    self._act(core.synced())
                 elif t is SpaceView:
                     self._act(core.space_view(item))
                     if item.space == CLUSTER_SPACE:

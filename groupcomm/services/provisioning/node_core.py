@@ -193,6 +193,8 @@ class ProvisioningCore:
         self._by_space[CLUSTER_SPACE] = self.plans
         self._counter = 0
         self._ring_view: View | None = None
+        self._came_along: tuple[int, ...] | None = None
+        self._merging = False
         self.driver = RolloutDriver(node, self.next_op_id, user=user)
         self.reporter = HealthReporter(node, self.next_op_id, user=user)
 
@@ -226,8 +228,10 @@ class ProvisioningCore:
         replica = self.replicas[group] = self._replica(group)
         self._by_space[replica.space] = replica
         self.local[group] = self._local_store.load(group)[0]
-        if self._ring_view is not None:
+        if self._ring_view is not None:              # the configuration it joins in, as it stands now
             replica.ring_view(self._ring_view)
+            if not self._merging:
+                replica.synced()
         return [JoinSpace(replica.space), DesiredChanged()]
 
     def leave_group(self, group: str) -> list[CoreAction]:
@@ -287,8 +291,22 @@ class ProvisioningCore:
 
     def ring_view(self, view: View) -> list[CoreAction]:
         self._ring_view = view
+        if view.transitional:
+            self._came_along = tuple(view.members)
+        else:
+            # The spaces layer's rule for a SYNC round (see GroupReplica.ring_view).
+            if self._came_along is None or self._came_along != tuple(view.members):
+                self._merging = True
+            self._came_along = None
         for replica in self._by_space.values():
             replica.ring_view(view)
+        return [DesiredChanged()]
+
+    def synced(self) -> list[CoreAction]:
+        """The spaces' SYNC round after a merging ring view ended."""
+        self._merging = False
+        for replica in self._by_space.values():
+            replica.synced()
         return [DesiredChanged()]
 
     def space_view(self, view: SpaceView) -> list[CoreAction]:

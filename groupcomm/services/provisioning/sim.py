@@ -35,7 +35,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from groupcomm.events import View
-from groupcomm.layers.spaces import SpaceMessage, SpaceView
+from groupcomm.layers.spaces import SpaceMessage, SpaceView, Synced
 from groupcomm.services.provisioning.node_core import (
     Answer,
     DesiredChanged,
@@ -132,6 +132,8 @@ class AnswerRecord:
     op_id: str
     result: Accepted | Rejected
     view: View | None
+    members: tuple[int, ...] = ()
+    """The space's members at the deciding node when it delivered the operation."""
 
 
 @dataclass
@@ -182,6 +184,7 @@ class SimProvisioning(SteppedHarness):
         self._timers: list[tuple[int, int, int, int, Callable[[], None]]] = []
         self._order = 0
         self._deferred: list[tuple[int, int, Callable[[], None]]] = []
+        self._delivering: tuple[int, ...] = ()      # the space's members at the node delivering an op
         self.accepts: list[AcceptRecord] = []
         """Every operation accepted anywhere, in delivery order."""
         self.answers: dict[int, dict[str, AnswerRecord]] = {n: {} for n in sim.nodes}
@@ -358,6 +361,8 @@ class SimProvisioning(SteppedHarness):
         if t is View:
             entry.view = item
             self._apply(node, core.ring_view(item))
+        elif t is Synced:
+            self._apply(node, core.synced())
         elif t is SpaceView:
             self._apply(node, core.space_view(item))
             if item.space == CLUSTER_SPACE:
@@ -365,12 +370,15 @@ class SimProvisioning(SteppedHarness):
         elif t is SpaceMessage:
             replica = _replica_of(core, item.space)
             before = replica.state if replica is not None else None
+            members = replica.members if replica is not None else ()
             actions = core.message(item.space, item.message.sender, item.message.payload)
             for action in actions:
                 if type(action) is Answer and type(action.result) is Accepted:
                     self.accepts.append(AcceptRecord(self.sim.now, node, item.space, entry.view, action.result,
                                                      before, replica.state))
+            self._delivering = tuple(members)
             self._apply(node, actions)
+            self._delivering = ()
 
     def _provide(self, node: int, space: str) -> bytes | None:
         entry = self._nodes.get(node)
@@ -394,7 +402,7 @@ class SimProvisioning(SteppedHarness):
             if t is Multicast:
                 self._defer(node, lambda a=action: services.send(node, a.space, a.payload, a.safe))
             elif t is Answer:
-                rec = AnswerRecord(self.sim.now, node, action.op_id, action.result, entry.view)
+                rec = AnswerRecord(self.sim.now, node, action.op_id, action.result, entry.view, self._delivering)
                 self.answers[node][action.op_id] = rec
                 self.answer_log.append(rec)
             elif t is DesiredChanged:

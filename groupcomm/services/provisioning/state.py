@@ -134,6 +134,7 @@ __all__ = [
     "MAX_BUNDLES",
     "MAX_CONFIG_BYTES",
     "MAX_CONFIG_KEYS",
+    "MERGING",
     "READ_ONLY",
     "RECENT_OP_IDS",
     "SPACE_PREFIX",
@@ -172,6 +173,7 @@ MAX_CONFIG_BYTES = 256 * 1024
 
 READ_ONLY = "read-only: this side of the partition is not primary"
 DUPLICATE = "duplicate: this operation was accepted already"
+MERGING = "merging: the sides of a partition are being joined; retry"
 STARTING = "starting: the stored states of the members that started the group together are being compared"
 WRONG_GROUP = "wrong group: the operation names another group"
 
@@ -629,6 +631,8 @@ class GroupReplica:
         self._own: tuple[ReplicatedState, list[HistoryEntry]] = (state, list(history))   # kept while founding
         self._primary = False
         self._transitional = False
+        self._came_along: tuple[int, ...] | None = None   # the members of the last transitional view
+        self._merging = False
         self.members: tuple[int, ...] = ()
         """The space's members (oldest first), from its last view."""
         self.dropped = 0
@@ -651,24 +655,41 @@ class GroupReplica:
     def writable(self) -> bool:
         """Whether an operation delivered now would be accepted (a regular primary configuration,
         founders' stored states compared)."""
-        return self._primary and not self._transitional and self._founders is None
+        return self._primary and not self._transitional and self._founders is None and not self._merging
 
     @property
     def read_only_reason(self) -> str | None:
         """Why this side refuses writes now (None: it accepts them)."""
         if self._founders is not None:
             return STARTING
+        if self._merging:
+            return MERGING
         return None if self.writable else READ_ONLY
 
     # ------------------------------------------------------------------ inputs in total order
 
     def ring_view(self, view: View) -> list[ReplicaOutput]:
-        """A ring configuration (transitional or regular)."""
+        """A ring configuration (transitional or regular).
+
+        A regular view that merges members from different configurations (the
+        spaces layer's rule: no transitional view just before, or one with other
+        members) joins sides whose states may differ: until the spaces' SYNC
+        round ends (:meth:`synced`) every operation is refused alike (:data:`MERGING`)."""
         if view.transitional:
             self._transitional = True
+            self._came_along = tuple(view.members)
         else:
             self._transitional = False
             self._primary = bool(view.primary)
+            # The spaces layer's own rule for starting a SYNC round (groupcomm.layers.spaces).
+            if self._came_along is None or self._came_along != tuple(view.members):
+                self._merging = True
+            self._came_along = None
+        return []
+
+    def synced(self) -> list[ReplicaOutput]:
+        """The spaces' SYNC round after a merging ring view ended (:class:`~groupcomm.layers.spaces.Synced`)."""
+        self._merging = False
         return []
 
     def space_view(self, view: SpaceView) -> list[ReplicaOutput]:
@@ -688,7 +709,9 @@ class GroupReplica:
         if me is None or me not in view.members:
             return []
         if before:
-            pending = (self._founders or set()) | (set(view.members) - before)
+            # Joined relative to this member's previous view, or as the view says (a node that came back
+            # quickly is in "joined" though it never left this member's view).
+            pending = (self._founders or set()) | (set(view.members) - before) | (set(view.joined) - {me})
             self._founders = pending & set(view.members)
             return self._settle_if_claimed()
         own = self._state                             # joining: claim what this node stored
@@ -735,10 +758,11 @@ class GroupReplica:
         except MalformedOp:
             self.dropped += 1
             return []
+        claim = self._founders is not None and type(op.body) is AdoptState and op.group == self.group
+        if self._merging and not claim:
+            return [Rejected(op.op_id, MERGING)]      # every side refuses alike: their states may differ
         if self._founders is not None:
-            if type(op.body) is AdoptState and op.group == self.group:
-                return self._claimed(sender, op)
-            return [Rejected(op.op_id, STARTING)]
+            return self._claimed(sender, op) if claim else [Rejected(op.op_id, STARTING)]
         if not self.writable:
             return [Rejected(op.op_id, READ_ONLY)]
         if op.group != self.group:
