@@ -17,6 +17,7 @@ import socket
 import sys
 import tempfile
 import threading
+import time
 from io import StringIO
 from pathlib import Path
 from typing import Any
@@ -576,6 +577,10 @@ def test_a_too_long_line_is_refused_and_the_server_survives(agent):
     answers = raw(agent.path, b'{"op": "' + b"x" * (MAX_LINE + 10))
     assert answers == [{"ok": False, "error": f"line too long (over {MAX_LINE} bytes)", "kind": "usage"}]
     assert raw(agent.path, b'{"op": "groups"}\n')[0]["ok"] is True
+    for _ in range(500):                             # the server closes its end just after answering
+        if agent.server.connections == 0:
+            break
+        time.sleep(0.01)
     assert agent.server.connections == 0
 
 

@@ -484,6 +484,7 @@ def test_group_replica_replicates_the_plans_record() -> None:
                 for _ in range(2)]
     for r in replicas:
         r.ring_view(View((1, 2), RingId(1, 4), False, True))
+        r.synced()                                   # the spaces' SYNC round after the first view ended
         r.space_view(SpaceView((1, 2), (1, 2), (), "groupcomm.provisioning", (1, 4, 0)))
     o = op(begin())
     for r in replicas:
