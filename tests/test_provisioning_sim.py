@@ -19,10 +19,13 @@ crashes and restarts:
 from __future__ import annotations
 
 import hashlib
+from types import SimpleNamespace
 
+import pytest
 from hypothesis import example, given, settings
 from hypothesis import strategies as st
 
+from groupcomm.events import RingId, View
 from groupcomm.layers.quorum import QuorumConfig
 from groupcomm.services.provisioning.node_core import DEFAULT_GROUP
 from groupcomm.services.provisioning.ops import (
@@ -47,7 +50,7 @@ from groupcomm.services.provisioning.plan import (
 )
 from groupcomm.services.provisioning.policy import SyncPolicy
 from groupcomm.services.provisioning.rollout import desired_for, rollback_to
-from groupcomm.services.provisioning.sim import SimProvisioning
+from groupcomm.services.provisioning.sim import AnswerRecord, SimProvisioning
 from groupcomm.services.provisioning.state import (
     READ_ONLY,
     Accepted,
@@ -134,10 +137,13 @@ def check_decisions(prov: SimProvisioning) -> None:
     by_config: dict[tuple, tuple[str, object]] = {}
     deliveries: dict[tuple, int] = {}
     for rec in prov.answer_log:
-        # The k-th delivery of an op at a node in a configuration and space view (a rollout driver resends
-        # with the same op_id; a member that joined the space since delivers only the later copies).
-        where = (rec.op_id, rec.view.ring_id if rec.view else None, rec.view.transitional if rec.view else None,
-                 tuple(sorted(rec.members)))
+        # One copy of an op: its k-th delivery at a node in a ring configuration and space view (the
+        # members of both deliver the same messages in the same order).  A rollout driver resends with the
+        # same op_id; a member that joined the space since delivers only the later copies, and the space's
+        # member list alone does not tell (a restarted member has the id of its old incarnation).
+        view = rec.view
+        where = (rec.op_id, view.ring_id if view else None, view.transitional if view else None,
+                 view.members if view else None, rec.space_view)
         nth = deliveries[(*where, rec.node)] = deliveries.get((*where, rec.node), 0) + 1
         key = (*where, nth)
         verdict = "accepted" if type(rec.result) is Accepted else rec.result.reason
@@ -516,8 +522,31 @@ def _apply(sim: SimCluster, prov: SimProvisioning, step: tuple) -> None:
                      ("crash", 4), ("join", 1, "web")]))
 @example((3, 580, [("restart", 1), ("heal",), ("crash", 3), ("plan", 1, "1.0", 1), ("crash", 3),
                    ("partition", (0, 1, 0), 0.0), ("restart", 1)]))
+# a soak find, a check artifact: n1-n3 refused a rollout step ("merging") before the restarted n4 was back in
+# the cluster space; the driver's resend (same op_id) was accepted by all four.  Copies were told apart by the
+# space's member list, which still named n4's old incarnation at n1-n3: they are told apart by space view now
+@example((4, 518, [("op", 4, DEFAULT_GROUP, "set-config", "hello", "1.0"), ("run", 1.0), ("restart", 1),
+                   ("plan", 4, "1.0", 2), ("partition", (0, 0, 0, 0), 0.0), ("restart", 1), ("crash", 4)]))
 def test_replicated_state_and_rollouts_under_any_fault_schedule(schedule) -> None:
     run_schedule(schedule)
+
+
+def test_the_decision_check_tells_copies_of_an_op_apart_by_space_view() -> None:
+    """Two decisions of one copy (same ring configuration and space view) must agree; a resend's copy,
+    delivered in a later space view by a member that joined since, is another copy."""
+    view = View((1, 2, 3, 4), RingId(1, 9), False)
+    first, later = (1, 9, 6), (1, 9, 7)
+
+    def check(*decisions: tuple[int, str, tuple[int, int, int]]) -> None:
+        log = [AnswerRecord(0.0, node, "n1:2", Rejected("n1:2", reason), view, (1, 2, 3, 4), space_view)
+               for node, reason, space_view in decisions]
+        check_decisions(SimpleNamespace(accepts=[], answer_log=log))
+
+    check((1, "merging", first), (2, "merging", first), (4, "other", later), (1, "other", later))
+    with pytest.raises(AssertionError, match="n1:2"):
+        check((1, "merging", first), (2, "other", first))
+    with pytest.raises(AssertionError, match="n1:2"):
+        check((1, "merging", first), (1, "other", later), (4, "merging", later))
 
 
 def test_founders_that_receive_a_transfer_keep_their_newer_stored_state() -> None:

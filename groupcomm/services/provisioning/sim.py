@@ -134,6 +134,11 @@ class AnswerRecord:
     view: View | None
     members: tuple[int, ...] = ()
     """The space's members at the deciding node when it delivered the operation."""
+    space_view: tuple[int, int, int] | None = None
+    """The :attr:`~groupcomm.layers.spaces.SpaceView.view_id` of the space view the deciding node
+    delivered the operation in (None: not decided on a delivery).  The members of one space view
+    deliver the same messages in one ring configuration, so with :attr:`view` it tells copies of
+    an operation apart (a resend has the same op_id)."""
 
 
 @dataclass
@@ -153,6 +158,8 @@ class _Node:
     """A reconcile pass is being carried out."""
     again: bool = False
     """The desired state changed during the pass: run another one after it."""
+    space_views: dict[str, tuple[int, int, int]] = field(default_factory=dict)
+    """Space -> the view_id of the last view of it this incarnation installed."""
 
 
 class SimProvisioning(SteppedHarness):
@@ -184,7 +191,8 @@ class SimProvisioning(SteppedHarness):
         self._timers: list[tuple[int, int, int, int, Callable[[], None]]] = []
         self._order = 0
         self._deferred: list[tuple[int, int, Callable[[], None]]] = []
-        self._delivering: tuple[int, ...] = ()      # the space's members at the node delivering an op
+        # the space's members and space view at the node delivering an op (see AnswerRecord)
+        self._delivering: tuple[tuple[int, ...], tuple[int, int, int] | None] = ((), None)
         self.accepts: list[AcceptRecord] = []
         """Every operation accepted anywhere, in delivery order."""
         self.answers: dict[int, dict[str, AnswerRecord]] = {n: {} for n in sim.nodes}
@@ -364,6 +372,7 @@ class SimProvisioning(SteppedHarness):
         elif t is Synced:
             self._apply(node, core.synced())
         elif t is SpaceView:
+            entry.space_views[item.space] = item.view_id
             self._apply(node, core.space_view(item))
             if item.space == CLUSTER_SPACE:
                 self._defer(node, lambda: self._publish(node))
@@ -376,9 +385,9 @@ class SimProvisioning(SteppedHarness):
                 if type(action) is Answer and type(action.result) is Accepted:
                     self.accepts.append(AcceptRecord(self.sim.now, node, item.space, entry.view, action.result,
                                                      before, replica.state))
-            self._delivering = tuple(members)
+            self._delivering = (tuple(members), entry.space_views.get(item.space))
             self._apply(node, actions)
-            self._delivering = ()
+            self._delivering = ((), None)
 
     def _provide(self, node: int, space: str) -> bytes | None:
         entry = self._nodes.get(node)
@@ -402,7 +411,8 @@ class SimProvisioning(SteppedHarness):
             if t is Multicast:
                 self._defer(node, lambda a=action: services.send(node, a.space, a.payload, a.safe))
             elif t is Answer:
-                rec = AnswerRecord(self.sim.now, node, action.op_id, action.result, entry.view, self._delivering)
+                members, space_view = self._delivering
+                rec = AnswerRecord(self.sim.now, node, action.op_id, action.result, entry.view, members, space_view)
                 self.answers[node][action.op_id] = rec
                 self.answer_log.append(rec)
             elif t is DesiredChanged:
