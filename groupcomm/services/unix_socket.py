@@ -10,25 +10,53 @@
   root); a refused peer is handed to ``refuse(stream, reason)`` (which answers
   and closes it), an accepted one to ``serve(stream, uid)`` in the server's
   nursery; running out of descriptors or memory is logged and retried.
+
+Both servers speak newline-delimited JSON: :func:`encode_line` makes one line
+within the server's line limit, :func:`error_line` an ``{"ok": false, ...}``
+answer.
 """
 
 from __future__ import annotations
 
 import errno
+import json
 import logging
 import os
 import socket
 import stat
 import struct
-from collections.abc import Awaitable, Callable, Collection
+from collections.abc import Awaitable, Callable, Collection, Mapping
 from typing import Any, Self
 
 import trio
 
-__all__ = ["UnixSocketServer", "peer_uid"]
+__all__ = ["UnixSocketServer", "encode_line", "error_line", "peer_uid"]
 
 _log = logging.getLogger(__name__)
 _RESOURCE_ERRORS = {errno.EMFILE, errno.ENFILE, errno.ENOMEM, errno.ENOBUFS}
+
+
+def encode_line(message: Mapping[str, Any], limit: int, *, log: logging.Logger, where: str) -> bytes:
+    """``message`` as one compact JSON line (newline included).
+
+    ValueError (its text is the answer's error) if it is not JSON -- logged to ``log`` as an error
+    of ``where`` (e.g. ``"control socket /run/x.sock"``) -- or longer than ``limit`` bytes."""
+    try:
+        line = json.dumps(message, separators=(",", ":"), allow_nan=False).encode() + b"\n"
+    except (TypeError, ValueError) as e:
+        log.error("%s: cannot encode %r: %s", where, message, e)
+        raise ValueError("internal error: the answer is not JSON") from None
+    if len(line) > limit + 1:
+        raise ValueError(f"answer too long ({len(line) - 1} bytes, the limit is {limit})")
+    return line
+
+
+def error_line(why: str, kind: str | None = None) -> bytes:
+    """An error answer line: ``{"ok": false, "error": why}``, with ``"kind": kind`` if given."""
+    answer: dict[str, Any] = {"ok": False, "error": why}
+    if kind is not None:
+        answer["kind"] = kind
+    return json.dumps(answer, separators=(",", ":")).encode() + b"\n"
 
 
 def peer_uid(stream: trio.SocketStream) -> int | None:

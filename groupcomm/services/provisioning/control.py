@@ -92,7 +92,7 @@ import msgspec
 import trio
 
 from groupcomm.errors import ConfigError, GroupcommError
-from groupcomm.services.unix_socket import UnixSocketServer
+from groupcomm.services.unix_socket import UnixSocketServer, encode_line, error_line
 
 __all__ = [
     "MAX_ANSWER",
@@ -441,7 +441,7 @@ class ProvisioningControlServer:
     async def _refuse(self, stream: trio.SocketStream, reason: str) -> None:
         with trio.move_on_after(0.5):
             try:
-                await stream.send_all(self._error(reason, "failed"))
+                await stream.send_all(error_line(reason, "failed"))
             except _BROKEN:
                 pass
         with trio.move_on_after(0.05):         # take the request sent meanwhile: closing a Unix
@@ -465,7 +465,7 @@ class ProvisioningControlServer:
                     await self._handle(stream, self._parse(line), user)
                 except _Closing as e:
                     with trio.move_on_after(self.send_timeout):
-                        await stream.send_all(self._error(str(e), "usage"))
+                        await stream.send_all(error_line(str(e), "usage"))
                     return
         except* _BROKEN:
             pass                                       # the client went away (or did not read)
@@ -513,12 +513,12 @@ class ProvisioningControlServer:
         op = request.get("op")
         spec = REQUESTS.get(op) if isinstance(op, str) else None
         if spec is None:
-            await self._send(stream, self._error(f"unknown op {op!r} ({', '.join(REQUESTS)})", "usage"))
+            await self._send(stream, error_line(f"unknown op {op!r} ({', '.join(REQUESTS)})", "usage"))
             return
         try:
             args = spec.arguments(request)
         except _BadRequest as e:
-            await self._send(stream, self._error(f"{op}: {e}", "usage"))
+            await self._send(stream, error_line(f"{op}: {e}", "usage"))
             return
         args[_PEER] = user
         if not spec.streams:
@@ -559,28 +559,17 @@ class ProvisioningControlServer:
             reason = _reason(exc)
             if reason is None:
                 _log.error("provisioning socket %s: %s failed", self.path, op, exc_info=exc)
-                return self._error("internal error", "failed")
-            return self._error(" ".join(str(reason).split()) or type(reason).__name__,
+                return error_line("internal error", "failed")
+            return error_line(" ".join(str(reason).split()) or type(reason).__name__,
                                "usage" if isinstance(reason, ConfigError) else "failed")
         try:
             return self._encode({"ok": True, "result": to_json(result)})
         except ValueError as e:
-            return self._error(str(e), "failed")
+            return error_line(str(e), "failed")
 
     def _encode(self, message: Mapping[str, Any]) -> bytes:
         """One protocol line; ValueError if it is not JSON or too long."""
-        try:
-            line = json.dumps(message, separators=(",", ":"), allow_nan=False).encode() + b"\n"
-        except (TypeError, ValueError) as e:
-            _log.error("provisioning socket %s: cannot encode %r: %s", self.path, message, e)
-            raise ValueError("internal error: the answer is not JSON") from None
-        if len(line) > self.max_answer + 1:
-            raise ValueError(f"answer too long ({len(line) - 1} bytes, the limit is {self.max_answer})")
-        return line
-
-    @staticmethod
-    def _error(why: str, kind: str) -> bytes:
-        return json.dumps({"ok": False, "error": why, "kind": kind}, separators=(",", ":")).encode() + b"\n"
+        return encode_line(message, self.max_answer, log=_log, where=f"provisioning socket {self.path}")
 
 
 # --------------------------------------------------------------------------- the client

@@ -60,7 +60,7 @@ from typing import Any, Protocol, Self
 
 import trio
 
-from groupcomm.services.unix_socket import UnixSocketServer
+from groupcomm.services.unix_socket import UnixSocketServer, encode_line, error_line
 
 __all__ = ["MAX_LINE", "ControlServer", "SupervisorView"]
 
@@ -154,7 +154,7 @@ class ControlServer:
     async def _refuse(self, stream: trio.SocketStream, reason: str) -> None:
         with trio.move_on_after(0.5):
             try:
-                await stream.send_all(self._error(reason))
+                await stream.send_all(error_line(reason))
             except (trio.BrokenResourceError, OSError):
                 pass
         await stream.aclose()
@@ -197,7 +197,7 @@ class ControlServer:
             with trio.move_on_at(idle_at) if conn.watching is None else nullcontext() as idle:
                 data = await conn.stream.receive_some(65536)
             if idle is not None and idle.cancelled_caught:
-                conn.push(self._error("idle for too long"))
+                conn.push(error_line("idle for too long"))
                 return
             if not data:
                 return
@@ -211,14 +211,14 @@ class ControlServer:
                 try:
                     conn.push(self._answer(conn, line))
                 except _Closing as e:
-                    conn.push(self._error(str(e)))
+                    conn.push(error_line(str(e)))
                     return
                 if conn.watching is not None:
                     if buffer:
                         return
                     break
             if len(buffer) > self.max_line:
-                conn.push(self._error(f"line too long (over {self.max_line} bytes)"))
+                conn.push(error_line(f"line too long (over {self.max_line} bytes)"))
                 return
 
     # ------------------------------------------------------------------ requests
@@ -234,9 +234,9 @@ class ControlServer:
             raise _Closing("malformed request: not a JSON object")
         op, process = request.get("op"), request.get("process")
         if op not in ("status", "role", "table", "watch"):
-            return self._error(f"unknown op {op!r} (status, role, table, watch)")
+            return error_line(f"unknown op {op!r} (status, role, table, watch)")
         if op != "table" and not isinstance(process, str):
-            return self._error(f"op {op!r} needs a \"process\" name")
+            return error_line(f"op {op!r} needs a \"process\" name")
         try:
             if op == "status":
                 answer = {"ok": True, "process": process, "status": dict(self.view.status(process))}
@@ -246,30 +246,19 @@ class ControlServer:
                 role, epoch = self.view.role(process)
                 answer = {"ok": True, "process": process, "role": role, "epoch": epoch}
         except KeyError:
-            return self._error(f"no process {process!r}")
+            return error_line(f"no process {process!r}")
         except Exception:                              # noqa: BLE001 -- a bug in the view must not end the server
             _log.exception("control socket %s: answering %r failed", self.path, op)
-            return self._error("internal error")
+            return error_line("internal error")
         try:
             encoded = self._encode(answer)
         except ValueError as e:
-            return self._error(str(e))
+            return error_line(str(e))
         if op == "watch":
             conn.watching = process
         return encoded
 
     def _encode(self, message: Mapping[str, Any]) -> bytes:
         """One protocol line; ValueError if it is not JSON or too long."""
-        try:
-            line = json.dumps(message, separators=(",", ":"), allow_nan=False).encode() + b"\n"
-        except (TypeError, ValueError) as e:
-            _log.error("control socket %s: cannot encode %r: %s", self.path, message, e)
-            raise ValueError("internal error: the answer is not JSON") from None
-        if len(line) > self.max_line + 1:
-            raise ValueError(f"answer too long ({len(line) - 1} bytes, the limit is {self.max_line})")
-        return line
-
-    @staticmethod
-    def _error(why: str) -> bytes:
-        return json.dumps({"ok": False, "error": why}, separators=(",", ":")).encode() + b"\n"
+        return encode_line(message, self.max_line, log=_log, where=f"control socket {self.path}")
 
