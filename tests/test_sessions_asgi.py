@@ -21,7 +21,11 @@ from hypercorn.trio import serve
 from hypothesis import given
 from hypothesis import strategies as st
 
-from groupcomm.services.sessions.asgi import SessionData, SessionMiddleware
+from groupcomm.services.sessions.asgi import (
+    RequestSession,
+    SessionData,
+    SessionMiddleware,
+)
 from groupcomm.services.sessions.errors import SessionUnavailable
 from groupcomm.services.sessions.ids import new_session_id, parse_cookie_value
 from groupcomm.services.sessions.memory import MemorySessionStore
@@ -444,3 +448,22 @@ async def test_under_hypercorn_on_trio_with_real_http():
                 assert (await alice.get("/read")).text == "0"
             stop.set()
     assert len(store) == 0
+
+
+def test_the_request_session_tells_the_middleware_what_to_invalidate_and_save() -> None:
+    record = SessionData("a", {"cart": [1]}, version=3)
+    session = RequestSession(record)
+    assert session.record is record and not session.modified and session.pop_doomed() is None
+    session["cart"].append(2)
+    snapshot = session.snapshot()
+    assert session.modified and snapshot == {"cart": [1, 2]}
+    session.mark_saved(snapshot)
+    snapshot["cart"].append(3)                     # the store's copy is not the session's
+    assert not session.modified and session["cart"] == [1, 2]
+    session.invalidate()
+    assert session.record is None and session.id is None
+    session["x"] = 1                               # a new session, to be created
+    created = SessionData("b")
+    session.attach(created)
+    assert session.record is created and session.id == "b" and session.modified
+    assert session.pop_doomed() == "a" and session.pop_doomed() is None

@@ -146,6 +146,29 @@ class RequestSession(MutableMapping[str, Any]):
         self._values.clear()
         self._saved = {}
 
+    # -- the middleware's side: what to invalidate, what to save, what the store has --------
+
+    @property
+    def record(self) -> SessionData | None:
+        """The store's session these values belong to (None: new, or invalidated)."""
+        return self._record
+
+    def attach(self, record: SessionData) -> None:
+        """The store created ``record`` for this new session's values (see :meth:`mark_saved`)."""
+        self._record = record
+
+    def pop_doomed(self) -> str | None:
+        """The id of a session :meth:`invalidate` ended and the store must still forget (None: none left)."""
+        return self._doomed.pop() if self._doomed else None
+
+    def snapshot(self) -> dict[str, Any]:
+        """A deep copy of the values, to hand to the store."""
+        return copy.deepcopy(self._values)
+
+    def mark_saved(self, snapshot: dict[str, Any]) -> None:
+        """The store now has ``snapshot``: :attr:`modified` compares with it from now on."""
+        self._saved = copy.deepcopy(snapshot)
+
     def __getitem__(self, key: str) -> Any:
         return self._values[key]
 
@@ -215,7 +238,8 @@ class SessionMiddleware:
         session = RequestSession(record)
         reserved = {record.id} if record else set()
         try:
-            response = _Response(self, session, sent_value, send, reserved)
+            response = _Response(session, sent_value, send, reserved, buffer_limit=self.buffer_limit,
+                                 store_changes=self._commit, cookie_header=self._cookie_header)
             await self.app({**scope, "session": session}, receive, response.send)
             await response.finish()
         finally:
@@ -238,13 +262,13 @@ class SessionMiddleware:
 
     async def _commit(self, session: RequestSession, reserved: set[str], *, may_create: bool) -> None:
         """Invalidate what the app ended, then save (or create) the session if it changed."""
-        while session._doomed:
-            doomed = session._doomed.pop()
+        while (doomed := session.pop_doomed()) is not None:
             reserved.discard(doomed)                  # invalidate releases it
             await self.store.invalidate(doomed)
         if not session.modified:
             return
-        if session._record is None:
+        record = session.record
+        if record is None:
             if not may_create:
                 log.warning("session created after the response started streaming: not kept (no cookie)")
                 return
@@ -256,15 +280,15 @@ class SessionMiddleware:
                 reserved.discard(created.id)
                 await self.store.invalidate(created.id)     # no empty orphan left behind
                 raise
-            session._record = created
+            session.attach(created)
         else:
-            await self._save(session, session._record)
+            await self._save(session, record)
 
     async def _save(self, session: RequestSession, record: SessionData) -> None:
-        snapshot = copy.deepcopy(session._values)
+        snapshot = session.snapshot()
         record.values = snapshot
         await self.store.save(record)
-        session._saved = copy.deepcopy(snapshot)
+        session.mark_saved(snapshot)
 
     def _cookie_header(self, session: RequestSession, sent_value: str | None) -> tuple[bytes, bytes] | None:
         """The Set-Cookie header this response needs, if any."""
@@ -291,9 +315,13 @@ class SessionMiddleware:
 class _Response:
     """The send side of one request: holds the response back until the session is saved."""
 
-    def __init__(self, middleware: SessionMiddleware, session: RequestSession, sent_value: str | None,
-                 send: Send, reserved: set[str]) -> None:
-        self.middleware = middleware
+    def __init__(self, session: RequestSession, sent_value: str | None, send: Send, reserved: set[str], *,
+                 buffer_limit: int, store_changes: Callable[..., Awaitable[None]],
+                 cookie_header: Callable[[RequestSession, str | None], tuple[bytes, bytes] | None]) -> None:
+        self.buffer_limit = buffer_limit
+        self.store_changes = store_changes
+        """The middleware's commit: invalidate what the app ended, save (or create) the session."""
+        self.cookie_header = cookie_header
         self.session = session
         self.sent_value = sent_value
         self.downstream = send
@@ -320,7 +348,7 @@ class _Response:
         elif kind == "http.response.body":
             self.held.append(message)
             self.held_bytes += len(message.get("body", b""))
-            if not message.get("more_body", False) or self.held_bytes > self.middleware.buffer_limit:
+            if not message.get("more_body", False) or self.held_bytes > self.buffer_limit:
                 await self._commit()
         else:                                        # trailers, pathsend...: the body is over
             self.held.append(message)
@@ -337,14 +365,14 @@ class _Response:
     async def _commit(self) -> None:
         assert self.start is not None
         try:
-            await self.middleware._commit(self.session, self.reserved, may_create=True)
+            await self.store_changes(self.session, self.reserved, may_create=True)
         except SessionError as exc:
             self.replaced = True
             await _send_error(self.downstream, exc, self.session.id)
             return
         self.committed = True
         start = self.start
-        header = self.middleware._cookie_header(self.session, self.sent_value)
+        header = self.cookie_header(self.session, self.sent_value)
         if header is not None:
             start = {**start, "headers": [*start.get("headers", ()), header]}
         await self.downstream(start)
@@ -354,7 +382,7 @@ class _Response:
 
     async def _save_late(self) -> None:
         try:
-            await self.middleware._commit(self.session, self.reserved, may_create=False)
+            await self.store_changes(self.session, self.reserved, may_create=False)
         except SessionError:
             log.exception("session %s: saving the changes made while streaming failed; response aborted",
                           self.session.id)
