@@ -23,7 +23,17 @@ import argparse
 import signal
 
 import groupcomm
-from groupcomm.cli import demo, keys, node, probe, provisioning, ps, simulate, supervise
+from groupcomm.cli import (
+    demo,
+    keys,
+    node,
+    probe,
+    provisioning,
+    ps,
+    sessions,
+    simulate,
+    supervise,
+)
 from groupcomm.cli.errors import EXIT_FAILED, EXIT_OK, EXIT_USAGE, interrupted, report
 
 __all__ = ["EXIT_FAILED", "EXIT_INTERRUPTED", "EXIT_OK", "EXIT_USAGE", "build_parser", "main"]
@@ -50,7 +60,7 @@ exit status:
 'groupcomm COMMAND --help' describes each command's options.
 """
 
-COMMANDS = (demo, simulate, node, probe, keys, supervise, ps, provisioning)
+COMMANDS = (demo, simulate, node, probe, keys, supervise, ps, provisioning, sessions)
 
 
 def build_parser() -> argparse.ArgumentParser:
