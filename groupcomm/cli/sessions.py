@@ -2,7 +2,8 @@
 
 ``sessions-node`` is one node of a clustered web application: it joins the
 cluster (the same channel options as ``groupcomm node``), opens the session
-store on the space named by ``--space`` (default: the app's name), and serves
+store of the web application ``--app-name`` (default: the app's name; every
+node of one application uses the same name, ``--backups`` and ``--strategy``), and serves
 the demo application (:mod:`groupcomm.services.sessions.demo_app`) wrapped in
 :class:`~groupcomm.services.sessions.asgi.SessionMiddleware` with Hypercorn on
 trio at ``--http HOST:PORT``.  Port 0 picks a free port.  Only a loopback
@@ -39,10 +40,11 @@ from groupcomm.cli.channel_options import (
 from groupcomm.cli.errors import UsageError, contains
 from groupcomm.cli.sessions_demo import add_parser as add_demo_parser
 
-__all__ = ["APPS", "MAX_BACKUPS", "HttpAddress", "add_parser", "open_store", "parse_http_address", "parse_tags",
-           "run_node"]
+__all__ = ["APPS", "MAX_BACKUPS", "STRATEGIES", "HttpAddress", "add_parser", "open_store", "parse_http_address",
+           "parse_tags", "run_node", "store_settings"]
 
 APPS = ("demo",)
+STRATEGIES = ("next-k", "tag-aware")
 """The applications ``sessions-node --app`` can serve."""
 MAX_BACKUPS = 8
 """Most backups (K) the command line accepts."""
@@ -66,12 +68,16 @@ def add_parser(commands: Any) -> None:
     p.add_argument("--allow-remote", action="store_true",
                    help="allow a non-loopback --http address (the demo app has no authentication)")
     p.add_argument("--app", choices=APPS, default="demo", help="the application to serve (default: demo)")
-    p.add_argument("--space", default=None, help="the store's space name (default: the app's name)")
+    p.add_argument("--app-name", default=None, metavar="NAME",
+                   help="the web application's name: its nodes share its sessions (default: the --app value)")
     p.add_argument("--backups", type=int, default=1, metavar="K",
                    help=f"copies of each session on other nodes (0..{MAX_BACKUPS}, default 1)")
     p.add_argument("--tag", action="append", default=[], metavar="KEY=VALUE",
                    help="a placement tag of this node, e.g. host=h1 or rack=r2 (repeatable): backups avoid "
                         "nodes with the same tags")
+    p.add_argument("--strategy", choices=STRATEGIES, default="next-k",
+                   help="how backups are chosen: next-k (default: the next K members in a per-session order) or "
+                        "tag-aware (backups on another host, better another rack, by the host= and rack= tags)")
     p.set_defaults(run=run_node)
     add_demo_parser(commands)
 
@@ -124,14 +130,27 @@ def parse_tags(items: list[str]) -> dict[str, str]:
     return tags
 
 
+def store_settings(args: argparse.Namespace) -> Any:
+    """The :class:`~groupcomm.services.sessions.settings.SessionSettings` the options ask for (UsageError if bad)."""
+    from groupcomm.services.sessions.buckets import NextK, TagAware
+    from groupcomm.services.sessions.settings import SessionSettings, session_space
+
+    try:
+        session_space(args.app_name or args.app)
+        strategy = TagAware() if args.strategy == "tag-aware" else NextK()
+        return SessionSettings(backups=args.backups, strategy=strategy)
+    except ValueError as exc:
+        raise UsageError(str(exc)) from None
+
+
 @asynccontextmanager
-async def open_store(channel: Any, space: str, *, name: str, backups: int,
+async def open_store(channel: Any, app_name: str, settings: Any, *, name: str,
                      tags: dict[str, str]) -> AsyncIterator[Any]:
     """The session store of this node (the seam between the command line and the store).
 
     Until the replicated store is wired here this is a single-node
     :class:`~groupcomm.services.sessions.memory.MemorySessionStore`: sessions do not
-    move between nodes and ``backups``/``tags`` are not used.
+    move between nodes and ``settings``' backups and strategy and the ``tags`` are not used.
     """
     from groupcomm.services.sessions.memory import MemorySessionStore
 
@@ -157,7 +176,8 @@ def run_node(args: argparse.Namespace) -> int:
     if not 0 <= args.backups <= MAX_BACKUPS:
         raise UsageError(f"--backups must be in 0..{MAX_BACKUPS}")
     tags = parse_tags(args.tag)
-    space = args.space or args.app
+    app_name = args.app_name or args.app
+    store_config = store_settings(args)
     settings = settings_from(args)
     state = _NodeState()
 
@@ -171,7 +191,7 @@ def run_node(args: argparse.Namespace) -> int:
         async with open_channel(settings.stack, cluster=args.cluster, name=args.name,
                                 **settings.channel_kwargs()) as channel:
             state.joined = True
-            async with open_store(channel, space, name=args.name, backups=args.backups, tags=tags) as store:
+            async with open_store(channel, app_name, store_config, name=args.name, tags=tags) as store:
                 app = SessionMiddleware(demo_app(store.node_name, getattr(store, "stats", None)), store)
                 async with trio.open_nursery() as nursery:
                     binds = await nursery.start(partial(serve, app, _hypercorn_config(address), mode="asgi",
