@@ -39,7 +39,7 @@ Send = Callable[[MutableMapping[str, Any]], Awaitable[None]]
 ASGIApp = Callable[[Scope, Receive, Send], Awaitable[None]]
 
 
-def demo_app(node_name: str, stats: Callable[[], Mapping[str, int]] | None = None) -> ASGIApp:
+def demo_app(node_name: str, stats: Callable[[], Mapping[str, Any]] | None = None) -> ASGIApp:
     """The demo application of node ``node_name``; ``stats`` (e.g. ``store.stats``) feeds ``GET /stats``."""
 
     async def app(scope: Scope, receive: Receive, send: Send) -> None:
@@ -61,7 +61,7 @@ def demo_app(node_name: str, stats: Callable[[], Mapping[str, int]] | None = Non
             if stats is None:
                 await _json(send, 404, {"error": "this node's store keeps no statistics"})
             else:
-                await _json(send, 200, {key: int(value) for key, value in stats().items()})
+                await _json(send, 200, dict(stats()))
         elif scope["path"] in _ROUTES:
             await _answer(send, 405, b"method not allowed\n", b"text/plain; charset=utf-8",
                           [(b"allow", _ROUTES[scope["path"]])])
@@ -101,7 +101,7 @@ def _header(scope: Scope, name: bytes) -> str | None:
 
 
 async def _json(send: Send, status: int, body: Mapping[str, Any]) -> None:
-    await _answer(send, status, json.dumps(body).encode() + b"\n", b"application/json")
+    await _answer(send, status, json.dumps(body, default=str).encode() + b"\n", b"application/json")
 
 
 async def _answer(send: Send, status: int, body: bytes, content_type: bytes,
