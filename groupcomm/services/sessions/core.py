@@ -52,7 +52,7 @@ How it works (docs/sessions.rst has the user's view):
 from __future__ import annotations
 
 from collections import deque
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -174,8 +174,11 @@ class SessionCore:
     """One member's sessions, copies and index part (see the module doc)."""
 
     def __init__(self, me: int, name: str, settings: SessionSettings | None = None,
-                 tags: Mapping[str, str] | None = None) -> None:
+                 tags: Mapping[str, str] | None = None, *,
+                 new_id: Callable[[], str] = new_session_id) -> None:
         self.me = me
+        self.new_id = new_id
+        """Makes the id of each created session (a simulation passes a seeded one)."""
         self.name = name
         self.settings = settings or SessionSettings()
         self.my_tags = dict(tags or {})
@@ -479,7 +482,7 @@ class SessionCore:
             self._fail(op, self._unavailable("this side of the partition is not primary"))
             return
         if op.kind == "create" and not op.sid:
-            op.sid = new_session_id()
+            op.sid = self.new_id()
         if not self.serving or bucket_of(op.sid, self.settings.buckets) not in self.ready:
             self._parked.append(op)
             return
