@@ -35,7 +35,7 @@ NODE = ["sessions-node", "--cluster", "c", "--stack", "loopback", "--name", "n1"
     ([*NODE, "--http", "127.0.0.1:0", "--tag", "host=a", "--tag", "host=b"], ["given twice"]),
     ([*NODE, "--http", "127.0.0.1:0", "--ttl", "0", "--stack", "udpu"], ["multicast"]),
     ([*NODE, "--http", "127.0.0.1:0", "--app-name", "a/b"], ["application name"]),
-    (["sessions-demo", "--nodes", "1"], ["--nodes"]),
+    (["sessions-demo", "--nodes", "2"], ["--nodes"]),
     (["sessions-demo", "--nodes", "3", "--backups", "3"], ["--backups"]),
     (["sessions-demo", "--base-port", "80"], ["--base-port"]),
     (["sessions-demo", "--increments", "0"], ["--increments"]),

@@ -146,15 +146,14 @@ def store_settings(args: argparse.Namespace) -> Any:
 @asynccontextmanager
 async def open_store(channel: Any, app_name: str, settings: Any, *, name: str,
                      tags: dict[str, str]) -> AsyncIterator[Any]:
-    """The session store of this node (the seam between the command line and the store).
+    """This node's :class:`~groupcomm.services.sessions.driver.ReplicatedSessionStore` of ``app_name``.
 
-    Until the replicated store is wired here this is a single-node
-    :class:`~groupcomm.services.sessions.memory.MemorySessionStore`: sessions do not
-    move between nodes and ``settings``' backups and strategy and the ``tags`` are not used.
+    Leaving the block evacuates the sessions this node holds to the others, then leaves the space.
     """
-    from groupcomm.services.sessions.memory import MemorySessionStore
+    from groupcomm.services.sessions.driver import ReplicatedSessionStore
 
-    yield MemorySessionStore(name)
+    async with ReplicatedSessionStore(channel, app_name, settings, tags=tags, name=name) as store:
+        yield store
 
 
 @dataclass

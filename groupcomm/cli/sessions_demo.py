@@ -38,7 +38,7 @@ COOKIE = "GCSESSION"
 """The session cookie's name (SessionMiddleware's default)."""
 START_TIMEOUT = 60.0
 """Seconds for every node to join and serve."""
-CHECK_TIMEOUT = 60.0
+CHECK_TIMEOUT = 30.0
 """Seconds for the narrated check (increments, graceful stop, final read)."""
 
 
@@ -50,7 +50,7 @@ def add_parser(commands: Any) -> None:
                     "migrates), stop its holder gracefully and check the counter. --serve: just keep serving "
                     "until Ctrl-C.",
     )
-    p.add_argument("--nodes", type=int, default=3, help="node processes (2..8, default 3)")
+    p.add_argument("--nodes", type=int, default=3, help="node processes (3..8, default 3)")
     p.add_argument("--backups", type=int, default=1, metavar="K", help="backups of each session (default 1)")
     p.add_argument("--base-port", type=int, default=None, metavar="P",
                    help="serve HTTP on ports P, P+1, ... (default: free ports)")
@@ -61,8 +61,9 @@ def add_parser(commands: Any) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    if not 2 <= args.nodes <= 8:
-        raise UsageError("--nodes must be in 2..8")
+    if not 3 <= args.nodes <= 8:
+        # the check stops one node: the others must still be a majority (a primary component)
+        raise UsageError("--nodes must be in 3..8")
     if not 0 <= args.backups < args.nodes:
         raise UsageError(f"--backups must be in 0..{args.nodes - 1} (fewer than --nodes)")
     if args.base_port is not None and not 1024 <= args.base_port <= 65535 - args.nodes:
@@ -232,7 +233,7 @@ def _check(processes: list[SessionNodeProcess], increments: int, rng: random.Ran
         out(f"   {victim.name} exited with status {status} after {time.monotonic() - t1:.2f}s")
         ok &= status == 0
         reader = rng.choice([p for p in processes if p.running()])
-        final = _read(client, reader, deadline)
+        final = _read(client, reader, deadline, out)
         out(f"   {reader.name} reads the counter: {final['counter']} (expected {increments})")
         ok &= final["counter"] == increments
         for process in processes:
@@ -265,19 +266,25 @@ def _increment(client: _Client, processes: list[SessionNodeProcess], rng: random
     raise TimeoutError(f"no node answered an increment within {CHECK_TIMEOUT:g}s")
 
 
-def _read(client: _Client, process: SessionNodeProcess, deadline: float) -> dict:
+def _read(client: _Client, process: SessionNodeProcess, deadline: float, out: Any) -> dict:
+    """The client's session read on ``process``, retried (same node) past errors and 503s until ``deadline``."""
     import httpx
 
+    last = ""
     while time.monotonic() < deadline:
         try:
             response = client.request("GET", f"{process.url}/")
-        except httpx.TransportError:
-            time.sleep(0.2)
-            continue
-        if response.status_code == 200:
-            return response.json()
+        except httpx.TransportError as exc:
+            answer = type(exc).__name__
+        else:
+            if response.status_code == 200:
+                return response.json()
+            answer = f"{response.status_code} ({response.text.strip()})"
+        if answer != last:
+            out(f"   {process.name}: {answer}; retrying")
+            last = answer
         time.sleep(0.2)
-    raise TimeoutError(f"{process.name} did not answer GET / within {CHECK_TIMEOUT:g}s")
+    raise TimeoutError(f"{process.name} did not answer GET / within {CHECK_TIMEOUT:g}s (last: {last})")
 
 
 def _stats(http: Any, process: SessionNodeProcess) -> str:
