@@ -208,6 +208,7 @@ class SessionCore:
         self._parked: list[_Op] = []
         self._acquiring: dict[str, list[_Op]] = {}
         self._leave_op: _Op | None = None
+        self._handed: set[str] = set()           # handed off while stopping, not yet taken up by the new holder
         self._now = 0.0
         self._next_scan = 0.0
         # owner side, for the current view
@@ -675,6 +676,8 @@ class SessionCore:
             self.stats["migrations_out"] += 1
             if holding.evacuating:
                 self.stats["evacuated"] += 1
+            if self.leaving:
+                self._handed.add(sid)            # the new holder drops this copy once it has the session
         self._send(frame.to, Transfer(self.view_id, encode_session(record.with_epoch(frame.epoch)), copies))
         self._after_gone(holding)
 
@@ -749,6 +752,9 @@ class SessionCore:
             except SessionError:
                 ok = False
         self._send(holder, Replicated(self.view_id, sid, record.epoch, record.version, ok))
+        if sid in self._handed:                      # the new holder has it (and made this node a backup)
+            self._handed.discard(sid)
+            self._check_left()
 
     def _on_replicated(self, backup: int, frame: Replicated) -> None:
         holding = self.held.get(frame.id)
@@ -768,6 +774,9 @@ class SessionCore:
         if record is not None and frame.id not in self.held and \
                 (record.epoch, record.version) <= (frame.epoch, frame.version):
             self.table.remove(frame.id)
+            if frame.id in self._handed:
+                self._handed.discard(frame.id)
+                self._check_left()
 
     def _on_forget(self, sender: int, frame: Forget) -> None:
         if self._is_owner(frame.id) and not self._owner_ready:
@@ -1043,7 +1052,7 @@ class SessionCore:
         op = self._leave_op
         if op is None or op.done:
             return
-        if not self.held or len(self.members) <= 1:
+        if (not self.held and not self._handed) or len(self.members) <= 1:
             self._finish(op, None)
 
     def _expire(self, now: float) -> None:
