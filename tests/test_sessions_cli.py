@@ -84,6 +84,8 @@ def test_a_node_process_serves_the_demo_app_and_stops_gracefully_on_sigterm(tmp_
             assert http.post("/incr", headers={"x-request-id": "r2"}).json()["counter"] == 2
             assert http.get("/").json()["counter"] == 2
         assert node.stop(timeout=20) == 0
+        stats = node.final_stats()
+        assert stats is not None and stats["evacuated"] == 0          # alone: nobody to hand its session to
         log = (tmp_path / "n1.log").read_text()
         assert "Traceback" not in log and "error" not in log.lower(), log
     finally:

@@ -11,8 +11,9 @@ address is served unless ``--allow-remote`` is given (the demo has no
 authentication).  When it serves it prints one JSON line
 ``{"event": "serving", "name": ..., "url": ...}``.  SIGTERM or Ctrl-C shuts it
 down gracefully: no new HTTP requests (those in flight finish), then the store
-hands the sessions this node holds to the others (evacuation), then it leaves
-the cluster and exits 0.  A second signal, or a signal before it serves, stops
+hands the sessions this node holds to the others (evacuation) and prints
+``{"event": "stopped", "name": ..., "stats": {...}}`` (the store's counters,
+``evacuated`` among them), then it leaves the cluster and exits 0.  A second signal, or a signal before it serves, stops
 it at once with exit status 128 + the signal number, like ``groupcomm node``.
 
 ``sessions-demo`` (:mod:`groupcomm.cli.sessions_demo`) starts three such
@@ -198,6 +199,9 @@ def run_node(args: argparse.Namespace) -> int:
                     state.serving = True
                     print(json.dumps({"event": "serving", "name": args.name, "url": binds[0]}), flush=True)
                 # the HTTP server stopped: leaving the store's block hands its sessions to the others
+            stats = getattr(store, "stats", None)
+            print(json.dumps({"event": "stopped", "name": args.name, "stats": stats() if stats else {}}),
+                  flush=True)
 
     async def main() -> None:
         state.http_stop = trio.Event()

@@ -119,6 +119,18 @@ class SessionNodeProcess:
                 self.url = event["url"]
         return self.url
 
+    def final_stats(self, timeout: float = 1.0) -> dict | None:
+        """The store's counters the node printed when it stopped gracefully, None if it did not."""
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            try:
+                event = self.events.get(timeout=0.05)
+            except queue.Empty:
+                continue
+            if event.get("event") == "stopped":
+                return event.get("stats", {})
+        return None
+
     def log_tail(self, lines: int = 3) -> str:
         try:
             with open(self.log_path, encoding="utf-8", errors="replace") as log:
@@ -230,7 +242,9 @@ def _check(processes: list[SessionNodeProcess], increments: int, rng: random.Ran
         out(f"== stop {victim.name}, the session's holder, gracefully (SIGTERM: it hands its sessions over)")
         t1 = time.monotonic()
         status = victim.stop(timeout=max(1.0, deadline - time.monotonic()))
-        out(f"   {victim.name} exited with status {status} after {time.monotonic() - t1:.2f}s")
+        final_stats = victim.final_stats()
+        handed = f", handing over {final_stats.get('evacuated', '?')} session(s)" if final_stats is not None else ""
+        out(f"   {victim.name} exited with status {status} after {time.monotonic() - t1:.2f}s{handed}")
         ok &= status == 0
         reader = rng.choice([p for p in processes if p.running()])
         final = _read(client, reader, deadline, out)
