@@ -6,7 +6,13 @@
 * :mod:`.errors` -- the errors a session store raises (each maps to an HTTP answer);
 * :mod:`.ids` -- session ids and the cookie value with its routing hint;
 * :mod:`.record` -- the session record, its wire form, and the bounded
-  :class:`SessionTable` a node keeps.
+  :class:`SessionTable` a node keeps;
+* :mod:`.settings` -- :class:`SessionSettings`, every number of a replicated store;
+* :mod:`.core` -- :class:`SessionCore`, one node's part of the replicated store (sans-IO);
+* :mod:`.wire` -- the frames the nodes exchange and their validating decoder.
+
+The trio store is :class:`groupcomm.services.sessions.driver.ReplicatedSessionStore`;
+the ASGI middleware :class:`groupcomm.services.sessions.asgi.SessionMiddleware`.
 
 These are sans-IO and import without trio; so must this package: a trio
 driver is imported from its own module, never from here.
@@ -23,6 +29,7 @@ from groupcomm.services.sessions.buckets import (
     bucket_of,
     moved,
 )
+from groupcomm.services.sessions.core import SessionCore
 from groupcomm.services.sessions.errors import (
     SessionError,
     SessionsFull,
@@ -44,6 +51,7 @@ from groupcomm.services.sessions.record import (
     decode_session,
     encode_session,
 )
+from groupcomm.services.sessions.settings import SessionSettings, session_space
 
 __all__ = [
     "DEFAULT_BUCKETS",
@@ -53,7 +61,9 @@ __all__ = [
     "MalformedSession",
     "NextK",
     "Session",
+    "SessionCore",
     "SessionError",
+    "SessionSettings",
     "SessionTable",
     "SessionTooLarge",
     "SessionUnavailable",
@@ -68,4 +78,5 @@ __all__ = [
     "moved",
     "new_session_id",
     "parse_cookie_value",
+    "session_space",
 ]

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import logging
 import math
 import time
 from collections import deque
@@ -44,6 +45,8 @@ from groupcomm.services.sessions.record import Session
 from groupcomm.services.sessions.settings import SessionSettings, session_space
 
 __all__ = ["ReplicatedSessionStore"]
+
+log = logging.getLogger(__name__)
 
 _CHANNEL_GONE = (ChannelClosed, LocalProtocolError, NotOperational)
 _FRAME_TIMEOUT_US = 30_000_000        # a frame's (empty) reply; views, not this, decide failures
@@ -200,7 +203,11 @@ class ReplicatedSessionStore:
 
     def _feed(self, step: Callable[[float], None]) -> None:
         """Give the core one input now, then act on its outputs."""
-        step(self._clock())
+        try:
+            step(self._clock())
+        except Exception:       # a bug in the core must not take the channel (the node's membership) down
+            self.core.stats["internal_errors"] = self.core.stats.get("internal_errors", 0) + 1
+            log.exception("session store %s: the core failed on an input", self.app)
         for action in self.core.take():
             if type(action) is Done:
                 slot = self._waiting.get(action.token)
