@@ -36,7 +36,7 @@ from groupcomm.errors import (
     QueueFull,
 )
 from groupcomm.events import View
-from groupcomm.layers.rpc import ALL
+from groupcomm.layers.rpc import NONE
 from groupcomm.layers.spaces import SpaceMessage, SpaceView, StateRequest, Synced
 from groupcomm.services.sessions.asgi import SessionData
 from groupcomm.services.sessions.core import Announce, Done, Send, SessionCore
@@ -49,7 +49,7 @@ __all__ = ["ReplicatedSessionStore"]
 log = logging.getLogger(__name__)
 
 _CHANNEL_GONE = (ChannelClosed, LocalProtocolError, NotOperational)
-_FRAME_TIMEOUT_US = 30_000_000        # a frame's (empty) reply; views, not this, decide failures
+_FRAME_TIMEOUT_US = 30_000_000        # unused with mode NONE (no reply awaited): views decide failures
 
 
 class ReplicatedSessionStore:
@@ -258,7 +258,7 @@ class ReplicatedSessionStore:
                     dest, payload = action.dest, action.payload
 
                     def send(now: int, m: Any, d: int = dest, p: bytes = payload) -> None:
-                        m.request(now, space, p, to=(d,), mode=ALL, timeout_us=_FRAME_TIMEOUT_US)
+                        m.request(now, space, p, to=(d,), mode=NONE, timeout_us=_FRAME_TIMEOUT_US)
                 else:
                     payload = action.payload
 
