@@ -3,24 +3,33 @@
 The usage errors run :func:`groupcomm.cli.main` in process (one line on stderr,
 exit status 2); the node test starts a real ``python -P -m groupcomm
 sessions-node`` on the loopback stack serving on a loopback port, talks to it
-with httpx, and stops it with SIGTERM (graceful: exit status 0).
+with httpx, and stops it with SIGTERM (graceful: exit status 0); the demo runs
+with ``--serve`` and is stopped with SIGTERM: every node it started is gone.
 """
 
 from __future__ import annotations
 
+import contextlib
 import os
+import re
+import signal
+import subprocess
+import sys
 import time
 import uuid
+from pathlib import Path
 
 import httpx
 import pytest
 
+import groupcomm
 from groupcomm.cli import main
 from groupcomm.cli.demo import free_udp_port
 from groupcomm.cli.errors import UsageError
 from groupcomm.cli.sessions import HttpAddress, parse_http_address, parse_tags
 from groupcomm.cli.sessions_demo import SessionNodeProcess
 
+PACKAGE_ROOT = str(Path(groupcomm.__file__).resolve().parent.parent)
 NODE = ["sessions-node", "--cluster", "c", "--stack", "loopback", "--name", "n1"]
 
 
@@ -90,3 +99,29 @@ def test_a_node_process_serves_the_demo_app_and_stops_gracefully_on_sigterm(tmp_
         assert "Traceback" not in log and "error" not in log.lower(), log
     finally:
         node.stop(timeout=5)
+
+
+def test_the_demo_serves_until_sigterm_then_stops_every_node_it_started():
+    demo = subprocess.Popen([sys.executable, "-P", "-m", "groupcomm", "sessions-demo", "--serve"],
+                            stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            env={**os.environ, "PYTHONPATH": PACKAGE_ROOT},
+                            start_new_session=True)          # its own process group: the finally reaches its nodes
+    try:
+        assert demo.stdout is not None
+        lines = []
+        for line in demo.stdout:
+            lines.append(line)
+            if "serving until" in line:
+                break
+        urls = re.findall(r"http://127\.0\.0\.1:\d+", "".join(lines))
+        assert len(urls) == 3, lines
+        assert all(httpx.get(f"{url}/healthz", timeout=5).status_code == 200 for url in urls)
+        demo.send_signal(signal.SIGTERM)
+        assert demo.wait(timeout=60) == 0
+        for url in urls:
+            with pytest.raises(httpx.ConnectError):
+                httpx.get(f"{url}/healthz", timeout=5)
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(demo.pid, signal.SIGKILL)             # the group this test made: the demo and its nodes
+        demo.wait(timeout=10)

@@ -171,6 +171,7 @@ def run_sessions_demo(nodes: int = 3, backups: int = 1, *, base_port: int | None
     out(f"== starting {nodes} sessions-node processes of the demo app (cluster {cluster}, stack 'loopback', "
         f"K={backups} backup{'s' if backups != 1 else ''})")
     processes: list[SessionNodeProcess] = []
+    previous = signal.signal(signal.SIGTERM, _interrupt)   # SIGTERM cleans up as Ctrl-C does
     try:
         for i in range(nodes):
             port = 0 if base_port is None else base_port + i
@@ -187,13 +188,20 @@ def run_sessions_demo(nodes: int = 3, backups: int = 1, *, base_port: int | None
             return _serve_until_interrupted(processes, out)
         return _check(processes, increments, random.Random(seed), out)
     finally:
-        for process in processes:
-            process.stop(timeout=10)
-        state.cleanup()
+        try:
+            for process in processes:
+                process.stop(timeout=10)
+        finally:
+            signal.signal(signal.SIGTERM, previous)
+            state.cleanup()
+
+
+def _interrupt(signum: int, frame: Any) -> None:
+    raise KeyboardInterrupt
 
 
 def _serve_until_interrupted(processes: list[SessionNodeProcess], out: Any) -> bool:
-    out("== serving until Ctrl-C")
+    out("== serving until Ctrl-C (or SIGTERM)")
     try:
         while all(p.running() for p in processes):
             time.sleep(0.2)
