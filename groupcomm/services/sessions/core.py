@@ -31,7 +31,10 @@ How it works (docs/sessions.rst has the user's view):
   is gone, the copy with the highest (epoch, version): that is fail-over -- to
   hand its record over (:class:`~.wire.Handoff`); the keeper waits until no
   request of its own uses it, then sends it (:class:`~.wire.Transfer`).  The
-  new holder tells the owner (:class:`~.wire.Acquired`).
+  new holder tells the owner (:class:`~.wire.Acquired`).  In a primary
+  component an owner does not wait for a request to fail a session over: right
+  after its rebuild it moves each session without a holder to its best copy,
+  which then replicates it to K backups again.
 * **Replication.**  A save is acknowledged once the session's K backups
   (:attr:`SessionSettings.backups`, chosen by the strategy) have the new
   version.  After a view change, a migration or new tags, the holder pushes
@@ -934,6 +937,14 @@ class SessionCore:
             for start in range(0, max(len(items), 1), batch):
                 chunk = items[start:start + batch]
                 self._send(member, Verdict(self.view_id, chunk, start + batch >= len(items)))
+        # a session whose holder is gone becomes its best copy's now, not at its next request:
+        # the new holder makes K copies again, so a later crash of that copy loses nothing.  Only
+        # in a primary component: both sides of a partition start their epochs at the same ring
+        # seq, so a copy promoted on a minority side could outrank the primary side's holder
+        for sid, entry in index.items() if self.primary else ():
+            if entry.holder is None and entry.copies and entry.lock is None:
+                best = max(entry.copies, key=lambda m: (entry.copies[m], -m))
+                self._start_move(sid, entry, best)
         backlog, self._owner_backlog = self._owner_backlog, []
         for sender, frame in backlog:
             self._on_owner_frame(sender, frame)
