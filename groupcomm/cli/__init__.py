@@ -9,7 +9,9 @@
 - ``ps``, ``start``, ``stop``, ``restart`` (:mod:`groupcomm.cli.ps`): the cluster's
   processes, through the supervisors' group;
 - ``group``, ``bundle``, ``config``, ``plan``, ``cluster`` (:mod:`groupcomm.cli.provisioning`):
-  provisioning, through the local provisioning agent.
+  provisioning, through the local provisioning agent;
+- ``sessions-node`` (:mod:`groupcomm.cli.sessions`), ``sessions-demo``
+  (:mod:`groupcomm.cli.sessions_demo`): replicated HTTP sessions, one node / three demo nodes.
 
 Errors a user can cause print one line, ``groupcomm: error: ...``, on stderr
 (:mod:`groupcomm.cli.errors`); ``groupcomm --debug COMMAND`` shows the
