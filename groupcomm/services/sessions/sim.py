@@ -22,6 +22,8 @@ release) and records whether it was acknowledged::
 
 from __future__ import annotations
 
+import base64
+import random
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
@@ -73,8 +75,10 @@ class SimSessions(SteppedHarness):
     """A session store on every live node of ``sim`` for application ``app``."""
 
     def __init__(self, sim: Any, settings: SessionSettings | None = None, *, app: str = "shop",
-                 tags: Mapping[int, Mapping[str, str]] | None = None, step: float = 0.01) -> None:
+                 tags: Mapping[int, Mapping[str, str]] | None = None, step: float = 0.01,
+                 id_seed: int = 0) -> None:
         self.sim = sim
+        self._ids = random.Random(id_seed)      # session ids from a seed: a run repeats exactly
         self.settings = settings or SessionSettings()
         self.space = session_space(app)
         self.tags = {n: dict((tags or {}).get(n, {})) for n in sim.nodes}
@@ -148,7 +152,9 @@ class SimSessions(SteppedHarness):
         self._fail_requests(node, "node crashed")
 
     def restart(self, node: int) -> None:
-        """Start ``node`` again, empty."""
+        """Start ``node`` again, empty (a node that stopped gracefully: its process exits first)."""
+        if node in self.left and node in self.sim.live:
+            self.sim.crash(node)
         self.sim.restart(node)
         self.left.discard(node)
         self._boot(node)
@@ -239,9 +245,12 @@ class SimSessions(SteppedHarness):
 
     def _boot(self, node: int) -> None:
         self._incarnations[node] += 1
-        core = SessionCore(node, f"n{node}", self.settings, self.tags.get(node))
+        core = SessionCore(node, f"n{node}", self.settings, self.tags.get(node), new_id=self._new_id)
         self._nodes[node] = _Node(core, self._incarnations[node])
         self._defer(node, lambda: self.sim.services.join(node, self.space))
+
+    def _new_id(self) -> str:
+        return base64.urlsafe_b64encode(self._ids.randbytes(16)).rstrip(b"=").decode()
 
     def _handler(self, node: int) -> Any:
         def handle(payload: bytes, requester: int) -> bytes:
