@@ -430,6 +430,11 @@ def total(snapshots: Sequence[dict[str, int]], key: str) -> int:
     return sum(s.get(key, 0) for s in snapshots)
 
 
+def held_and_copies(snapshots: Sequence[dict[str, int]], sessions: int) -> bool:
+    """The nodes hold ``sessions`` sessions in all and keep at least one backup copy of each (K=1)."""
+    return total(snapshots, "held") == sessions and total(snapshots, "copies") >= sessions
+
+
 def figures(title: str, snapshots: dict[str, dict[str, int]], load: Load, totals: Sequence[str]) -> None:
     """Print the nodes' counters (``pytest -s``); the total is over the snapshots named in ``totals``."""
     keys = ("migrations_in", "failovers", "created", "saves", "rebuilds", "held", "copies")
@@ -446,7 +451,7 @@ CLIENTS = 24
 PINNED = 4        # clients whose session is made to live on the node that is stopped or cut off
 
 
-def test_kill_9_restart_and_graceful_stop_under_load_lose_no_session_and_no_update(tmp_path):
+def test_kill_9_mid_load_restart_and_graceful_stop_lose_no_session_and_no_update(tmp_path):
     names = ("n1", "n2", "n3")
     ports = [free_tcp_port() for _ in names]
     channel = ["--cluster", f"sessions-proc-{uuid.uuid4().hex[:8]}", *LOOPBACK,
@@ -484,8 +489,9 @@ def test_kill_9_restart_and_graceful_stop_under_load_lose_no_session_and_no_upda
         # random routing, whatever the cookie's hint: every client was served by several nodes
         assert all(len(c.answered_by) >= 2 for c in load.clients), [c.answered_by for c in load.clients]
         # every session held by exactly one of the nodes left (stale copies dropped, none twice)
-        wait_for(lambda: sum(n.stats()["held"] for n in survivors) == CLIENTS,
-                 f"the survivors hold the {CLIENTS} sessions, each once")
+        # and backed up again (K=1: at least one copy each)
+        wait_for(lambda: held_and_copies([n.stats() for n in survivors], CLIENTS),
+                 f"the survivors hold the {CLIENTS} sessions, each once, with a backup")
         after = {n.name: n.stats() for n in survivors}
         figures(f"loopback, 3 nodes, K=1 ({time.monotonic() - t0:.1f} s)",
                 {"n2 before kill": before_kill, "n3 before stop": before_stop["n3"],
@@ -556,12 +562,14 @@ def test_a_partition_between_namespaces_minority_answers_503_majority_serves_eve
                          "n3, cut off, answers 503")
                 assert all(after is not None and int(after) >= 1 for _, after in in_netns(n3.netns, minority_answers))
 
-                def minority_write() -> int:
+                def minority_writes() -> list[tuple[int, bool]]:
+                    """An increment of a pinned session, and one that would create a session, on n3."""
                     with httpx.Client(timeout=REQUEST_TIMEOUT) as http:
-                        return http.post(f"{n3.url}/incr", headers={
-                            "cookie": f"{COOKIE}={pinned[0].cookie}", "x-request-id": "minority-write"}).status_code
+                        answers = [http.post(f"{n3.url}/incr", headers={**cookie, "x-request-id": "minority-write"})
+                                   for cookie in ({"cookie": f"{COOKIE}={pinned[0].cookie}"}, {})]
+                        return [(r.status_code, "retry-after" in r.headers) for r in answers]
 
-                assert in_netns(n3.netns, minority_write) == 503
+                assert in_netns(n3.netns, minority_writes) == [(503, True), (503, True)]
 
                 # the majority serves every session, those held on n3 from their backups
                 load.wait_acked(3, "while n3 is cut off")
@@ -576,8 +584,8 @@ def test_a_partition_between_namespaces_minority_answers_503_majority_serves_eve
             finally:
                 load.stop()
             load.verify(list(cluster.nodes.values()), netns=clients_ns)
-            wait_for(lambda: sum(cluster[n].stats(clients_ns)["held"] for n in names) == NETNS_CLIENTS,
-                     f"the {NETNS_CLIENTS} sessions have one holder each after healing")
+            wait_for(lambda: held_and_copies([cluster[n].stats(clients_ns) for n in names], NETNS_CLIENTS),
+                     f"the {NETNS_CLIENTS} sessions have one holder each and a backup after healing")
             after = {n: cluster[n].stats(clients_ns) for n in names}
             figures(f"namespaces, udp, 3 nodes, K=1 ({time.monotonic() - t0:.1f} s)",
                     {**{f"{n} majority": s for n, s in majority.items()},
