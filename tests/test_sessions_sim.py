@@ -21,6 +21,7 @@ from __future__ import annotations
 
 from collections.abc import Iterable
 
+import pytest
 from hypothesis import example, given, settings
 from hypothesis import strategies as st
 
@@ -59,12 +60,22 @@ def settle(store: SimSessions, timeout: float = 20.0) -> None:
     on the way when the last save is acknowledged)."""
     end = store.sim.now + timeout
     while True:
-        assert store.run_until(store.settled, max(0.0, end - store.sim.now)), "the store did not settle"
+        assert store.run_until(store.settled, max(0.0, end - store.sim.now)), unsettled(store)
         views = {n: store.core(n).view_id for n in store.running}
         store.run(1.0)
         if store.settled() and views == {n: store.core(n).view_id for n in store.running}:
             return
-        assert store.sim.now < end, "the store did not settle"
+        assert store.sim.now < end, unsettled(store)
+
+
+def unsettled(store: SimSessions) -> str:
+    """Why the store is not settled, node by node."""
+    lines = [f"the store did not settle by {store.sim.now:.2f}s:"]
+    for n in store.running:
+        core = store.core(n)
+        lines.append(f"  n{n}: space view {core.view_id} members {core.members} serving={core.serving} "
+                     f"buckets ready {len(core.ready)} pending={core.pending_work()} held {len(core.held)}")
+    return "\n".join(lines)
 
 
 def holders(store: SimSessions, sid: str) -> list[int]:
@@ -354,6 +365,17 @@ def test_a_seeded_simulation_repeats_exactly() -> None:
         return out
 
     assert run() == run()
+
+
+@pytest.mark.xfail(strict=True, reason="spaces layer: after this merge n3 gets no new space view (n1, n2 "
+                   "see it join; it never saw itself leave) and stays in the old one; the owners wait for its "
+                   "holdings forever (found by the property; for the lead)")
+def test_a_member_that_never_saw_itself_leave_the_space_follows_the_others_into_the_new_view() -> None:
+    run = _Schedule(3, 1, 65535)
+    for step in [("partition", (1, 1, 2), 0.02), ("inc", 1, None), ("partition", (2, 0, 2), 0.0),
+                 ("inc", 1, None), ("run", 0.05), ("partition", (1, 1, 1), 0.0)]:
+        run.apply(step)
+    settle(run.store, 30)
 
 
 # ------------------------------------------------------------------ the property
