@@ -34,7 +34,7 @@ ROOT = Path(__file__).resolve().parent.parent
 
 RUNS = {
     "ring": 2000, "wire-ring": 3000, "wire-unicast": 3000, "fd": 3000, "unicast": 2000,
-    "frag": 2000, "spaces": 1500, "probe": 1500, "ring-operational": 80, "member": 50,
+    "frag": 2000, "spaces": 1500, "probe": 1500, "ring-operational": 80, "member": 50, "sessions": 1500,
 }
 """Executions per target in CI (seeds included): about 60 s for all on two busy cores.
 The stateful targets rebuild a cluster for every input, hence fewer runs."""

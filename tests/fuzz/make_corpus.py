@@ -31,6 +31,8 @@ import hashlib
 from collections import defaultdict
 from pathlib import Path
 
+import msgspec
+
 from groupcomm.core.ring import SendTo, SendToAll
 from groupcomm.io.probe import probe_response
 from groupcomm.layers import wire
@@ -39,11 +41,19 @@ from groupcomm.layers.rpc import Mode
 from groupcomm.layers.unicast import UnicastMessage
 from groupcomm.testing import SimCluster
 from tests.fuzz.run import CORPUS, MAX_LEN
-from tests.fuzz.targets import CLUSTER, ME, SEP, SPACE, member_cluster, ring_cluster
+from tests.fuzz.targets import (
+    CLUSTER,
+    ME,
+    SEP,
+    SESSIONS_VIEW,
+    SPACE,
+    member_cluster,
+    ring_cluster,
+)
 
 LIMITS = {
     "ring": 40, "ring-operational": 30, "wire-ring": 40, "wire-unicast": 30, "fd": 10,
-    "unicast": 40, "frag": 12, "spaces": 40, "probe": 8, "member": 30,
+    "unicast": 40, "frag": 12, "spaces": 40, "probe": 8, "member": 30, "sessions": 30,
 }
 """Files kept per target (a few hundred in all)."""
 MAX_FILE = MAX_LEN
@@ -218,6 +228,48 @@ def capture_probe(capture: Capture) -> None:
     capture.add("probe", b"two", SEP.join([probe_response(CLUSTER, {"address": 7, "stats": {}}), request]))
 
 
+def capture_sessions(capture: Capture) -> None:
+    """The frames session stores send each other: migrations, a crash and fail-over, a graceful stop."""
+    from groupcomm.services.sessions import core as session_core
+    from groupcomm.services.sessions import wire as session_wire
+    from groupcomm.services.sessions.settings import SessionSettings
+    from groupcomm.services.sessions.sim import SimSessions
+
+    seen: list[bytes] = []
+    receive = session_core.SessionCore.receive
+
+    def spy(self, sender: int, payload: bytes, now: float) -> None:
+        seen.append(payload)
+        receive(self, sender, payload, now)
+
+    session_core.SessionCore.receive = spy
+    try:
+        sim = SimCluster(4, seed=5, stack="sim", quorum=QuorumConfig(expected_votes=4))
+        store = SimSessions(sim, SessionSettings(backups=1))
+        store.run_until(store.ready, 20)
+        first = store.increment(1, None)
+        store.run_until(lambda: first.finished, 10)
+        for node in (2, 3, 4, 1):
+            inc = store.increment(node, first.sid)
+            store.run_until(lambda inc=inc: inc.finished, 10)
+        store.crash(1)
+        again = store.increment(2, first.sid)
+        store.run_until(lambda: again.finished, 20)
+        store.stop(2)
+        store.run(3.0)
+    finally:
+        session_core.SessionCore.receive = receive
+    previous = b""
+    for raw in seen:                # as if sent in the fuzzed member's view (else they only wait for it)
+        frame = msgspec.structs.replace(session_wire.decode_frame(raw), view=SESSIONS_VIEW)
+        payload = session_wire.encode_frame(frame)
+        kind = type(frame).__name__.encode()
+        capture.add("sessions", kind, payload)
+        if previous:
+            capture.add("sessions", b"pair", previous + SEP + payload)
+        previous = payload
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--out", type=Path, default=CORPUS, help=f"corpus root (default: {CORPUS})")
@@ -227,6 +279,7 @@ def main(argv: list[str] | None = None) -> int:
     capture_ring_cluster(capture)
     capture_member_cluster(capture)
     capture_probe(capture)
+    capture_sessions(capture)
     for target in LIMITS:
         picked = capture.pick(target)
         assert picked, f"nothing captured for {target}"

@@ -39,8 +39,11 @@ from groupcomm.layers.frag import Fragmenter
 from groupcomm.layers.member import Member
 from groupcomm.layers.quorum import Quorum, QuorumConfig
 from groupcomm.layers.rpc import Reply
-from groupcomm.layers.spaces import SpaceLayer, SpaceRequest, StateRequest
+from groupcomm.layers.spaces import SpaceLayer, SpaceRequest, SpaceView, StateRequest
 from groupcomm.layers.unicast import Unicast, UnicastMessage
+from groupcomm.services.sessions import wire as session_wire
+from groupcomm.services.sessions.core import SessionCore
+from groupcomm.services.sessions.record import Session
 from tests.fuzz.netloop import NetLoop, Node
 
 __all__ = ["CLUSTER", "EPOCH", "MAX_PACKETS", "ME", "PEERS", "SEP", "SETTINGS", "SPACE", "TARGETS", "member_cluster",
@@ -380,6 +383,40 @@ def member() -> Callable[[bytes], None]:
     return one
 
 
+def _session_core():
+    """Member 1 of an application space of 1, 2, 3, holding a session and a copy of another."""
+    core = SessionCore(ME, "n1", new_id=lambda: "A" * 21 + "A")
+    core.ring_view(View((1, 2, 3), RingId(1, 8), False, True), 0.0)
+    core.synced(0.0)
+    core.space_view(SpaceView((1, 2, 3), (1, 2, 3), (), "groupcomm.sessions/fuzz", SESSIONS_VIEW), 0.0)
+    core.table.put(Session.new("B" * 21 + "A", now=0.0, epoch=8 << 16), 0.0)
+    core.take()
+    return core
+
+
+SESSIONS_VIEW = (1, 8, 2)
+"""The view id the sessions target's member is in (frames of other views are buffered or dropped)."""
+
+
+def sessions() -> Callable[[bytes], None]:
+    """:class:`~groupcomm.services.sessions.core.SessionCore` of member 1: frames from members 2
+    and 3 (alternately), then its timers; every frame that decodes must round-trip."""
+
+    def one(data: bytes) -> None:
+        core = _session_core()
+        for i, frame in enumerate(split(data)):
+            core.receive(2 + i % 2, frame, 1.0 + i)
+            core.take()
+            try:
+                decoded = session_wire.decode_frame(frame)
+            except session_wire.MalformedFrame:
+                continue
+            assert session_wire.decode_frame(session_wire.encode_frame(decoded)) == decoded
+        core.tick(10_000.0)
+        core.take()
+    return one
+
+
 TARGETS: dict[str, Callable[[], Callable[[bytes], None]]] = {
     "ring": ring_fresh,
     "ring-operational": ring_operational,
@@ -391,5 +428,6 @@ TARGETS: dict[str, Callable[[], Callable[[bytes], None]]] = {
     "spaces": spaces,
     "probe": probe,
     "member": member,
+    "sessions": sessions,
 }
 """Each target's name and the factory of its per-input function."""
