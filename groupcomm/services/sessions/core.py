@@ -59,7 +59,7 @@ from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
-from groupcomm.events import View
+from groupcomm.events import RingId, View
 from groupcomm.layers.spaces import SpaceView
 from groupcomm.services.sessions.buckets import BucketMap, bucket_of
 from groupcomm.services.sessions.errors import (
@@ -207,6 +207,7 @@ class SessionCore:
         self._past: deque[ViewId] = deque(maxlen=_PAST_VIEWS)
         self._future: deque[tuple[int, Frame]] = deque()
         self._came_along: tuple[int, ...] | None = None
+        self._ring_id: RingId | None = None
         self._ops: dict[int, _Op] = {}
         self._parked: list[_Op] = []
         self._acquiring: dict[str, list[_Op]] = {}
@@ -274,15 +275,23 @@ class SessionCore:
         self._came_along = None
         self.primary = bool(view.primary)
         self.ring_seq = view.ring_id.seq
+        self._ring_id = view.ring_id
         if not self.primary:
             self._fail_all("this side of the partition is not primary")
         self._kick()
         self._drain()
 
     def synced(self, now: float) -> None:
-        """The spaces' SYNC round after a merging ring view ended."""
+        """The spaces' SYNC round after a merging ring view ended.
+
+        It also starts a new round of the index (named after the ring): a member that
+        was cut off and came back before it saw the others leave keeps its old space
+        view (its members did not change, for it), while the others install a new one
+        in which it joins -- the view ids differ, the round after the SYNC does not."""
         self._now = now
         self.merging = False
+        if self.view_id is not None and self._ring_id is not None:
+            self._new_round((self._ring_id.rep, self._ring_id.seq, -1), self.members, joined=True)
         self._kick()
         self._drain()
 
@@ -292,10 +301,15 @@ class SessionCore:
         if self.me not in view.members:
             self._stopped()
             return
+        self._new_round(tuple(view.view_id), tuple(view.members), joined=bool(view.joined))
+
+    def _new_round(self, round_id: ViewId, members: tuple[int, ...], *, joined: bool) -> None:
+        """Start the index over for the members of a new view (every member starts the same round
+        at the same point of the total order)."""
         if self.view_id is not None:
             self._past.append(self.view_id)
-        self.view_id = tuple(view.view_id)
-        self.members = tuple(view.members)
+        self.view_id = round_id
+        self.members = members
         self.bucket_map = BucketMap(self.members, self.settings.buckets)
         for gone in set(self.tags) - set(self.members):
             self.tags.pop(gone, None)
@@ -306,7 +320,7 @@ class SessionCore:
         self._owner_ready = False
         self._owner_backlog = []
         self.index = {}
-        if view.joined:
+        if joined:
             self._announce(Hello(self.view_id, self.name, self.my_tags))
         self._redo_in_flight()
         self._report_holdings()
