@@ -152,18 +152,10 @@ def check_index(store: SimSessions) -> None:
                 assert entry.copies, f"n{n} indexes {sid} with no holder and no copies"
 
 
-class Checked:
+def checked(store: SimSessions) -> SimSessions:
     """Check (b) after every step of the simulation."""
-
-    def __init__(self, store: SimSessions) -> None:
-        self.store = store
-        inner = store._after_step
-
-        def after_step() -> None:
-            inner()
-            check_one_holder(store)
-
-        store._after_step = after_step
+    store.checks.append(lambda: check_one_holder(store))
+    return store
 
 
 # ------------------------------------------------------------------ scenarios
@@ -171,7 +163,7 @@ class Checked:
 
 def test_a_session_migrates_to_each_node_in_turn_and_keeps_its_counter() -> None:
     _sim, store = make(4, seed=3, backups=1)
-    Checked(store)
+    checked(store)
     first = increment(store, 1, None)
     assert first.acked and first.counter == 1
     sid = first.sid
@@ -191,7 +183,7 @@ def test_a_session_migrates_to_each_node_in_turn_and_keeps_its_counter() -> None
 
 def test_concurrent_requests_for_one_session_are_serialised_without_lost_updates() -> None:
     _sim, store = make(3, seed=5, backups=1)
-    Checked(store)
+    checked(store)
     sid = increment(store, 1, None).sid
     incs = []
     for _ in range(4):
@@ -207,7 +199,7 @@ def test_concurrent_requests_for_one_session_are_serialised_without_lost_updates
 
 def test_a_crashed_holders_session_is_recovered_from_its_backup() -> None:
     _sim, store = make(3, seed=7, backups=1)
-    Checked(store)
+    checked(store)
     sid = increment(store, 1, None).sid
     for _ in range(2):
         assert increment(store, 1, sid).acked
@@ -257,7 +249,7 @@ def test_without_backups_a_crashed_holders_sessions_are_lost() -> None:
 
 def test_a_graceful_stop_evacuates_the_holders_sessions_even_without_backups() -> None:
     _sim, store = make(4, seed=11, backups=0)
-    Checked(store)
+    checked(store)
     sids = [increment(store, 2, None).sid for _ in range(5)]
     for sid in sids:
         assert increment(store, 2, sid).acked
@@ -275,7 +267,7 @@ def test_a_graceful_stop_evacuates_the_holders_sessions_even_without_backups() -
 
 def test_the_minority_side_refuses_every_request_and_the_majority_serves() -> None:
     sim, store = make(5, seed=13, backups=1)
-    Checked(store)
+    checked(store)
     sids = [increment(store, node, None).sid for node in (1, 2, 3, 4, 5, 4, 5)]
     settle(store)
     # a session whose holder and backup are both on the minority side is not found on the
@@ -414,7 +406,7 @@ class _Schedule:
     def __init__(self, n: int, k: int, seed: int) -> None:
         self.n, self.k = n, k
         self.sim, self.store = make(n, seed, backups=k)
-        Checked(self.store)
+        checked(self.store)
         self.split = False
         self.sids: list[str] = []
 

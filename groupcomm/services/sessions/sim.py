@@ -24,7 +24,7 @@ from __future__ import annotations
 
 import base64
 import random
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -95,6 +95,8 @@ class SimSessions(SteppedHarness):
         """Every increment started, in order."""
         self.left: set[int] = set()
         """Nodes that stopped gracefully (left the space)."""
+        self.checks: list[Callable[[], None]] = []
+        """Called after every step of the simulation (a test's invariant checks)."""
         sim.services.add_observer(self._observe)
         for node in sim.nodes:
             sim.services.on_request(node, self.space, self._handler(node))
@@ -325,6 +327,8 @@ class SimSessions(SteppedHarness):
                 live = entry is not None and entry.incarnation == incarnation and node in self.sim.live
                 if live or (entry is None and node in self.left and node in self.sim.live):
                     act()
+        for check in self.checks:
+            check()
 
 
 def _request(member: Any, now: int, space: str, payload: bytes, dest: int) -> None:
