@@ -57,7 +57,7 @@ from __future__ import annotations
 from collections import deque
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, ClassVar
 
 from groupcomm.events import RingId, View
 from groupcomm.layers.spaces import SpaceView
@@ -622,7 +622,7 @@ class SessionCore:
         if sender not in self.members:
             self.stats["stale_frames"] += 1
             return
-        handler = _HANDLERS.get(type(frame))
+        handler = self._HANDLERS.get(type(frame))
         if handler is not None:
             handler(self, sender, frame)
 
@@ -1029,7 +1029,11 @@ class SessionCore:
                 bucket_of(sid, self.settings.buckets) not in self.ready:
             return
         raw = None
-        for backup in self._backups(sid):
+        backups = self._backups(sid)
+        # members with older copies get the current record too, before they are dropped: a save
+        # is acknowledged only once no member keeps an older copy, which a primary side cut off
+        # from the holder and its backups could otherwise fail the session over to
+        for backup in (*backups, *sorted(holding.stale - set(backups))):
             if backup not in holding.acked and backup not in holding.sent:
                 raw = raw or encode_session(record)
                 holding.sent.add(backup)
@@ -1038,10 +1042,10 @@ class SessionCore:
 
     def _replication_progress(self, sid: str, holding: _Holding) -> None:
         backups = set(self._backups(sid))
-        if not backups <= holding.acked:
+        if not backups | holding.stale <= holding.acked:
             return
         record = self.table.get(sid)
-        extra = (holding.acked - backups) | (holding.stale - backups)
+        extra = holding.acked - backups
         for member in extra:
             self._send(member, Drop(self.view_id, sid, record.epoch, record.version))
         holding.acked &= backups
@@ -1137,26 +1141,26 @@ class SessionCore:
                 return op
         return None
 
+    _HANDLERS: ClassVar[dict[type, Callable[..., None]]] = {  # frame type -> handler(self, sender, frame)
+        Holdings: _on_holdings,
+        Verdict: _on_verdict,
+        Register: _on_owner_frame,
+        Registered: _on_registered,
+        Acquire: _on_owner_frame,
+        Evacuate: _on_owner_frame,
+        NotFound: _on_not_found,
+        Handoff: _on_handoff,
+        Missing: _on_owner_frame,
+        Transfer: _on_transfer,
+        Acquired: _on_owner_frame,
+        Replicate: _on_replicate,
+        Replicated: _on_replicated,
+        Forget: _on_forget,
+        Forgotten: _on_forgotten,
+        Drop: _on_drop,
+    }
+
 
 def _live(op: _Op | None) -> bool:
     return op is not None and not op.done
 
-
-_HANDLERS = {
-    Holdings: SessionCore._on_holdings,
-    Verdict: SessionCore._on_verdict,
-    Register: SessionCore._on_owner_frame,
-    Registered: SessionCore._on_registered,
-    Acquire: SessionCore._on_owner_frame,
-    Evacuate: SessionCore._on_owner_frame,
-    NotFound: SessionCore._on_not_found,
-    Handoff: SessionCore._on_handoff,
-    Missing: SessionCore._on_owner_frame,
-    Transfer: SessionCore._on_transfer,
-    Acquired: SessionCore._on_owner_frame,
-    Replicate: SessionCore._on_replicate,
-    Replicated: SessionCore._on_replicated,
-    Forget: SessionCore._on_forget,
-    Forgotten: SessionCore._on_forgotten,
-    Drop: SessionCore._on_drop,
-}
