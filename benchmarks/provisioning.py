@@ -35,7 +35,6 @@ import contextlib
 import hashlib
 import itertools
 import json
-import math
 import random
 import socket
 import statistics
@@ -52,6 +51,8 @@ import trio
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
+
+from workers import free_port, free_tcp_port, log, ms, percentile
 
 from groupcomm.io.channel import open_channel
 from groupcomm.services.provisioning.node import ProvisioningNode, ProvisioningSettings
@@ -87,23 +88,12 @@ roles = {{ web = {{ group = "default", nodes = {nodes} }} }}
 
 # --------------------------------------------------------------------------- helpers
 
-def free_port(kind: int = socket.SOCK_STREAM) -> int:
-    with socket.socket(socket.AF_INET, kind) as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
-def percentile(values: list[float], p: float) -> float:
-    ordered = sorted(values)
-    return ordered[min(len(ordered) - 1, max(0, math.ceil(p / 100 * len(ordered)) - 1))]
 
 
-def ms(seconds: float) -> float:
-    return round(seconds * 1000, 2)
 
 
-def log(line: str) -> None:
-    print(line, file=sys.stderr, flush=True)
 
 
 def data_wheel(directory: Path, name: str, size: int) -> Path:
@@ -206,7 +196,7 @@ async def until(predicate: Callable[[], Any], limit: float, what: str, tick: flo
 @contextlib.asynccontextmanager
 async def cluster(root: Path, names: list[str]) -> AsyncIterator[list[ProvisioningNode]]:
     """A ProvisioningNode per name on loopback channels of one fresh cluster, every status seen."""
-    cluster_name, overrides = f"bench-prov-{uuid.uuid4().hex[:8]}", {"UDP": {"mcast_port": free_port(socket.SOCK_DGRAM)}}
+    cluster_name, overrides = f"bench-prov-{uuid.uuid4().hex[:8]}", {"UDP": {"mcast_port": free_port()}}
     async with contextlib.AsyncExitStack() as stack:
         nodes = []
         for name in names:
@@ -388,7 +378,7 @@ async def rollout(nodes: list[ProvisioningNode], root: Path, ports: dict[str, in
 
 async def run(args: argparse.Namespace, root: Path) -> dict[str, Any]:
     names = [f"n{i + 1}" for i in range(args.nodes)]
-    ports = {name: free_port() for name in names}
+    ports = {name: free_tcp_port() for name in names}
     results: dict[str, Any] = {"nodes": args.nodes, "stack": "loopback"}
     timeline = Timeline()
     # the failing version's port: bound here, never listening and without SO_REUSEADDR, so its

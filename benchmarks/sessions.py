@@ -31,11 +31,9 @@ from __future__ import annotations
 import argparse
 import contextlib
 import json
-import math
 import os
 import random
 import signal
-import socket
 import statistics
 import subprocess
 import sys
@@ -50,6 +48,8 @@ import trio
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
+from workers import free_port, free_tcp_port, log, ms, percentile
+
 from groupcomm.io.channel import open_channel
 from groupcomm.services.sessions.asgi import SessionMiddleware
 from groupcomm.services.sessions.demo_app import demo_app
@@ -57,26 +57,6 @@ from groupcomm.services.sessions.driver import ReplicatedSessionStore
 from groupcomm.services.sessions.ids import parse_cookie_value
 from groupcomm.services.sessions.memory import MemorySessionStore
 from groupcomm.services.sessions.settings import SessionSettings
-
-
-def free_port(kind: int = socket.SOCK_STREAM) -> int:
-    with socket.socket(socket.AF_INET, kind) as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def percentile(values: list[float], p: float) -> float:
-    ordered = sorted(values)
-    return ordered[min(len(ordered) - 1, max(0, math.ceil(p / 100 * len(ordered)) - 1))]
-
-
-def ms(seconds: float) -> float:
-    return round(seconds * 1000, 3)
-
-
-def log(line: str) -> None:
-    print(line, file=sys.stderr, flush=True)
-
 
 # ---------------------------------------------------------------------- ASGI without a server
 
@@ -188,7 +168,7 @@ def app_alone(name: str) -> Any:
 
 @contextlib.asynccontextmanager
 async def replicated(nodes: int, settings: SessionSettings):
-    cluster, overrides = f"bench-sess-{uuid.uuid4().hex[:8]}", {"UDP": {"mcast_port": free_port(socket.SOCK_DGRAM)}}
+    cluster, overrides = f"bench-sess-{uuid.uuid4().hex[:8]}", {"UDP": {"mcast_port": free_port()}}
     async with contextlib.AsyncExitStack() as stack:
         stores = []
         for i in range(nodes):
@@ -249,8 +229,8 @@ def start_node(name: str, cluster: str, mcast_port: int, http_port: int) -> subp
 
 
 def failover_once(run: int) -> dict[str, Any]:
-    cluster, mcast = f"bench-fo-{uuid.uuid4().hex[:8]}", free_port(socket.SOCK_DGRAM)
-    ports = [free_port() for _ in range(3)]
+    cluster, mcast = f"bench-fo-{uuid.uuid4().hex[:8]}", free_port()
+    ports = [free_tcp_port() for _ in range(3)]
     procs = [start_node(f"n{i + 1}", cluster, mcast, port) for i, port in enumerate(ports)]
     try:
         with httpx.Client(timeout=2.0) as http:

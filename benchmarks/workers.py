@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import socket
 import subprocess
@@ -11,11 +12,32 @@ import sys
 import tempfile
 
 
-def free_port() -> int:
-    """A UDP port nobody on 127.0.0.1 uses right now."""
-    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
+def free_port(kind: int = socket.SOCK_DGRAM) -> int:
+    """A port (UDP unless ``kind`` says otherwise) nobody on 127.0.0.1 uses right now."""
+    with socket.socket(socket.AF_INET, kind) as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
+
+
+def free_tcp_port() -> int:
+    """A TCP port nobody on 127.0.0.1 uses right now."""
+    return free_port(socket.SOCK_STREAM)
+
+
+def percentile(values: list[float], p: float) -> float:
+    """The ``p``-th percentile (0..100) of ``values``, nearest rank."""
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, max(0, math.ceil(p / 100 * len(ordered)) - 1))]
+
+
+def ms(seconds: float) -> float:
+    """Seconds as milliseconds, rounded for a report."""
+    return round(seconds * 1000, 3)
+
+
+def log(line: str) -> None:
+    """Progress on stderr (stdout carries the report)."""
+    print(line, file=sys.stderr, flush=True)
 
 
 def run_workers(script: str, count: int, args: list[str], timeout: float) -> list[dict]:
