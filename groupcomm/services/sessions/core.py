@@ -688,7 +688,9 @@ class SessionCore:
     def _hand_off(self, sid: str, holding: _Holding, frame: Handoff) -> None:
         record = self.table.get(sid)
         del self.held[sid]
-        copies = sorted(holding.acked | holding.stale | {self.me})
+        # members sent a copy that have not acknowledged it yet may keep it too: the new holder
+        # updates and drops them with the others (else an older copy is left over, unknown)
+        copies = sorted(holding.acked | holding.sent | holding.stale | {self.me})
         if frame.to != self.me:
             self.stats["migrations_out"] += 1
             if holding.evacuating:
@@ -988,9 +990,10 @@ class SessionCore:
             else:
                 del self._acquiring[sid]
         for holding in self.held.values():
+            # a member sent a copy in the last view may keep it unacknowledged: updated, then dropped
+            holding.stale = (holding.stale | (holding.sent - holding.acked)) & set(self.members)
             holding.sent = set()
             holding.acked &= set(self.members)
-            holding.stale &= set(self.members)
             holding.queue = deque(i for i in holding.queue if type(i) is not Handoff)
             if holding.evacuating:
                 holding.evacuating = False
