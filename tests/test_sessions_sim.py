@@ -145,6 +145,16 @@ def check_index(store: SimSessions) -> None:
         entry = store.core(owner).index.get(sid)
         assert entry is not None, f"owner n{owner} has no index entry of {sid} (held by n{holder})"
         assert entry.holder == holder, f"owner n{owner} says {sid} is held by {entry.holder}, not n{holder}"
+    for sid, holder in held.items():                  # no copy older than the holder's, none left over
+        core = store.core(holder)
+        record = core.table.get(sid)
+        for n in kept[sid]:
+            if n != holder:
+                copy = store.core(n).table.get(sid)
+                assert (copy.epoch, copy.version) == (record.epoch, record.version), \
+                    f"n{n} keeps an older copy of {sid} than its holder n{holder}"
+        assert set(kept[sid]) - {holder} == core.held[sid].acked, \
+            f"{sid}: copies at {sorted(set(kept[sid]) - {holder})}, holder n{holder} knows {core.held[sid].acked}"
     for n in running:
         for sid, entry in store.core(n).index.items():
             assert sid in kept, f"n{n} indexes {sid}, which no node keeps"
