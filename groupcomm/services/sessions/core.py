@@ -242,7 +242,8 @@ class SessionCore:
         if any(entry.lock is not None or entry.queue for entry in self.index.values()):
             return True
         for sid, holding in self.held.items():
-            if holding.queue or holding.stale or _live(holding.save) or _live(holding.register):
+            if holding.queue or holding.stale & set(self.members) or _live(holding.save) or \
+                    _live(holding.register):
                 return True
             if not set(self._backups(sid)) <= holding.acked:
                 return True
@@ -990,10 +991,12 @@ class SessionCore:
             else:
                 del self._acquiring[sid]
         for holding in self.held.values():
-            # a member sent a copy in the last view may keep it unacknowledged: updated, then dropped
-            holding.stale = (holding.stale | (holding.sent - holding.acked)) & set(self.members)
+            # a member sent a copy in the last view may keep it unacknowledged, and one that left the
+            # view keeps its copy: both are stale (updated, then dropped, once in the view)
+            members = set(self.members)
+            holding.stale |= (holding.sent - holding.acked) | (holding.acked - members)
             holding.sent = set()
-            holding.acked &= set(self.members)
+            holding.acked &= members
             holding.queue = deque(i for i in holding.queue if type(i) is not Handoff)
             if holding.evacuating:
                 holding.evacuating = False
@@ -1036,7 +1039,7 @@ class SessionCore:
         # members with older copies get the current record too, before they are dropped: a save
         # is acknowledged only once no member keeps an older copy, which a primary side cut off
         # from the holder and its backups could otherwise fail the session over to
-        for backup in (*backups, *sorted(holding.stale - set(backups))):
+        for backup in (*backups, *sorted(holding.stale & set(self.members) - set(backups))):
             if backup not in holding.acked and backup not in holding.sent:
                 raw = raw or encode_session(record)
                 holding.sent.add(backup)
@@ -1045,14 +1048,15 @@ class SessionCore:
 
     def _replication_progress(self, sid: str, holding: _Holding) -> None:
         backups = set(self._backups(sid))
-        if not backups | holding.stale <= holding.acked:
+        present = holding.stale & set(self.members)
+        if not backups | present <= holding.acked:
             return
         record = self.table.get(sid)
         extra = holding.acked - backups
         for member in extra:
             self._send(member, Drop(self.view_id, sid, record.epoch, record.version))
         holding.acked &= backups
-        holding.stale = set()
+        holding.stale -= present                     # those out of the view: when they are back
         if _live(holding.save):
             self._finish(holding.save, record)
         holding.save = None
