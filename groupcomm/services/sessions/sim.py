@@ -28,7 +28,12 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
-from groupcomm.errors import MemberUnreachable, NotOperational, QueueFull
+from groupcomm.errors import (
+    LocalProtocolError,
+    MemberUnreachable,
+    NotOperational,
+    QueueFull,
+)
 from groupcomm.events import View
 from groupcomm.layers.rpc import ALL
 from groupcomm.layers.spaces import SpaceMessage, SpaceView, Synced
@@ -86,7 +91,7 @@ class SimSessions(SteppedHarness):
         self._timers: list = []
         self._nodes: dict[int, _Node] = {}
         self._incarnations = dict.fromkeys(sim.nodes, 0)
-        self._deferred: list[tuple[int, int, Any]] = []
+        self._deferred: list[tuple[int, int, Any, bool]] = []
         self._tokens = 0
         self._requests: dict[int, Increment] = {}      # token -> the increment waiting for it
         self.results: dict[int, Any] = {}
@@ -296,7 +301,7 @@ class SimSessions(SteppedHarness):
                 self.results[action.token] = action.result
                 leaving = getattr(self, "_leaving", {})
                 if action.token in leaving:
-                    self._defer(node, lambda: self.sim.services.leave(node, self.space))
+                    self._defer(node, lambda: self.sim.services.leave(node, self.space), leave=True)
                 inc = self._requests.get(action.token)
                 if inc is not None:
                     self._advance(inc)
@@ -306,12 +311,20 @@ class SimSessions(SteppedHarness):
                     node, lambda m, now: _request(m, now, self.space, p, d)))
             elif t is Announce:
                 payload = action.payload
-                self._defer(node, lambda p=payload: self.sim.services.send(node, self.space, p))
+                self._defer(node, lambda p=payload: self._announce(node, p))
 
-    def _defer(self, node: int, act: Any) -> None:
+    def _announce(self, node: int, payload: bytes) -> None:
+        try:
+            self.sim.services.send(node, self.space, payload)
+        except LocalProtocolError:
+            pass                # a stopping node left the space already: nobody to tell
+
+    def _defer(self, node: int, act: Any, *, leave: bool = False) -> None:
+        """Carry ``act`` out after this step, if ``node`` is still up then (``leave``: the space's
+        leave of a stopping node, carried out even once it is out of the view)."""
         entry = self._nodes.get(node)
         if entry is not None:
-            self._deferred.append((node, entry.incarnation, act))
+            self._deferred.append((node, entry.incarnation, act, leave))
 
     def _after_step(self) -> None:
         now = self.sim.now
@@ -322,10 +335,10 @@ class SimSessions(SteppedHarness):
                 self._apply(node, entry.core.take())
         while self._deferred:
             deferred, self._deferred = self._deferred, []
-            for node, incarnation, act in deferred:
+            for node, incarnation, act, leave in deferred:
                 entry = self._nodes.get(node)
                 live = entry is not None and entry.incarnation == incarnation and node in self.sim.live
-                if live or (entry is None and node in self.left and node in self.sim.live):
+                if live or (leave and entry is None and node in self.left and node in self.sim.live):
                     act()
         for check in self.checks:
             check()
