@@ -308,6 +308,33 @@ def test_the_minority_side_refuses_every_request_and_the_majority_serves() -> No
     check_index(store)
 
 
+def test_a_session_invalidated_while_a_copy_was_cut_off_does_not_come_back_at_the_merge() -> None:
+    sim, store = make(5, seed=23, backups=2)
+    checked(store)
+    sids = [increment(store, node, None).sid for node in (1, 2, 3, 1, 2, 3)]
+    settle(store)
+    cut_off = {sid for sid in sids if set(keepers(store, sid)) & {4, 5} and holders(store, sid)[0] in (1, 2, 3)}
+    assert cut_off                                  # sessions held on the majority with a copy on 4 or 5
+    sim.partition([[1, 2, 3], [4, 5]])
+    store.run(3.0)
+    for sid in cut_off:                             # logout: the holder ends the session
+        node = holders(store, sid)[0]
+        load = store.load(node, sid)
+        assert store.run_until(lambda load=load: store.results[load] is not PENDING, 10)
+        token = store.invalidate(node, sid)
+        assert store.run_until(lambda token=token: store.results[token] is not PENDING, 10)
+        assert store.results[token] is None
+    assert all(store.core(4).table.get(sid) or store.core(5).table.get(sid) for sid in cut_off)
+    sim.heal()
+    settle(store, 30)
+    for sid in cut_off:                             # the copies that were away are dropped, not promoted
+        assert keepers(store, sid) == [], sid
+        assert read(store, 1, sid) is None
+    for sid in set(sids) - cut_off:
+        assert counter(store, sid) == 1
+    check_index(store)
+
+
 def test_an_unused_session_expires_everywhere() -> None:
     _sim, store = make(3, seed=17, backups=1, max_inactive=5.0, copy_grace=2.0)
     idle = increment(store, 1, None).sid

@@ -54,7 +54,7 @@ How it works (docs/sessions.rst has the user's view):
 
 from __future__ import annotations
 
-from collections import deque
+from collections import OrderedDict, deque
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
@@ -217,6 +217,10 @@ class SessionCore:
         self._next_scan = 0.0
         # owner side, for the current view
         self._reports: dict[int, list[Held]] = {}
+        self._buried_reports: dict[str, int] = {}
+        self.tombstones: OrderedDict[str, tuple[int, float]] = OrderedDict()
+        """Sessions forgotten here (invalidated or expired) -> (their epoch, until when it is kept): a copy
+        of such a session kept by a member that was away when it ended must not bring it back."""
         self._reported: set[int] = set()
         self._owner_ready = False
         self._owner_backlog: list[tuple[int, Frame]] = []
@@ -318,6 +322,7 @@ class SessionCore:
         self.tags[self.me] = self.my_tags
         self.ready = set()
         self._reports, self._reported, self._owner_done = {}, set(), set()
+        self._buried_reports = {}
         self._owner_ready = False
         self._owner_backlog = []
         self.index = {}
@@ -758,7 +763,10 @@ class SessionCore:
         sid = record.id
         mine = self.table.get(sid)
         ok = True
-        if mine is not None and (mine.epoch, mine.version) > (record.epoch, record.version):
+        buried = self.tombstones.get(sid)
+        if buried is not None and record.epoch <= buried[0]:
+            ok = False                                      # the session ended: no copy of it again
+        elif mine is not None and (mine.epoch, mine.version) > (record.epoch, record.version):
             ok = False
         elif sid in self.held:
             if mine is not None and (mine.epoch, mine.version) == (record.epoch, record.version):
@@ -805,6 +813,7 @@ class SessionCore:
         record = self.table.get(frame.id)
         if record is not None and frame.id not in self.held and record.epoch <= frame.epoch:
             self.table.remove(frame.id)
+        self._bury(frame.id, frame.epoch)
         entry = self.index.get(frame.id)
         if entry is not None and self._is_owner(frame.id) and entry.lock is None and \
                 (entry.holder == sender or entry.epoch <= frame.epoch):
@@ -919,6 +928,9 @@ class SessionCore:
         owned = set(mine)
         entries = [e for e in frame.entries if bucket_of(e.id, self.settings.buckets) in owned]
         self._reports.setdefault(sender, []).extend(entries)
+        for gone in frame.buried:
+            if bucket_of(gone.id, self.settings.buckets) in owned:
+                self._buried_reports[gone.id] = max(gone.epoch, self._buried_reports.get(gone.id, 0))
         if frame.last:
             self._reported.add(sender)
             if self._reported >= set(self.members):
@@ -933,7 +945,17 @@ class SessionCore:
                 by_session.setdefault(held.id, []).append((member, held))
         drops: dict[int, list[Held]] = {m: [] for m in self.members}
         index: dict[str, _Entry] = {}
+        buried, self._buried_reports = self._buried_reports, {}
+        for sid, epoch in buried.items():
+            self._bury(sid, epoch)
         for sid, keepers in by_session.items():
+            if sid in buried:
+                ended = [(member, held) for member, held in keepers if held.epoch <= buried[sid]]
+                for member, held in ended:                  # records of a session that ended
+                    drops[member].append(held)
+                keepers = [k for k in keepers if k not in ended]
+                if not keepers:
+                    continue
             best_member, best = max(keepers, key=lambda k: (k[1].epoch, k[1].version, k[1].holder, -k[0]))
             holder = best_member if best.holder else None
             copies = {}
@@ -972,14 +994,19 @@ class SessionCore:
         """Tell every owner of this view what this node keeps of its buckets."""
         assert self.bucket_map is not None
         per_owner: dict[int, list[Held]] = {m: [] for m in self.members}
+        buried: dict[int, list[Held]] = {m: [] for m in self.members}
         for record in self.table.sessions():
             owner = self.bucket_map.owner_of(record.id)
             per_owner[owner].append(Held(record.id, record.id in self.held, record.epoch, record.version))
+        for sid, (epoch, _) in self.tombstones.items():
+            buried[self.bucket_map.owner_of(sid)].append(Held(sid, False, epoch, 0))
         batch = self.settings.holdings_batch
         for owner, entries in per_owner.items():
-            for start in range(0, max(len(entries), 1), batch):
-                chunk = entries[start:start + batch]
-                self._send(owner, Holdings(self.view_id, chunk, start + batch >= len(entries)))
+            gone = buried[owner]
+            count = max(len(entries), len(gone), 1)
+            for start in range(0, count, batch):
+                self._send(owner, Holdings(self.view_id, entries[start:start + batch], start + batch >= count,
+                                           gone[start:start + batch]))
 
     def _redo_in_flight(self) -> None:
         """A new view: what was under way is asked again in it (or waits for the index)."""
@@ -1062,6 +1089,7 @@ class SessionCore:
         holding.save = None
 
     def _forget(self, sid: str, epoch: int, holding: _Holding, op: _Op | None) -> None:
+        self._bury(sid, epoch)
         targets = (holding.acked | holding.stale | set(self._backups(sid)) | {self._owner(sid)})
         targets &= set(self.members)
         for member in targets:
@@ -1072,6 +1100,14 @@ class SessionCore:
                 self._finish(op, None)
 
     # ------------------------------------------------------------------ evacuation and expiry
+
+    def _bury(self, sid: str, epoch: int) -> None:
+        """Remember that ``sid`` ended at ``epoch`` for as long as a copy of it could outlive it."""
+        until = self._now + self.settings.max_inactive + self.settings.copy_grace
+        previous = self.tombstones.pop(sid, None)
+        self.tombstones[sid] = (max(epoch, previous[0] if previous else 0), until)
+        while len(self.tombstones) > self.settings.limits.max_sessions:      # bounded like the table
+            self.tombstones.popitem(last=False)
 
     def _evacuate(self, sid: str) -> None:
         holding = self.held.get(sid)
@@ -1097,6 +1133,8 @@ class SessionCore:
             if record is not None and record.expired(now):
                 self._expire_one(sid)
         grace = self.settings.copy_grace
+        while self.tombstones and next(iter(self.tombstones.values()))[1] <= now:
+            self.tombstones.popitem(last=False)
         for record in list(self.table.sessions()):
             if record.id not in self.held and now >= record.expires_at + grace:
                 self.table.remove(record.id)

@@ -9,7 +9,7 @@ receiver acts only on frames of the view it is in (see :mod:`.core`).
 frame                 from -> to          meaning
 ====================  ==================  ====================================================
 :class:`Hello`        member -> space     my name and tags (multicast after a view with joiners)
-:class:`Holdings`     member -> owner     what I keep of your buckets' sessions (after a view change)
+:class:`Holdings`     member -> owner     what I keep of your buckets' sessions, and which ended
 :class:`Verdict`      owner -> member     your holdings are indexed; drop these stale records
 :class:`Register`     creator -> owner    I created this session and hold it
 :class:`Registered`   owner -> creator    indexed
@@ -103,6 +103,8 @@ class Hello(_Frame, tag=1):
 class Holdings(_Frame, tag=2):
     entries: Annotated[list[Held], msgspec.Meta(max_length=MAX_ENTRIES)]
     last: bool
+    buried: Annotated[list[Held], msgspec.Meta(max_length=MAX_ENTRIES)] = []
+    """Sessions that ended (invalidated, expired) at ``epoch``: their older records must go."""
 
 
 class Verdict(_Frame, tag=3):
