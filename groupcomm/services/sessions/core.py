@@ -49,7 +49,14 @@ How it works (docs/sessions.rst has the user's view):
   spaces' SYNC round ended and the owners rebuilt the index: of two holders
   the one with the larger (epoch, version) keeps the session.  Epochs start at
   ``ring_seq << 16`` in every new ring, so a holder made by a later primary
-  component always wins.
+  component always wins.  The two sides of a partition may share a ring seq,
+  so the rule that keeps epochs apart is that **no holder is made outside a
+  primary component**: no create, no move, no fail-over there (owners ignore
+  Acquire and Evacuate while not primary).
+* **Tombstones.**  A session that ended (invalidated, expired) is remembered
+  with its epoch for ``max_inactive + copy_grace``; members report these with
+  their holdings, so a copy kept by a member that was away does not bring the
+  session back.
 """
 
 from __future__ import annotations
@@ -791,7 +798,8 @@ class SessionCore:
             return
         if not frame.ok:
             if _live(holding.save):
-                self._fail(holding.save, SessionsFull(f"backup {backup} refused a copy of the session"))
+                self._fail(holding.save, self._unavailable(
+                    f"backup {backup} refused a copy of the session (no room, or a newer copy)"))
             holding.save = None
             return
         holding.acked.add(backup)
@@ -857,6 +865,11 @@ class SessionCore:
             self._on_forget(sender, frame)
 
     def _owner_move(self, sid: str, requester: int, asker: int) -> None:
+        if not self.primary:
+            # no new holder outside a primary component (see the module doc: epochs); the asker's
+            # request times out, an evacuating node leaves its sessions to their copies
+            self.stats["stale_frames"] += 1
+            return
         entry = self.index.get(sid)
         if entry is None:
             self._send(requester, NotFound(self.view_id, sid))
