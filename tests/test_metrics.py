@@ -2,8 +2,13 @@
 
 from __future__ import annotations
 
+import json
 import re
+import signal
 import socket
+import subprocess
+import sys
+import time
 import uuid
 
 import httpx
@@ -80,3 +85,39 @@ async def test_a_member_serves_its_counters_and_view_on_a_loopback_port():
 async def test_a_non_loopback_address_needs_allow_remote():
     with pytest.raises(ValueError, match="not a loopback address"):
         await serve_metrics(object(), ("0.0.0.0", 0))
+
+
+def test_groupcomm_node_serves_its_metrics_where_told():
+    cluster = f"met-{uuid.uuid4().hex[:8]}"
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "groupcomm", "node", "--stack", "loopback", "--cluster", cluster, "--name", "n1",
+         "--mcast-port", str(free_udp_port()), "--metrics", "127.0.0.1:0", "--json", "--no-stdin"],
+        stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
+    try:
+        url = None
+        deadline = time.monotonic() + 30
+        while url is None and time.monotonic() < deadline:
+            line = proc.stdout.readline()
+            if not line:
+                break
+            url = json.loads(line).get("metrics")
+        assert url is not None and url.startswith("http://127.0.0.1:")
+        text = httpx.get(url, timeout=5).text
+        assert 'groupcomm_packets_sent_total{cluster="' + cluster + '",member="n1"}' in text
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        try:
+            proc.wait(timeout=15)
+        finally:
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait()
+            proc.stdout.close()
+
+
+def test_a_metrics_address_that_is_not_loopback_is_one_line_and_exit_status_2():
+    done = subprocess.run([sys.executable, "-m", "groupcomm", "node", "--stack", "loopback", "--cluster", "x",
+                           "--name", "n1", "--metrics", "192.0.2.1:9464"],
+                          check=False, capture_output=True, text=True, timeout=30)
+    assert done.returncode == 2
+    assert done.stderr.strip().count("\n") == 0 and "--metrics '192.0.2.1:9464' is not a loopback address" in done.stderr

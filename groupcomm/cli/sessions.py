@@ -23,7 +23,6 @@ processes on loopback and drives a narrated check with an HTTP client.
 from __future__ import annotations
 
 import argparse
-import ipaddress
 import json
 import re
 import signal
@@ -33,6 +32,7 @@ from dataclasses import dataclass
 from functools import partial
 from typing import Any
 
+from groupcomm.cli.addresses import HostPort, parse_host_port
 from groupcomm.cli.channel_options import (
     add_channel_options,
     join_failed,
@@ -83,38 +83,14 @@ def add_parser(commands: Any) -> None:
     add_demo_parser(commands)
 
 
-@dataclass(frozen=True)
-class HttpAddress:
-    """Where to serve HTTP: an IP address (or ``localhost``) and a port."""
-
-    host: str
-    port: int
-
-    def bind(self) -> str:
-        """Hypercorn's bind string (IPv6 in brackets)."""
-        return f"[{self.host}]:{self.port}" if ":" in self.host else f"{self.host}:{self.port}"
+HttpAddress = HostPort
+"""Where to serve HTTP (see :class:`~groupcomm.cli.addresses.HostPort`)."""
 
 
 def parse_http_address(text: str, *, allow_remote: bool = False) -> HttpAddress:
     """``HOST:PORT`` -> :class:`HttpAddress`; UsageError if malformed, or not loopback without ``allow_remote``."""
-    host, sep, port_text = text.rpartition(":")
-    if not sep or not host or not port_text.isdigit():
-        raise UsageError(f"--http {text!r}: expected HOST:PORT, e.g. 127.0.0.1:8001")
-    port = int(port_text)
-    if port > 65535:
-        raise UsageError(f"--http {text!r}: port must be in 0..65535")
-    if host.startswith("[") and host.endswith("]"):
-        host = host[1:-1]
-    if host == "localhost":
-        host = "127.0.0.1"
-    try:
-        address = ipaddress.ip_address(host)
-    except ValueError:
-        raise UsageError(f"--http {text!r}: HOST must be an IP address or localhost") from None
-    if not address.is_loopback and not allow_remote:
-        raise UsageError(f"--http {text!r} is not a loopback address: add --allow-remote to serve other hosts "
-                         "(the demo app has no authentication)")
-    return HttpAddress(str(address), port)
+    return parse_host_port(text, option="--http", allow_remote=allow_remote,
+                           remote_advice="add --allow-remote to serve other hosts (the demo app has no authentication)")
 
 
 def parse_tags(items: list[str]) -> dict[str, str]:
