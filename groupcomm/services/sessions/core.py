@@ -231,7 +231,6 @@ class SessionCore:
         self._reported: set[int] = set()
         self._owner_ready = False
         self._owner_backlog: list[tuple[int, Frame]] = []
-        self._owner_done: set[int] = set()               # members whose verdict this view is sent
 
     # ------------------------------------------------------------------ observation
 
@@ -240,6 +239,11 @@ class SessionCore:
         """Whether requests may be served here now: a regular primary ring view, no SYNC round
         under way, in the space, not stopping (a bucket is served once its owner indexed it)."""
         return self.primary and not self.merging and self.view_id is not None and not self.leaving
+
+    @property
+    def indexed(self) -> bool:
+        """:attr:`serving`, and every bucket's owner has indexed this member's holdings in this view."""
+        return self.serving and len(self.ready) == self.settings.buckets
 
     def counters(self) -> dict[str, int]:
         """Counters and sizes for operators (``held``, ``copies``, ``index`` and the event counters)."""
@@ -328,7 +332,7 @@ class SessionCore:
             self.names.pop(gone, None)
         self.tags[self.me] = self.my_tags
         self.ready = set()
-        self._reports, self._reported, self._owner_done = {}, set(), set()
+        self._reports, self._reported = {}, set()
         self._buried_reports = {}
         self._owner_ready = False
         self._owner_backlog = []
@@ -677,10 +681,7 @@ class SessionCore:
 
     def _on_not_found(self, owner: int, frame: NotFound) -> None:
         for op in self._acquiring.pop(frame.id, []):
-            if frame.full:
-                self._fail(op, SessionsFull("no room here for the session"))
-            else:
-                self._finish(op, None)
+            self._finish(op, None)
 
     def _on_handoff(self, owner: int, frame: Handoff) -> None:
         holding = self.held.get(frame.id)
@@ -847,9 +848,9 @@ class SessionCore:
             return
         t = type(frame)
         if t is Acquire:
-            self._owner_move(sid, sender, sender)
+            self._owner_move(sid, sender)
         elif t is Evacuate:
-            self._owner_move(sid, frame.to, sender)
+            self._owner_move(sid, frame.to)
         elif t is Register:
             entry = self.index.get(sid)
             if entry is not None and entry.holder not in (None, sender):
@@ -864,9 +865,9 @@ class SessionCore:
         elif t is Forget:
             self._on_forget(sender, frame)
 
-    def _owner_move(self, sid: str, requester: int, asker: int) -> None:
+    def _owner_move(self, sid: str, requester: int) -> None:
         if not self.primary:
-            # no new holder outside a primary component (see the module doc: epochs); the asker's
+            # no new holder outside a primary component (see the module doc: epochs); the requester's
             # request times out, an evacuating node leaves its sessions to their copies
             self.stats["stale_frames"] += 1
             return

@@ -15,7 +15,7 @@ frame                 from -> to          meaning
 :class:`Registered`   owner -> creator    indexed
 :class:`Acquire`      requester -> owner  I want to hold this session (a request landed here)
 :class:`Evacuate`     holder -> owner     move this session to ``to`` (I am stopping)
-:class:`NotFound`     owner -> requester  no such session (or it could not be moved: ``full``)
+:class:`NotFound`     owner -> requester  no such session
 :class:`Handoff`      owner -> keeper     send your record to ``to`` under holder epoch ``epoch``
 :class:`Missing`      keeper -> owner     I have no record of it (any more)
 :class:`Transfer`     keeper -> requester the record: you hold it now
@@ -133,7 +133,6 @@ class Evacuate(_Frame, tag=7):
 
 class NotFound(_Frame, tag=8):
     id: SessionId
-    full: bool = False
 
 
 class Handoff(_Frame, tag=9):
