@@ -176,8 +176,7 @@ async def replicated(nodes: int, settings: SessionSettings):
                 "loopback", cluster=cluster, name=f"n{i + 1}", overrides=overrides))
             stores.append(await stack.enter_async_context(ReplicatedSessionStore(channel, "bench", settings)))
         with trio.fail_after(30):
-            while not all(s.core.serving and len(s.core.members) == nodes
-                          and len(s.core.ready) == settings.buckets for s in stores):
+            while not all(s.core.indexed and len(s.core.members) == nodes for s in stores):
                 await trio.sleep(0.02)
         yield stores
 

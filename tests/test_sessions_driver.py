@@ -32,8 +32,8 @@ def free_udp_port() -> int:
 
 def ready(stores: list[ReplicatedSessionStore]) -> bool:
     cores = [s.core for s in stores]
-    return (len({c.view_id for c in cores}) == 1 and all(c.serving for c in cores)
-            and all(len(c.members) == len(stores) and len(c.ready) == c.settings.buckets for c in cores))
+    return (len({c.view_id for c in cores}) == 1
+            and all(c.indexed and len(c.members) == len(stores) for c in cores))
 
 
 @contextlib.asynccontextmanager

@@ -183,8 +183,7 @@ class SimSessions(SteppedHarness):
         if not cores:
             return False
         views = {c.view_id for c in cores}
-        return (len(views) == 1 and None not in views and all(c.serving for c in cores)
-                and all(len(c.ready) == self.settings.buckets for c in cores)
+        return (len(views) == 1 and None not in views and all(c.indexed for c in cores)
                 and set(cores[0].members) == set(self._nodes))
 
     def settled(self) -> bool:
