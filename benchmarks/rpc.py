@@ -1,12 +1,15 @@
 """Request-reply and state transfer over real member processes on loopback.
 
-    python benchmarks/rpc.py [--members 3] [--seconds 3] [--state-mb 32] [--json]
+    python benchmarks/rpc.py [--members 3] [--seconds 3] [--in-flight 64] [--state-mb 32]
+                             [--pump trio|c] [--json]
 
 Starts ``--members`` processes (this script with ``--worker``); all join one
 space.  Member 0 then measures, each for ``--seconds``:
 
 * requests to every member of the space (``to=None``, through the ring) with
-  ``mode=ALL``: round trips/s and latency p50/p99, one request at a time;
+  ``mode=ALL``: round trips/s and latency p50/p99, one request at a time, then
+  with ``--in-flight`` requests outstanding (that many trio tasks, each asking
+  again as soon as its answer is in);
 * point-to-point requests to member 1 with ``mode=FIRST``: the same figures;
 * state transfer: member 1 leaves and re-joins the space while member 0
   provides a ``--state-mb`` MiB snapshot; MB/s from the join to the
@@ -26,16 +29,38 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "benchmarks"))
 
-from workers import add_worker_arguments, free_port, run_if_worker, run_workers  # noqa: E402
+from workers import add_worker_arguments, free_port, percentile, run_if_worker, run_workers  # noqa: E402
 
 
-def summary(samples: list[float], seconds: float) -> dict:
-    samples = sorted(samples)
+def summary(samples: list[float], seconds: float, in_flight: int) -> dict:
     return {
+        "in_flight": in_flight,
         "round_trips_per_s": round(len(samples) / seconds),
-        "latency_us_p50": round(samples[len(samples) // 2] * 1e6, 1),
-        "latency_us_p99": round(samples[max(0, int(len(samples) * 0.99) - 1)] * 1e6, 1),
+        "latency_us_p50": round(percentile(samples, 50) * 1e6, 1),
+        "latency_us_p99": round(percentile(samples, 99) * 1e6, 1),
     }
+
+
+async def measure(space, seconds: float, in_flight: int, **kwargs) -> dict:
+    """Round trips of ``space.request(**kwargs)`` by ``in_flight`` tasks for ``seconds``."""
+    import trio
+
+    samples: list[float] = []
+    payload = b"x" * 100
+    end = time.perf_counter() + seconds
+
+    async def asker() -> None:
+        while time.perf_counter() < end:
+            t0 = time.perf_counter()
+            replies = await space.request(payload, timeout=5.0, **kwargs)
+            samples.append(time.perf_counter() - t0)
+            assert replies and all(r.ok for r in replies.values()), replies
+
+    t0 = time.perf_counter()
+    async with trio.open_nursery() as nursery:
+        for _ in range(in_flight):
+            nursery.start_soon(asker)
+    return summary(samples, time.perf_counter() - t0, in_flight)
 
 
 async def worker(args) -> None:
@@ -45,7 +70,7 @@ async def worker(args) -> None:
     from groupcomm.io.channel import open_channel
     from groupcomm.io.udp import UdpConfig
 
-    udp = UdpConfig(mcast_port=args.port, mcast_ttl=0, recv_buffer=16 << 20, send_buffer=16 << 20)
+    udp = UdpConfig(mcast_port=args.port, mcast_ttl=0, recv_buffer=16 << 20, send_buffer=16 << 20, pump=args.pump)
     async with open_channel("loopback", cluster=args.cluster, name=f"w{args.index}", udp=udp) as ch:
         while not (ch.view and len(ch.view.members) == args.members):
             await trio.sleep(0.01)
@@ -61,17 +86,10 @@ async def worker(args) -> None:
             await trio.sleep(0.01)
         result: dict = {"index": args.index}
         if args.index == 0:
-            for name, kwargs in (("all", {"mode": groupcomm.ALL}),
-                                 ("p2p_first", {"mode": groupcomm.FIRST,
-                                               "to": next(m for m in sorted(space.members) if m != ch.address)})):
-                samples = []
-                end = time.perf_counter() + args.seconds
-                while time.perf_counter() < end:
-                    t0 = time.perf_counter()
-                    replies = await space.request(b"x" * 100, timeout=2.0, **kwargs)
-                    samples.append(time.perf_counter() - t0)
-                    assert all(r.ok for r in replies.values()), replies
-                result[name] = summary(samples, args.seconds)
+            other = next(m for m in sorted(space.members) if m != ch.address)
+            for name, kwargs in (("all", {"mode": groupcomm.ALL}), ("p2p_first", {"mode": groupcomm.FIRST, "to": other})):
+                result[name] = await measure(space, args.seconds, 1, **kwargs)
+                result[f"{name}_pipelined"] = await measure(space, args.seconds, args.in_flight, **kwargs)
             await ch.send(b"transfer")                    # member 1 re-joins to measure state transfer
             async for ev in ch.events():
                 if type(ev) is groupcomm.Message and ev.payload.startswith(b"mbps:"):
@@ -105,10 +123,11 @@ async def worker(args) -> None:
 def run(args) -> dict:
     cluster, port = f"rpc-{uuid.uuid4().hex[:8]}", free_port()
     common = ["--members", str(args.members), "--seconds", str(args.seconds), "--state-mb", str(args.state_mb),
-              "--cluster", cluster, "--port", str(port)]
+              "--in-flight", str(args.in_flight), "--pump", args.pump, "--cluster", cluster, "--port", str(port)]
     results = run_workers(__file__, args.members, common, args.timeout)
     first = next(r for r in results if r["index"] == 0)
-    return {"members": args.members, **{k: v for k, v in first.items() if k != "index"}}
+    return {"members": args.members, "pump": args.pump, "state_mb": args.state_mb,
+            **{k: v for k, v in first.items() if k != "index"}}
 
 
 def main() -> None:
@@ -116,6 +135,9 @@ def main() -> None:
     parser.add_argument("--members", type=int, default=3)
     parser.add_argument("--seconds", type=float, default=3.0)
     parser.add_argument("--state-mb", type=int, default=32)
+    parser.add_argument("--in-flight", type=int, default=64, help="requests outstanding in the pipelined runs")
+    parser.add_argument("--pump", choices=("trio", "c"), default="trio",
+                        help="socket driver: trio (Python) or c (the C socket pump thread)")
     parser.add_argument("--timeout", type=float, default=120)
     parser.add_argument("--json", action="store_true")
     add_worker_arguments(parser)
@@ -123,10 +145,12 @@ def main() -> None:
     if run_if_worker(args, worker):
         return
     s = run(args)
-    print(f"{s['members']} members, request to all (ALL): {s['all']['round_trips_per_s']:,} round trips/s, "
-          f"p50 {s['all']['latency_us_p50']} µs, p99 {s['all']['latency_us_p99']} µs")
-    print(f"point-to-point (FIRST): {s['p2p_first']['round_trips_per_s']:,} round trips/s, "
-          f"p50 {s['p2p_first']['latency_us_p50']} µs, p99 {s['p2p_first']['latency_us_p99']} µs")
+    print(f"[{s['pump']}] {s['members']} members")
+    for key, label in (("all", "request to all (ALL)"), ("p2p_first", "point-to-point (FIRST)")):
+        for suffix in ("", "_pipelined"):
+            r = s[key + suffix]
+            print(f"{label}, {r['in_flight']} in flight: {r['round_trips_per_s']:,} round trips/s, "
+                  f"p50 {r['latency_us_p50']} µs, p99 {r['latency_us_p99']} µs")
     print(f"state transfer: {s.get('state_transfer_mb_per_s')} MB/s ({args.state_mb} MiB snapshot)")
     if args.json:
         print(json.dumps(s))
