@@ -1,26 +1,49 @@
-"""Throughput and latency of real member processes on loopback.
+"""Throughput and latency of real member processes, on loopback or on a LAN in network namespaces.
 
     python benchmarks/throughput.py --members 3 --size 100 --messages 200000 [--pump c] [--key PATH] [--json]
+    python benchmarks/throughput.py --netns --mtu 1400 [...]   # members on a bridge over veth, MTU 1500 (root)
     python benchmarks/throughput.py --key-compare [...]     # without, then with a key, and the ratio
 
 Starts ``--members`` processes (this script with ``--worker``), each a
-``groupcomm`` channel on loopback multicast (TTL 0).  All of them send
-``messages / members`` messages as fast as flow control allows while reading
-every delivery in Python.  Prints delivered messages/s per member, MB/s,
-self-delivery latency p50/p99 at low load (one message every 2 ms per member),
-and whether every member saw the same order (a running CRC of every delivery).
-``--pump`` picks the socket driver: ``trio`` (Python) or ``c`` (the C socket pump).
-``--key`` seals every datagram with that cluster key; ``--key-compare`` runs the
-same benchmark without a key and with a fresh one and prints both and the ratio.
+``groupcomm`` channel: on loopback multicast (TTL 0), or with ``--netns`` each
+in its own network namespace on one bridge over veth pairs with MTU 1500
+(``benchmarks/netlab.py``; what a user on an Ethernet LAN gets; TTL 1, the
+ring's ``--mtu`` should then be 1400).  Each run has three phases:
+
+1. low load: every member sends one message of ``--size`` bytes every 2 ms
+   (``--latency-samples`` of them); self-delivery latency p50/p99/p999 over
+   the samples of every member;
+2. full load: all members send ``--messages`` in all as fast as flow control
+   allows while reading every delivery in Python (``receive_batch``; a running
+   CRC32 of every payload in delivery order is the order check: every member
+   must end with the same CRC and count).  Delivered messages/s per member, MB/s,
+   CPU-seconds of the member processes (the C pump thread included) per
+   million deliveries, datagrams originated per message and retransmissions, all
+   over this phase only;
+3. half load: every member sends at half the rate it measured in phase 2
+   (paced in 1 ms bursts) for ``--half-load-seconds``; self-delivery latency
+   p50/p99 under that load.
+
+The raw-UDP baseline (``benchmarks/rawudp.py``: datagrams/s of the same size
+from one Python process to another, between the first two members' hosts) is
+measured in the same run unless ``--no-baseline``.  Ratios are against Corosync
+udpu (``ANCHORS``).  ``--pump`` picks the socket driver: ``trio`` (Python) or
+``c`` (the C socket pump).  ``--key`` seals every datagram with that cluster
+key; ``--key-compare`` runs without a key and with a fresh one and prints both
+and the ratio.  ``--json`` prints the summary as one JSON object too.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
+import signal
 import statistics
 import struct
+import subprocess
 import sys
+import tempfile
 import time
 import uuid
 import zlib
@@ -30,11 +53,19 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "benchmarks"))
 
-from workers import add_worker_arguments, free_port, run_if_worker, run_workers
+from netlab import Loopback, NetLab, available
+from rawudp import Endpoint, raw_udp_rate
+from workers import add_worker_arguments, free_port, percentile, run_if_worker
 
 ANCHORS = {100: 87_000, 1024: 46_000}
 """Corosync 3.1.7 udpu, CPG agreed, 3 nodes in network namespaces (MTU 1500), measured side by side on this
 machine (issue 14's table; an earlier, quieter measurement gave 140k / 66k)."""
+
+COROSYNC_LATENCY_US = {"p50": 115, "p99": 170}
+"""Corosync's self-delivery latency, one message in flight, same measurement as ANCHORS."""
+
+CDF_QUANTILES = [i / 100 for i in range(100)] + [0.991 + i / 1000 for i in range(9)] + [0.9995, 1.0]
+"""Where a run samples its latency distributions for the CDF plots (the tail more finely)."""
 
 
 def ring_config(args):
@@ -47,205 +78,366 @@ def ring_config(args):
     )
 
 
-async def worker(args) -> None:
+# ---------------------------------------------------------------------------------------------- the worker
+
+class Inbox:
+    """The channel's delivered batches, with the rest of a batch put back when a phase ends inside it."""
+
+    def __init__(self, ch) -> None:
+        self._ch = ch
+        self._rest: list = []
+        self._ring = ch.view.ring_id
+        self.view_changes = 0
+
+    def note_view(self, view) -> None:
+        """Count views of another ring than the one the benchmark started in (the start's own
+        views are still in the stream)."""
+        if view.ring_id != self._ring:
+            self.view_changes += 1
+
+    async def batch(self) -> list:
+        if self._rest:
+            batch, self._rest = self._rest, []
+            return batch
+        batch = await self._ch.receive_batch()
+        if not batch:
+            raise SystemExit("the channel closed during the benchmark")
+        return batch
+
+    def put_back(self, events: list) -> None:
+        self._rest = events + self._rest
+
+
+def stamped(tag: bytes, pad: bytes) -> bytes:
+    """A message that carries its send time (perf_counter_ns) after a one-byte tag."""
+    return tag + struct.pack(">Q", time.perf_counter_ns()) + pad
+
+
+async def send(ch, message: bytes) -> None:
+    from groupcomm.errors import QueueFull
+
+    try:
+        ch.send_nowait(message)
+    except QueueFull:
+        await ch.send(message)           # waits for room: flow control
+
+
+async def latency_phase(ch, inbox: Inbox, tag: bytes, pad: bytes, my_id, members: int, pace) -> list[float]:
+    """Send stamped messages as ``pace`` says, then one end marker; read every delivery until every
+    member's end marker.  Returns this member's self-delivery latencies in µs."""
+    import trio
+
+    from groupcomm.events import Message, View
+
+    latencies: list[float] = []
+    end = b"E" + tag
+
+    async def reader() -> None:
+        ends = 0
+        while ends < members:
+            batch = await inbox.batch()
+            for j, ev in enumerate(batch):
+                if type(ev) is Message:
+                    p = ev.payload
+                    if p[:1] == tag and ev.sender == my_id:
+                        latencies.append((time.perf_counter_ns() - struct.unpack_from(">Q", p, 1)[0]) / 1000)
+                    elif p == end:
+                        ends += 1
+                        if ends == members:
+                            inbox.put_back(batch[j + 1:])
+                            return
+                elif isinstance(ev, View):
+                    inbox.note_view(ev)
+
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(reader)
+        await pace(lambda: send(ch, stamped(tag, pad)))
+        await send(ch, end)
+    return latencies
+
+
+def every(interval: float, count: int):
+    """Pacing of the low-load phase: one message every ``interval`` seconds."""
+    import trio
+
+    async def pace(send_one) -> None:
+        for _ in range(count):
+            await send_one()
+            await trio.sleep(interval)
+    return pace
+
+
+def at_rate(rate: float, seconds: float):
+    """Pacing of the half-load phase: ``rate`` messages/s for ``seconds``, in bursts every 1 ms
+    (a late wake-up sends what is due, so the mean rate holds)."""
+    import trio
+
+    async def pace(send_one) -> None:
+        total = max(1, int(rate * seconds))
+        sent, start = 0, time.perf_counter()
+        while sent < total:
+            due = min(total, int((time.perf_counter() - start) * rate) + 1)
+            while sent < due:
+                await send_one()
+                sent += 1
+            await trio.sleep(0.001)
+    return pace
+
+
+async def full_load_phase(ch, inbox: Inbox, args) -> dict:
+    """Every member sends its share as fast as flow control allows; every delivery is read and
+    CRC'd in order (the CRC of the joined payloads of a batch equals the CRC of each in turn)."""
     import trio
 
     from groupcomm.errors import QueueFull
-    from groupcomm.events import Message
+    from groupcomm.events import Message, View
+
+    per_member = args.messages // args.members
+    total = per_member * args.members
+    pad = b"x" * max(0, args.size - 10)
+    state = {"delivered": 0, "crc": 0, "t_last": 0.0}
+
+    async def reader() -> None:
+        delivered, crc = 0, 0
+        while delivered < total:
+            batch = await inbox.batch()
+            payloads = [ev.payload for ev in batch if type(ev) is Message]
+            if len(payloads) != len(batch):
+                for ev in batch:
+                    if isinstance(ev, View):
+                        inbox.note_view(ev)
+            if delivered + len(payloads) > total:         # the phase ends inside this batch
+                need, seen = total - delivered, 0
+                for j, ev in enumerate(batch):
+                    seen += type(ev) is Message
+                    if seen == need:
+                        inbox.put_back(batch[j + 1:])
+                        break
+                payloads = payloads[:need]
+            crc = zlib.crc32(b"".join(payloads), crc)
+            delivered += len(payloads)
+        state.update(delivered=delivered, crc=crc, t_last=time.perf_counter())
+
+    before, cpu_before = ch.stats(), time.process_time()
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(reader)
+        t_first = time.perf_counter()
+        head = b"T" + bytes([args.index])
+        send_nowait = ch.send_nowait
+        for i in range(per_member):
+            message = head + i.to_bytes(8, "big") + pad
+            try:
+                send_nowait(message)
+            except QueueFull:
+                await ch.send(message)
+            if i % 64 == 0:
+                await trio.lowlevel.checkpoint()
+    cpu = time.process_time() - cpu_before
+    after = ch.stats()
+    elapsed = state["t_last"] - t_first
+    return {
+        "delivered": state["delivered"], "seconds": elapsed, "msgs_per_s": state["delivered"] / elapsed,
+        "mb_per_s": state["delivered"] * args.size / elapsed / 1e6, "order_crc": state["crc"], "sent": per_member,
+        "retransmissions": after["retransmissions"] - before["retransmissions"],
+        "datagrams": after["datagrams_originated"] - before["datagrams_originated"],
+        "drops": after["transport_send_drops"] - before["transport_send_drops"], "cpu_s": cpu,
+    }
+
+
+async def worker(args) -> None:
+    import trio
+
     from groupcomm.io.channel import open_channel
     from groupcomm.io.udp import UdpConfig
 
-    udp = UdpConfig(mcast_port=args.port, mcast_ttl=0, recv_buffer=32 << 20, send_buffer=32 << 20, pump=args.pump)
-    me = args.index
-    per_member = args.messages // args.members
-    total = per_member * args.members
-    result: dict = {"index": me}
-    async with open_channel(cluster=args.cluster, name=f"w{me}", ring=ring_config(args), udp=udp,
-                            key_file=args.key) as ch:
-        events = ch.events()
+    udp = UdpConfig(bind_addr=args.bind, mcast_port=args.port, mcast_ttl=args.ttl,
+                    recv_buffer=32 << 20, send_buffer=32 << 20, pump=args.pump)
+    result: dict = {"index": args.index}
+    async with open_channel(cluster=args.cluster, name=f"w{args.index}", ring=ring_config(args), udp=udp,
+                            key_file=args.key or None) as ch:
         while not (ch.view and len(ch.view.members) == args.members):
             await trio.sleep(0.01)
+        inbox = Inbox(ch)
         my_id = ch.address
+        pad = b"x" * max(0, args.size - 9)
 
-        # Low load: self-delivery latency.
-        latencies = []
-        lat_seen = 0
-
-        async def latency_reader():
-            nonlocal lat_seen
-            async for ev in events:
-                if type(ev) is Message and ev.payload[:1] == b"L":
-                    lat_seen += 1
-                    if ev.sender == my_id:
-                        sent = struct.unpack_from(">Q", ev.payload, 1)[0]
-                        latencies.append((time.perf_counter_ns() - sent) / 1000)
-                    if lat_seen == args.latency_samples * args.members:
-                        return
-
-        async with trio.open_nursery() as nursery:
-            nursery.start_soon(latency_reader)
-            for _ in range(args.latency_samples):
-                await ch.send(b"L" + struct.pack(">Q", time.perf_counter_ns()))
-                await trio.sleep(0.002)
-        latencies.sort()
-        result["latency_us_p50"] = latencies[len(latencies) // 2]
-        result["latency_us_p99"] = latencies[int(len(latencies) * 0.99) - 1]
-
-        # Full load.
-        pad = b"x" * max(0, args.size - 10)
-        delivered = 0
-        crc = 0
-        t_first = t_last = 0.0
-
-        async def reader():
-            nonlocal delivered, crc, t_last
-            async for ev in events:
-                if type(ev) is Message and ev.payload[:1] == b"T":
-                    crc = zlib.crc32(ev.payload, crc)
-                    delivered += 1
-                    if delivered == total:
-                        t_last = time.perf_counter()
-                        return
-
-        await trio.sleep(0.3)            # every member finished the latency phase
-        async with trio.open_nursery() as nursery:
-            nursery.start_soon(reader)
-            t_first = time.perf_counter()
-            head = b"T" + bytes([me])
-            send_nowait = ch.send_nowait
-            for i in range(per_member):
-                message = head + i.to_bytes(8, "big") + pad
-                try:
-                    send_nowait(message)
-                except QueueFull:
-                    await ch.send(message)         # waits for room: flow control
-                if i % 64 == 0:
-                    await trio.lowlevel.checkpoint()
-        elapsed = t_last - t_first
-        stats = ch.stats()
+        low = await latency_phase(ch, inbox, b"L", pad, my_id, args.members,
+                                  every(0.002, args.latency_samples))
+        await trio.sleep(0.1)            # the others finish reading the low-load phase
+        result.update(await full_load_phase(ch, inbox, args))
+        half_rate = 0.5 * result["msgs_per_s"] / args.members
+        t0 = time.perf_counter()
+        half = await latency_phase(ch, inbox, b"H", pad, my_id, args.members,
+                                   at_rate(half_rate, args.half_load_seconds))
         result.update(
-            delivered=delivered, seconds=elapsed, msgs_per_s=delivered / elapsed,
-            mb_per_s=delivered * args.size / elapsed / 1e6, order_crc=crc,
-            retransmissions=stats["retransmissions"], datagrams=stats["datagrams_originated"],
-            tokens=stats["tokens_received"], drops=stats["transport_send_drops"],
-            cpu_s=time.process_time(),
+            latency_low=[round(x, 1) for x in low], latency_half=[round(x, 1) for x in half],
+            half_load_sent_per_s=len(half) / (time.perf_counter() - t0), view_changes=inbox.view_changes,
         )
     print(json.dumps(result), flush=True)
 
 
-def run(args) -> dict:
-    cluster, port = f"bench-{uuid.uuid4().hex[:8]}", free_port()
-    common = [
+# ----------------------------------------------------------------------------------------- the coordinator
+
+def worker_arguments(args, cluster: str, port: int) -> list[str]:
+    return [
         "--members", str(args.members), "--size", str(args.size), "--messages", str(args.messages),
         "--cluster", cluster, "--port", str(port), "--mtu", str(args.mtu), "--window", str(args.window),
         "--max-messages", str(args.max_messages), "--sort-queue", str(args.sort_queue),
         "--send-queue", str(args.send_queue), "--latency-samples", str(args.latency_samples),
+        "--half-load-seconds", str(args.half_load_seconds),
         "--seqno-unchanged", str(args.seqno_unchanged), "--pump", args.pump, "--key", args.key,
     ]
-    results = run_workers(__file__, args.members, common, args.timeout)
+
+
+def start_workers(lab, args) -> list[dict]:
+    """One worker per host of ``lab`` (each under the host's command prefix, bound to its address);
+    each prints one JSON object last.  Kills only the processes it started if any fails or runs
+    past ``args.timeout``."""
+    cluster, port = f"bench-{uuid.uuid4().hex[:8]}", free_port()
+    ttl = "0" if isinstance(lab, Loopback) else "1"
+    common = worker_arguments(args, cluster, port)
+    with tempfile.TemporaryDirectory(prefix="groupcomm-bench-") as state:   # the members' state directories
+        env = {**os.environ, "GROUPCOMM_STATE_DIR": state, "XDG_STATE_HOME": state}
+        procs = [
+            subprocess.Popen(
+                [*lab.prefix(i), sys.executable, __file__, "--worker", "--index", str(i),
+                 "--bind", lab.addresses[i], "--ttl", ttl, *common],
+                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+            for i in range(args.members)
+        ]
+        results = []
+        try:
+            deadline = time.monotonic() + args.timeout
+            for p in procs:
+                out, err = p.communicate(timeout=max(1.0, deadline - time.monotonic()))
+                if p.returncode != 0:
+                    raise SystemExit(f"worker failed:\n{err[-3000:]}")
+                results.append(json.loads(out.strip().splitlines()[-1]))
+        finally:
+            for p in procs:
+                if p.poll() is None:
+                    p.kill()
+                    p.wait()
+    return results
+
+
+def cdf(samples: list[float]) -> list[list[float]]:
+    """[quantile, µs] pairs at CDF_QUANTILES (nearest rank)."""
+    ordered = sorted(samples)
+    if not ordered:
+        return []
+    last = len(ordered) - 1
+    return [[q, ordered[min(last, round(q * last))]] for q in CDF_QUANTILES]
+
+
+def summarize(args, transport: str, results: list[dict]) -> dict:
+    """One run's figures from its workers' reports (medians over members unless said otherwise)."""
+    low = [x for r in results for x in r["latency_low"]]
+    half = [x for r in results for x in r["latency_half"]]
     rate = statistics.median(r["msgs_per_s"] for r in results)
+    messages = sum(r["sent"] for r in results)
     summary = {
-        "pump": args.pump, "key": bool(args.key), "members": args.members, "size": args.size, "messages": args.messages,
+        "transport": transport, "mtu": args.mtu, "pump": args.pump, "key": bool(args.key),
+        "members": args.members, "size": args.size, "messages": messages,
         "msgs_per_s_per_member": round(rate),
         "mb_per_s_per_member": round(statistics.median(r["mb_per_s"] for r in results), 1),
-        "latency_us_p50": round(statistics.median(r["latency_us_p50"] for r in results), 1),
-        "latency_us_p99": round(max(r["latency_us_p99"] for r in results), 1),
+        # pooled over every member's samples
+        "latency_us_p50": round(percentile(low, 50), 1),
+        "latency_us_p99": round(percentile(low, 99), 1),
+        "latency_us_p999": round(percentile(low, 99.9), 1),
+        "latency_samples": len(low),
+        "half_load_latency_us_p50": round(percentile(half, 50), 1),
+        "half_load_latency_us_p99": round(percentile(half, 99), 1),
+        "half_load_msgs_per_s_per_member": round(sum(r["half_load_sent_per_s"] for r in results)),
         "order_identical": len({r["order_crc"] for r in results}) == 1 and len({r["delivered"] for r in results}) == 1,
+        "view_changes": sum(r["view_changes"] for r in results),
         "retransmissions": sum(r["retransmissions"] for r in results),
-        "msgs_per_datagram": round(args.messages / max(1, sum(r["datagrams"] for r in results)), 1),
-        # the workers' whole CPU time (start-up and the latency phase included) per million deliveries
+        "datagrams_per_message": round(sum(r["datagrams"] for r in results) / max(1, messages), 3),
         "cpu_s_per_million_deliveries": round(
             sum(r["cpu_s"] for r in results) / max(1, sum(r["delivered"] for r in results)) * 1e6, 2),
+        "latency_cdf_low": cdf(low), "latency_cdf_half": cdf(half),
     }
-    if args.baseline:
-        summary["raw_udp_datagrams_per_s"] = round(raw_udp_rate(args.size, 2.0))
     anchor = ANCHORS.get(args.size)
     if anchor:
         summary["ratio_to_corosync_udpu"] = round(rate / anchor, 2)
     return summary
 
 
-def _raw_receiver(port_queue, counts, seconds: float) -> None:
-    import socket
-
-    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as sock:
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 32 << 20)
-        sock.bind(("127.0.0.1", 0))
-        sock.settimeout(0.5)
-        port_queue.put(sock.getsockname()[1])
-        received, first, last = 0, None, None
-        while True:
-            try:
-                sock.recv(65536)
-            except TimeoutError:
-                break
-            now = time.perf_counter()
-            first = first or now
-            last = now
-            received += 1
-            if now - first > seconds:
-                break
-        counts.put((received, (last - first) if first and last else 0.0))
+def baseline(args, lab) -> float:
+    """Raw UDP datagrams/s of ``args.size`` bytes from the first member's host to the second's."""
+    sender = Endpoint(lab.addresses[0], lab.prefix(0))
+    receiver = Endpoint(lab.addresses[min(1, len(lab.addresses) - 1)], lab.prefix(min(1, len(lab.hosts) - 1)))
+    return raw_udp_rate(args.size, args.baseline_seconds, sender=sender, receiver=receiver)
 
 
-def raw_udp_rate(size: int, seconds: float) -> float:
-    """Datagrams/s of ``size`` bytes one Python process sends another on loopback (the physical
-    baseline of this machine for a sender written like ours; no ordering, no acknowledgement)."""
-    import multiprocessing
-    import socket
+def run(args, lab=None) -> dict:
+    """One benchmark run: in ``lab`` if given, else on loopback or (``args.netns``) in a fresh NetLab."""
+    if lab is None:
+        if args.netns:
+            reason = available()
+            if reason:
+                raise SystemExit(f"--netns: {reason}")
+            with NetLab(args.members) as fresh:
+                return run(args, fresh)
+        return run(args, Loopback(args.members))
+    transport = "loopback" if isinstance(lab, Loopback) else "netns"
+    load = os.getloadavg()[0]
+    summary = summarize(args, transport, start_workers(lab, args))
+    if args.baseline:
+        summary["raw_udp_datagrams_per_s"] = round(baseline(args, lab))
+    summary["load_average_1min"] = round(load, 2)
+    summary["measured_at"] = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
+    return summary
 
-    context = multiprocessing.get_context("spawn")
-    port_queue, counts = context.Queue(), context.Queue()
-    receiver = context.Process(target=_raw_receiver, args=(port_queue, counts, seconds))
-    receiver.start()
-    try:
-        port = port_queue.get(timeout=30)
-        payload = b"x" * size
-        with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as sock:
-            end = time.perf_counter() + seconds + 0.3
-            while time.perf_counter() < end:
-                for _ in range(256):
-                    try:
-                        sock.sendto(payload, ("127.0.0.1", port))
-                    except OSError:          # ENOBUFS: the receiver's queue is full
-                        break
-        received, elapsed = counts.get(timeout=30)
-    finally:
-        receiver.join(timeout=10)
-        if receiver.is_alive():
-            receiver.kill()
-    return received / elapsed if elapsed else 0.0
+
+def parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--members", type=int, default=3)
+    p.add_argument("--size", type=int, default=100)
+    p.add_argument("--messages", type=int, default=200_000)
+    p.add_argument("--mtu", type=int, default=65000, help="the ring's datagram size (loopback takes 64 KiB; "
+                   "1400 fits an Ethernet MTU of 1500)")
+    p.add_argument("--netns", action="store_true",
+                   help="members in network namespaces on a bridge over veth pairs with MTU 1500 (needs root)")
+    p.add_argument("--window", type=int, default=50)
+    p.add_argument("--max-messages", type=int, default=17)
+    p.add_argument("--sort-queue", type=int, default=4096)
+    p.add_argument("--send-queue", type=int, default=20000)
+    p.add_argument("--latency-samples", type=int, default=1000,
+                   help="low-load messages per member, one every 2 ms")
+    p.add_argument("--half-load-seconds", type=float, default=2.0,
+                   help="length of the phase at half the measured peak rate")
+    p.add_argument("--seqno-unchanged", type=int, default=30,
+                   help="idle token rotations before the token is held (TOTEM seqno_unchanged_const)")
+    p.add_argument("--pump", choices=("trio", "c"), default="trio",
+                   help="socket driver: trio (Python) or c (the C socket pump thread)")
+    p.add_argument("--key", default="", metavar="PATH", help="cluster key file: seal every datagram")
+    p.add_argument("--key-compare", action="store_true",
+                   help="run without a key, then with a fresh key; print both and the ratio")
+    p.add_argument("--baseline", action=argparse.BooleanOptionalAction, default=True,
+                   help="measure raw UDP datagrams/s of the same size between the first two hosts in the same run")
+    p.add_argument("--baseline-seconds", type=float, default=2.0)
+    p.add_argument("--timeout", type=float, default=300)
+    p.add_argument("--json", action="store_true")
+    p.add_argument("--bind", default="127.0.0.1", help=argparse.SUPPRESS)
+    p.add_argument("--ttl", type=int, default=0, help=argparse.SUPPRESS)
+    add_worker_arguments(p)
+    return p
+
+
+def stop_on_sigterm() -> None:
+    """SIGTERM unwinds like Ctrl-C, so the namespaces and the workers are cleaned up."""
+    def interrupt(signum, frame):
+        raise KeyboardInterrupt
+    signal.signal(signal.SIGTERM, interrupt)
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--members", type=int, default=3)
-    parser.add_argument("--size", type=int, default=100)
-    parser.add_argument("--messages", type=int, default=200_000)
-    parser.add_argument("--mtu", type=int, default=65000, help="datagram size (loopback takes 64 KiB)")
-    parser.add_argument("--window", type=int, default=50)
-    parser.add_argument("--max-messages", type=int, default=17)
-    parser.add_argument("--sort-queue", type=int, default=4096)
-    parser.add_argument("--send-queue", type=int, default=20000)
-    parser.add_argument("--latency-samples", type=int, default=300)
-    parser.add_argument("--seqno-unchanged", type=int, default=30,
-                        help="idle token rotations before the token is held (TOTEM seqno_unchanged_const)")
-    parser.add_argument("--pump", choices=("trio", "c"), default="trio",
-                        help="socket driver: trio (Python) or c (the C socket pump thread)")
-    parser.add_argument("--key", default="", metavar="PATH", help="cluster key file: seal every datagram")
-    parser.add_argument("--key-compare", action="store_true",
-                        help="run without a key, then with a fresh key; print both and the ratio")
-    parser.add_argument("--baseline", action="store_true",
-                        help="also measure raw UDP datagrams/s of the same size between two processes on loopback")
-    parser.add_argument("--timeout", type=float, default=300)
-    parser.add_argument("--json", action="store_true")
-    add_worker_arguments(parser)
-    args = parser.parse_args()
+    args = parser().parse_args()
     if run_if_worker(args, worker):
         return
+    stop_on_sigterm()
     if args.key_compare:
-        import tempfile
-
         from groupcomm.config.keys import new_key_file, write_key_file
 
         with tempfile.TemporaryDirectory() as tmp:
@@ -260,19 +452,28 @@ def main() -> None:
     report(run(args), args)
 
 
-def report(s: dict, args) -> dict:
-    print(
-        f"[{s['pump']}{', key' if s['key'] else ''}] {s['members']} members, {s['size']} B, {s['messages']} messages: "
-        f"{s['msgs_per_s_per_member']:,} msgs/s per member ({s['mb_per_s_per_member']} MB/s), "
-        f"self-delivery latency p50 {s['latency_us_p50']} µs p99 {s['latency_us_p99']} µs at low load, "
-        f"order identical: {s['order_identical']}, {s['msgs_per_datagram']} msgs/datagram, "
-        f"{s['retransmissions']} retransmissions"
+def describe(s: dict) -> str:
+    """One run's figures as one line."""
+    return (
+        f"[{s['transport']} mtu {s['mtu']}, {s['pump']}{', key' if s['key'] else ''}] "
+        f"{s['members']} members, {s['size']} B, {s['messages']} messages: "
+        f"{s['msgs_per_s_per_member']:,} msgs/s per member ({s['mb_per_s_per_member']} MB/s)"
         + (f", {s['ratio_to_corosync_udpu']}x Corosync udpu" if "ratio_to_corosync_udpu" in s else "")
-        + f", {s['cpu_s_per_million_deliveries']} CPU-s per million deliveries"
+        + f"; latency at low load p50 {s['latency_us_p50']} p99 {s['latency_us_p99']} p999 {s['latency_us_p999']} µs"
+        f", at 50 % load ({s['half_load_msgs_per_s_per_member']:,} msgs/s) "
+        f"p50 {s['half_load_latency_us_p50']} p99 {s['half_load_latency_us_p99']} µs"
+        f"; {s['cpu_s_per_million_deliveries']} CPU-s per million deliveries, "
+        f"{s['datagrams_per_message']} datagrams/message, {s['retransmissions']} retransmissions, "
+        f"order identical: {s['order_identical']}"
+        + (f", {s['view_changes']} view changes" if s["view_changes"] else "")
         + (f"; raw UDP {s['raw_udp_datagrams_per_s']:,} datagrams/s" if "raw_udp_datagrams_per_s" in s else "")
     )
+
+
+def report(s: dict, args) -> dict:
+    print(describe(s), flush=True)
     if args.json:
-        print(json.dumps(s))
+        print(json.dumps(s), flush=True)
     return s
 
 
