@@ -120,6 +120,7 @@ struct gc_pump {
     msg_t *inbox;                /* from Python, newest first */
     size_t inbox_count;          /* messages in inbox + carry */
     size_t pending;              /* gc_ring_pending() as of the last locked call */
+    uint64_t ring_seq;           /* gc_ring_ring_seq() as of the last locked call */
 
     /* under the lock */
     msg_t *carry, *carry_tail;   /* drained from the inbox, not yet taken by the ring (it was full) */
@@ -471,6 +472,12 @@ static int take_chunk(gc_pump_t *p, chunk_t *c)
 /* Input from Python: submits that found the lock taken                 */
 /* ------------------------------------------------------------------ */
 
+/* Before the outputs of the same call are queued: whoever sees those sees this ring seq. */
+static void publish_ring_seq(gc_pump_t *p)
+{
+    __atomic_store_n(&p->ring_seq, gc_ring_ring_seq(p->ring), __ATOMIC_SEQ_CST);
+}
+
 static void publish_pending(gc_pump_t *p)
 {
     __atomic_store_n(&p->pending, gc_ring_pending(p->ring), __ATOMIC_SEQ_CST);
@@ -529,6 +536,7 @@ static void service(gc_pump_t *p, int from_thread)
     const uint8_t *data;
     size_t n, len, n_deliver = 0, bytes = 0;
     gc_ring_take(p->ring, &acts, &n, &data, &len);
+    publish_ring_seq(p);
     for (size_t i = 0; i < n; i++) {
         const gc_action_t *a = &acts[i];
         if (a->kind == GC_ACT_SEND_MCAST) {
@@ -822,6 +830,7 @@ int gc_pump_new(gc_ring_t *ring, const gc_pump_config_t *cfg, gc_pump_t **out)
     pthread_mutex_init(&p->mu, &attr);
     pthread_mutexattr_destroy(&attr);
     publish_pending(p);
+    publish_ring_seq(p);
     int rc = setup_receive(p);
     if (rc == GC_OK) rc = setup_fds(p);
     if (rc != GC_OK) {
@@ -967,6 +976,11 @@ int gc_pump_submit(gc_pump_t *p, const uint8_t *payload, size_t len, int flags)
         leave(p, 0);
     }
     return GC_OK;
+}
+
+uint64_t gc_pump_ring_seq(const gc_pump_t *p)
+{
+    return p ? __atomic_load_n(&p->ring_seq, __ATOMIC_SEQ_CST) : 0;
 }
 
 size_t gc_pump_pending(const gc_pump_t *p)

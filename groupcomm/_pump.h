@@ -123,6 +123,9 @@ int gc_pump_unlock(gc_pump_t *p);
 int gc_pump_submit(gc_pump_t *p, const uint8_t *payload, size_t len, int flags);
 /* The ring's pending messages as of the last locked call, plus those queued by gc_pump_submit. */
 size_t gc_pump_pending(const gc_pump_t *p);
+/* The ring's gc_ring_ring_seq() as of the last locked call, without the lock; it is
+   published before that call's deliveries are queued, so it is never older than them. */
+uint64_t gc_pump_ring_seq(const gc_pump_t *p);
 
 int gc_pump_take(gc_pump_t *p, gc_pump_batch_t *out);
 

@@ -317,7 +317,7 @@ class LockedRing:
 
     @property
     def ring_seq(self) -> int:
-        return self._read(lambda: self.ring.ring_seq)
+        return lib.gc_pump_ring_seq(self._p)         # no lock: read on every take
 
     @property
     def members(self) -> tuple[int, ...]:
