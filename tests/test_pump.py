@@ -1,7 +1,8 @@
 """The C socket pump (``pump = "c"``): channels on loopback with the ring's hot path in a C thread.
 
-Bounded in time, 127.0.0.1 only, multicast TTL 0.  The last tests re-run the
-channel, blocking-facade and process suites with the pump forced on.
+Bounded in time, 127.0.0.1 only, multicast TTL 0.  The pump is the default driver
+on Linux (``pump = "auto"``), so the other suites run it; the last tests here
+re-run the channel, blocking-facade and process suites with the trio driver.
 """
 
 from __future__ import annotations
@@ -34,7 +35,7 @@ from groupcomm.core.seal import CryptoConfig
 from groupcomm.core.ring import parse_actions
 from groupcomm.core.ring import LayerDelivery, Ring, RingConfig
 from groupcomm.io.pump import MIN_SLOT, TAKE_MAX, TAKE_MAX_BYTES, LockedRing, Pump, now_us
-from groupcomm.io.udp import UdpConfig, UdpSockets, UdpuConfig
+from groupcomm.io.udp import UdpConfig, UdpSockets, UdpuConfig, resolve_pump
 from tests.test_channel import FAST, free_port, unique_cluster, wait_for_view
 
 BIG = bytes(range(256)) * 400                   # 100 KiB: about 75 datagrams at mtu 1400
@@ -323,7 +324,7 @@ def test_the_pump_under_asan_and_ubsan(tmp_path):
 
 
 def test_the_pump_key_is_validated():
-    with pytest.raises(ConfigError, match="pump must be one of 'trio', 'c'"):
+    with pytest.raises(ConfigError, match="pump must be one of 'auto', 'c', 'trio'"):
         UdpConfig(pump="rust")
     with pytest.raises(ConfigError, match="pump must be one of"):
         UdpuConfig(hosts=("127.0.0.1:4000",), pump="")
@@ -333,26 +334,37 @@ def test_the_pump_key_is_validated():
         assert transport.pump == "c"
 
 
-# -- the other suites with the pump forced on --------------------------------------------
+def test_the_pump_is_the_default_driver_on_linux():
+    assert UdpConfig().pump == "auto" and UdpuConfig(hosts=("127.0.0.1:4000",)).pump == "auto"
+    assert resolve_pump("auto") == "c" and resolve_pump("trio") == "trio"
+    for name in ("udp", "loopback", "udpu"):
+        assert build_stack(load_stack(name, environ={})).transport.pump == "auto"
+
+
+async def test_a_default_channel_runs_the_pump():
+    udp = UdpConfig(bind_addr="127.0.0.1", mcast_port=free_port(), mcast_ttl=0)
+    async with open_channel(cluster=unique_cluster(), name="a", udp=udp, ring=FAST) as a:
+        await wait_for_view(a, 1)
+        assert a.stats()["pump_wakeups"] > 0
+
+
+# -- the other suites with the trio driver --------------------------------------------
 
 
 @pytest.fixture
-def force_pump(monkeypatch):
-    """Every channel opened in the test runs the C pump; the count proves it did."""
-    init, attach = Channel.__init__, channel_module.attach
-    attached = []
+def force_trio(monkeypatch):
+    """Every channel opened in the test runs the trio driver (attaching a pump fails the test)."""
+    init = Channel.__init__
 
-    def init_with_pump(self, *, udp, **kwargs):
-        init(self, udp=dataclasses.replace(udp, pump="c"), **kwargs)
+    def init_with_trio(self, *, udp, **kwargs):
+        init(self, udp=dataclasses.replace(udp, pump="trio"), **kwargs)
 
-    def counting_attach(*args, **kwargs):
-        attached.append(1)
-        return attach(*args, **kwargs)
+    def no_pump(*args, **kwargs):
+        raise AssertionError("a channel attached the C pump under force_trio")
 
-    monkeypatch.setattr(Channel, "__init__", init_with_pump)
-    monkeypatch.setattr(channel_module, "attach", counting_attach)
-    monkeypatch.setenv("GROUPCOMM_PUMP", "c")         # member processes read it from their stack file
-    return attached
+    monkeypatch.setattr(Channel, "__init__", init_with_trio)
+    monkeypatch.setattr(channel_module, "attach", no_pump)
+    monkeypatch.setenv("GROUPCOMM_PUMP", "trio")      # member processes read it from their stack file
 
 
 def _suite(module, *, coroutines: bool) -> list:
@@ -374,23 +386,21 @@ def _optional_suite(name: str) -> list:
 
 
 @pytest.mark.parametrize("test", _suite(channel_suite, coroutines=True) + _optional_suite("tests.test_space_channel"))
-async def test_channel_suite_with_the_pump(test, force_pump, tmp_path):
+async def test_channel_suite_with_the_trio_driver(test, force_trio, tmp_path):
     kwargs = {"tmp_path": tmp_path} if "tmp_path" in inspect.signature(test).parameters else {}
     await test(**kwargs)
-    assert force_pump
 
 
 @pytest.mark.parametrize("test", _suite(blocking_suite, coroutines=False)[:1])
-def test_blocking_suite_with_the_pump(test, force_pump):
+def test_blocking_suite_with_the_trio_driver(test, force_trio):
     test()
-    assert force_pump
 
 
-def test_member_processes_join_survive_kill_and_rejoin_with_the_pump(force_pump):
+def test_member_processes_join_survive_kill_and_rejoin_with_the_trio_driver(force_trio):
     process_suite.test_processes_join_agree_survive_kill_and_rejoin()
 
 
-def test_member_processes_run_the_pump_when_their_stack_says_so(force_pump):
+def test_member_processes_run_the_driver_their_stack_says(force_trio):
     cluster, port = unique_cluster(), free_port()
     members = [process_suite.Member(n, cluster, port) for n in ("q1", "q2")]
     try:
@@ -400,7 +410,7 @@ def test_member_processes_run_the_pump_when_their_stack_says_so(force_pump):
         seal = probe_seal(cluster_id_for(cluster), os.environ["GROUPCOMM_KEY_FILE"])
         reports = probe(cluster_id_for(cluster), UdpConfig(mcast_port=port, mcast_ttl=0), 1.0, seal=seal)
         assert {r["address"] for r in reports} == ids
-        assert all(r["stats"]["pump_wakeups"] > 0 for r in reports)
+        assert all("pump_wakeups" not in r["stats"] for r in reports)     # GROUPCOMM_PUMP=trio
     finally:
         for m in members:
             m.stop()

@@ -68,6 +68,7 @@ from groupcomm.io.udp import (
     open_sockets,
     open_unicast,
     parse_host,
+    resolve_pump,
 )
 from groupcomm.layers.fd import FdConfig
 from groupcomm.layers.frag import FragConfig, Pieces
@@ -623,7 +624,7 @@ class Channel:
             self._member.spaces.quorum.use(state.quorum, clock=self._now)
             self._member.multicast.join_later_from = _JOIN_OFF_LOOP
             self._my_id = node_id.to_bytes(4, "big")
-            if cfg.pump == "c":
+            if resolve_pump(cfg.pump) == "c":
                 self._start_pump(sockets)
             self._member.ring = state.lease(self._member.ring)
             self._member.start(self._now())

@@ -10,18 +10,27 @@ from __future__ import annotations
 
 import ipaddress
 import socket
+import sys
 from dataclasses import dataclass
 from typing import Literal
 
 from groupcomm.config import Duration, Size
 from groupcomm.errors import ConfigError
 
-PUMPS = ("trio", "c")
-"""Who drives the sockets: ``"trio"`` (Python, one trio wake-up per datagram batch)
-or ``"c"`` (the C socket pump, :mod:`groupcomm.io.pump`: a thread that runs the ring's
-hot path and wakes Python only for deliveries, views, FD and probe packets)."""
+PUMPS = ("auto", "c", "trio")
+"""Who drives the sockets: ``"c"`` (the C socket pump, :mod:`groupcomm.io.pump`: a thread
+that runs the ring's hot path and wakes Python only for deliveries, views, FD and probe
+packets), ``"trio"`` (Python: the reference driver, one trio wake-up per datagram batch),
+or ``"auto"`` (the default: ``"c"`` where the pump is built -- Linux -- else ``"trio"``)."""
 
-__all__ = ["UdpConfig", "UdpuConfig", "UdpSockets", "open_sockets", "open_unicast", "parse_host"]
+
+def resolve_pump(pump: str) -> str:
+    """The driver ``pump`` names: ``"auto"`` becomes ``"c"`` where the C pump exists."""
+    if pump != "auto":
+        return pump
+    return "c" if sys.platform.startswith("linux") else "trio"
+
+__all__ = ["PUMPS", "UdpConfig", "UdpSockets", "UdpuConfig", "open_sockets", "open_unicast", "parse_host", "resolve_pump"]
 
 
 @dataclass(frozen=True)
@@ -42,8 +51,9 @@ class UdpConfig:
     """Socket receive buffer asked of the kernel (capped by ``net.core.rmem_max`` unless run as root)."""
     send_buffer: Size = 4 << 20
     """Socket send buffer asked of the kernel (capped by ``net.core.wmem_max`` unless run as root)."""
-    pump: Literal["trio", "c"] = "trio"
-    """Socket driver: ``"trio"`` (Python) or ``"c"`` (the C socket pump thread)."""
+    pump: Literal["auto", "c", "trio"] = "auto"
+    """Socket driver: ``"c"`` (the C socket pump thread), ``"trio"`` (Python), or ``"auto"``
+    (``"c"`` on Linux, else ``"trio"``); see :data:`PUMPS`."""
 
     def __post_init__(self) -> None:
         _check_pump("UDP", self.pump)
@@ -165,8 +175,9 @@ class UdpuConfig:
     """Socket receive buffer asked of the kernel (capped by ``net.core.rmem_max`` unless run as root)."""
     send_buffer: Size = 4 << 20
     """Socket send buffer asked of the kernel (capped by ``net.core.wmem_max`` unless run as root)."""
-    pump: Literal["trio", "c"] = "trio"
-    """Socket driver: ``"trio"`` (Python) or ``"c"`` (the C socket pump thread)."""
+    pump: Literal["auto", "c", "trio"] = "auto"
+    """Socket driver: ``"c"`` (the C socket pump thread), ``"trio"`` (Python), or ``"auto"``
+    (``"c"`` on Linux, else ``"trio"``); see :data:`PUMPS`."""
 
     def __post_init__(self) -> None:
         _check_pump("UDPU", self.pump)
