@@ -274,7 +274,7 @@ class Member:
         reply = self._sendable(reply)
         if request.requester == self.node_id:
             self.rpc.reply(request.req_id, self.node_id, reply)
-            self._collect_rpc()
+            self._collect_rpc(now)
             return
         value = None if reply.value is None else bytes(reply.value)
         self._unicast(request.requester, encode(ReplyFrame(request.req_id, bool(reply.ok), value, reply.error)), None)
@@ -355,7 +355,7 @@ class Member:
             elif t is View:
                 self._view(now, item)
         self._take_unicast(now)
-        self._collect_rpc()
+        self._collect_rpc(now)
         self._out = []
         return out
 
@@ -512,6 +512,6 @@ class Member:
             self.spaces.state_chunk(message.sender, frame)
             self._after_spaces(now)
 
-    def _collect_rpc(self) -> None:
-        done: list[RequestDone] = self.rpc.take()
+    def _collect_rpc(self, now: int) -> None:
+        done: list[RequestDone] = self.rpc.take(now)
         self._out.extend(done)

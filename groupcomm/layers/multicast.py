@@ -17,16 +17,24 @@ Outputs (:meth:`Multicast.take`), in order: :class:`~groupcomm.core.ring.SendToA
 from __future__ import annotations
 
 from collections import deque
+from operator import countOf, itemgetter
 
 from groupcomm.errors import QueueFull
 from groupcomm.events import Configuration, Message, View
 from groupcomm.layers.fd import MAGIC as FD_MAGIC
 from groupcomm.layers.fd import HEARTBEAT, PING, PONG, FailureDetector, FdConfig
 from groupcomm.layers.frag import FRAGMENT, FragConfig, Fragmenter, Fragments
+from groupcomm.layers.histogram import Histogram
 from groupcomm.core.ring import FROM_A_LIVE_PEER, LayerDelivery, Ring, RingConfig, RingState, SendTo, SendToAll
 from groupcomm.layers.wire import datagram_sender, is_token
 
-__all__ = ["Multicast"]
+__all__ = ["LATENCY_SAMPLE_EVERY", "Multicast"]
+
+LATENCY_SAMPLE_EVERY = 64
+"""One of this many of a member's messages has its self-delivery latency measured."""
+_MAX_SAMPLES = 64
+"""Sampled messages awaiting their own delivery, at most (more are not sampled)."""
+_sender = itemgetter(0)
 
 
 class Multicast:
@@ -64,6 +72,17 @@ class Multicast:
         self._ring_sizes: deque[int] = deque()
         self._ring_bytes = 0
         self._out: list = []
+        # Self-delivery latency: our ring messages are numbered as submitted and
+        # delivered back to us in that order (a member delivers its own messages,
+        # unless it crashes); a sampled one is matched by its number.
+        self.self_delivery_latency = Histogram()
+        """Seconds from a sampled message's submission to the ring to its delivery here
+        (one message of :data:`LATENCY_SAMPLE_EVERY`; a message waiting behind a fragmented one, or a
+        fragment, counts from when it enters the ring)."""
+        self._submitted = 0                                    # our ring messages so far
+        self._own_delivered = 0                                # ... delivered back to us
+        self._next_sample = LATENCY_SAMPLE_EVERY               # number of the next one sampled
+        self._samples: deque[tuple[int, int]] = deque()        # (number, submit time), oldest first
         self.view: View | None = None
         self.join_later_from: int | None = None
         """Application messages reassembled from this many bytes or more come as a run of one
@@ -117,7 +136,7 @@ class Multicast:
             if self._ring_bytes + size > self._queue_bytes:
                 self._check_room(size)
             has_output = self.ring.submit(now, payload, safe=safe, kind=kind)     # may raise QueueFull
-            self._queued_in_ring(size)
+            self._queued_in_ring(size, now)
             return has_output or bool(self._out)
         self.frag.check(size)
         self._check_room(size)
@@ -126,7 +145,7 @@ class Multicast:
             fragments = self.frag.split(payload, safe, kind)
             if fragments is None:
                 self.ring.submit(now, payload, safe=safe, kind=kind)
-                self._queued_in_ring(size)
+                self._queued_in_ring(size, now)
                 return self.has_output
             self._start(fragments)
         else:
@@ -145,11 +164,23 @@ class Multicast:
                 f"send_queue_bytes={self._queue_bytes}; wait for deliveries and retry"
             )
 
-    def _queued_in_ring(self, size: int) -> None:
+    def _queued_in_ring(self, size: int, now: int) -> None:
         self._ring_sizes.append(size)
         self._ring_bytes += size
         if len(self._ring_sizes) > self._queue_max:
             self._trim()
+        self._submitted += 1
+        if self._submitted >= self._next_sample:
+            self._next_sample += LATENCY_SAMPLE_EVERY
+            if len(self._samples) < _MAX_SAMPLES:
+                self._samples.append((self._submitted, now))
+
+    def _delivered_own(self, now: int, count: int) -> None:
+        """``count`` more of our ring messages were delivered here at ``now``: time the sampled ones."""
+        self._own_delivered += count
+        samples, delivered = self._samples, self._own_delivered
+        while samples and samples[0][0] <= delivered:
+            self.self_delivery_latency.observe((now - samples.popleft()[1]) / 1e6)
 
     def _trim(self) -> None:
         """Forget the sizes of messages the ring has sent."""
@@ -179,7 +210,7 @@ class Multicast:
                         ring.submit(now, cut[self._next_fragment], safe=cut.safe, kind=FRAGMENT)
                     except QueueFull:
                         return
-                    self._queued_in_ring(0)
+                    self._queued_in_ring(0, now)
                     self._next_fragment += 1
             if self._inflight is not None and self.frag.in_flight(self._inflight):
                 return                                     # wait until it is delivered (or cut)
@@ -193,7 +224,7 @@ class Multicast:
                     ring.submit(now, payload, safe=safe, kind=kind)
                 except QueueFull:
                     return
-                self._queued_in_ring(len(payload))
+                self._queued_in_ring(len(payload), now)
             else:
                 self._start(split)
             self._waiting.popleft()
@@ -259,11 +290,19 @@ class Multicast:
         out, self._out = self._out, []
         items = self.ring.take(Message, runs=True)
         frag, fd = self.frag, self.fd
+        # Our own deliveries are counted only while some of our messages are on
+        # their way (a sender at full speed pays one C-speed scan per run).
+        own = 0 if self._own_delivered < self._submitted else -1
+        me = self.node_id
         for item in items:
             t = type(item)
             if t is list:
                 out.append(item)
+                if own >= 0:
+                    own += countOf(map(_sender, item), me)
             elif t is LayerDelivery:
+                if own >= 0 and item.sender == me:
+                    own += 1
                 if item.kind == FRAGMENT:
                     whole = frag.deliver_pieces(item.sender, item.payload, item.safe)
                     if whole is not None:
@@ -291,6 +330,8 @@ class Multicast:
                         self._fd_deadline = fd.next_deadline()
             else:
                 out.append(item)
+        if own > 0:
+            self._delivered_own(now, own)
         if self._cut is not None or self._waiting:
             self._feed(now)
             if self.ring.has_output:

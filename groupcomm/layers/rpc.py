@@ -28,6 +28,8 @@ from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import NamedTuple
 
+from groupcomm.layers.histogram import Histogram
+
 __all__ = [
     "Mode", "ALL", "FIRST", "MAJORITY", "NONE", "Reply", "RequestDone", "RpcTracker",
     "no_handler", "reply_failed", "reply_with",
@@ -91,6 +93,7 @@ class _Pending:
     targets: tuple[int, ...] | None              # None until our own multicast is delivered
     replies: dict[int, Reply] = field(default_factory=dict)
     early: dict[int, Reply] = field(default_factory=dict)   # answers that beat our own delivery
+    started: int = 0
 
 
 class RpcTracker:
@@ -99,7 +102,10 @@ class RpcTracker:
     def __init__(self) -> None:
         self._pending: dict[int, _Pending] = {}
         self._out: list[RequestDone] = []
+        self._out_started: list[int] = []           # the start time of each of _out
         self._next_id = 0
+        self.latency = Histogram()
+        """Seconds from each request's start to its completion (timeouts and ``NONE`` included)."""
 
     def new_id(self) -> int:
         self._next_id += 1
@@ -108,7 +114,7 @@ class RpcTracker:
     def start(self, now: int, req_id: int, mode: Mode, timeout_us: int, scope: str,
               targets: Iterable[int] | None) -> None:
         """Track ``req_id``; ``targets=None`` means "the members that receive our multicast"."""
-        pending = _Pending(mode, now + timeout_us, scope, None if targets is None else tuple(targets))
+        pending = _Pending(mode, now + timeout_us, scope, None if targets is None else tuple(targets), started=now)
         self._pending[req_id] = pending
         if mode is NONE:
             self._complete(req_id)
@@ -168,8 +174,13 @@ class RpcTracker:
     def in_flight(self) -> int:
         return len(self._pending)
 
-    def take(self) -> list[RequestDone]:
+    def take(self, now: int | None = None) -> list[RequestDone]:
+        """The requests completed since the last call; ``now`` (microseconds) times them into :attr:`latency`."""
         out, self._out = self._out, []
+        started, self._out_started = self._out_started, []
+        if now is not None:
+            for t in started:
+                self.latency.observe((now - t) / 1e6)
         return out
 
     def _check(self, req_id: int) -> None:
@@ -187,3 +198,4 @@ class RpcTracker:
     def _complete(self, req_id: int) -> None:
         pending = self._pending.pop(req_id)
         self._out.append(RequestDone(req_id, dict(pending.replies)))
+        self._out_started.append(pending.started)
