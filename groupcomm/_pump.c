@@ -583,9 +583,15 @@ static void leave(gc_pump_t *p, int from_thread)
     }
 }
 
-static int is_token(const uint8_t *buf, size_t len)
+int gc_pump_classify(const uint8_t *buf, size_t len, uint32_t node_id)
 {
-    return len > 3 && buf[0] == 'G' && buf[1] == 'C' && buf[3] == TYPE_TOKEN;
+    int ours = len >= 2 && buf[0] == 'G';
+    if (ours && buf[1] == 'P') return GC_DGRAM_PROBE;
+    if (len >= HDR_LEN && rd32(buf + 8) == node_id) return GC_DGRAM_SELF;
+    if (ours && buf[1] != 'C') return GC_DGRAM_MEMBER;
+    if (ours && len > 2 && buf[2] != GC_WIRE_VERSION) return GC_DGRAM_MEMBER;
+    if (ours && len > 3 && buf[3] == TYPE_TOKEN) return GC_DGRAM_TOKEN;
+    return GC_DGRAM_RING;
 }
 
 /* Feed the ring; a packet it took as coming from a live peer teaches us where that peer is. */
@@ -598,7 +604,7 @@ static void ring_receive(gc_pump_t *p, uint64_t now, const uint8_t *buf, size_t 
         learn_peer(p, rd32(buf + 8), from, fromlen, now);
 }
 
-/* One datagram, in the order channel.py's _drain applies its rules. */
+/* One datagram: sorted by gc_pump_classify, as the trio driver sorts them. */
 static void on_datagram(gc_pump_t *p, uint64_t now, const uint8_t *buf, size_t len,
                         const struct sockaddr_storage *from, socklen_t fromlen)
 {
@@ -615,26 +621,26 @@ static void on_datagram(gc_pump_t *p, uint64_t now, const uint8_t *buf, size_t l
         len = (size_t)n;
     }
     int newest = (sealed_flags & GC_SEAL_NEWEST) != 0;   /* only such a datagram may move an address */
-    int ours = len >= 2 && buf[0] == 'G';
-    if (ours && buf[1] == 'P') {             /* a probe: Python answers it */
+    switch (gc_pump_classify(buf, len, p->cfg.node_id)) {
+    case GC_DGRAM_PROBE:
+    case GC_DGRAM_MEMBER:
         to_python(p, buf, len, from, newest);
         return;
-    }
-    if (len >= HDR_LEN && rd32(buf + 8) == p->cfg.node_id) {     /* our own multicast, looped back */
+    case GC_DGRAM_SELF:
         p->stats.self_drops++;
         return;
-    }
-    if (ours && buf[1] != 'C') {             /* failure detector, unicast layer...: Python's */
-        to_python(p, buf, len, from, newest);
-        return;
-    }
-    if (is_token(buf, len) && p->n_stash < TOKEN_STASH) {
-        memcpy(p->stash + p->n_stash * p->cfg.slot_size, buf, len);
-        memcpy(&p->stash_from[p->n_stash], from, fromlen);
-        p->stash_fromlen[p->n_stash] = fromlen;
-        p->stash_newest[p->n_stash] = newest;
-        p->stash_len[p->n_stash++] = len;
-        return;
+    case GC_DGRAM_TOKEN:
+        if (p->n_stash < TOKEN_STASH) {
+            memcpy(p->stash + p->n_stash * p->cfg.slot_size, buf, len);
+            memcpy(&p->stash_from[p->n_stash], from, fromlen);
+            p->stash_fromlen[p->n_stash] = fromlen;
+            p->stash_newest[p->n_stash] = newest;
+            p->stash_len[p->n_stash++] = len;
+            return;
+        }
+        break;
+    default:
+        break;
     }
     ring_receive(p, now, buf, len, from, fromlen, newest);   /* the core validates everything else */
 }

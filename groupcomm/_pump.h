@@ -99,6 +99,18 @@ typedef struct {
 
 typedef struct gc_pump gc_pump_t;
 
+/* What a driver does with a datagram (opened, if the cluster has a key).  Both drivers
+   (this pump and the trio one, groupcomm/io/channel.py) sort datagrams with this one
+   function, in this order of rules:
+     PROBE   "GP": a `groupcomm probe` request; Python answers it;
+     SELF    our own node id as sender (bytes 8..11): our multicast looped back, dropped;
+     MEMBER  "G" + anything but "C" (failure detector, unicast), or a ring packet of
+             another wire version: Python's Member.receive (it counts and logs those);
+     TOKEN   a ring token: handed to the ring after the messages of the same read;
+     RING    anything else: the ring, which validates it. */
+enum { GC_DGRAM_PROBE = 0, GC_DGRAM_SELF = 1, GC_DGRAM_MEMBER = 2, GC_DGRAM_TOKEN = 3, GC_DGRAM_RING = 4 };
+int gc_pump_classify(const uint8_t *buf, size_t len, uint32_t node_id);
+
 /* CLOCK_MONOTONIC in microseconds: the clock of every ring input while the pump runs. */
 uint64_t gc_pump_now_us(void);
 

@@ -82,7 +82,7 @@
 /* ------------------------------------------------------------------ */
 
 #define WIRE_MAGIC 0x4743u   /* "GC" */
-#define WIRE_VERSION 2u
+#define WIRE_VERSION ((unsigned)GC_WIRE_VERSION)
 
 enum msg_type {
     MSG_TOKEN = 1,

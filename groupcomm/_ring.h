@@ -25,6 +25,8 @@
 #include <stdint.h>
 
 /* CDEF-BEGIN */
+enum { GC_WIRE_VERSION = 2 };    /* the third byte of every datagram of ours (groupcomm.layers.wire.PROTOCOL_VERSION) */
+
 enum gc_err {
     GC_OK = 0,
     GC_OUTPUT = 1,           /* gc_ring_submit: queued, and there are outputs to take */

@@ -414,3 +414,48 @@ def test_member_processes_run_the_driver_their_stack_says(force_trio):
     finally:
         for m in members:
             m.stop()
+
+
+# -- one set of rules for both drivers -------------------------------------------------
+
+
+def test_both_drivers_sort_datagrams_with_one_function():
+    from groupcomm.io.pump import DGRAM_MEMBER, DGRAM_PROBE, DGRAM_RING, DGRAM_SELF, DGRAM_TOKEN, classify
+    from groupcomm.layers.wire import HEADER, PROTOCOL_VERSION, RING_MAGIC
+
+    assert lib.GC_WIRE_VERSION == PROTOCOL_VERSION
+    me, peer = 7, 9
+    cases = {
+        b"GP" + bytes(40): DGRAM_PROBE,
+        HEADER.pack(b"GP", PROTOCOL_VERSION, 1, 3, me): DGRAM_PROBE,          # a probe names no member
+        HEADER.pack(RING_MAGIC, PROTOCOL_VERSION, 2, 3, me): DGRAM_SELF,
+        HEADER.pack(b"GF", PROTOCOL_VERSION, 1, 3, me): DGRAM_SELF,            # any layer's, looped back
+        HEADER.pack(b"GF", PROTOCOL_VERSION, 1, 3, peer): DGRAM_MEMBER,
+        HEADER.pack(b"GU", PROTOCOL_VERSION, 1, 3, peer): DGRAM_MEMBER,
+        HEADER.pack(RING_MAGIC, PROTOCOL_VERSION + 1, 1, 3, peer): DGRAM_MEMBER,   # logged by Member
+        HEADER.pack(RING_MAGIC, PROTOCOL_VERSION, 1, 3, peer): DGRAM_TOKEN,
+        HEADER.pack(RING_MAGIC, PROTOCOL_VERSION, 2, 3, peer): DGRAM_RING,
+        HEADER.pack(RING_MAGIC, PROTOCOL_VERSION, 1, 3, peer)[:5]: DGRAM_TOKEN,   # the ring drops it
+        b"": DGRAM_RING,
+        b"junk": DGRAM_RING,                                                  # the ring counts it malformed
+    }
+    for datagram, expected in cases.items():
+        assert classify(datagram, len(datagram), me) == expected, datagram
+
+
+@pytest.mark.parametrize("pump", ["c", "trio"])
+async def test_a_ring_packet_of_another_version_is_logged_by_either_driver(pump, caplog):
+    from groupcomm.layers.wire import HEADER, PROTOCOL_VERSION, RING_MAGIC
+
+    udp = UdpConfig(bind_addr="127.0.0.1", mcast_port=free_port(), mcast_ttl=0, pump=pump)
+    with trio.fail_after(20):
+        async with open_channel(cluster=unique_cluster(), name="a", udp=udp, ring=FAST, key_file="") as a:
+            await wait_for_view(a, 1)
+            with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
+                for _ in range(3):
+                    s.sendto(HEADER.pack(RING_MAGIC, PROTOCOL_VERSION + 1, 2, 3, 4242) + bytes(20),
+                             a._sockets.address)
+            while a.stats()["drop_bad_version"] < 3:
+                await trio.sleep(0.01)
+    lines = [r.getMessage() for r in caplog.records if "protocol version" in r.getMessage()]
+    assert len(lines) == 1 and "from 4242" in lines[0]

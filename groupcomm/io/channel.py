@@ -58,7 +58,7 @@ from groupcomm.errors import (
 )
 from groupcomm.events import Direct, Message, View
 from groupcomm.io.probe import is_probe_request, probe_response
-from groupcomm.io.pump import Pump, TargetSet, attach, detach, now_us
+from groupcomm.io.pump import DGRAM_PROBE, DGRAM_SELF, DGRAM_TOKEN, Pump, TargetSet, attach, classify, detach, now_us
 from groupcomm.io.space import Handler, Services, Space
 from groupcomm.io.state_dir import MemberState, open_member_state
 from groupcomm.io.udp import (
@@ -89,10 +89,7 @@ from groupcomm.layers.unicast import UnicastConfig
 from groupcomm.layers.wire import (
     PROBE_MAGIC,
     PROTOCOL_VERSION,
-    RING_MAGIC,
-    RING_TOKEN,
     SENDER,
-    TYPE_OFFSET,
     datagram_version,
 )
 
@@ -251,7 +248,6 @@ class Channel:
         self._overflow_reason = ""
         self._sends_since_yield = 0
         self._probe_mark = (0.0, 0)
-        self._my_id = b""
         self._clock: trio.abc.Clock | None = None
         self._pump: Pump | None = None             # the C socket pump, when the transport asks for it
         self._pump_offset = 0.0                    # trio time - pump time (both CLOCK_MONOTONIC)
@@ -623,7 +619,6 @@ class Channel:
                                  spaces=self._spaces_config, ring_seq_floor=floor, epoch=floor)
             self._member.spaces.quorum.use(state.quorum, clock=self._now)
             self._member.multicast.join_later_from = _JOIN_OFF_LOOP
-            self._my_id = node_id.to_bytes(4, "big")
             if resolve_pump(cfg.pump) == "c":
                 self._start_pump(sockets)
             self._member.ring = state.lease(self._member.ring)
@@ -782,7 +777,7 @@ class Channel:
         the other tasks had their turn) to the member, messages before tokens, then flush once."""
         member = self._member
         assert member is not None
-        my_id, sockets, seal = self._my_id, self._sockets, self._seal
+        node_id, sockets, seal = member.node_id, self._sockets, self._seal
         assert sockets is not None
         tokens = []
         budget = _DRAIN_BYTES
@@ -798,12 +793,13 @@ class Channel:
                 if type(data) is int:
                     continue                      # forged, replayed, unsealed...: counted by the seal
                 newest = seal.newest
-            if data[:2] == PROBE_MAGIC:
+            kind = classify(data, len(data), node_id)     # the pump's rules: one function for both drivers
+            if kind == DGRAM_PROBE:
                 self._answer_probe(data, addr)
                 continue
-            if data[SENDER] == my_id:
+            if kind == DGRAM_SELF:
                 continue                          # our own multicast looped back
-            if len(data) > TYPE_OFFSET and data[TYPE_OFFSET] == RING_TOKEN and data[:2] == RING_MAGIC:
+            if kind == DGRAM_TOKEN:
                 tokens.append((data, addr, newest))   # act on the token after the messages it follows
                 continue
             if member.receive(self._now(), data) and newest:
@@ -833,7 +829,7 @@ class Channel:
         if packets:
             now = self._now()
             for data, addr, newest in packets:
-                if data[:2] == PROBE_MAGIC:
+                if data[:2] == PROBE_MAGIC:               # else DGRAM_MEMBER (see classify)
                     self._answer_probe(data, addr)
                 elif member.receive(now, data) and newest:     # the other layers'; ring packets stay in C
                     pump.learn(int.from_bytes(data[SENDER], "big"), addr)

@@ -28,10 +28,21 @@ from groupcomm.core.seal import OVERHEAD as SEAL_OVERHEAD, Seal
 from groupcomm.io.probe import PROBE_REQUEST_SIZE
 from groupcomm.io.udp import UdpSockets
 
-__all__ = ["Pump", "LockedRing", "TargetSet", "attach", "detach", "now_us"]
+__all__ = ["DGRAM_MEMBER", "DGRAM_PROBE", "DGRAM_RING", "DGRAM_SELF", "DGRAM_TOKEN", "LockedRing", "Pump",
+           "TargetSet", "attach", "classify", "detach", "now_us"]
 
 now_us = lib.gc_pump_now_us
 """CLOCK_MONOTONIC in integer microseconds: every ring input's clock while a pump runs."""
+
+classify = lib.gc_pump_classify
+"""``classify(datagram, len(datagram), node_id)``: what a driver does with an (opened)
+datagram -- one of the ``DGRAM_*`` below.  Both socket drivers sort datagrams with it
+(the pump in C, the trio driver per datagram), so they apply the same rules."""
+DGRAM_PROBE = lib.GC_DGRAM_PROBE      # a probe request: answered by the channel
+DGRAM_SELF = lib.GC_DGRAM_SELF        # our own multicast looped back: dropped
+DGRAM_MEMBER = lib.GC_DGRAM_MEMBER    # failure detector, unicast, or another wire version: Member.receive
+DGRAM_TOKEN = lib.GC_DGRAM_TOKEN      # a token: after the messages of the same read
+DGRAM_RING = lib.GC_DGRAM_RING        # the ring
 
 MIN_SLOT = max(2048, PROBE_REQUEST_SIZE)   # receive slot floor: FD packets, padded probe requests
 RECV_SLOTS_BYTES = 1 << 20   # receive slots per pump, in bytes (sets the recvmmsg batch)
