@@ -17,8 +17,11 @@ import trio
 
 from groupcomm.io.channel import open_channel
 from groupcomm.io.metrics import prometheus_text, serve_metrics
+from groupcomm.layers.histogram import Histogram
+from groupcomm.layers.multicast import LATENCY_SAMPLE_EVERY
 
-SAMPLE = re.compile(r'^(groupcomm_[a-z0-9_]+)\{([^}]*)\} (-?[0-9.e+]+)$')
+SAMPLE = re.compile(r'^(groupcomm_[a-z0-9_]+)\{([^}]*)\} (-?[0-9.e+-]+)$')
+HISTOGRAM_SAMPLE = re.compile(r'_(bucket|sum|count)$')
 
 
 def free_udp_port() -> int:
@@ -28,7 +31,8 @@ def free_udp_port() -> int:
 
 
 def parse(text: str) -> dict[str, tuple[str, float]]:
-    """name -> (type, value) of an exposition text; every line must be a TYPE line or a sample."""
+    """name -> (type, value) of an exposition text's counters and gauges; every line must be a TYPE
+    line or a sample (histograms: checked by :func:`histogram`)."""
     types, values = {}, {}
     for line in text.splitlines():
         if line.startswith("# TYPE "):
@@ -37,9 +41,33 @@ def parse(text: str) -> dict[str, tuple[str, float]]:
         else:
             match = SAMPLE.match(line)
             assert match, f"not a Prometheus sample: {line!r}"
+            base = HISTOGRAM_SAMPLE.sub("", match.group(1))
+            if types.get(base) == "histogram":
+                continue
             values[match.group(1)] = float(match.group(3))
-    assert set(types) == set(values)
+    assert {n for n, kind in types.items() if kind != "histogram"} == set(values)
     return {name: (types[name], values[name]) for name in values}
+
+
+def histogram(text: str, name: str) -> tuple[list[tuple[str, float]], float, float]:
+    """(le, cumulative count) per bucket, sum and count of histogram ``name``; checks its shape."""
+    assert f"# TYPE {name} histogram" in text
+    buckets, total, count = [], None, None
+    for line in text.splitlines():
+        match = SAMPLE.match(line)
+        if not match:
+            continue
+        metric, labels, value = match.group(1), match.group(2), float(match.group(3))
+        if metric == name + "_bucket":
+            buckets.append((re.search(r'le="([^"]+)"', labels).group(1), value))
+        elif metric == name + "_sum":
+            total = value
+        elif metric == name + "_count":
+            count = value
+    assert buckets and buckets[-1][0] == "+Inf" and buckets[-1][1] == count
+    assert [v for _, v in buckets] == sorted(v for _, v in buckets)              # cumulative
+    assert [float(le) for le, _ in buckets[:-1]] == sorted(float(le) for le, _ in buckets[:-1])
+    return buckets, total, count
 
 
 def test_counters_and_gauges_are_rendered_with_escaped_labels():
@@ -53,6 +81,18 @@ def test_counters_and_gauges_are_rendered_with_escaped_labels():
     assert "groupcomm_bad_total" not in parsed                    # not a finite number: left out
 
 
+def test_histograms_are_rendered_cumulative_with_inf_sum_and_count():
+    h = Histogram((0.0001, 0.001))
+    for value in (0.00005, 0.0001, 0.0005, 2.0):
+        h.observe(value)
+    text = prometheus_text({"deliveries": 1}, {"member": "n1"}, {"self_delivery_latency_seconds": h})
+    assert 'groupcomm_self_delivery_latency_seconds_bucket{member="n1",le="0.0001"} 2' in text
+    buckets, total, count = histogram(text, "groupcomm_self_delivery_latency_seconds")
+    assert buckets == [("0.0001", 2), ("0.001", 3), ("+Inf", 4)]
+    assert count == 4 and total == pytest.approx(2.00065)
+    assert parse(text) == {"groupcomm_deliveries_total": ("counter", 1)}
+
+
 async def test_a_member_serves_its_counters_and_view_on_a_loopback_port():
     name = f"met-{uuid.uuid4().hex[:8]}"
     async with open_channel("loopback", cluster=name, name="n1",
@@ -61,6 +101,10 @@ async def test_a_member_serves_its_counters_and_view_on_a_loopback_port():
             while channel.view is None:
                 await trio.sleep(0.02)
             await channel.send(b"hello")
+            for i in range(LATENCY_SAMPLE_EVERY):                # one of them is timed
+                await channel.send(b"m%d" % i)
+            channel.on_request(_answer_yes)
+            assert (await channel.request(b"q"))[channel.address].ok
             async with trio.open_nursery() as nursery:
                 port = await nursery.start(serve_metrics, channel, ("127.0.0.1", 0))
                 async with httpx.AsyncClient(base_url=f"http://127.0.0.1:{port}") as http:
@@ -72,6 +116,11 @@ async def test_a_member_serves_its_counters_and_view_on_a_loopback_port():
                     assert metrics["groupcomm_view_primary"] == ("gauge", 1)
                     assert metrics["groupcomm_messages_sent_total"][1] >= 1
                     assert 'member="n1"' in answer.text and f'cluster="{name}"' in answer.text
+                    while histogram(answer.text, "groupcomm_self_delivery_latency_seconds")[2] < 1:
+                        await trio.sleep(0.02)                    # until the timed message is delivered
+                        answer = await http.get("/metrics")
+                    _, total, count = histogram(answer.text, "groupcomm_request_latency_seconds")
+                    assert count == 1 and 0 < total < 20
                     assert (await http.get("/")).status_code == 404
                     assert (await http.post("/metrics")).status_code == 405
                 with trio.socket.socket() as raw:                 # a hostile client: an endless head
@@ -82,17 +131,20 @@ async def test_a_member_serves_its_counters_and_view_on_a_loopback_port():
                 nursery.cancel_scope.cancel()
 
 
+async def _answer_yes(request: object) -> bytes:
+    return b"yes"
+
+
 async def test_a_non_loopback_address_needs_allow_remote():
     with pytest.raises(ValueError, match="not a loopback address"):
         await serve_metrics(object(), ("0.0.0.0", 0))
 
 
-def test_groupcomm_node_serves_its_metrics_where_told():
-    cluster = f"met-{uuid.uuid4().hex[:8]}"
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "groupcomm", "node", "--stack", "loopback", "--cluster", cluster, "--name", "n1",
-         "--mcast-port", str(free_udp_port()), "--metrics", "127.0.0.1:0", "--json", "--no-stdin"],
-        stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
+def _metrics_of_process(argv: list[str], url_of_line) -> str:
+    """Start ``python -m groupcomm *argv``, read its stdout until ``url_of_line(line)`` gives the
+    metrics URL, GET it, stop the process with SIGTERM; the exposition text."""
+    proc = subprocess.Popen([sys.executable, "-m", "groupcomm", *argv], stdin=subprocess.DEVNULL,
+                            stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True, start_new_session=True)
     try:
         url = None
         deadline = time.monotonic() + 30
@@ -100,10 +152,9 @@ def test_groupcomm_node_serves_its_metrics_where_told():
             line = proc.stdout.readline()
             if not line:
                 break
-            url = json.loads(line).get("metrics")
+            url = url_of_line(line)
         assert url is not None and url.startswith("http://127.0.0.1:")
-        text = httpx.get(url, timeout=5).text
-        assert 'groupcomm_packets_sent_total{cluster="' + cluster + '",member="n1"}' in text
+        return httpx.get(url, timeout=5).text
     finally:
         proc.send_signal(signal.SIGTERM)
         try:
@@ -115,9 +166,55 @@ def test_groupcomm_node_serves_its_metrics_where_told():
             proc.stdout.close()
 
 
-def test_a_metrics_address_that_is_not_loopback_is_one_line_and_exit_status_2():
-    done = subprocess.run([sys.executable, "-m", "groupcomm", "node", "--stack", "loopback", "--cluster", "x",
-                           "--name", "n1", "--metrics", "192.0.2.1:9464"],
-                          check=False, capture_output=True, text=True, timeout=30)
+def _json_field(field: str, **having: str):
+    def url_of_line(line: str) -> str | None:
+        try:
+            record = json.loads(line)
+        except ValueError:
+            return None
+        return record.get(field) if all(record.get(k) == v for k, v in having.items()) else None
+    return url_of_line
+
+
+def _channel_args(cluster: str) -> list[str]:
+    return ["--stack", "loopback", "--cluster", cluster, "--mcast-port", str(free_udp_port())]
+
+
+def test_groupcomm_node_serves_its_metrics_where_told():
+    cluster = f"met-{uuid.uuid4().hex[:8]}"
+    text = _metrics_of_process(["node", *_channel_args(cluster), "--name", "n1", "--metrics", "127.0.0.1:0",
+                                "--json", "--no-stdin"], _json_field("metrics"))
+    assert 'groupcomm_packets_sent_total{cluster="' + cluster + '",member="n1"}' in text
+    assert 'groupcomm_self_delivery_latency_seconds_bucket{cluster="' + cluster + '",member="n1",le="+Inf"}' in text
+
+
+def test_groupcomm_supervise_serves_its_metrics_where_told(tmp_path):
+    cluster = f"met-{uuid.uuid4().hex[:8]}"
+    node_file = tmp_path / "node.toml"
+    node_file.write_text('node = "s1"\n\n[[process]]\nname = "sleeper"\n'
+                         f'command = {json.dumps([sys.executable, "-c", "import time; time.sleep(60)"])}\n')
+    text = _metrics_of_process(
+        ["supervise", str(node_file), *_channel_args(cluster), "--metrics", "127.0.0.1:0"],
+        lambda line: line.split(" ", 2)[2].strip() if line.startswith("metrics at ") else None)
+    assert 'groupcomm_request_latency_seconds_count{cluster="' + cluster + '",member="s1"}' in text
+    histogram(text, "groupcomm_self_delivery_latency_seconds")
+
+
+def test_groupcomm_sessions_node_serves_its_metrics_where_told():
+    cluster = f"met-{uuid.uuid4().hex[:8]}"
+    text = _metrics_of_process(
+        ["sessions-node", *_channel_args(cluster), "--name", "w1", "--http", "127.0.0.1:0", "--backups", "0",
+         "--metrics", "127.0.0.1:0"], _json_field("url", event="metrics"))
+    assert 'groupcomm_view_members{cluster="' + cluster + '",member="w1"} 1' in text
+    histogram(text, "groupcomm_request_latency_seconds")
+
+
+@pytest.mark.parametrize("command", [["node", "--name", "n1"], ["supervise", "node.toml", "--name", "n1"],
+                                     ["sessions-node", "--name", "n1", "--http", "127.0.0.1:0"]])
+def test_a_metrics_address_that_is_not_loopback_is_one_line_and_exit_status_2(command, tmp_path):
+    (tmp_path / "node.toml").write_text('node = "n1"\n')
+    done = subprocess.run([sys.executable, "-m", "groupcomm", *command, "--stack", "loopback", "--cluster", "x",
+                           "--metrics", "192.0.2.1:9464"],
+                          check=False, capture_output=True, text=True, timeout=30, cwd=tmp_path)
     assert done.returncode == 2
     assert done.stderr.strip().count("\n") == 0 and "--metrics '192.0.2.1:9464' is not a loopback address" in done.stderr

@@ -39,6 +39,7 @@ from groupcomm.cli.channel_options import (
     settings_from,
 )
 from groupcomm.cli.errors import UsageError, contains
+from groupcomm.cli.metrics_option import add_metrics_option, metrics_address, serving_metrics
 from groupcomm.cli.sessions_demo import add_parser as add_demo_parser
 
 __all__ = ["APPS", "MAX_BACKUPS", "STRATEGIES", "HttpAddress", "add_parser", "open_store", "parse_http_address",
@@ -79,6 +80,7 @@ def add_parser(commands: Any) -> None:
     p.add_argument("--strategy", choices=STRATEGIES, default="next-k",
                    help="how backups are chosen: next-k (default: the next K members in a per-session order) or "
                         "tag-aware (backups on another host, better another rack, by the host= and rack= tags)")
+    add_metrics_option(p)
     p.set_defaults(run=run_node)
     add_demo_parser(commands)
 
@@ -149,6 +151,7 @@ def run_node(args: argparse.Namespace) -> int:
     if not args.name:
         raise UsageError("sessions-node needs --name (the node's name in the cluster and in session cookies)")
     address = parse_http_address(args.http, allow_remote=args.allow_remote)
+    metrics = metrics_address(args)
     if not 0 <= args.backups <= MAX_BACKUPS:
         raise UsageError(f"--backups must be in 0..{MAX_BACKUPS}")
     tags = parse_tags(args.tag)
@@ -165,8 +168,10 @@ def run_node(args: argparse.Namespace) -> int:
         from groupcomm.services.sessions.demo_app import demo_app
 
         async with open_channel(settings.stack, cluster=args.cluster, name=args.name,
-                                **settings.channel_kwargs()) as channel:
+                                **settings.channel_kwargs()) as channel, serving_metrics(channel, metrics) as metrics_url:
             state.joined = True
+            if metrics_url is not None:
+                print(json.dumps({"event": "metrics", "name": args.name, "url": metrics_url}), flush=True)
             async with open_store(channel, app_name, store_config, name=args.name, tags=tags) as store:
                 app = SessionMiddleware(demo_app(store.node_name, getattr(store, "stats", None)), store)
                 async with trio.open_nursery() as nursery:

@@ -30,10 +30,11 @@ from groupcomm.cli.channel_options import (
     settings_from,
 )
 from groupcomm.cli.errors import EXIT_OK, UsageError, contains
+from groupcomm.cli.metrics_option import add_metrics_option, metrics_address, serving_metrics
 
 __all__ = ["add_parser", "run"]
 
-_CHANNEL_ONLY = ("bind", "mcast_addr", "mcast_port", "ttl", "token_timeout", "join_timeout", "fd")
+_CHANNEL_ONLY = ("bind", "mcast_addr", "mcast_port", "ttl", "token_timeout", "join_timeout", "fd", "metrics")
 
 
 def add_parser(commands: Any) -> None:
@@ -49,6 +50,7 @@ def add_parser(commands: Any) -> None:
     add_channel_options(p, cluster_required=False,
                         name_help="the node's name (default: the file's 'node', else the host name); "
                                   "with --cluster also the member name")
+    add_metrics_option(p)
     p.set_defaults(run=run)
 
 
@@ -82,6 +84,7 @@ def run(args: argparse.Namespace) -> int:
         from groupcomm.services.provisioning.settings import parse_provisioning
         parse_provisioning(node.provisioning, source=node.source, base_dir=node.base_dir, member_dir="/")
     name = args.name or node.node or socket.gethostname()
+    metrics = metrics_address(args)                  # checked before anything starts
 
     def announce(line: str) -> None:
         print(line, flush=True)
@@ -107,8 +110,11 @@ def run(args: argparse.Namespace) -> int:
             kwargs["overrides"] = {**kwargs["overrides"],
                                    "QUORUM": {**kwargs["overrides"].get("QUORUM", {}),
                                               "expected_members": list(node.cluster.members)}}
-        async with open_channel(settings.stack, cluster=args.cluster, name=name, **kwargs) as ch:
+        async with open_channel(settings.stack, cluster=args.cluster, name=name, **kwargs) as ch, \
+                serving_metrics(ch, metrics) as metrics_url:
             joined = True
+            if metrics_url is not None:
+                announce(f"metrics at {metrics_url}")
             attach = None
             if node.provisioning is not None:
                 attach = functools.partial(provisioning_agent, node, ch, name, announce)

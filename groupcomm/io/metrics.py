@@ -2,9 +2,10 @@
 
 :func:`prometheus_text` renders a :meth:`Channel.stats <groupcomm.io.channel.Channel.stats>`
 snapshot (deliveries, retransmissions, drops by reason, token losses, view
-changes, queue depths in bytes, ...) plus the current view as Prometheus
-exposition text (format 0.0.4): every name prefixed ``groupcomm_``, labelled
-with the member's name and cluster.  :func:`serve_metrics` answers
+changes, queue depths in bytes, ...), the current view and the member's latency
+histograms (:func:`member_histograms`: self-delivery, sampled, and request
+round trips) as Prometheus exposition text (format 0.0.4): every name prefixed
+``groupcomm_``, labelled with the member's name and cluster.  :func:`serve_metrics` answers
 ``GET /metrics`` with it over plain HTTP/1.0 -- enough for a Prometheus
 scraper or ``curl``::
 
@@ -25,7 +26,10 @@ from typing import Any
 
 import trio
 
-__all__ = ["GAUGES", "MAX_REQUEST_BYTES", "REQUEST_TIMEOUT", "channel_metrics", "prometheus_text", "serve_metrics"]
+from groupcomm.layers.histogram import Histogram
+
+__all__ = ["GAUGES", "MAX_REQUEST_BYTES", "REQUEST_TIMEOUT", "channel_metrics", "member_histograms",
+           "prometheus_text", "serve_metrics"]
 
 GAUGES = frozenset({"pending_events", "pending_bytes", "send_queue_bytes", "peer_addresses", "send_targets",
                     "view_members", "view_primary"})
@@ -46,8 +50,24 @@ def _name(key: str) -> str:
     return "groupcomm_" + cleaned
 
 
-def prometheus_text(stats: Mapping[str, float], labels: Mapping[str, str]) -> str:
-    """``stats`` as Prometheus exposition text: one ``# TYPE`` line and one sample per counter.
+def member_histograms(member: Any) -> dict[str, Histogram]:
+    """The latency histograms of a :class:`~groupcomm.layers.member.Member`, by metric name (seconds):
+    ``self_delivery_latency_seconds`` (one message in
+    :data:`~groupcomm.layers.multicast.LATENCY_SAMPLE_EVERY`, from its submission to its delivery here)
+    and ``request_latency_seconds`` (every request this member made, from start to completion)."""
+    return {"self_delivery_latency_seconds": member.multicast.self_delivery_latency,
+            "request_latency_seconds": member.rpc.latency}
+
+
+def _bound(value: float) -> str:
+    return "+Inf" if value == math.inf else repr(float(value))
+
+
+def prometheus_text(stats: Mapping[str, float], labels: Mapping[str, str],
+                    histograms: Mapping[str, Histogram] | None = None) -> str:
+    """``stats`` and ``histograms`` as Prometheus exposition text: one ``# TYPE`` line per metric and
+    one sample per counter, or per histogram its cumulative ``_bucket`` samples (``le``, ``+Inf``
+    last), ``_sum`` and ``_count``.
 
     Counters (names in :data:`GAUGES` excepted) get the conventional ``_total`` suffix;
     values that are not finite numbers are left out."""
@@ -65,17 +85,27 @@ def prometheus_text(stats: Mapping[str, float], labels: Mapping[str, str]) -> st
             name, kind = _name(key) + "_total", "counter"
         lines.append(f"# TYPE {name} {kind}")
         lines.append(f"{name}{{{label_text}}} {value}")
+    sep = "," if label_text else ""
+    for key in sorted(histograms or {}):
+        histogram, name = histograms[key], _name(key)                        # type: ignore[index]
+        lines.append(f"# TYPE {name} histogram")
+        lines.extend(f'{name}_bucket{{{label_text}{sep}le="{_bound(bound)}"}} {count}'
+                     for bound, count in histogram.cumulative())
+        lines.append(f"{name}_sum{{{label_text}}} {histogram.sum!r}")
+        lines.append(f"{name}_count{{{label_text}}} {histogram.count}")
     return "\n".join(lines) + "\n"
 
 
 def channel_metrics(channel: Any) -> str:
-    """The exposition text of ``channel`` now (its stats and its view)."""
+    """The exposition text of ``channel`` now (its stats, its view and its member's histograms)."""
     stats: dict[str, float] = dict(channel.stats())
     view = channel.view
     stats["view_members"] = len(view.members) if view is not None else 0
     stats["view_primary"] = int(bool(view is not None and view.primary))
     cluster = getattr(channel, "cluster", "") or ""
-    return prometheus_text(stats, {"member": str(channel.name), "cluster": str(cluster)})
+    histograms: dict[str, Histogram] = {}
+    channel.call_member(lambda now, member: histograms.update(member_histograms(member)), quiet=True)
+    return prometheus_text(stats, {"member": str(channel.name), "cluster": str(cluster)}, histograms)
 
 
 async def serve_metrics(channel: Any, address: tuple[str, int] = ("127.0.0.1", 9464), *,
