@@ -984,6 +984,47 @@ int gc_pump_submit(gc_pump_t *p, const uint8_t *payload, size_t len, int flags)
     return GC_OK;
 }
 
+int gc_pump_submit_many(gc_pump_t *p, const uint8_t *data, const uint32_t *lens, size_t n, int flags,
+                        size_t *taken)
+{
+    if (!p || !taken || (!lens && n) || flags < 0 || flags > 0xFF) return GC_EINVAL;
+    *taken = 0;
+    size_t pending = gc_pump_pending(p);
+    size_t room = pending < p->cfg.send_queue_max ? p->cfg.send_queue_max - pending : 0;
+    size_t k = 0, off = 0;
+    int rc = GC_OK;
+    if (__atomic_load_n(&p->inbox_count, __ATOMIC_SEQ_CST) == 0 && pthread_mutex_trylock(&p->mu) == 0) {
+        drain_inbox(p);
+        uint64_t now = gc_pump_now_us();
+        for (; k < n; k++) {
+            rc = lens[k] > p->max_payload ? GC_ETOOBIG : gc_ring_submit(p->ring, now, data + off, lens[k], flags);
+            if (rc < 0) break;
+            off += lens[k];
+        }
+        leave(p, 0);
+    } else {                                 /* the lock is taken: queue them for its holder, in order */
+        for (; k < n; k++) {
+            if (lens[k] > p->max_payload) { rc = GC_ETOOBIG; break; }
+            if (k >= room) { rc = GC_EQUEUEFULL; break; }
+            msg_t *m = malloc(sizeof *m + lens[k]);
+            if (!m) { rc = GC_ENOMEM; break; }
+            m->len = lens[k];
+            m->flags = flags;
+            if (lens[k]) memcpy(m->payload, data + off, lens[k]);
+            push_inbox(p, m);
+            off += lens[k];
+        }
+        __atomic_thread_fence(__ATOMIC_SEQ_CST);
+        __atomic_add_fetch(&p->stats.handoffs, k, __ATOMIC_RELAXED);
+        if (k && pthread_mutex_trylock(&p->mu) == 0) {
+            drain_inbox(p);
+            leave(p, 0);
+        }
+    }
+    *taken = k;
+    return k == n ? GC_OK : rc;
+}
+
 uint64_t gc_pump_ring_seq(const gc_pump_t *p)
 {
     return p ? __atomic_load_n(&p->ring_seq, __ATOMIC_SEQ_CST) : 0;

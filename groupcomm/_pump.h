@@ -133,6 +133,11 @@ int gc_pump_unlock(gc_pump_t *p);
 /* gc_ring_submit's checks and results (GC_OK, GC_ETOOBIG, GC_EQUEUEFULL, ...),
    without waiting for the lock; see the contract above. */
 int gc_pump_submit(gc_pump_t *p, const uint8_t *payload, size_t len, int flags);
+/* gc_pump_submit for n messages (message i is lens[i] bytes of `data`, after those before
+   it), in order, in one call: stops at the first one refused (GC_EQUEUEFULL, GC_ETOOBIG,
+   ...) and returns its error; *taken says how many went in (all of them: GC_OK). */
+int gc_pump_submit_many(gc_pump_t *p, const uint8_t *data, const uint32_t *lens, size_t n, int flags,
+                        size_t *taken);
 /* The ring's pending messages as of the last locked call, plus those queued by gc_pump_submit. */
 size_t gc_pump_pending(const gc_pump_t *p);
 /* The ring's gc_ring_ring_seq() as of the last locked call, without the lock; it is

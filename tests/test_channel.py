@@ -72,6 +72,35 @@ async def test_three_members_agree_on_view_and_order():
         assert mine == [f"{name}-{i}".encode() for i in range(n_msgs)]   # FIFO per sender
 
 
+async def test_send_many_keeps_order_and_stops_at_a_full_queue():
+    """A batch goes in order with single sends around it, fragmented ones too; a full queue takes
+    a prefix (send_nowait_many says how many) and send_many waits for room; bad payloads raise
+    before anything is queued."""
+    ring = RingConfig(token_timeout=0.3, join=0.02, merge=0.05, mtu=1400, send_queue_max=64)
+    udp, cluster = loopback(), unique_cluster()
+    sent = [b"%04d" % i + bytes(i % 7 * 400) for i in range(600)]        # up to 2.4 KiB: some fragmented
+    with trio.fail_after(30):
+        async with open_channel(cluster=cluster, name="a", udp=udp, ring=ring) as a, \
+                open_channel(cluster=cluster, name="b", udp=udp, ring=ring) as b:
+            await wait_for_view(a, 2)
+            with pytest.raises(TypeError, match="payload must be bytes, not str"):
+                a.send_nowait_many([b"fine", "not bytes"])
+            a.send_nowait(sent[0])
+            taken = a.send_nowait_many(sent[1:])
+            assert 1 <= taken < len(sent) - 1                      # the queue filled up
+            await a.send_many(sent[1 + taken : 300])
+            for payload in sent[300:310]:
+                await a.send(payload)
+            await a.send_many(sent[310:])
+            got = []
+            async for ev in b.events():
+                if type(ev) is Message:
+                    got.append(ev.payload)
+                    if len(got) == len(sent):
+                        break
+            assert got == sent
+
+
 async def test_leaving_member_is_dropped_from_the_view_quickly():
     udp, cluster = loopback(), unique_cluster()
     with trio.fail_after(20):

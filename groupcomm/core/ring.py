@@ -389,6 +389,19 @@ class Ring:
             raise MemoryError("groupcomm ring: out of memory")
         raise LocalProtocolError(_strerror(rc), code=rc)
 
+    def submit_many(self, now_us: int, payloads: list[bytes], *, safe: bool = False, kind: int = 0) -> int:
+        """:meth:`submit` for each of ``payloads`` in order while there is room; returns how
+        many were queued (fewer than all: the queue filled up).  Other refusals raise as
+        :meth:`submit` does, after the ones before were queued."""
+        taken = 0
+        for payload in payloads:
+            try:
+                self.submit(now_us, payload, safe=safe, kind=kind)
+            except QueueFull:
+                break
+            taken += 1
+        return taken
+
     def tick(self, now_us: int) -> None:
         """Fire every timer due at ``now_us``."""
         lib.gc_ring_tick(self._r, now_us)

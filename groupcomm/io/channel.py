@@ -35,7 +35,7 @@ import os
 import time
 import zlib
 from collections import deque
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from operator import itemgetter
@@ -341,6 +341,43 @@ class Channel:
             self._require_member()
         if member.send(self._now(), payload, safe):
             self._flush()
+
+    def send_nowait_many(self, payloads: Sequence[bytes], *, safe: bool = False) -> int:
+        """Queue as many of ``payloads`` as there is room for, in order; returns how many.
+
+        One call into the ring for the lot, so it costs less per message than
+        :meth:`send_nowait` in a loop.  Fewer than all means the send queue is
+        full (where :meth:`send_nowait` raises :class:`~groupcomm.errors.QueueFull`);
+        :meth:`send_many` waits for room instead.  A payload that is not bytes
+        raises :class:`TypeError` before anything is queued.
+        """
+        payloads = list(payloads)
+        if not all(type(p) is bytes for p in payloads):
+            for p in payloads:
+                if not isinstance(p, (bytes, bytearray, memoryview)):
+                    raise TypeError(f"payload must be bytes, not {type(p).__name__}")
+            payloads = [bytes(p) for p in payloads]
+        member = self._member
+        if member is None or self._closed:
+            self._require_member()
+        if not payloads:
+            return 0
+        taken = member.send_many(self._now(), payloads, safe)
+        if member.has_output:
+            self._flush()
+        return taken
+
+    async def send_many(self, payloads: Sequence[bytes], *, safe: bool = False) -> None:
+        """:meth:`send` for each of ``payloads``, in order, waiting for room when the queue is full."""
+        payloads = list(payloads)
+        while payloads:
+            taken = self.send_nowait_many(payloads, safe=safe)
+            payloads = payloads[taken:]
+            if payloads:
+                self._space = trio.Event() if self._space.is_set() else self._space
+                await self._space.wait()
+            else:
+                await trio.lowlevel.checkpoint()
 
     async def events(self) -> AsyncIterator[Message | View | Merge | Direct]:
         """Everything the group hands this member, in delivery order, until the channel closes.

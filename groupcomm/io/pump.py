@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import os
 import socket
+from array import array
 from functools import partial
 
 from groupcomm.core.native import ffi, lib
@@ -261,6 +262,7 @@ class LockedRing:
         self.max_payload = ring.max_payload
         self._pump = pump
         self._p = pump.handle
+        self._taken = ffi.new("size_t *")
 
     # -- inputs -------------------------------------------------------------------
 
@@ -278,6 +280,21 @@ class LockedRing:
         # Not plain bytes, or refused: Ring.submit converts, or raises the precise error.
         self._call(partial(self.ring.submit, safe=safe, kind=kind), payload)
         return False
+
+    def submit_many(self, now_us: int, payloads: list[bytes], *, safe: bool = False, kind: int = 0) -> int:
+        """:meth:`Ring.submit_many <groupcomm.core.ring.Ring.submit_many>` in one call into the pump."""
+        if not (type(kind) is int and 0 <= kind <= _MAX_KIND) or not all(type(p) is bytes for p in payloads):
+            return self.ring.submit_many(now_us, payloads, safe=safe, kind=kind)   # converts, or raises precisely
+        lens = array("I", map(len, payloads))
+        taken = self._taken
+        rc = lib.gc_pump_submit_many(self._p, b"".join(payloads), ffi.from_buffer("uint32_t[]", lens), len(lens),
+                                     (kind << 1) | (1 if safe else 0), taken)
+        if rc >= 0 or rc == lib.GC_EQUEUEFULL:
+            return taken[0]
+        # Refused for another reason: the ring raises the precise error for that message.
+        done = taken[0]
+        self._call(partial(self.ring.submit, safe=safe, kind=kind), payloads[done])
+        return done + 1
 
     def _call(self, method, *args):
         now = self._pump.lock()

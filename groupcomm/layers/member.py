@@ -108,6 +108,7 @@ class Member:
         self.view: View | None = None
         self._transitional: frozenset[int] | None = None     # who moved with us into the coming view
         self.send = self.multicast.send          # channel messages go straight to the ring (hot path)
+        self.send_many = self.multicast.send_many
         self._control: deque[tuple[bytes, bool]] = deque()     # ring messages of our layers, waiting for room
         self._my_requests: dict[int, str] = {}                 # multicast req id -> scope
         # Upper-layer unicast, paced per peer.  The tag of each message: a request id

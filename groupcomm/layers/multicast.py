@@ -156,6 +156,39 @@ class Multicast:
         self._feed(now)
         return self.has_output
 
+    def send_many(self, now: int, payloads: list[bytes], safe: bool = False, kind: int = 0) -> int:
+        """:meth:`send` for each of ``payloads`` in order while there is room; returns how many
+        were queued (fewer than all: the queue is full -- what :meth:`send` raises QueueFull for).
+
+        Messages that fit a datagram, with no fragmented message in the way,
+        go to the ring in one call; anything else goes through :meth:`send`.
+        A payload :meth:`send` refuses for another reason raises, after the
+        ones before it were queued.
+        """
+        taken = 0
+        if self._inflight is None and not self._waiting and kind != FRAGMENT:
+            sizes = list(map(len, payloads))
+            room, fit = self._queue_bytes - self._ring_bytes, 0
+            for size in sizes:                    # the byte limit, as send checks it (the first always fits)
+                if size > self._ring_max or (size > room and (fit or self._ring_bytes)):
+                    break
+                room -= size
+                fit += 1
+            if fit:
+                batch = payloads if fit == len(payloads) else payloads[:fit]
+                taken = self.ring.submit_many(now, batch, safe=safe, kind=kind)
+                for size in sizes[:taken]:
+                    self._queued_in_ring(size, now)
+                if taken < fit:
+                    return taken                  # the ring's queue is full
+        for payload in payloads[taken:] if taken else payloads:
+            try:
+                self.send(now, payload, safe, kind)
+            except QueueFull:
+                break
+            taken += 1
+        return taken
+
     def _check_room(self, size: int) -> None:
         queued = self.queued_bytes
         if queued and queued + size > self._queue_bytes:
