@@ -19,7 +19,7 @@ from __future__ import annotations
 from collections import deque
 from operator import countOf, itemgetter
 
-from groupcomm.errors import QueueFull
+from groupcomm.errors import NotOperational, QueueFull
 from groupcomm.events import Configuration, Message, View
 from groupcomm.layers.fd import MAGIC as FD_MAGIC
 from groupcomm.layers.fd import HEARTBEAT, PING, PONG, FailureDetector, FdConfig
@@ -241,7 +241,7 @@ class Multicast:
                     room -= 1
                     try:
                         ring.submit(now, cut[self._next_fragment], safe=cut.safe, kind=FRAGMENT)
-                    except QueueFull:
+                    except (QueueFull, NotOperational):     # full, or left: the rest waits (or dies with it)
                         return
                     self._queued_in_ring(0, now)
                     self._next_fragment += 1
@@ -255,7 +255,7 @@ class Multicast:
             if split is None:
                 try:
                     ring.submit(now, payload, safe=safe, kind=kind)
-                except QueueFull:
+                except (QueueFull, NotOperational):
                     return
                 self._queued_in_ring(len(payload), now)
             else:
