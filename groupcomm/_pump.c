@@ -538,18 +538,21 @@ static void service(gc_pump_t *p, int from_thread)
     gc_ring_take(p->ring, &acts, &n, &data, &len);
     publish_ring_seq(p);
     for (size_t i = 0; i < n; i++) {
-        const gc_action_t *a = &acts[i];
-        if (a->kind == GC_ACT_SEND_MCAST) {
-            send_all(p, data + a->offset, a->len);
-        } else if (a->kind == GC_ACT_SEND_UNICAST) {
-            send_to(p, a->node, data + a->offset, a->len);
-        } else {
+        if (acts[i].kind != GC_ACT_SEND_MCAST && acts[i].kind != GC_ACT_SEND_UNICAST) {
             n_deliver++;
-            bytes += a->len;
+            bytes += acts[i].len;
         }
     }
+    /* Deliveries first: Python's wake-up then overlaps the sends (a multicast on one
+       host is delivered to every local socket inside sendmmsg).  Before the ring's next
+       input either way; the order of the sends among themselves is the ring's. */
+    if (n_deliver) queue_deliveries(p, acts, n, data, n_deliver, bytes);
+    for (size_t i = 0; i < n; i++) {
+        const gc_action_t *a = &acts[i];
+        if (a->kind == GC_ACT_SEND_MCAST) send_all(p, data + a->offset, a->len);
+        else if (a->kind == GC_ACT_SEND_UNICAST) send_to(p, a->node, data + a->offset, a->len);
+    }
     send_flush(p);
-    if (n_deliver) queue_deliveries(p, acts, n, data, n_deliver, bytes);   /* before the ring's next input */
     publish_pending(p);
     if (!from_thread) {
         uint64_t d = gc_ring_next_deadline(p->ring);
