@@ -218,3 +218,11 @@ def test_a_metrics_address_that_is_not_loopback_is_one_line_and_exit_status_2(co
                           check=False, capture_output=True, text=True, timeout=30, cwd=tmp_path)
     assert done.returncode == 2
     assert done.stderr.strip().count("\n") == 0 and "--metrics '192.0.2.1:9464' is not a loopback address" in done.stderr
+
+
+def test_supervise_metrics_need_a_cluster(tmp_path, capsys):
+    from groupcomm.cli import main
+
+    (tmp_path / "node.toml").write_text('node = "n1"\n')
+    assert main(["supervise", str(tmp_path / "node.toml"), "--metrics", "127.0.0.1:0"]) == 2
+    assert "--metrics need(s) --cluster" in capsys.readouterr().err
