@@ -7,7 +7,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from groupcomm.layers.rpc import (
-    ALL, FIRST, LEFT, MAJORITY, NONE, TIMEOUT, Mode, Reply, RequestDone, RpcTracker,
+    ALL, FIRST, LEFT, MAJORITY, NONE, ONE_WAY, TIMEOUT, Mode, Reply, RequestDone, RpcTracker,
     no_handler, reply_failed, reply_with,
 )
 
@@ -166,6 +166,34 @@ def test_ids_are_distinct_and_the_earliest_deadline_wins():
     rpc.start(0, a, ALL, 300 * MS, "", (1,))
     rpc.start(0, b, ALL, 100 * MS, "", (1,))
     assert rpc.next_deadline() == 100 * MS
+
+
+def test_a_none_request_is_one_way_and_never_tracked():
+    rpc = RpcTracker()
+    assert rpc.new_id(NONE) == ONE_WAY and rpc.new_id(NONE) == ONE_WAY      # receivers do not reply to it
+    assert rpc.new_id(ALL) != ONE_WAY
+    rpc.start(5, ONE_WAY, NONE, 100 * MS, "s", (1, 2))
+    rpc.start(6, ONE_WAY, NONE, 100 * MS, "s", None)
+    assert rpc.take() == [RequestDone(ONE_WAY, {})] * 2
+    assert rpc.in_flight == 0 and rpc.next_deadline() is None
+    rpc.reply(ONE_WAY, 1, OK)                             # an older peer's reply all the same: nobody waits
+    assert rpc.take() == []
+
+
+def test_next_deadline_skips_requests_already_complete_and_tick_completes_only_those_due():
+    rpc = RpcTracker()
+    ids = [rpc.new_id() for _ in range(3)]
+    for req, timeout in zip(ids, (300, 100, 200)):
+        rpc.start(0, req, ALL, timeout * MS, "s", (1,))
+    assert rpc.next_deadline() == 100 * MS
+    rpc.reply(ids[1], 1, OK)
+    rpc.cancel(ids[2])
+    assert rpc.take() == [RequestDone(ids[1], {1: OK})]
+    assert rpc.next_deadline() == 300 * MS
+    rpc.tick(299 * MS)
+    assert rpc.take() == []
+    rpc.tick(300 * MS)
+    assert rpc.take() == [RequestDone(ids[0], {1: TIMEOUT})] and rpc.next_deadline() is None
 
 
 def test_reply_helpers():

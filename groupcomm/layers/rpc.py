@@ -14,7 +14,10 @@ Response modes:
 ``ALL``       every expected member answered or left.
 ``FIRST``     the first answer (ok or error); members that left do not count.
 ``MAJORITY``  answers from a majority of the expected members.
-``NONE``      do not wait: the result is empty at once.
+``NONE``      do not wait: the result is empty at once.  Such a request is
+              one-way: it carries :data:`ONE_WAY` as its id (see
+              :meth:`RpcTracker.new_id`), and a member that receives it
+              runs its handler but sends no reply.
 
 A result maps each member whose slot is complete to its :class:`Reply`;
 when a mode is satisfied early, members still pending are not in it, and at
@@ -24,6 +27,7 @@ the timeout every pending member is there as ``"timeout"``.
 from __future__ import annotations
 
 import enum
+import heapq
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import NamedTuple
@@ -31,7 +35,7 @@ from typing import NamedTuple
 from groupcomm.layers.histogram import Histogram
 
 __all__ = [
-    "Mode", "ALL", "FIRST", "MAJORITY", "NONE", "Reply", "RequestDone", "RpcTracker",
+    "Mode", "ALL", "FIRST", "MAJORITY", "NONE", "ONE_WAY", "Reply", "RequestDone", "RpcTracker",
     "no_handler", "reply_failed", "reply_with",
 ]
 
@@ -46,6 +50,9 @@ class Mode(enum.Enum):
 
 
 ALL, FIRST, MAJORITY, NONE = Mode.ALL, Mode.FIRST, Mode.MAJORITY, Mode.NONE
+
+ONE_WAY = 0
+"""The id of every ``NONE`` request: nobody waits for its replies, so none is sent."""
 
 
 class Reply(NamedTuple):
@@ -85,7 +92,7 @@ class RequestDone(NamedTuple):
     replies: dict[int, Reply]
 
 
-@dataclass
+@dataclass(slots=True)
 class _Pending:
     mode: Mode
     deadline: int
@@ -101,25 +108,34 @@ class RpcTracker:
 
     def __init__(self) -> None:
         self._pending: dict[int, _Pending] = {}
+        self._deadlines: list[tuple[int, int]] = []      # heap of (deadline, req_id); finished ones linger
         self._out: list[RequestDone] = []
         self._out_started: list[int] = []           # the start time of each of _out
         self._next_id = 0
         self.latency = Histogram()
         """Seconds from each request's start to its completion (timeouts and ``NONE`` included)."""
 
-    def new_id(self) -> int:
+    def new_id(self, mode: Mode | None = None) -> int:
+        """The id of a new request: :data:`ONE_WAY` for ``mode`` NONE, else one not used before."""
+        if mode is NONE:
+            return ONE_WAY
         self._next_id += 1
         return self._next_id
 
     def start(self, now: int, req_id: int, mode: Mode, timeout_us: int, scope: str,
               targets: Iterable[int] | None) -> None:
-        """Track ``req_id``; ``targets=None`` means "the members that receive our multicast"."""
-        pending = _Pending(mode, now + timeout_us, scope, None if targets is None else tuple(targets), started=now)
-        self._pending[req_id] = pending
+        """Track ``req_id``; ``targets=None`` means "the members that receive our multicast".
+
+        A ``NONE`` request completes at once (empty) and is not tracked."""
         if mode is NONE:
-            self._complete(req_id)
-        else:
-            self._check(req_id)
+            self._out.append(RequestDone(req_id, {}))
+            self._out_started.append(now)
+            return
+        deadline = now + timeout_us
+        pending = _Pending(mode, deadline, scope, None if targets is None else tuple(targets), started=now)
+        self._pending[req_id] = pending
+        heapq.heappush(self._deadlines, (deadline, req_id))
+        self._check(req_id)
 
     def fix_targets(self, req_id: int, members: Iterable[int]) -> None:
         """Our multicast request was delivered; ``members`` received it."""
@@ -161,14 +177,25 @@ class RpcTracker:
         self._pending.pop(req_id, None)
 
     def tick(self, now: int) -> None:
-        for req_id, pending in list(self._pending.items()):
-            if now >= pending.deadline:
-                for member in pending.targets or ():
-                    pending.replies.setdefault(member, TIMEOUT)
-                self._complete(req_id)
+        deadlines, pending_of = self._deadlines, self._pending
+        while deadlines and deadlines[0][0] <= now:
+            deadline, req_id = heapq.heappop(deadlines)
+            pending = pending_of.get(req_id)
+            if pending is None or pending.deadline != deadline:
+                continue                                   # finished (or cancelled) before its deadline
+            for member in pending.targets or ():
+                pending.replies.setdefault(member, TIMEOUT)
+            self._complete(req_id)
 
     def next_deadline(self) -> int | None:
-        return min((p.deadline for p in self._pending.values()), default=None)
+        deadlines, pending_of = self._deadlines, self._pending
+        while deadlines:
+            deadline, req_id = deadlines[0]
+            pending = pending_of.get(req_id)
+            if pending is not None and pending.deadline == deadline:
+                return deadline
+            heapq.heappop(deadlines)                       # finished: drop it now
+        return None
 
     @property
     def in_flight(self) -> int:
@@ -188,14 +215,17 @@ class RpcTracker:
         if pending.targets is None:
             return
         n = len(pending.targets)
-        answered = sum(1 for r in pending.replies.values() if r.status in ("ok", "error"))
-        complete = len(pending.replies) >= n
+        if len(pending.replies) >= n:
+            self._complete(req_id)
+            return
         mode = pending.mode
-        if (complete or (mode is FIRST and answered >= 1)
-                or (mode is MAJORITY and answered >= n // 2 + 1)):
+        if mode is ALL:
+            return
+        answered = sum(1 for r in pending.replies.values() if r.status in ("ok", "error"))
+        if (mode is FIRST and answered >= 1) or (mode is MAJORITY and answered >= n // 2 + 1):
             self._complete(req_id)
 
     def _complete(self, req_id: int) -> None:
         pending = self._pending.pop(req_id)
-        self._out.append(RequestDone(req_id, dict(pending.replies)))
+        self._out.append(RequestDone(req_id, pending.replies))      # the slot is gone: no copy needed
         self._out_started.append(pending.started)
