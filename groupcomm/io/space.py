@@ -49,7 +49,7 @@ import trio
 from groupcomm.errors import ChannelClosed, DeliveryOverflow, LocalProtocolError, MemberUnreachable
 from groupcomm.events import Message
 from groupcomm.layers.member import DirectDone, Member
-from groupcomm.layers.rpc import ALL, Mode, Reply, RequestDone, no_handler, reply_failed, reply_with
+from groupcomm.layers.rpc import ALL, NONE, ONE_WAY, Mode, Reply, RequestDone, no_handler, reply_failed, reply_with
 from groupcomm.layers.spaces import SpaceMessage, SpaceRequest, SpaceView, StateInstalled, StateRequest
 
 
@@ -369,6 +369,11 @@ class Services:
             req_id = member.request(now, scope, bytes(payload), to=targets, mode=mode, timeout_us=int(timeout * 1e6))
             self._waiting[req_id] = (done, box)
 
+        if mode is NONE:                               # one-way: the result is empty at once
+            await channel.call_member_when_room(
+                lambda now, member: member.request(now, scope, bytes(payload), to=targets, mode=mode,
+                                                   timeout_us=int(timeout * 1e6)))
+            return {}
         await channel.call_member_when_room(start)
         try:
             with trio.move_on_after(timeout + 0.5):      # the layer's own deadline fires first
@@ -481,6 +486,9 @@ class Services:
 
     async def _serve(self, request: Request) -> None:
         handler = self.handlers.get(request.space)
+        if request.req_id == ONE_WAY:                   # mode NONE: the handler runs, nobody waits for a reply
+            await self._run_one_way(handler, request)
+            return
         if handler is None:
             reply = no_handler(request.space)
         else:
@@ -491,3 +499,12 @@ class Services:
                 self.callback_failed(f"request handler of {scope}", exc, answered=True)
                 reply = reply_failed(exc)
         self.channel.call_member(lambda now, member: member.reply(now, request, reply), quiet=True)
+
+    async def _run_one_way(self, handler: Handler | None, request: Request) -> None:
+        if handler is None:
+            return
+        try:
+            await run_callback(handler, request)
+        except Exception as exc:
+            scope = f"space {request.space!r}" if request.space else "the channel"
+            self.callback_failed(f"request handler of {scope} (one-way request)", exc)
