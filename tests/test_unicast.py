@@ -831,6 +831,14 @@ def test_the_sender_id_is_at_bytes_8_to_12():
     assert out.packet[:2] == MAGIC and out.packet[8:12] == bytes([1, 2, 3, 4])
 
 
+def test_window_bytes_bounds_the_packets_in_flight():
+    a, b = connected_pair(UnicastConfig(mtu=200, window=8, window_bytes=600))     # 3 packets of 200 bytes
+    for i in range(5):
+        a.send(0, 2, b"%d" % i)
+    assert len(a.take()) == 3 and a.in_flight(2) == 3
+    assert [m.payload for m in drive_packets(a, b) if type(m) is UnicastMessage] == [b"%d" % i for i in range(5)]
+
+
 # ------------------------------------------------------------------ configuration
 
 
@@ -839,6 +847,7 @@ def test_the_sender_id_is_at_bytes_8_to_12():
     [
         (dict(window=0), "window"),
         (dict(window=5000), "window"),
+        (dict(window_bytes=0), "window_bytes"),
         (dict(retransmit=0), "retransmit"),
         (dict(max_retransmit=0.01), "max_retransmit"),
         (dict(ack_delay=0.05), "ack_delay"),

@@ -7,8 +7,9 @@ are taken in batches with :meth:`Unicast.take`.
 Streams
     Each (sender, dest) pair has one *stream*: sequence numbers from 0,
     cumulative plus selective acknowledgement, retransmission with
-    exponential backoff, and at most ``window`` packets between the oldest
-    unacknowledged one and the newest sent.  A message is cut into fragments
+    exponential backoff, and at most ``window`` packets (and no more than
+    ``window_bytes`` of them) between the oldest unacknowledged one and the
+    newest sent.  A message is cut into fragments
     of consecutive sequence numbers, so in-order delivery makes reassembly
     an append; the bytes are joined once, when the last fragment arrives.
     Streams are numbered by the sender (one counter per instance).  A
@@ -175,6 +176,9 @@ class UnicastConfig:
 
     window: int = 64
     """Packets in flight per peer: from the oldest unacknowledged to the newest sent."""
+    window_bytes: Size = 1 << 20
+    """Bytes in flight per peer, at most (in whole packets of ``mtu``, at least one): with large
+    datagrams a window of packets would outgrow the receiver's socket buffer and be lost."""
     retransmit: Duration = 0.02
     """First retransmission timeout."""
     max_retransmit: Duration = 0.5
@@ -201,6 +205,8 @@ class UnicastConfig:
     def __post_init__(self) -> None:
         if not 1 <= self.window <= MAX_WINDOW:
             raise ConfigError(f"UNICAST: window must be >= 1 and <= {MAX_WINDOW}")
+        if self.window_bytes < 1:
+            raise ConfigError("UNICAST: window_bytes must be at least 1 byte")
         if self.retransmit <= 0:
             raise ConfigError("UNICAST: retransmit must be > 0")
         if self.max_retransmit < self.retransmit:
@@ -296,8 +302,8 @@ class Unicast:
         self.epoch = epoch
         self.config = config = config or UnicastConfig()
         self._cluster = cluster_id
-        self._window = config.window
-        self._half = max(1, config.window // 2)
+        self._window = min(config.window, max(1, config.window_bytes // config.mtu))
+        self._half = max(1, self._window // 2)
         self._rto0 = max(1, round(config.retransmit * _US))
         self._rto_max = max(self._rto0, round(config.max_retransmit * _US))
         self._ack_delay = round(config.ack_delay * _US)
