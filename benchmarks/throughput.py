@@ -10,9 +10,10 @@ in its own network namespace on one bridge over veth pairs with MTU 1500
 (``benchmarks/netlab.py``; what a user on an Ethernet LAN gets; TTL 1, the
 ring's ``--mtu`` should then be 1400).  Each run has three phases:
 
-1. low load: every member sends one message of ``--size`` bytes every 2 ms
-   (``--latency-samples`` of them); self-delivery latency p50/p99/p999 over
-   the samples of every member;
+1. low load: every member sends ``--latency-samples`` messages of ``--size``
+   bytes, one in flight at a time (the next one 2 ms after the previous one
+   was delivered back); self-delivery latency p50/p99/p999 over the samples of
+   every member;
 2. full load: all members send ``--messages`` in all as fast as flow control
    allows while reading every delivery in Python (``receive_batch``; a running
    CRC32 of every payload in delivery order is the order check: every member
@@ -124,13 +125,19 @@ async def send(ch, message: bytes) -> None:
 
 async def latency_phase(ch, inbox: Inbox, tag: bytes, pad: bytes, my_id, members: int, pace) -> list[float]:
     """Send stamped messages as ``pace`` says, then one end marker; read every delivery until every
-    member's end marker.  Returns this member's self-delivery latencies in µs."""
+    member's end marker.  Returns this member's self-delivery latencies in µs.
+
+    ``pace(send_one, wait_own)``: ``send_one()`` sends one stamped message, ``wait_own()`` waits
+    until every one sent so far was delivered here.
+    """
     import trio
 
     from groupcomm.events import Message, View
 
     latencies: list[float] = []
     end = b"E" + tag
+    sent = 0
+    caught_up = trio.Event()
 
     async def reader() -> None:
         ends = 0
@@ -141,6 +148,7 @@ async def latency_phase(ch, inbox: Inbox, tag: bytes, pad: bytes, my_id, members
                     p = ev.payload
                     if p[:1] == tag and ev.sender == my_id:
                         latencies.append((time.perf_counter_ns() - struct.unpack_from(">Q", p, 1)[0]) / 1000)
+                        caught_up.set()
                     elif p == end:
                         ends += 1
                         if ends == members:
@@ -149,21 +157,34 @@ async def latency_phase(ch, inbox: Inbox, tag: bytes, pad: bytes, my_id, members
                 elif isinstance(ev, View):
                     inbox.note_view(ev)
 
+    async def send_one() -> None:
+        nonlocal sent
+        sent += 1
+        await send(ch, stamped(tag, pad))
+
+    async def wait_own() -> None:
+        nonlocal caught_up
+        while len(latencies) < sent:
+            caught_up = trio.Event()
+            await caught_up.wait()
+
     async with trio.open_nursery() as nursery:
         nursery.start_soon(reader)
-        await pace(lambda: send(ch, stamped(tag, pad)))
+        await pace(send_one, wait_own)
         await send(ch, end)
     return latencies
 
 
-def every(interval: float, count: int):
-    """Pacing of the low-load phase: one message every ``interval`` seconds."""
+def one_in_flight(count: int, pause: float):
+    """Pacing of the low-load phase: ``count`` messages, each sent once the previous one was
+    delivered here and ``pause`` seconds have passed (never more than one in flight per member)."""
     import trio
 
-    async def pace(send_one) -> None:
+    async def pace(send_one, wait_own) -> None:
         for _ in range(count):
             await send_one()
-            await trio.sleep(interval)
+            await wait_own()
+            await trio.sleep(pause)
     return pace
 
 
@@ -172,7 +193,7 @@ def at_rate(rate: float, seconds: float):
     (a late wake-up sends what is due, so the mean rate holds)."""
     import trio
 
-    async def pace(send_one) -> None:
+    async def pace(send_one, wait_own) -> None:
         total = max(1, int(rate * seconds))
         sent, start = 0, time.perf_counter()
         while sent < total:
@@ -202,18 +223,19 @@ async def full_load_phase(ch, inbox: Inbox, args) -> dict:
         while delivered < total:
             batch = await inbox.batch()
             payloads = [ev.payload for ev in batch if type(ev) is Message]
-            if len(payloads) != len(batch):
-                for ev in batch:
-                    if isinstance(ev, View):
-                        inbox.note_view(ev)
-            if delivered + len(payloads) > total:         # the phase ends inside this batch
+            if delivered + len(payloads) >= total:        # the phase ends in this batch: keep what follows
                 need, seen = total - delivered, 0
                 for j, ev in enumerate(batch):
                     seen += type(ev) is Message
                     if seen == need:
                         inbox.put_back(batch[j + 1:])
+                        batch = batch[:j + 1]
                         break
                 payloads = payloads[:need]
+            if len(payloads) != len(batch):
+                for ev in batch:
+                    if isinstance(ev, View):
+                        inbox.note_view(ev)
             crc = zlib.crc32(b"".join(payloads), crc)
             delivered += len(payloads)
         state.update(delivered=delivered, crc=crc, t_last=time.perf_counter())
@@ -260,23 +282,38 @@ async def worker(args) -> None:
         inbox = Inbox(ch)
         my_id = ch.address
         pad = b"x" * max(0, args.size - 9)
-
-        low = await latency_phase(ch, inbox, b"L", pad, my_id, args.members,
-                                  every(0.002, args.latency_samples))
-        await trio.sleep(0.1)            # the others finish reading the low-load phase
-        result.update(await full_load_phase(ch, inbox, args))
-        half_rate = 0.5 * result["msgs_per_s"] / args.members
-        t0 = time.perf_counter()
-        half = await latency_phase(ch, inbox, b"H", pad, my_id, args.members,
-                                   at_rate(half_rate, args.half_load_seconds))
-        result.update(
-            latency_low=[round(x, 1) for x in low], latency_half=[round(x, 1) for x in half],
-            half_load_sent_per_s=len(half) / (time.perf_counter() - t0), view_changes=inbox.view_changes,
-        )
+        phase = "low load"
+        # Stop a few seconds before the coordinator gives up, with what this member saw.
+        with trio.move_on_after(max(5.0, args.timeout - 10)) as watchdog:
+            low = await latency_phase(ch, inbox, b"L", pad, my_id, args.members,
+                                      one_in_flight(args.latency_samples, 0.002))
+            await trio.sleep(0.1)            # the others finish reading the low-load phase
+            phase = "full load"
+            result.update(await full_load_phase(ch, inbox, args))
+            phase = "half load"
+            half_rate = 0.5 * result["msgs_per_s"] / args.members
+            t0 = time.perf_counter()
+            half = await latency_phase(ch, inbox, b"H", pad, my_id, args.members,
+                                       at_rate(half_rate, args.half_load_seconds))
+        if watchdog.cancelled_caught:
+            stats = ch.stats()
+            result["error"] = (
+                f"member {args.index} timed out in the {phase} phase; view {ch.view}, "
+                f"{inbox.view_changes} view changes; ring counters: "
+                + ", ".join(f"{k}={v}" for k, v in sorted(stats.items()) if v))
+        else:
+            result.update(
+                latency_low=[round(x, 1) for x in low], latency_half=[round(x, 1) for x in half],
+                half_load_sent_per_s=len(half) / (time.perf_counter() - t0), view_changes=inbox.view_changes,
+            )
     print(json.dumps(result), flush=True)
 
 
 # ----------------------------------------------------------------------------------------- the coordinator
+
+class RunFailed(Exception):
+    """A benchmark run did not complete (a worker failed or timed out); the message says where."""
+
 
 def worker_arguments(args, cluster: str, port: int) -> list[str]:
     return [
@@ -286,6 +323,7 @@ def worker_arguments(args, cluster: str, port: int) -> list[str]:
         "--send-queue", str(args.send_queue), "--latency-samples", str(args.latency_samples),
         "--half-load-seconds", str(args.half_load_seconds),
         "--seqno-unchanged", str(args.seqno_unchanged), "--pump", args.pump, "--key", args.key,
+        "--timeout", str(args.timeout),
     ]
 
 
@@ -311,8 +349,13 @@ def start_workers(lab, args) -> list[dict]:
             for p in procs:
                 out, err = p.communicate(timeout=max(1.0, deadline - time.monotonic()))
                 if p.returncode != 0:
-                    raise SystemExit(f"worker failed:\n{err[-3000:]}")
+                    raise RunFailed(f"worker {len(results)} failed:\n{err[-3000:]}")
                 results.append(json.loads(out.strip().splitlines()[-1]))
+            errors = [r["error"] for r in results if "error" in r]
+            if errors:
+                raise RunFailed("\n".join(errors))
+        except subprocess.TimeoutExpired:
+            raise RunFailed(f"a worker ran past --timeout {args.timeout} s") from None
         finally:
             for p in procs:
                 if p.poll() is None:
@@ -404,7 +447,7 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--sort-queue", type=int, default=4096)
     p.add_argument("--send-queue", type=int, default=20000)
     p.add_argument("--latency-samples", type=int, default=1000,
-                   help="low-load messages per member, one every 2 ms")
+                   help="low-load messages per member (one in flight, 2 ms apart)")
     p.add_argument("--half-load-seconds", type=float, default=2.0,
                    help="length of the phase at half the measured peak rate")
     p.add_argument("--seqno-unchanged", type=int, default=30,
@@ -437,19 +480,27 @@ def main() -> None:
     if run_if_worker(args, worker):
         return
     stop_on_sigterm()
-    if args.key_compare:
-        from groupcomm.config.keys import new_key_file, write_key_file
+    try:
+        if args.key_compare:
+            key_compare(args)
+        else:
+            report(run(args), args)
+    except RunFailed as exc:
+        raise SystemExit(f"run failed: {exc}") from None
 
-        with tempfile.TemporaryDirectory() as tmp:
-            args.key = ""
-            plain = report(run(args), args)
-            args.key = f"{tmp}/cluster.key"
-            write_key_file(args.key, new_key_file())
-            keyed = report(run(args), args)
-        print(f"with a key / without: throughput {keyed['msgs_per_s_per_member'] / plain['msgs_per_s_per_member']:.2f}x, "
-              f"latency p50 {keyed['latency_us_p50'] / plain['latency_us_p50']:.2f}x")
-        return
-    report(run(args), args)
+
+def key_compare(args) -> None:
+    """Run without a key, then with a fresh one; print both and the ratio."""
+    from groupcomm.config.keys import new_key_file, write_key_file
+
+    with tempfile.TemporaryDirectory() as tmp:
+        args.key = ""
+        plain = report(run(args), args)
+        args.key = f"{tmp}/cluster.key"
+        write_key_file(args.key, new_key_file())
+        keyed = report(run(args), args)
+    print(f"with a key / without: throughput {keyed['msgs_per_s_per_member'] / plain['msgs_per_s_per_member']:.2f}x, "
+          f"latency p50 {keyed['latency_us_p50'] / plain['latency_us_p50']:.2f}x")
 
 
 def describe(s: dict) -> str:
