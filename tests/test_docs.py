@@ -77,7 +77,7 @@ def test_the_reference_gives_units_and_stack_file_defaults():
     row = re.search(r"   \* - ``token_timeout``\n     - (.*)\n     - (.*)\n     - (.*)\n", text)
     assert row and row.groups() == ("duration", '``"1s"``', "seconds"), row and row.groups()
     assert 'derived: ``token_timeout / 4.2``' in text
-    assert '``"64MiB"``' in text and "one of ``\"trio\"``, ``\"c\"``" in text
+    assert '``"64MiB"``' in text and "one of ``\"auto\"``, ``\"c\"``, ``\"trio\"``" in text
 
 
 # --------------------------------------------------------------------------- tutorial: simulator

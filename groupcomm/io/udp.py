@@ -53,7 +53,7 @@ class UdpConfig:
     """Socket send buffer asked of the kernel (capped by ``net.core.wmem_max`` unless run as root)."""
     pump: Literal["auto", "c", "trio"] = "auto"
     """Socket driver: ``"c"`` (the C socket pump thread), ``"trio"`` (Python), or ``"auto"``
-    (``"c"`` on Linux, else ``"trio"``); see :data:`PUMPS`."""
+    (``"c"`` where the pump is built -- Linux -- else ``"trio"``)."""
 
     def __post_init__(self) -> None:
         _check_pump("UDP", self.pump)
@@ -177,7 +177,7 @@ class UdpuConfig:
     """Socket send buffer asked of the kernel (capped by ``net.core.wmem_max`` unless run as root)."""
     pump: Literal["auto", "c", "trio"] = "auto"
     """Socket driver: ``"c"`` (the C socket pump thread), ``"trio"`` (Python), or ``"auto"``
-    (``"c"`` on Linux, else ``"trio"``); see :data:`PUMPS`."""
+    (``"c"`` where the pump is built -- Linux -- else ``"trio"``)."""
 
     def __post_init__(self) -> None:
         _check_pump("UDPU", self.pump)

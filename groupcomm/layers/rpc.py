@@ -11,13 +11,16 @@ like every sans-IO layer here.
 
 Response modes:
 
-``ALL``       every expected member answered or left.
-``FIRST``     the first answer (ok or error); members that left do not count.
-``MAJORITY``  answers from a majority of the expected members.
-``NONE``      do not wait: the result is empty at once.  Such a request is
-              one-way: it carries :data:`ONE_WAY` as its id (see
-              :meth:`RpcTracker.new_id`), and a member that receives it
-              runs its handler but sends no reply.
+``ALL``
+    every expected member answered or left.
+``FIRST``
+    the first answer (ok or error); members that left do not count.
+``MAJORITY``
+    answers from a majority of the expected members.
+``NONE``
+    do not wait: the result is empty at once.  Such a request is one-way: it
+    carries :data:`ONE_WAY` as its id (see :meth:`RpcTracker.new_id`), and a
+    member that receives it runs its handler but sends no reply.
 
 A result maps each member whose slot is complete to its :class:`Reply`;
 when a mode is satisfied early, members still pending are not in it, and at
