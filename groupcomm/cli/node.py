@@ -16,7 +16,7 @@ import threading
 from dataclasses import dataclass
 from typing import Any
 
-from groupcomm.cli.addresses import HostPort, parse_host_port
+from groupcomm.cli.metrics_option import add_metrics_option, metrics_address, serving_metrics
 from groupcomm.cli.channel_options import (
     MIN_TOKEN_TIMEOUT,
     NodeSettings,
@@ -40,9 +40,7 @@ def add_parser(commands: Any) -> None:
     p.add_argument("--safe", action="store_true", help="send stdin lines as safe messages")
     p.add_argument("--json", action="store_true", help="one JSON object per line")
     p.add_argument("--no-stdin", action="store_true", help="do not read stdin")
-    p.add_argument("--metrics", metavar="HOST:PORT", default=None,
-                   help="serve this member's counters in the Prometheus text format at "
-                        "http://HOST:PORT/metrics (a loopback address; port 0: any free one)")
+    add_metrics_option(p)
     p.set_defaults(run=run)
 
 
@@ -84,7 +82,7 @@ def run(args: argparse.Namespace) -> int:
     import trio
 
     settings = settings_from(args)
-    metrics = None if args.metrics is None else parse_host_port(args.metrics, option="--metrics")
+    metrics = metrics_address(args)
     state = _RunState()
 
     async def member() -> None:
@@ -97,12 +95,8 @@ def run(args: argparse.Namespace) -> int:
             # A signal cancels only this work: the block then ends normally,
             # and open_channel leaves gracefully while the channel still runs.
             with trio.CancelScope() as state.stop:
-                async with trio.open_nursery() as nursery:
-                    if metrics is not None:
-                        from groupcomm.io.metrics import serve_metrics
-
-                        port = await nursery.start(serve_metrics, ch, (metrics.host, metrics.port))
-                        url = f"http://{HostPort(metrics.host, port).bind()}/metrics"
+                async with serving_metrics(ch, metrics) as url, trio.open_nursery() as nursery:
+                    if url is not None:
                         print(json.dumps({"metrics": url}) if args.json else f"metrics at {url}", flush=True)
                     if not args.no_stdin:
                         nursery.start_soon(_send_stdin_lines, ch, args.safe)
