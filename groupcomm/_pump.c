@@ -107,6 +107,7 @@ struct gc_pump {
     addr_t group;
     int has_group;
     addr_t targets[TARGETS_MAX];
+    uint8_t target_fixed[TARGETS_MAX];   /* from gc_pump_add_target (kept); else learnt from a peer */
     size_t n_targets;
     peer_t peers[GC_PUMP_PEERS_MAX];
     size_t n_peers;
@@ -234,13 +235,17 @@ static int make_addr(addr_t *out, int family, const uint8_t *addr, uint16_t port
     return GC_EINVAL;
 }
 
-static void add_target(gc_pump_t *p, const struct sockaddr_storage *ss, socklen_t len)
+static void add_target(gc_pump_t *p, const struct sockaddr_storage *ss, socklen_t len, int fixed)
 {
     for (size_t i = 0; i < p->n_targets; i++)
-        if (same_addr(&p->targets[i], ss, len)) return;
+        if (same_addr(&p->targets[i], ss, len)) {
+            p->target_fixed[i] |= (uint8_t)fixed;
+            return;
+        }
     if (p->n_targets == TARGETS_MAX) return;
     memcpy(&p->targets[p->n_targets].ss, ss, len);
     p->targets[p->n_targets].len = len;
+    p->target_fixed[p->n_targets] = (uint8_t)fixed;
     p->n_targets++;
 }
 
@@ -271,7 +276,7 @@ static void learn_peer(gc_pump_t *p, uint32_t node, const struct sockaddr_storag
     if (!same_addr(&e->addr, from, len)) {
         memcpy(&e->addr.ss, from, len);
         e->addr.len = len;
-        if (!p->has_group) add_target(p, from, len);
+        if (!p->has_group) add_target(p, from, len, 0);
     }
 }
 
@@ -919,9 +924,35 @@ int gc_pump_add_target(gc_pump_t *p, int family, const uint8_t *addr, uint16_t p
     int rc = make_addr(&a, family, addr, port, scope_id);
     if (rc != GC_OK) return rc;
     enter(p);
-    add_target(p, &a.ss, a.len);
+    add_target(p, &a.ss, a.len, 1);
     leave(p, 0);
     return GC_OK;
+}
+
+size_t gc_pump_forget(gc_pump_t *p, const uint32_t *members, size_t n, uint64_t silent_since)
+{
+    if (!p || (!members && n)) return 0;
+    enter(p);
+    size_t kept = 0;
+    for (size_t i = 0; i < p->n_peers; i++) {
+        int member = 0;
+        for (size_t j = 0; j < n && !member; j++) member = members[j] == p->peers[i].node;
+        if (member || p->peers[i].heard >= silent_since) p->peers[kept++] = p->peers[i];
+    }
+    p->n_peers = kept;
+    size_t targets = 0;                      /* the fixed ones and those of the peers kept */
+    for (size_t i = 0; i < p->n_targets; i++) {
+        int keep = p->target_fixed[i];
+        for (size_t j = 0; j < kept && !keep; j++)
+            keep = same_addr(&p->targets[i], &p->peers[j].addr.ss, p->peers[j].addr.len);
+        if (keep) {
+            p->targets[targets] = p->targets[i];
+            p->target_fixed[targets++] = p->target_fixed[i];
+        }
+    }
+    p->n_targets = targets;
+    leave(p, 0);
+    return kept;
 }
 
 int gc_pump_start(gc_pump_t *p)

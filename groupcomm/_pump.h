@@ -154,6 +154,11 @@ int gc_pump_send_to(gc_pump_t *p, uint32_t node, const uint8_t *buf, size_t len)
    learns only from ring packets the ring accepted). */
 int gc_pump_learn(gc_pump_t *p, uint32_t node, int family, const uint8_t *addr, uint16_t port, uint32_t scope_id);
 
+/* At a view: forget the peers outside `members` (n node ids) last heard before `silent_since`
+   (gc_pump_now_us time; UINT64_MAX: every one outside), and the unicast-only targets learnt
+   from peers no longer known (those of gc_pump_add_target stay).  Returns the peers kept. */
+size_t gc_pump_forget(gc_pump_t *p, const uint32_t *members, size_t n, uint64_t silent_since);
+
 /* When each known peer was last heard from (gc_pump_now_us() time); returns the count. */
 size_t gc_pump_heard(gc_pump_t *p, uint32_t *nodes, uint64_t *times, size_t cap);
 void gc_pump_get_stats(gc_pump_t *p, gc_pump_stats_t *out);

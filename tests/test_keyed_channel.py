@@ -222,11 +222,12 @@ async def test_a_key_holder_outside_the_nodelist_stays_out(tmp_path):
             assert a.stats()["seal_drop_nodelist"] > 0
 
 
-async def test_addresses_of_departed_members_expire(tmp_path, monkeypatch):
+@pytest.mark.parametrize("pump", ["c", "trio"])
+async def test_addresses_of_departed_members_expire(tmp_path, monkeypatch, pump):
     import groupcomm.io.channel as channel_module
 
     monkeypatch.setattr(channel_module, "PEER_EXPIRY", 0.3)
-    udp = UdpConfig(bind_addr="127.0.0.1", mcast_port=free_port(), mcast_ttl=0)
+    udp = UdpConfig(bind_addr="127.0.0.1", mcast_port=free_port(), mcast_ttl=0, pump=pump)
     cluster, key = f"expiry-{uuid.uuid4().hex[:8]}", key_file(tmp_path)
     async with open_channel(cluster=cluster, name="a", udp=udp, ring=FAST, key_file=key) as a:
         for name in ("b", "c"):

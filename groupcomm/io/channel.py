@@ -117,10 +117,11 @@ other tasks run: a flood of fragments must not keep the timers (token, failure d
 heartbeats and pongs) waiting, or the other members take this one for dead."""
 _PAYLOAD = itemgetter(1)                 # of a Message (sender, payload, safe)
 _MIN_PEER_TABLE = 256
-PEER_EXPIRY = 30.0
-"""Seconds after which the address of a sender outside the view is forgotten (at the next view)."""
 """Addresses of senders kept per channel before those outside the view are forgotten
 (at least this, or four times the ring's ``max_members``)."""
+PEER_EXPIRY = 30.0
+"""Seconds after which the address of a sender outside the view is forgotten (at the next view)."""
+_NEVER_HEARD = 2**64 - 1       # gc_pump_forget: forget every peer outside the view
 
 
 @dataclass(frozen=True)
@@ -295,7 +296,7 @@ class Channel:
         s["send_queue_bytes"] = member.multicast.queued_bytes
         s["state_transfers_retried"] = member.spaces.transfers_retried
         s["callback_failures"] = self._services.callback_failures
-        s["peer_addresses"] = len(self._peers)
+        s["peer_addresses"] = self._pump.known_peers if self._pump is not None else len(self._peers)
         s["send_targets"] = len(self._targets)
         if self._seal is not None:
             s.update((f"seal_{name}", n) for name, n in self._seal.stats().items())
@@ -998,7 +999,10 @@ class Channel:
         if not view.transitional:
             self._view = view
             self._joined.set()
-            self._forget_strangers(view, everyone=len(self._peers) > self._peer_table_max)
+            if self._pump is not None:
+                self._forget_pumped_strangers(view)
+            else:
+                self._forget_strangers(view, everyone=len(self._peers) > self._peer_table_max)
         self._batch.append(view)
 
     def _deliver_event(self, event: Merge | Direct) -> None:
@@ -1020,6 +1024,14 @@ class Channel:
         self._peer_heard = {node: heard[node] for node in keep if node in heard}
         if self._pump is None and self._sockets is not None and self._sockets.group is None:
             self._targets = self._fixed_targets | {addr[:2] for addr in self._peers.values()}
+
+    def _forget_pumped_strangers(self, view: View) -> None:
+        """:meth:`_forget_strangers` for the pump's own address book (same rule, same expiry)."""
+        pump = self._pump
+        if pump.known_peers > self._peer_table_max:
+            pump.forget(view.members, _NEVER_HEARD)
+        else:
+            pump.forget(view.members, max(0, now_us() - int(PEER_EXPIRY * _US)))
 
     def _sendto(self, sock, packet: bytes, addr, *, to: int = 0) -> None:
         """Send one datagram; with a key sealed for member ``to`` (0: for every member)."""

@@ -205,6 +205,17 @@ class Pump:
         family, packed, port, scope = _sockaddr(addr)
         lib.gc_pump_add_target(self._p, family, packed, port, scope)
 
+    def forget(self, members, silent_since_us: int) -> int:
+        """At a view: forget the peers outside ``members`` silent since ``silent_since_us`` (pump time;
+        ``UINT64_MAX``: every one outside) and the targets learnt from them; returns the peers kept."""
+        nodes = list(members)
+        return lib.gc_pump_forget(self._p, ffi.new("uint32_t[]", nodes), len(nodes), silent_since_us)
+
+    @property
+    def known_peers(self) -> int:
+        """How many members' addresses the pump knows."""
+        return lib.gc_pump_heard(self._p, self._heard_nodes, self._heard_times, lib.GC_PUMP_PEERS_MAX)
+
     def sync_heard(self, fd) -> None:
         """Tell the failure detector about every peer heard from since the last call."""
         n = lib.gc_pump_heard(self._p, self._heard_nodes, self._heard_times, lib.GC_PUMP_PEERS_MAX)
