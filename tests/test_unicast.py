@@ -602,9 +602,9 @@ def test_a_restart_drops_the_dead_lifes_receive_state():
         n.set_members((1, 2), 0)
     a.send(0, 2, b"acknowledged")
     drive_packets(a, b)
-    b.send(10 * MS, 1, b"its ack is owed")
+    b.send(10 * MS, 1, b"its ack is delayed")
     a.receive(10 * MS, b.take()[0].packet)
-    assert a.take() == [UnicastMessage(2, b"its ack is owed", 0)] and a.next_deadline() == 10 * MS
+    assert a.take() == [UnicastMessage(2, b"its ack is delayed", 0)] and a.next_deadline() == 12 * MS
     b = Unicast(2, CLUSTER, SMALL, epoch=2)               # node 2 restarts
     b.set_members((1, 2), 10 * MS)
     hello = a.send(11 * MS, 2, b"hello")
@@ -646,7 +646,7 @@ def test_a_real_packet_has_the_documented_layout():
     a.send(0, 4, b"payload", kind=9)
     (out,) = a.take()
     fields = _DATA_FORMAT.unpack_from(out.packet)
-    assert fields == (MAGIC, PROTOCOL_VERSION, DATA, CLUSTER, 3, 4, 11, 0, 1, 0, 1, 0, 1, 9, ACK_NOW)
+    assert fields == (MAGIC, PROTOCOL_VERSION, DATA, CLUSTER, 3, 4, 11, 0, 1, 0, 1, 0, 1, 9, 0)
     assert out.packet[_DATA_FORMAT.size:] == b"payload"
 
 
@@ -669,25 +669,21 @@ def test_in_order_packets_are_acknowledged_after_ack_delay_and_next_deadline_is_
     assert b.next_deadline() is None
 
 
-def test_the_last_packet_queued_asks_for_the_ack_and_one_ack_covers_what_arrived_with_it():
+def test_the_last_packet_of_a_large_message_asks_for_the_ack_at_once():
     a, b = connected_pair(UnicastConfig(mtu=200, window=16))      # 142-byte fragments, no half window here
-    a.send(0, 2, b"m" * 300)                                 # three fragments
     a.send(0, 2, b"one")
+    a.send(0, 2, b"m" * 300)                                 # three fragments
     a.send(0, 2, b"two")
     packets = [o.packet for o in a.take()]
-    assert [_DATA_FORMAT.unpack_from(p)[14] for p in packets] == [0, 0, ACK_NOW, ACK_NOW, ACK_NOW]
-    for p in packets:
+    assert [_DATA_FORMAT.unpack_from(p)[14] for p in packets] == [0, 0, 0, ACK_NOW, 0]
+    for p in packets[:4]:
         b.receive(100, p)
     outputs = b.take()
-    assert [type(o) for o in outputs] == [UnicastMessage, SendTo, UnicastMessage, UnicastMessage]
-    assert header(outputs[1].packet)[6] == 3                 # the large message, acknowledged at once
-    assert b.next_deadline() == 100                          # the small ones: one ack, due now
-    b.tick(100)
-    (ack,) = b.take()
-    assert header(ack.packet)[6] == 5
-    a.receive(200, ack.packet)
-    assert a.take() == [UnicastSent(2, 1), UnicastSent(2, 2), UnicastSent(2, 3)]
-    assert a.next_deadline() is None and b.next_deadline() is None
+    assert [type(o) for o in outputs] == [UnicastMessage, UnicastMessage, SendTo]     # no ack_delay to wait
+    a.receive(200, outputs[-1].packet)
+    assert a.take() == [UnicastSent(2, 1), UnicastSent(2, 2)]
+    b.receive(300, packets[4])                               # a small one: its ack waits for ack_delay
+    assert b.next_deadline() == 300 + 2 * MS
 
 
 def test_ack_delay_zero_acknowledges_every_packet_at_once():

@@ -25,20 +25,15 @@ Acknowledgements
     arrived) and a bitmap of what arrived past that hole.  The receiver
     delays an in-order ack by ``ack_delay`` (one ack then covers many
     packets), and acks at once when a packet is out of order, a duplicate,
-    fills a hole, or is the last of a message of several packets and carries
-    ACK_NOW (the sender can send more while the receiver works through the
-    rest of what arrived).  Any other packet that carries ACK_NOW makes the
-    ack due at once (:meth:`Unicast.next_deadline` is ``now``: the driver
-    ticks once the packets that arrived with it are in, so one ack covers
-    them).  The sender sets that flag on retransmissions, each time half a
-    window is in flight (so a full window never waits for the delay), on the
-    last packet of a message of several packets, and on the last packet of
-    the last message queued (so a sender whose user waits for
-    ``UnicastSent`` before sending more, as the layers above pace their
-    messages, never waits for the delay either).  ``UnicastSent`` is
-    reported when the cumulative ack passes a message's last fragment, so it
-    also means the message was delivered to the peer's application, in
-    order.
+    fills a hole, or carries ACK_NOW: the sender sets that flag on
+    retransmissions, each time half a window is in flight (so a full window
+    never waits for the delay), and on the last packet of a message of
+    several packets (so a sender that keeps a few large messages in flight,
+    as the layers above do with snapshot chunks, sends the next one while
+    the receiver works through this one, instead of waiting ``ack_delay``
+    for every few).  ``UnicastSent`` is reported when the cumulative ack
+    passes a message's last fragment, so it also means the message was
+    delivered to the peer's application, in order.
 
 Retransmission
     One timer per peer, armed at ``retransmit`` when a packet goes out and
@@ -540,11 +535,10 @@ class Unicast:
             else:
                 m[_Q_NEXT] = index + 1
             in_flight = seq + 1 - out.base
-            # Ask for the ack at once each half window, and at the end of a message of several
-            # packets or of the last message queued: a sender that waits for UnicastSent (a
-            # window kept above this layer, a reply) never waits for the receiver's ack_delay.
-            urgent = (in_flight % self._half == 0 or in_flight == self._window
-                      or (index + 1 == count and (count > 1 or not queue)))
+            # Ask for the ack at once each half window and at the end of a message of several
+            # packets: a sender paced above this layer (Member keeps a few messages in flight per
+            # peer) then sends the next large message while the receiver works through this one.
+            urgent = in_flight % self._half == 0 or in_flight == self._window or (count > 1 and index + 1 == count)
             self._transmit(dest, out, seq, rec, ACK_NOW if urgent else 0)
             self.sent += 1
         if out.timer is None and flight:
@@ -670,10 +664,8 @@ class Unicast:
             expected += 1
             filled = True
         inn.expected = expected
-        if filled or ooo or not self._ack_delay or (flags & ACK_NOW and count > 1 and index + 1 == count):
-            self._ack(sender, inn)      # the end of a large message: the sender may send more while we go on
-        elif flags & ACK_NOW:
-            inn.ack_at = now            # due now: one ack for the packets that arrived with this one
+        if filled or ooo or flags & ACK_NOW or not self._ack_delay:
+            self._ack(sender, inn)
         elif inn.ack_at is None:
             inn.ack_at = now + self._ack_delay
 
