@@ -167,7 +167,7 @@ def plot_all(results: dict, out: Path) -> list[Path]:
 def rst_tables(results: dict) -> str:
     """The runs' figures as two reStructuredText list-tables (throughput, latency)."""
     def where(r: dict) -> str:
-        return f"{r['transport']} {r['mtu']}"
+        return ("netns MTU 1500" if r["transport"] == "netns" else "loopback") + f", ring {r['mtu']}"
 
     def table(title: str, header: list[str], rows: list[list[str]]) -> str:
         lines = [f".. list-table:: {title}", "   :header-rows: 1", ""]
