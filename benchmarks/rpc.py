@@ -2,6 +2,7 @@
 
     python benchmarks/rpc.py [--members 3] [--seconds 3] [--in-flight 64] [--state-mb 32]
                              [--pump trio|c] [--json]
+    python benchmarks/rpc.py --sans-io [--state-mb 32]      # no sockets: the layers' CPU cost (see sans_io)
 
 Starts ``--members`` processes (this script with ``--worker``); all join one
 space.  Member 0 then measures, each for ``--seconds``:
@@ -129,6 +130,72 @@ async def worker(args) -> None:
     print(json.dumps(result), flush=True)
 
 
+def sans_io(state_mb: int) -> dict:
+    """No sockets, one process: the layers' own cost, steady on a busy machine.
+
+    * a ``state_mb`` MiB snapshot as 256 KiB chunk frames through two UNICAST
+      instances (mtu 60000, 4 chunks in flight as Member keeps them): CPU ms to
+      encode, send, acknowledge, reassemble and decode, and the acks it took;
+    * SimCluster (3 members): CPU µs per request for 2,000 requests 50 in flight,
+      FIRST to one member and ALL, and the simulated time each took.
+    """
+    from groupcomm.core.ring import SendTo
+    from groupcomm.layers.rpc import ALL, FIRST
+    from groupcomm.layers.spaces import STATE_CHUNK_SIZE
+    from groupcomm.layers.unicast import Unicast, UnicastConfig, UnicastMessage, UnicastSent
+    from groupcomm.layers.wire import StateChunkFrame, decode_unicast, encode
+    from groupcomm.testing import SimCluster
+
+    result: dict = {}
+    a, b = (Unicast(n, 7, UnicastConfig(mtu=60000), epoch=1) for n in (1, 2))
+    for node in (a, b):
+        node.set_members((1, 2), 0)
+    state = memoryview(bytes(state_mb << 20))
+    count = -(-len(state) // STATE_CHUNK_SIZE)
+    cpu0 = time.process_time()
+    frames = [encode(StateChunkFrame("bench", (1, 1, 1), i, i == count - 1,
+                                     bytes(state[i * STATE_CHUNK_SIZE:(i + 1) * STATE_CHUNK_SIZE])))
+              for i in range(count)]
+    now = sent = in_flight = acks = 0
+    chunks: list[bytes] = []
+    while len(chunks) < count:
+        while in_flight < 4 and sent < count:
+            a.send(now, 2, frames[sent])
+            sent += 1
+            in_flight += 1
+        now += 10                                    # 10 µs a step: b's delayed acks fire after 2 ms
+        if (b.next_deadline() or math.inf) <= now:
+            b.tick(now)
+        for out in a.take():
+            if type(out) is SendTo:
+                b.receive(now, out.packet)
+            elif type(out) is UnicastSent:
+                in_flight -= 1
+        for out in b.take():
+            if type(out) is SendTo:
+                a.receive(now, out.packet)
+                acks += 1
+            elif type(out) is UnicastMessage:
+                chunks.append(decode_unicast(out.payload).chunk)
+    assert len(b"".join(chunks)) == len(state)
+    result["unicast_transfer"] = {"cpu_ms": round((time.process_time() - cpu0) * 1e3, 1), "acks": acks,
+                                  "simulated_ms": round(now / 1e3, 1)}
+
+    sim = SimCluster(3, seed=0, stack="sim")
+    assert sim.run_until(sim.converged, timeout=10)
+    for node in (1, 2, 3):
+        sim.services.on_request(node, "", lambda payload, requester: payload)
+    for name, kwargs in (("p2p_first", {"to": (2,), "mode": FIRST}), ("all", {"mode": ALL})):
+        cpu0, start, done = time.process_time(), sim.now_us, 0
+        for _ in range(40):
+            handles = [sim.services.request(1, "", b"x" * 100, timeout=5.0, **kwargs) for _ in range(50)]
+            assert sim.run_until(lambda hs=handles: all(h.done for h in hs), timeout=10)
+            done += len(handles)
+        result[f"sim_{name}"] = {"cpu_us_per_request": round((time.process_time() - cpu0) / done * 1e6, 1),
+                                 "simulated_us_per_request": round((sim.now_us - start) / done, 1)}
+    return result
+
+
 def run(args) -> dict:
     cluster, port = f"rpc-{uuid.uuid4().hex[:8]}", free_port()
     common = ["--members", str(args.members), "--seconds", str(args.seconds), "--state-mb", str(args.state_mb),
@@ -149,9 +216,15 @@ def main() -> None:
                         help="socket driver: c (the C socket pump thread, the default on Linux) or trio (Python)")
     parser.add_argument("--timeout", type=float, default=120)
     parser.add_argument("--json", action="store_true")
+    parser.add_argument("--sans-io", action="store_true",
+                        help="no processes: the layers' CPU cost alone (UNICAST snapshot transfer, SimCluster requests)")
     add_worker_arguments(parser)
     args = parser.parse_args()
     if run_if_worker(args, worker):
+        return
+    if args.sans_io:
+        s = sans_io(args.state_mb)
+        print(json.dumps(s) if args.json else "\n".join(f"{k}: {v}" for k, v in s.items()))
         return
     s = run(args)
     print(f"[{s['pump']}] {s['members']} members")
