@@ -5,6 +5,7 @@ from __future__ import annotations
 import trio
 
 import groupcomm
+from groupcomm.errors import QueueFull
 from groupcomm.io.space import Services
 from groupcomm.layers.rpc import ONE_WAY
 from groupcomm.layers.spaces import SpaceRequest
@@ -18,6 +19,9 @@ class FakeMember:
 
     def reply(self, now, request, reply) -> None:
         self.calls.append(("reply", request.req_id, reply))
+
+    def cancel_request(self, req_id) -> None:
+        self.calls.append(("cancel", req_id))
 
     def request(self, now, scope, payload, *, to, mode, timeout_us) -> int:
         self.calls.append(("request", scope, payload, to, mode))
@@ -37,10 +41,18 @@ class FakeChannel:
         self.member = FakeMember()
         self.nursery = nursery
 
+    full = 0                                         # calls to refuse with QueueFull (the send queue is full)
+    waited = 0
+
     def call_member(self, action, *, quiet: bool = False) -> None:
+        if self.full:
+            self.full -= 1
+            raise QueueFull("full")
         action(0, self.member)
 
     async def call_member_when_room(self, action) -> None:
+        self.waited += 1
+        await trio.lowlevel.checkpoint()
         action(0, self.member)
 
     def start_soon(self, fn, *args) -> None:
@@ -76,3 +88,15 @@ async def test_a_none_request_returns_empty_at_once_without_waiting():
         with trio.fail_after(1):                    # no RequestDone ever comes from the fake member
             assert await services.request("web", b"x", to=(2, 3), mode=groupcomm.NONE, timeout=5.0) == {}
     assert channel.member.calls == [("request", "web", b"x", (2, 3), groupcomm.NONE)]
+
+
+async def test_a_request_waits_for_room_only_when_the_send_queue_is_full():
+    async with trio.open_nursery() as nursery:
+        channel = FakeChannel(nursery)
+        services = Services(channel)
+        for full in (0, 1):
+            channel.full = full
+            with trio.move_on_after(0.05):            # the fake member never answers
+                await services.request("web", b"x", to=2, mode=groupcomm.ALL, timeout=5.0)
+    assert channel.waited == 1                        # the second asked again once there was room
+    assert [c[0] for c in channel.member.calls] == ["request", "cancel", "request", "cancel"]

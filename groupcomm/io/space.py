@@ -46,7 +46,7 @@ from typing import Any, Protocol
 
 import trio
 
-from groupcomm.errors import ChannelClosed, DeliveryOverflow, LocalProtocolError, MemberUnreachable
+from groupcomm.errors import ChannelClosed, DeliveryOverflow, LocalProtocolError, MemberUnreachable, QueueFull
 from groupcomm.events import Message
 from groupcomm.layers.member import DirectDone, Member
 from groupcomm.layers.rpc import ALL, NONE, ONE_WAY, Mode, Reply, RequestDone, no_handler, reply_failed, reply_with
@@ -374,7 +374,10 @@ class Services:
                 lambda now, member: member.request(now, scope, bytes(payload), to=targets, mode=mode,
                                                    timeout_us=int(timeout * 1e6)))
             return {}
-        await channel.call_member_when_room(start)
+        try:
+            channel.call_member(start)                   # done.wait() below is the checkpoint
+        except QueueFull:
+            await channel.call_member_when_room(start)
         try:
             with trio.move_on_after(timeout + 0.5):      # the layer's own deadline fires first
                 await done.wait()
