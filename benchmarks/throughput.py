@@ -127,8 +127,9 @@ async def latency_phase(ch, inbox: Inbox, tag: bytes, pad: bytes, my_id, members
     """Send stamped messages as ``pace`` says, then one end marker; read every delivery until every
     member's end marker.  Returns this member's self-delivery latencies in µs.
 
-    ``pace(send_one, wait_own)``: ``send_one()`` sends one stamped message, ``wait_own()`` waits
-    until every one sent so far was delivered here.
+    ``pace(send_some, wait_own)``: ``send_some(n)`` sends ``n`` stamped messages (one call into
+    the ring, :meth:`Channel.send_nowait_many`, waiting for room if the queue is full),
+    ``wait_own()`` waits until every one sent so far was delivered here.
     """
     import trio
 
@@ -157,10 +158,13 @@ async def latency_phase(ch, inbox: Inbox, tag: bytes, pad: bytes, my_id, members
                 elif isinstance(ev, View):
                     inbox.note_view(ev)
 
-    async def send_one() -> None:
+    async def send_some(n: int) -> None:
         nonlocal sent
-        sent += 1
-        await send(ch, stamped(tag, pad))
+        sent += n
+        batch = [stamped(tag, pad) for _ in range(n)]
+        taken = ch.send_nowait_many(batch)
+        if taken < n:
+            await ch.send_many(batch[taken:])    # waits for room: flow control
 
     async def wait_own() -> None:
         nonlocal caught_up
@@ -170,7 +174,7 @@ async def latency_phase(ch, inbox: Inbox, tag: bytes, pad: bytes, my_id, members
 
     async with trio.open_nursery() as nursery:
         nursery.start_soon(reader)
-        await pace(send_one, wait_own)
+        await pace(send_some, wait_own)
         await send(ch, end)
     return latencies
 
@@ -180,9 +184,9 @@ def one_in_flight(count: int, pause: float):
     delivered here and ``pause`` seconds have passed (never more than one in flight per member)."""
     import trio
 
-    async def pace(send_one, wait_own) -> None:
+    async def pace(send_some, wait_own) -> None:
         for _ in range(count):
-            await send_one()
+            await send_some(1)
             await wait_own()
             await trio.sleep(pause)
     return pace
@@ -193,14 +197,14 @@ def at_rate(rate: float, seconds: float):
     (a late wake-up sends what is due, so the mean rate holds)."""
     import trio
 
-    async def pace(send_one, wait_own) -> None:
+    async def pace(send_some, wait_own) -> None:
         total = max(1, int(rate * seconds))
         sent, start = 0, time.perf_counter()
         while sent < total:
             due = min(total, int((time.perf_counter() - start) * rate) + 1)
-            while sent < due:
-                await send_one()
-                sent += 1
+            if due > sent:
+                await send_some(due - sent)          # a burst: what is due, in one call
+                sent = due
             await trio.sleep(0.001)
     return pace
 
@@ -245,15 +249,25 @@ async def full_load_phase(ch, inbox: Inbox, args) -> dict:
         nursery.start_soon(reader)
         t_first = time.perf_counter()
         head = b"T" + bytes([args.index])
-        send_nowait = ch.send_nowait
-        for i in range(per_member):
-            message = head + i.to_bytes(8, "big") + pad
-            try:
-                send_nowait(message)
-            except QueueFull:
-                await ch.send(message)
-            if i % 64 == 0:
-                await trio.lowlevel.checkpoint()
+        if args.send_batch > 1:                  # Channel.send_nowait_many: one call into the ring per batch
+            for start in range(0, per_member, args.send_batch):
+                batch = [head + i.to_bytes(8, "big") + pad
+                         for i in range(start, min(per_member, start + args.send_batch))]
+                taken = ch.send_nowait_many(batch)
+                if taken < len(batch):
+                    await ch.send_many(batch[taken:])          # waits for room: flow control
+                else:
+                    await trio.lowlevel.checkpoint()
+        else:
+            send_nowait = ch.send_nowait
+            for i in range(per_member):
+                message = head + i.to_bytes(8, "big") + pad
+                try:
+                    send_nowait(message)
+                except QueueFull:
+                    await ch.send(message)
+                if i % 64 == 0:
+                    await trio.lowlevel.checkpoint()
     cpu = time.process_time() - cpu_before
     after = ch.stats()
     elapsed = state["t_last"] - t_first
@@ -323,7 +337,7 @@ def worker_arguments(args, cluster: str, port: int) -> list[str]:
         "--send-queue", str(args.send_queue), "--latency-samples", str(args.latency_samples),
         "--half-load-seconds", str(args.half_load_seconds), "--load-fraction", str(args.load_fraction),
         "--seqno-unchanged", str(args.seqno_unchanged), "--pump", args.pump, "--key", args.key,
-        "--timeout", str(args.timeout),
+        "--timeout", str(args.timeout), "--send-batch", str(args.send_batch),
     ]
 
 
@@ -380,7 +394,7 @@ def summarize(args, transport: str, results: list[dict]) -> dict:
     rate = statistics.median(r["msgs_per_s"] for r in results)
     messages = sum(r["sent"] for r in results)
     summary = {
-        "transport": transport, "mtu": args.mtu, "pump": args.pump, "key": bool(args.key),
+        "transport": transport, "mtu": args.mtu, "pump": args.pump, "key": bool(args.key), "send_batch": args.send_batch,
         "members": args.members, "size": args.size, "messages": messages,
         "msgs_per_s_per_member": round(rate),
         "mb_per_s_per_member": round(statistics.median(r["mb_per_s"] for r in results), 1),
@@ -447,6 +461,8 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--max-messages", type=int, default=17)
     p.add_argument("--sort-queue", type=int, default=4096)
     p.add_argument("--send-queue", type=int, default=20000)
+    p.add_argument("--send-batch", type=int, default=64,
+                   help="messages per Channel.send_nowait_many call at full load (1: send_nowait per message)")
     p.add_argument("--latency-samples", type=int, default=1000,
                    help="low-load messages per member (one in flight, 2 ms apart)")
     p.add_argument("--load-fraction", type=float, default=0.5,

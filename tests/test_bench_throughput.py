@@ -10,6 +10,8 @@ import zlib
 from argparse import Namespace
 from pathlib import Path
 
+import pytest
+
 from groupcomm.events import Message, RingId, View
 
 BENCHMARKS = Path(__file__).resolve().parent.parent / "benchmarks"
@@ -54,6 +56,16 @@ class FakeChannel:
     async def send(self, payload: bytes) -> None:
         self.send_nowait(payload)
 
+    def send_nowait_many(self, payloads: list) -> int:
+        taken = payloads[:3]                      # a queue with room for 3: the rest goes through send_many
+        for payload in taken:
+            self.send_nowait(payload)
+        return len(taken)
+
+    async def send_many(self, payloads: list) -> None:
+        for payload in payloads:
+            self.send_nowait(payload)
+
     async def receive_batch(self) -> list:
         import trio
 
@@ -81,10 +93,11 @@ async def what_follows(inbox, count: int) -> list:
     return events
 
 
-async def test_full_load_checks_every_delivery_of_its_phase_and_leaves_the_next_phase():
+@pytest.mark.parametrize("send_batch", [1, 8])
+async def test_full_load_checks_every_delivery_of_its_phase_and_leaves_the_next_phase(send_batch):
     ch = FakeChannel(trigger=23, after=NEXT_PHASE)
     inbox = throughput.Inbox(ch)
-    args = Namespace(messages=23, members=1, size=40, index=0)
+    args = Namespace(messages=23, members=1, size=40, index=0, send_batch=send_batch)
 
     result = await throughput.full_load_phase(ch, inbox, args)
 
@@ -101,9 +114,9 @@ async def test_latency_phase_ends_at_the_last_end_marker_and_counts_only_its_own
     ch.trigger, ch.after = 9, NEXT_PHASE             # 8 samples, then the end marker
     inbox = throughput.Inbox(ch)
 
-    async def eight_at_once(send_one, wait_own) -> None:
-        for _ in range(8):
-            await send_one()
+    async def eight_at_once(send_some, wait_own) -> None:
+        await send_some(3)                       # more than the fake queue takes at once: send_many
+        await send_some(5)
 
     latencies = await throughput.latency_phase(ch, inbox, b"L", b"pad", ME, 1, eight_at_once)
 
