@@ -286,7 +286,7 @@ async def worker(args) -> None:
     from groupcomm.io.channel import open_channel
     from groupcomm.io.udp import UdpConfig
 
-    udp = UdpConfig(bind_addr=args.bind, mcast_port=args.port, mcast_ttl=args.ttl,
+    udp = UdpConfig(bind_addr=args.bind, mcast_port=args.port, mcast_ttl=args.ttl, mcast_loop=bool(args.mcast_loop),
                     recv_buffer=32 << 20, send_buffer=32 << 20, pump=args.pump)
     result: dict = {"index": args.index}
     async with open_channel(cluster=args.cluster, name=f"w{args.index}", ring=ring_config(args), udp=udp,
@@ -353,7 +353,8 @@ def start_workers(lab, args) -> list[dict]:
         procs = [
             subprocess.Popen(
                 [*lab.prefix(i), sys.executable, __file__, "--worker", "--index", str(i),
-                 "--bind", lab.addresses[i], "--ttl", ttl, *common],
+                 "--bind", lab.addresses[i], "--ttl", ttl,
+                 *(["--mcast-loop", "0"] if ttl == "1" and not args.mcast_loop_in_netns else []), *common],
                 stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
             for i in range(args.members)
         ]
@@ -483,6 +484,9 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true")
     p.add_argument("--bind", default="127.0.0.1", help=argparse.SUPPRESS)
     p.add_argument("--ttl", type=int, default=0, help=argparse.SUPPRESS)
+    p.add_argument("--mcast-loop", type=int, default=1, help=argparse.SUPPRESS)
+    p.add_argument("--mcast-loop-in-netns", action="store_true",
+                   help="keep IP multicast loop on in netns mode (off by default there: one member per host)")
     add_worker_arguments(p)
     return p
 

@@ -459,3 +459,18 @@ async def test_a_ring_packet_of_another_version_is_logged_by_either_driver(pump,
                 await trio.sleep(0.01)
     lines = [r.getMessage() for r in caplog.records if "protocol version" in r.getMessage()]
     assert len(lines) == 1 and "from 4242" in lines[0]
+
+
+def test_multicast_loop_is_a_transport_setting():
+    """One member per host needs no copy of its own multicasts (mcast_loop = false)."""
+    from groupcomm.io.udp import open_sockets
+
+    with pytest.raises(ConfigError, match="mcast_loop must be true or false"):
+        UdpConfig(mcast_loop="no")
+    for loop in (True, False):
+        sockets = open_sockets(UdpConfig(bind_addr="127.0.0.1", mcast_port=free_port(), mcast_ttl=0,
+                                         mcast_loop=loop))
+        try:
+            assert sockets.unicast.getsockopt(socket.IPPROTO_IP, socket.IP_MULTICAST_LOOP) == int(loop)
+        finally:
+            sockets.close()

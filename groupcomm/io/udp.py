@@ -54,9 +54,15 @@ class UdpConfig:
     pump: Literal["auto", "c", "trio"] = "auto"
     """Socket driver: ``"c"`` (the C socket pump thread), ``"trio"`` (Python), or ``"auto"``
     (``"c"`` where the pump is built -- Linux -- else ``"trio"``)."""
+    mcast_loop: bool = True
+    """Loop our multicasts back to this host, for other members on it.  With one member
+    per host turn it off: the member then no longer receives (and drops) a copy of each
+    datagram it sends."""
 
     def __post_init__(self) -> None:
         _check_pump("UDP", self.pump)
+        if not isinstance(self.mcast_loop, bool):
+            raise ConfigError(f"UDP: mcast_loop must be true or false, not {self.mcast_loop!r}")
         try:
             bind = ipaddress.ip_address(self.bind_addr)
             group = ipaddress.ip_address(self.mcast_addr)
@@ -132,7 +138,7 @@ def open_sockets(cfg: UdpConfig) -> UdpSockets:
             mc.setsockopt(socket.IPPROTO_IP, socket.IP_ADD_MEMBERSHIP, socket.inet_aton(cfg.mcast_addr) + iface)
             uni.setsockopt(socket.IPPROTO_IP, socket.IP_MULTICAST_IF, iface)
             uni.setsockopt(socket.IPPROTO_IP, socket.IP_MULTICAST_TTL, cfg.mcast_ttl)
-            uni.setsockopt(socket.IPPROTO_IP, socket.IP_MULTICAST_LOOP, 1)
+            uni.setsockopt(socket.IPPROTO_IP, socket.IP_MULTICAST_LOOP, int(cfg.mcast_loop))
             group = (cfg.mcast_addr, cfg.mcast_port)
         else:
             index = socket.if_nametoindex("lo") if cfg.bind_addr == "::1" else 0
@@ -141,7 +147,7 @@ def open_sockets(cfg: UdpConfig) -> UdpSockets:
             mc.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_JOIN_GROUP, mreq)
             uni.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_MULTICAST_IF, index)
             uni.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_MULTICAST_HOPS, cfg.mcast_ttl)
-            uni.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_MULTICAST_LOOP, 1)
+            uni.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_MULTICAST_LOOP, int(cfg.mcast_loop))
             group = (cfg.mcast_addr, cfg.mcast_port, 0, index)
         uni.setblocking(False)
         mc.setblocking(False)
