@@ -13,6 +13,7 @@ import math
 import struct
 from array import array
 from functools import partial
+from itertools import repeat
 from dataclasses import dataclass, field
 from typing import NamedTuple, Union
 
@@ -273,8 +274,10 @@ def parse_actions(records: bytes, data: bytes, message_type: type = Delivery, *,
     heads, nodes, offsets, lengths = words[0::6], words[1::6], words[4::6], words[5::6]
     payloads = [data[o : o + size] for o, size in zip(offsets, lengths)]
     make = partial(_tuple_new, message_type)
-    if heads.count(_PLAIN) + heads.count(_PLAIN_SAFE) == n:     # the hot path: no slicing
-        messages = list(map(make, zip(nodes, payloads, map(_PLAIN_SAFE.__eq__, heads))))
+    agreed = heads.count(_PLAIN)
+    if agreed == n or agreed + heads.count(_PLAIN_SAFE) == n:     # the hot path: no slicing
+        safe = repeat(False) if agreed == n else map(_PLAIN_SAFE.__eq__, heads)
+        messages = list(map(make, zip(nodes, payloads, safe)))
         return [messages] if runs else messages
 
     def plain(lo: int, hi: int) -> list:
