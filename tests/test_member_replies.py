@@ -14,7 +14,7 @@ import pytest
 from groupcomm.core.ring import RingConfig
 from groupcomm.errors import LocalProtocolError, MemberUnreachable, PayloadTooLarge
 from groupcomm.layers.member import MAX_ERROR_TEXT, REPLY_OVERHEAD, Member
-from groupcomm.layers.rpc import ALL, Reply, RequestDone
+from groupcomm.layers.rpc import ALL, NONE, Reply, RequestDone
 from groupcomm.layers.spaces import SpaceRequest
 from groupcomm.layers.unicast import UnicastConfig
 from groupcomm.layers.wire import DirectFrame, encode
@@ -107,3 +107,18 @@ def test_a_request_cancelled_before_its_delivery_is_ignored_there():
     sim.act(1, lambda member, now: member.cancel_request(handle.req_id))
     sim.run(0.5)                                        # delivered after the cancel: nothing happens
     assert not handle.done and sim.layers(1).rpc.in_flight == 0
+
+
+def test_a_none_request_is_one_way_its_receivers_send_no_reply():
+    sim = SimCluster(2, seed=0, stack="sim")
+    assert sim.run_until(sim.converged, timeout=10)
+    got = []
+    sim.services.on_request(2, "", lambda payload, requester: got.append(payload) or b"nobody reads this")
+    sent = sim.layers(2).unicast.stats()["sent"]
+    for to in ((2,), None):                             # point to point, then through the ring
+        sim.act(1, lambda member, now, to=to: member.request(now, "", b"%r" % (to,), to=to, mode=NONE,
+                                                           timeout_us=1_000_000))
+    sim.run(0.3)
+    assert sorted(got) == [b"(2,)", b"None"]
+    assert sim.layers(2).unicast.stats()["sent"] == sent        # no reply datagram (acks are not counted)
+    assert sim.layers(1).rpc.in_flight == 0

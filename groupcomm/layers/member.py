@@ -29,7 +29,7 @@ from groupcomm.layers.fd import FdConfig
 from groupcomm.layers.frag import FragConfig
 from groupcomm.layers.quorum import Quorum, QuorumConfig
 from groupcomm.core.ring import BAD_VERSION, FROM_A_LIVE_PEER, LayerDelivery, RingConfig, SendTo, SendToAll
-from groupcomm.layers.rpc import LEFT, Mode, Reply, RequestDone, RpcTracker
+from groupcomm.layers.rpc import LEFT, ONE_WAY, Mode, Reply, RequestDone, RpcTracker
 from groupcomm.layers.spaces import (
     RingSend,
     SpaceLayer,
@@ -62,8 +62,10 @@ __all__ = ["Member", "SERVICES_KIND", "REPLY_OVERHEAD", "MAX_ERROR_TEXT"]
 
 SERVICES_KIND = KIND_SERVICES
 """Ring kind of every message of the layers above FRAG (their frames: :mod:`groupcomm.layers.wire`)."""
-_UNICAST_WINDOW = 4
-"""Upper-layer unicast messages in flight per peer (state chunks are 256 KiB)."""
+_UNICAST_WINDOW = 64
+"""Upper-layer unicast messages in flight per peer (requests and replies pipeline) ..."""
+_UNICAST_WINDOW_BYTES = 1 << 20
+"""... and their bytes (at least one message): state chunks are 256 KiB, so four of them."""
 REPLY_OVERHEAD = 32
 """Bytes a reply frame adds to its value, at most (a reply value may be UNICAST
 ``max_message`` less this)."""
@@ -115,6 +117,7 @@ class Member:
         # (int > 0: its slot fails if the message does), a send_to token (int < 0) or None.
         self._uq: dict[int, deque[tuple[bytes, int | None]]] = {}
         self._u_inflight: dict[int, dict[int, int | None]] = {}     # per peer: msg id -> tag
+        self._u_inflight_bytes: dict[int, dict[int, int]] = {}     # per peer: msg id -> size
         self._uq_bytes: dict[int, int] = {}                         # per peer: bytes in its _uq deque
         self._direct_tokens = 0
         self._out: list = []
@@ -220,10 +223,11 @@ class Member:
         """
         if scope:
             check_space_name(scope)
-        req_id = self.rpc.new_id()
+        req_id = self.rpc.new_id(mode)
         if to is None:
             self.multicast.send(now, self.spaces.request(scope, req_id, payload), False, SERVICES_KIND)
-            self._my_requests[req_id] = scope
+            if req_id != ONE_WAY:
+                self._my_requests[req_id] = scope
             self.rpc.start(now, req_id, mode, timeout_us, scope, None)
         else:
             message = encode(P2PRequestFrame(scope, req_id, bytes(payload)))
@@ -235,7 +239,7 @@ class Member:
                 if member == self.node_id:
                     self._out.append(SpaceRequest(scope, member, req_id, bytes(payload)))
                 else:
-                    self._unicast(member, message, req_id)
+                    self._unicast(member, message, req_id or None)      # a one-way request has no slot to fail
         self._send_queued_unicast(now)
         return req_id
 
@@ -272,6 +276,8 @@ class Member:
         whoever the requester is; an error text is cut to
         :data:`MAX_ERROR_TEXT` characters.
         """
+        if request.req_id == ONE_WAY:
+            return                                  # mode NONE: nobody waits for it
         reply = self._sendable(reply)
         if request.requester == self.node_id:
             self.rpc.reply(request.req_id, self.node_id, reply)
@@ -386,6 +392,7 @@ class Member:
             for peer in list(set(self._uq) | set(self._u_inflight)):
                 if peer in gone or peer not in members:
                     queued = [tag for _, tag in self._uq.pop(peer, ())]
+                    self._u_inflight_bytes.pop(peer, None)
                     for tag in [*self._u_inflight.pop(peer, {}).values(), *queued]:
                         self._failed(peer, tag)
             if gone:
@@ -441,8 +448,12 @@ class Member:
     def _send_queued_unicast(self, now: int) -> None:
         for dest, queue in list(self._uq.items()):
             inflight = self._u_inflight.setdefault(dest, {})
+            sizes = self._u_inflight_bytes.setdefault(dest, {})
+            room = _UNICAST_WINDOW_BYTES - sum(sizes.values())
             while queue and len(inflight) < _UNICAST_WINDOW:
                 payload, req_id = queue[0]
+                if inflight and len(payload) > room:
+                    break
                 try:
                     msg_id = self.unicast.send(now, dest, payload)
                 except QueueFull:
@@ -455,6 +466,8 @@ class Member:
                 queue.popleft()
                 self._uq_bytes[dest] -= len(payload)
                 inflight[msg_id] = req_id
+                sizes[msg_id] = len(payload)
+                room -= len(payload)
             if not queue:
                 del self._uq[dest]
                 self._uq_bytes.pop(dest, None)
@@ -477,11 +490,13 @@ class Member:
             elif t is UnicastMessage:
                 self._unicast_message(now, item)
             elif t is UnicastSent:
+                self._u_inflight_bytes.get(item.dest, {}).pop(item.msg_id, None)
                 tag = self._u_inflight.get(item.dest, {}).pop(item.msg_id, None)
                 if tag is not None and tag < 0:
                     self._out.append(DirectDone(-tag, item.dest, None))
                 again = True
             elif t is UnicastFailed:
+                self._u_inflight_bytes.get(item.dest, {}).pop(item.msg_id, None)
                 self._failed(item.dest, self._u_inflight.get(item.dest, {}).pop(item.msg_id, None), item.reason)
                 again = True
         if again and self._uq:
