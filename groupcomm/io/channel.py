@@ -350,7 +350,9 @@ class Channel:
         :meth:`send_nowait` in a loop.  Fewer than all means the send queue is
         full (where :meth:`send_nowait` raises :class:`~groupcomm.errors.QueueFull`);
         :meth:`send_many` waits for room instead.  A payload that is not bytes
-        raises :class:`TypeError` before anything is queued.
+        raises :class:`TypeError` before anything is queued; one over the
+        message limit raises :class:`~groupcomm.errors.PayloadTooLarge` once
+        the ones before it are queued.
         """
         payloads = list(payloads)
         if not all(type(p) is bytes for p in payloads):
