@@ -114,6 +114,44 @@ def test_a_take_hands_over_a_bounded_batch_and_the_pump_calls_back_for_the_rest(
         sock.close()
 
 
+def test_submit_many_keeps_order_through_the_handoff_and_stops_at_a_full_queue():
+    """A batch submitted while the lock is free, another while it is held (queued for the lock's
+    holder), all delivered in order; with the lock held the room check still applies; a payload
+    over the ring's limit stops a batch there and raises, the ones before it queued."""
+    from groupcomm.errors import PayloadTooLarge
+
+    config = RingConfig(mtu=1400, max_members=2, token_timeout=0.3, join=0.02, merge=0.05, startup_wait=0.02,
+                        send_queue_max=12)
+    ring, pump, sock = _pump_alone(config)
+
+    def delivered() -> list[bytes]:
+        for _ in range(200):
+            if ring.pending == 0:
+                break
+            ring.tick(0)                          # one token visit each (the pump's clock)
+        got = []
+        while batch := [d.payload for d in pump.take() if isinstance(d, Delivery)]:
+            got += batch
+        return got
+
+    try:
+        sent = [b"%02d" % i for i in range(12)]
+        assert ring.submit_many(0, sent[:5]) == 5                     # the lock is free: into the ring
+        pump.lock()
+        try:
+            assert ring.submit_many(0, sent[5:] + [b"no room"]) == 7  # handed off; the 13th finds no room
+        finally:
+            pump.unlock()                                             # the holder submits them, in order
+        assert pump.stats()["pump_handoffs"] == 7
+        assert delivered() == sent
+        with pytest.raises(PayloadTooLarge):
+            ring.submit_many(0, [b"x", bytes(ring.max_payload + 1), b"y"])
+        assert delivered() == [b"x"]
+    finally:
+        pump.close()
+        sock.close()
+
+
 # -- the parsing seam --------------------------------------------------------------
 
 
