@@ -193,3 +193,35 @@ async def test_a_space_nobody_reads_overflows_by_the_channels_policy():
                 async for _ in ss.events():
                     seen += 1
             assert seen >= 20                       # what was queued before the member left, then the error
+
+
+async def test_a_provider_that_has_not_started_iterating_answers_at_the_join_not_before():
+    """The provider's events before the join still wait for it when the join is delivered (it is
+    busy sending): its snapshot must include them.  Before, it was asked at once in a task and
+    gave the state it had built so far (none of them): the joiner missed those increments."""
+    udp, cluster = loopback(), unique_cluster()
+    async with open_channel(cluster=cluster, name="a", udp=udp, ring=FAST) as a, \
+            open_channel(cluster=cluster, name="b", udp=udp, ring=FAST) as b:
+        await wait_for_view(a, 2)
+        count = {"a": 0}
+        sa = await a.join_space("counter")
+        sa.state_provider(lambda: str(count["a"]).encode())
+        for _ in range(5):
+            await sa.send(b"1")
+        await wait_until(lambda: a.stats()["messages_delivered"] >= 5)   # delivered, not yet iterated
+        received = []
+        sb = await b.join_space("counter")
+        sb.state_receiver(lambda state: received.append(int(state or b"0")))
+        await trio.sleep(0.3)                   # the join is delivered at a meanwhile; a still does not iterate
+        async def apply(space, count_key):
+            async for ev in space.events():    # a now applies its increments, then meets b's join
+                if type(ev) is Message:
+                    count[count_key] = count.get(count_key, 0) + 1
+
+        with trio.fail_after(10):
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(apply, sa, "a")
+                nursery.start_soon(apply, sb, "b")     # b's iteration installs the state
+                await wait_until(lambda: received)
+                nursery.cancel_scope.cancel()
+        assert received == [5]

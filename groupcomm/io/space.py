@@ -17,7 +17,9 @@ registers ``fn(state: bytes | None)``, called on the joiner before
 :meth:`Space.events` yields anything that came after the snapshot (and again
 after a merge, when this member's side was not primary: replace the local
 state).  A member that never iterates :meth:`Space.events` is asked for its
-snapshot soon after the join is delivered instead, in a task of the channel.
+snapshot soon after the join is delivered instead, in a task of the channel
+(unless messages before the join still wait for it: then when its iteration
+reaches the join).
 
 User callbacks never run inside the channel's receive task (see
 :func:`run_callback`): async ones run as tasks, plain functions in a worker
@@ -121,6 +123,7 @@ class Space:
         self._iterating = False
         self._pending = 0
         self._pending_bytes = 0
+        self._pending_messages = 0
         self._provider: Callable[[], bytes | None] | None = None
         self._receiver: Callable[[bytes | None], None] | None = None
         # Callbacks of a member that does not iterate events(): run in order by one task.
@@ -158,6 +161,7 @@ class Space:
             t = type(item)
             if t is Message:
                 self._pending_bytes -= len(item.payload)
+                self._pending_messages -= 1
                 yield item
             elif t is StateRequest:
                 await self._provide(item)
@@ -193,8 +197,9 @@ class Space:
         nothing later until ``fn`` returned.  It must read the state the application builds from
         :meth:`events`, and nothing else may change that state meanwhile (a plain ``fn`` runs in
         a worker thread while other tasks go on).  A member that does not iterate :meth:`events`
-        is asked soon after the join is delivered, in a task, so its snapshot may be later than
-        the join.  If ``fn`` raises, nothing is sent: the failure is logged and counted, and the
+        (with none of its messages waiting) is asked soon after the join is delivered, in a task,
+        so its snapshot may be later than the join; one that has not started iterating while
+        messages before the join wait for it is asked when its iteration reaches the join.  If ``fn`` raises, nothing is sent: the failure is logged and counted, and the
         joiner asks another member after ``state_transfer_timeout``.
         """
         self._provider = fn
@@ -242,6 +247,7 @@ class Space:
         self._pending += 1
         if type(item) is Message:
             self._pending_bytes += len(item.payload)
+            self._pending_messages += 1
         self._send.send_nowait(item)
         channel = self._channel
         if self._pending > channel.max_pending_events:
@@ -264,8 +270,11 @@ class Space:
         self._send.close()
 
     def _state_request(self, request: StateRequest) -> None:
-        if self._iterating:
-            self._put(request)                  # answered from events(), at its place in the order
+        if self._iterating or (self._provider is not None and self._pending_messages):
+            # Answered from events() at its place in the order: also when the application has
+            # not started iterating yet but messages before the join wait for it (its state
+            # lags the join: a snapshot now would miss them).
+            self._put(request)
         else:
             self._run_later(functools.partial(self._provide, request))
 
