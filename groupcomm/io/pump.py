@@ -295,7 +295,7 @@ class LockedRing:
     def submit_many(self, now_us: int, payloads: list[bytes], *, safe: bool = False, kind: int = 0) -> int:
         """:meth:`Ring.submit_many <groupcomm.core.ring.Ring.submit_many>` in one call into the pump."""
         if not (type(kind) is int and 0 <= kind <= _MAX_KIND) or not all(type(p) is bytes for p in payloads):
-            return self.ring.submit_many(now_us, payloads, safe=safe, kind=kind)   # converts, or raises precisely
+            return self._call(partial(self.ring.submit_many, safe=safe, kind=kind), payloads)   # converts, or raises
         lens = array("I", map(len, payloads))
         taken = self._taken
         rc = lib.gc_pump_submit_many(self._p, b"".join(payloads), ffi.from_buffer("uint32_t[]", lens), len(lens),
